@@ -1,0 +1,202 @@
+"""The method table: every RPC of the proto contract, described once for all transports.
+
+Transports never name an RPC. They iterate this table — built from the generated
+descriptors and their options (``google.api.http``, ``prism.v1.access_pattern``,
+``prism.v1.requires_session``) — and call ``Method.handler``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.api import annotations_pb2, field_behavior_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from prism.v1 import (
+    config_pb2,
+    keyvalue_pb2,
+    options_pb2,
+    plugin_pb2,
+    pubsub_pb2,
+    queue_pb2,
+    reader_pb2,
+    session_pb2,
+    transact_pb2,
+)
+
+from app.errors import PrismError
+
+PROTO_MODULES = (
+    session_pb2,
+    config_pb2,
+    keyvalue_pb2,
+    queue_pb2,
+    pubsub_pb2,
+    reader_pb2,
+    transact_pb2,
+    plugin_pb2,
+)
+
+Handler = Callable[[Any, Any], Awaitable[Message] | AsyncIterator[Message]]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRule:
+    """One ``google.api.http`` binding: verb, path template and which fields the body holds."""
+
+    verb: str  # upper-case: GET, PUT, POST, DELETE, PATCH
+    template: str  # e.g. "/v1/kv/{key=**}"
+    body: str  # "" (no body), "*" (the whole request) or one field name
+    regex: re.Pattern[str]
+    path_fields: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, verb: str, template: str, body: str) -> HttpRule:
+        fields: list[str] = []
+        parts: list[str] = []
+        for literal, capture in re.findall(r"([^{]*)(?:\{([^}]+)\})?", template):
+            parts.append(re.escape(literal))
+            if capture:
+                name, _, segment = capture.partition("=")
+                fields.append(name)
+                parts.append(f"(?P<{name}>.+)" if segment == "**" else f"(?P<{name}>[^/]+)")
+        pattern = "".join(parts)
+        return cls(verb, template, body, re.compile(f"^{pattern}$"), tuple(fields))
+
+    @property
+    def openapi_path(self) -> str:
+        return re.sub(r"\{([^}=]+)(=[^}]*)?\}", r"{\1}", self.template)
+
+
+@dataclass(slots=True)
+class Method:
+    service: str  # "prism.v1.KeyValueService"
+    name: str  # "Get"
+    request_type: type[Message]
+    response_type: type[Message]
+    client_streaming: bool
+    server_streaming: bool
+    http: HttpRule | None
+    pattern: int  # prism.v1.AccessPattern; 0 for non-data services
+    requires_session: bool
+    doc: str
+    required_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    handler: Handler | None = None
+
+    @property
+    def path(self) -> str:
+        """The gRPC path, also the gRPC-Web URL: ``/prism.v1.KeyValueService/Get``."""
+        return f"/{self.service}/{self.name}"
+
+    @property
+    def unary(self) -> bool:
+        return not (self.client_streaming or self.server_streaming)
+
+
+def _required_fields(descriptor: Descriptor, seen: set[str] | None = None) -> dict[str, tuple[str, ...]]:
+    """Message full name → its REQUIRED field names, for the request and nested messages."""
+    seen = seen if seen is not None else set()
+    if descriptor.full_name in seen:
+        return {}
+    seen.add(descriptor.full_name)
+    result: dict[str, tuple[str, ...]] = {}
+    names = []
+    for f in descriptor.fields:
+        behaviors = f.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+        if field_behavior_pb2.REQUIRED in behaviors:
+            names.append(f.name)
+        if f.type == FieldDescriptor.TYPE_MESSAGE and not f.message_type.GetOptions().map_entry:
+            result.update(_required_fields(f.message_type, seen))
+    if names:
+        result[descriptor.full_name] = tuple(names)
+    return result
+
+
+def _http_rule(options: Any) -> HttpRule | None:
+    if not options.HasExtension(annotations_pb2.http):
+        return None
+    rule = options.Extensions[annotations_pb2.http]
+    verb = rule.WhichOneof("pattern")
+    return HttpRule.parse(verb.upper(), getattr(rule, verb), rule.body)
+
+
+def _service_methods(service: ServiceDescriptor, docs: dict[str, str]) -> Iterable[Method]:
+    pattern = service.GetOptions().Extensions[options_pb2.access_pattern]
+    for m in service.methods:
+        opts = m.GetOptions()
+        yield Method(
+            service=service.full_name,
+            name=m.name,
+            request_type=GetMessageClass(m.input_type),
+            response_type=GetMessageClass(m.output_type),
+            client_streaming=m.client_streaming,
+            server_streaming=m.server_streaming,
+            http=_http_rule(opts),
+            pattern=pattern,
+            requires_session=bool(pattern) or opts.Extensions[options_pb2.requires_session],
+            doc=docs.get(f"{service.full_name}.{m.name}", ""),
+            required_fields=_required_fields(m.input_type),
+        )
+
+
+def _comments(module: Any) -> dict[str, str]:
+    """RPC full name → its leading proto comment (descriptors keep no comments at run time)."""
+    import pathlib
+
+    source = pathlib.Path(module.__file__).with_name(module.DESCRIPTOR.name.rsplit("/", 1)[-1])
+    docs: dict[str, str] = {}
+    if not source.exists():
+        return docs
+    service = ""
+    comment: list[str] = []
+    for line in source.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("//"):
+            comment.append(stripped[2:].strip())
+            continue
+        if m := re.match(r"service (\w+)", stripped):
+            service = f"{module.DESCRIPTOR.package}.{m.group(1)}"
+        elif m := re.match(r"rpc (\w+)", stripped):
+            docs[f"{service}.{m.group(1)}"] = " ".join(comment)
+        comment = []
+    return docs
+
+
+def all_methods() -> list[Method]:
+    """Every RPC of the contract, handlers unbound."""
+    methods: list[Method] = []
+    for module in PROTO_MODULES:
+        docs = _comments(module)
+        for service in module.DESCRIPTOR.services_by_name.values():
+            methods.extend(_service_methods(service, docs))
+    return methods
+
+
+def unimplemented(method: Method) -> Handler:
+    async def handler(request: Any, call: Any) -> Message:
+        raise PrismError(
+            grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet"
+        )
+
+    async def stream_handler(request: Any, call: Any) -> AsyncIterator[Message]:
+        await handler(request, call)
+        yield method.response_type()  # pragma: no cover - unreachable
+
+    return stream_handler if method.server_streaming else handler
+
+
+def bind(methods: list[Method], services: Iterable[object]) -> list[Method]:
+    """Attach each service object's coroutine named like the RPC; the rest answer UNIMPLEMENTED.
+
+    A service object declares the proto service it implements as ``SERVICE = "prism.v1.X"``.
+    """
+    by_service = {getattr(s, "SERVICE"): s for s in services}
+    for method in methods:
+        impl = by_service.get(method.service)
+        method.handler = getattr(impl, method.name, None) or unimplemented(method)
+    return methods
