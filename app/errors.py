@@ -68,6 +68,25 @@ class PrismError(Exception):
         self.field = field
         self.http_status = http_status or HTTP_STATUS[code]
         self.retry_after = retry_after
+        self.allowed: list[str] = []  # HTTP methods that would match, for 405 answers
+
+    @classmethod
+    def cancelled(cls) -> PrismError:
+        return cls(grpc.StatusCode.CANCELLED, "the client went away")
+
+    @classmethod
+    def no_route(cls, verb: str, path: str) -> PrismError:
+        return cls(grpc.StatusCode.NOT_FOUND, f"no route for {verb} {path}")
+
+    @classmethod
+    def method_not_allowed(cls, verb: str, path: str, allowed: list[str]) -> PrismError:
+        error = cls(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"{verb} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}",
+            http_status=405,
+        )
+        error.allowed = sorted(set(allowed))
+        return error
 
     def details(self) -> list[dict[str, Any]]:
         if self.field is None:

@@ -1,0 +1,68 @@
+"""Backend instances named in the server configuration, created and closed with the gateway."""
+
+from __future__ import annotations
+
+from prism.v1 import config_pb2
+
+from adapters.keyvalue.base import KeyValueAdapter
+from adapters.keyvalue.memory import MemoryKeyValue
+from adapters.keyvalue.sqlite import SqliteKeyValue
+from adapters.pubsub.base import PubSubAdapter
+from adapters.pubsub.memory import MemoryPubSub
+from app.errors import failed_precondition
+from app.settings import Backend, Settings
+
+BACKEND_TYPES = {
+    "memory": config_pb2.BACKEND_TYPE_MEMORY,
+    "sqlite": config_pb2.BACKEND_TYPE_SQLITE,
+}
+
+
+class Backends:
+    """Adapters per backend instance and access pattern, built lazily from the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keyvalue: dict[str, KeyValueAdapter] = {}
+        self.pubsub: dict[str, PubSubAdapter] = {}
+        self.started = False
+
+    def _build_keyvalue(self, spec: Backend) -> KeyValueAdapter:
+        if spec.type == "sqlite":
+            return SqliteKeyValue(self.settings.data_dir / spec.path)
+        return MemoryKeyValue()
+
+    def _build_pubsub(self, spec: Backend) -> PubSubAdapter:
+        if spec.type == "memory":
+            return MemoryPubSub(buffer_size=self.settings.limits.stream_buffer)
+        raise ValueError(f"backend type {spec.type!r} cannot serve PUBSUB")
+
+    async def start(self) -> None:
+        for config in self.settings.configs:
+            spec = self.settings.backends[config.backend]
+            if config.pattern == "KEY_VALUE" and config.backend not in self.keyvalue:
+                adapter = self._build_keyvalue(spec)
+                await adapter.start()
+                self.keyvalue[config.backend] = adapter
+            elif config.pattern == "PUBSUB" and config.backend not in self.pubsub:
+                broker = self._build_pubsub(spec)
+                await broker.start()
+                self.pubsub[config.backend] = broker
+        self.started = True
+
+    async def close(self) -> None:
+        self.started = False
+        for adapter in [*self.keyvalue.values(), *self.pubsub.values()]:
+            await adapter.close()
+
+    def for_keyvalue(self, config: config_pb2.ClientConfig) -> KeyValueAdapter:
+        try:
+            return self.keyvalue[config.backend.instance]
+        except KeyError:
+            raise failed_precondition(f"backend {config.backend.instance!r} serves no KEY_VALUE") from None
+
+    def for_pubsub(self, config: config_pb2.ClientConfig) -> PubSubAdapter:
+        try:
+            return self.pubsub[config.backend.instance]
+        except KeyError:
+            raise failed_precondition(f"backend {config.backend.instance!r} serves no PUBSUB") from None

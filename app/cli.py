@@ -1,0 +1,108 @@
+"""``prism serve``: the HTTP port (Hypercorn or Granian) and the embedded gRPC port, one process
+per worker. Options become ``PRISM_*`` variables so every worker process reads the same
+settings; the settings are validated here first, so a bad configuration exits at once with
+the key that is wrong."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from app.settings import SettingsError, load_settings
+
+SERVERS = ("hypercorn", "granian")
+DEFAULT_SERVER = "hypercorn"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism", description="Prism data access gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML server configuration (default: embedded defaults)")
+    serve.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    serve.add_argument("--grpc-port", type=int, help="native gRPC port (default 8980)")
+    serve.add_argument("--data-dir", help="directory for the embedded SQLite file (default ./data)")
+    serve.add_argument("--certfile", help="TLS certificate (PEM) for both ports")
+    serve.add_argument("--keyfile", help="TLS private key (PEM) for both ports")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--server", choices=SERVERS, default=os.environ.get("PRISM_SERVER", DEFAULT_SERVER))
+    serve.add_argument("--log-level", default="info")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> None:
+    pairs = {
+        "PRISM_CONFIG": args.config,
+        "PRISM_HTTP__HOST": args.host,
+        "PRISM_HTTP__PORT": args.port,
+        "PRISM_GRPC__PORT": args.grpc_port,
+        "PRISM_DATA_DIR": args.data_dir,
+        "PRISM_TLS__CERTFILE": args.certfile,
+        "PRISM_TLS__KEYFILE": args.keyfile,
+    }
+    for name, value in pairs.items():
+        if value is not None:
+            os.environ[name] = str(value)
+    os.environ["PRISM_WORKERS"] = str(args.workers)
+
+
+def serve(args: argparse.Namespace) -> int:
+    _export(args)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"prism: {exc}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("prism: --workers must be at least 1", file=sys.stderr)
+        return 2
+    http = settings.http
+    tls = settings.tls
+    print(
+        f"prism: HTTP on {'https' if tls else 'http'}://{http.host}:{http.port} ({args.server}), "
+        f"gRPC on {settings.grpc.host}:{settings.grpc.port}, workers={args.workers}",
+        file=sys.stderr,
+    )
+    if args.server == "granian":
+        from granian import Granian
+        from granian.constants import HTTPModes, Interfaces, Loops
+
+        Granian(
+            "app.asgi:app",
+            address=http.host,
+            port=http.port,
+            interface=Interfaces.ASGI,
+            workers=args.workers,
+            loop=Loops.uvloop,
+            http=HTTPModes.auto,
+            ssl_cert=tls.certfile if tls else None,
+            ssl_key=tls.keyfile if tls else None,
+            log_level=args.log_level,
+        ).serve()
+        return 0
+    from hypercorn.config import Config
+    from hypercorn.run import run
+
+    config = Config()
+    config.application_path = "app.asgi:app"
+    config.bind = [f"{http.host}:{http.port}"]
+    config.workers = 0 if args.workers == 1 else args.workers  # 0 = serve in this process
+    config.worker_class = "uvloop"
+    config.keep_alive_max_requests = 2**31  # Hypercorn's default closes h2 connections after 1000
+    config.loglevel = args.log_level.upper()
+    if tls:
+        config.certfile, config.keyfile = str(tls.certfile), str(tls.keyfile)
+    return run(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

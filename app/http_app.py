@@ -1,0 +1,94 @@
+"""The ASGI application on the HTTP port.
+
+    CORS ─► dispatch ─┬─ content-type application/grpc-web*  → GrpcWebApp
+                      ├─ /v1/...                              → RestRouter (REST + SSE)
+                      └─ everything else                      → FastAPI (/docs, /openapi.json,
+                                                                /healthz, /readyz, lifespan)
+
+The hot paths are plain ASGI apps: FastAPI's per-request machinery (routing, dependency
+injection, validation) would cost several times the codec itself. FastAPI keeps what it is
+good at — docs, the lifespan — and the OpenAPI document comes from the proto, not from it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.middleware.cors import CORSMiddleware
+
+from app.gateway import Gateway
+from app.settings import Settings
+from app.transports.asgi_util import ASGIApp, Receive, Scope, Send
+from app.transports.grpc_web import GrpcWebApp
+from app.transports.openapi import build_openapi
+from app.transports.rest import RestRouter
+
+GRPC_WEB_HEADERS = ["grpc-status", "grpc-message", "grpc-status-details-bin"]
+
+
+def create_app(settings: Settings) -> ASGIApp:
+    gateway = Gateway(settings, reuse_port=int(os.environ.get("PRISM_WORKERS", "1")) > 1)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    api = FastAPI(title="Prism", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    openapi = build_openapi(gateway.methods)
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_json() -> JSONResponse:
+        return JSONResponse(openapi)
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Prism API")
+
+    @api.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        ready = gateway.backends.started and gateway.grpc_server is not None
+        return JSONResponse({"status": "ok" if ready else "starting"}, status_code=200 if ready else 503)
+
+    max_body = settings.limits.max_request_bytes
+    dispatch = Dispatch(
+        grpc_web=GrpcWebApp(gateway.methods, gateway.pipeline, max_body),
+        rest=RestRouter(gateway.methods, gateway.pipeline, max_body),
+        fallback=api,
+    )
+    app = CORSMiddleware(
+        dispatch,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"],
+        allow_headers=["*"],
+        expose_headers=GRPC_WEB_HEADERS,
+        max_age=600,
+    )
+    app.gateway = gateway  # type: ignore[attr-defined]  # for tests and the CLI
+    return app
+
+
+class Dispatch:
+    def __init__(self, grpc_web: ASGIApp, rest: ASGIApp, fallback: ASGIApp) -> None:
+        self.grpc_web, self.rest, self.fallback = grpc_web, rest, fallback
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-type" and value.startswith(b"application/grpc-web"):
+                    return await self.grpc_web(scope, receive, send)
+            if scope["path"].startswith("/v1/") or scope["path"].startswith("/v1:"):
+                return await self.rest(scope, receive, send)
+        await self.fallback(scope, receive, send)

@@ -1,0 +1,49 @@
+"""The plugin contract (Health, PluginInfo) as served by the gateway itself."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from prism.v1 import plugin_pb2
+
+from app.backends import Backends
+from app.pipeline import Call
+
+try:
+    VERSION = version("prism-gateway")
+except PackageNotFoundError:  # running from a source tree without install
+    VERSION = "0.0.0"
+
+
+class HealthService:
+    SERVICE = "prism.v1.HealthService"
+
+    def __init__(self, backends: Backends) -> None:
+        self.backends = backends
+
+    async def Live(self, request: plugin_pb2.LiveRequest, call: Call) -> plugin_pb2.LiveResponse:
+        return plugin_pb2.LiveResponse(live=True)
+
+    async def Ready(self, request: plugin_pb2.ReadyRequest, call: Call) -> plugin_pb2.ReadyResponse:
+        checks = {f"keyvalue/{name}": "ok" for name in self.backends.keyvalue}
+        checks.update({f"pubsub/{name}": "ok" for name in self.backends.pubsub})
+        return plugin_pb2.ReadyResponse(ready=self.backends.started, checks=checks)
+
+
+class PluginInfoService:
+    SERVICE = "prism.v1.PluginInfoService"
+
+    def __init__(self, backends: Backends) -> None:
+        self.backends = backends
+
+    async def GetInfo(self, request: plugin_pb2.InfoRequest, call: Call) -> plugin_pb2.InfoResponse:
+        response = plugin_pb2.InfoResponse(name="prism-gateway", version=VERSION, role=plugin_pb2.PLUGIN_ROLE_GATEWAY)
+        for pattern, adapters in (("KEY_VALUE", self.backends.keyvalue), ("PUBSUB", self.backends.pubsub)):
+            for name, adapter in sorted(adapters.items()):
+                response.backends.add(
+                    name=name,
+                    pattern=pattern,
+                    type=type(adapter).__name__,
+                    capabilities=sorted(adapter.capabilities),
+                )
+        return response

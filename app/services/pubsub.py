@@ -1,0 +1,69 @@
+"""PubSubService: subjects and patterns checked once here, delivery by any PubSub adapter."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from prism.v1 import pubsub_pb2 as ps
+
+from adapters.capabilities import Capability
+from adapters.pubsub.base import Subscription
+from adapters.pubsub.subjects import parse_pattern, parse_subject
+from app.backends import Backends
+from app.errors import failed_precondition, not_found, too_large
+from app.pipeline import Call
+from app.settings import Limits
+
+
+class PubSubService:
+    SERVICE = "prism.v1.PubSubService"
+
+    def __init__(self, backends: Backends, limits: Limits) -> None:
+        self.backends = backends
+        self.limits = limits
+        self._open: dict[str, tuple[str, Subscription]] = {}  # id → (session id, subscription)
+
+    async def Publish(self, request: ps.PubSubPublishRequest, call: Call) -> ps.PubSubPublishResponse:
+        subject = parse_subject(request.subject)
+        if len(request.data) > self.limits.max_value_bytes:
+            raise too_large("data", len(request.data), self.limits.max_value_bytes)
+        broker = self.backends.for_pubsub(call.config)
+        message_id = await broker.publish(call.config.namespace, subject, request.data, request.headers)
+        return ps.PubSubPublishResponse(message_id=message_id)
+
+    async def Subscribe(
+        self, request: ps.PubSubSubscribeRequest, call: Call
+    ) -> AsyncIterator[ps.PubSubSubscribeResponse]:
+        pattern = parse_pattern(request.subject)
+        broker = self.backends.for_pubsub(call.config)
+        if request.queue_group and Capability.QUEUE_GROUPS not in broker.capabilities:
+            raise failed_precondition(f"backend {call.config.backend.instance!r} lacks queue_groups")
+        assert call.session is not None
+        subscription = await broker.subscribe(call.config.namespace, pattern, request.queue_group)
+        self._open[subscription.id] = (call.session.session_id, subscription)
+        call.session.open_streams[subscription.id] = subscription.close
+        try:
+            yield ps.PubSubSubscribeResponse(subscription_id=subscription.id)
+            async for delivery in subscription:
+                response = ps.PubSubSubscribeResponse(subscription_id=subscription.id)
+                message = response.message
+                message.message_id, message.subject, message.data = (
+                    delivery.message_id,
+                    delivery.subject,
+                    delivery.data,
+                )
+                message.headers.update(delivery.headers)
+                message.published_at.FromNanoseconds(int(delivery.published_at * 1e9))
+                yield response
+        finally:
+            self._open.pop(subscription.id, None)
+            call.session.open_streams.pop(subscription.id, None)
+            await subscription.close()
+
+    async def Unsubscribe(self, request: ps.UnsubscribeRequest, call: Call) -> ps.UnsubscribeResponse:
+        assert call.session is not None
+        owner, subscription = self._open.get(request.subscription_id, ("", None))
+        if subscription is None or owner != call.session.session_id:
+            raise not_found(f"no open subscription {request.subscription_id!r} in this session")
+        await subscription.close()
+        return ps.UnsubscribeResponse()

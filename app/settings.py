@@ -1,0 +1,183 @@
+"""Server configuration: one YAML file plus ``PRISM_*`` environment variables, validated once
+at start-up. With no file at all the gateway runs on the embedded default (SQLite + in-process
+pub/sub) on loopback.
+
+Environment variables override the file: ``PRISM_HTTP__PORT=9000`` sets ``http.port``
+(double underscore separates levels).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pathlib
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listener(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class HttpListener(Listener):
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class GrpcListener(Listener):
+    port: int = Field(default=8980, ge=0, le=65535)
+
+
+class TLS(Strict):
+    certfile: pathlib.Path
+    keyfile: pathlib.Path
+
+
+class Backend(Strict):
+    """A backend instance. ``type`` picks the adapter module; the rest are its settings."""
+
+    type: Literal["memory", "sqlite"]
+    path: str = "prism.db"  # sqlite: relative to data_dir
+
+
+class NamedConfig(Strict):
+    """A ClientConfig template clients open sessions with by name (RFC §3.3)."""
+
+    name: str = Field(pattern=NAME)
+    pattern: Literal["KEY_VALUE", "QUEUE", "PUBSUB", "READER", "TRANSACT"]
+    backend: str  # name of an entry in `backends`
+    namespace: str = Field(default="default", pattern=NAME)
+
+
+class Limits(Strict):
+    max_value_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_batch_keys: int = Field(default=1000, gt=0)
+    session_lifetime_seconds: float = Field(default=3600.0, gt=0)
+    stream_buffer: int = Field(default=1024, gt=0)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """A request may carry one value base64-encoded in JSON, plus headroom."""
+        return self.max_value_bytes * 4 // 3 + 64 * 1024
+
+
+def _default_backends() -> dict[str, Backend]:
+    return {"sqlite": Backend(type="sqlite"), "memory": Backend(type="memory")}
+
+
+def _default_configs() -> list[NamedConfig]:
+    return [
+        NamedConfig(name="kv", pattern="KEY_VALUE", backend="sqlite"),
+        NamedConfig(name="kv-memory", pattern="KEY_VALUE", backend="memory"),
+        NamedConfig(name="events", pattern="PUBSUB", backend="memory"),
+    ]
+
+
+class Settings(Strict):
+    http: HttpListener = HttpListener()
+    grpc: GrpcListener = GrpcListener()
+    tls: TLS | None = None
+    data_dir: pathlib.Path = pathlib.Path("data")
+    backends: dict[str, Backend] = Field(default_factory=_default_backends)
+    configs: list[NamedConfig] = Field(default_factory=_default_configs)
+    limits: Limits = Limits()
+    cors_origins: list[str] = ["*"]
+    # Credentials arrive with the authentication issue; until then the gateway is dev-only.
+    auth: None = None
+
+    @field_validator("configs")
+    @classmethod
+    def _unique_names(cls, configs: list[NamedConfig]) -> list[NamedConfig]:
+        names = [c.name for c in configs]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"duplicate config names: {', '.join(dupes)}")
+        return configs
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for config in self.configs:
+            if config.backend not in self.backends:
+                raise ValueError(
+                    f"configs.{config.name}.backend: no backend named {config.backend!r} "
+                    f"(known: {', '.join(sorted(self.backends))})"
+                )
+        if self.auth is None:
+            for key, listener in (("http.host", self.http), ("grpc.host", self.grpc)):
+                if not listener.loopback:
+                    raise ValueError(
+                        f"{key}: refusing to bind {listener.host} with no authentication "
+                        "configured (dev mode serves loopback only)"
+                    )
+        return self
+
+    @property
+    def dev_mode(self) -> bool:
+        return self.auth is None
+
+
+class SettingsError(Exception):
+    """A configuration problem, with the offending key in the message."""
+
+
+# Variables for the process, not the settings tree.
+PROCESS_VARIABLES = frozenset({"PRISM_CONFIG", "PRISM_REQUIRE_BACKENDS", "PRISM_WORKERS", "PRISM_SERVER"})
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith("PRISM_") or name in PROCESS_VARIABLES:
+            continue
+        path = name[len("PRISM_"):].lower().split("__")
+        node = overrides
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(value) if value else value
+    return overrides
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get("PRISM_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SettingsError(f"{path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SettingsError(f"{path}: the top level must be a mapping")
+    try:
+        return Settings.model_validate(_merge(data, _env_overrides(environ)))
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        ]
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems)) from exc

@@ -1,0 +1,69 @@
+"""Small pure-ASGI helpers shared by the HTTP codecs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Awaitable, Callable, MutableMapping
+
+from app.errors import PrismError, too_large
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+JSON = b"application/json"
+
+
+def header_map(scope: Scope) -> dict[str, str]:
+    """Request headers by lower-case name (ASGI already lower-cases them)."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, refusing (413) as soon as it passes ``limit``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise PrismError.cancelled()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large("request body", size, limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes = JSON,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_error(send: Send, error: PrismError, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    extra = list(headers)
+    if error.retry_after is not None:
+        extra.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+    await respond(send, error.http_status, error.to_json(), headers=extra)
+
+
+def first(mapping: Mapping[str, str], *names: str) -> str:
+    for name in names:
+        if value := mapping.get(name):
+            return value
+    return ""

@@ -1,0 +1,146 @@
+"""gRPC-Web on the HTTP port: ``application/grpc-web(+proto)`` and ``application/grpc-web-text``.
+
+Written here rather than taken from a library: ``sonora`` is unmaintained since 2023 and
+``connectrpc`` brings its own protobuf runtime, while the wire format is small — the 5-byte
+gRPC framing (flag, big-endian length), a final frame flagged 0x80 carrying the trailers as
+HTTP/1 header lines, and base64 for the ``-text`` variant. Calls go through the same pipeline
+as every other transport. Unary and server-streaming RPCs only: browsers cannot stream
+requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import struct
+import urllib.parse
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from app.errors import PrismError, invalid_argument
+from app.methods import Method
+from app.pipeline import Pipeline, status_of
+from app.transports.asgi_util import Receive, Scope, Send, header_map, read_body
+
+TRAILER_FLAG = 0x80
+COMPRESSED_FLAG = 0x01
+
+
+def frame(payload: bytes, flag: int = 0) -> bytes:
+    return struct.pack(">BI", flag, len(payload)) + payload
+
+
+def trailers(error: PrismError | None) -> bytes:
+    code = 0 if error is None else error.code.value[0]
+    message = "" if error is None else urllib.parse.quote(error.message, safe=" ")
+    return frame(f"grpc-status:{code}\r\ngrpc-message:{message}\r\n".encode(), TRAILER_FLAG)
+
+
+def parse_request(body: bytes, text: bool) -> bytes:
+    """The single message of a gRPC-Web request body."""
+    if text:
+        try:
+            body = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid_argument("body", "invalid gRPC-Web frame: not valid base64") from None
+    if len(body) < 5:
+        raise invalid_argument("body", f"invalid gRPC-Web frame: {len(body)} bytes, a frame needs at least 5")
+    flag, length = struct.unpack(">BI", body[:5])
+    if flag & COMPRESSED_FLAG:
+        raise PrismError(grpc.StatusCode.UNIMPLEMENTED, "compressed gRPC-Web messages are not supported")
+    if flag != 0:
+        raise invalid_argument("body", f"invalid gRPC-Web frame: unexpected flag 0x{flag:02x}")
+    if len(body) != 5 + length:
+        raise invalid_argument(
+            "body", f"invalid gRPC-Web frame: header says {length} bytes, body holds {len(body) - 5}"
+        )
+    return body[5:]
+
+
+class GrpcWebApp:
+    def __init__(self, methods: list[Method], pipeline: Pipeline, max_body: int) -> None:
+        self.methods = {m.path: m for m in methods}
+        self.pipeline = pipeline
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = header_map(scope)
+        content_type = headers.get("content-type", "application/grpc-web+proto")
+        text = content_type.startswith("application/grpc-web-text")
+        writer = _Writer(send, content_type, text)
+        try:
+            if scope["method"] != "POST":
+                raise PrismError(grpc.StatusCode.UNIMPLEMENTED, "gRPC-Web calls use POST", http_status=405)
+            method = self.methods.get(scope["path"])
+            if method is None:
+                raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {scope['path']}")
+            if method.client_streaming:
+                raise PrismError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"{method.path} streams requests, which gRPC-Web cannot carry; use native gRPC",
+                )
+            payload = parse_request(await read_body(receive, self.max_body), text)
+            try:
+                request = method.request_type.FromString(payload)
+            except DecodeError:
+                raise invalid_argument(
+                    "body", f"not a valid {method.request_type.DESCRIPTOR.full_name} message"
+                ) from None
+            if method.server_streaming:
+                responses = await self.pipeline.stream(method, request, headers, "grpc-web")
+                await writer.stream(responses)
+                return
+            response = await self.pipeline.unary(method, request, headers, "grpc-web")
+            await writer.finish([response], None)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a gRPC status
+            await writer.finish([], status_of(exc))
+
+
+class _Writer:
+    """Writes frames; an error before the first byte also goes in the headers (trailers-only)."""
+
+    def __init__(self, send: Send, content_type: str, text: bool) -> None:
+        self.send = send
+        self.content_type = content_type.encode()
+        self.text = text
+        self.started = False
+
+    def _encode(self, data: bytes) -> bytes:
+        return base64.b64encode(data) if self.text else data
+
+    async def _start(self, error: PrismError | None) -> None:
+        headers = [(b"content-type", self.content_type)]
+        if error is not None:
+            headers += trailers_headers(error)
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+        self.started = True
+
+    async def stream(self, responses: AsyncIterator[Message]) -> None:
+        error: PrismError | None = None
+        try:
+            async for response in responses:
+                if not self.started:
+                    await self._start(None)
+                await self.send(
+                    {"type": "http.response.body", "body": self._encode(frame(response.SerializeToString())), "more_body": True}
+                )
+        except Exception as exc:  # noqa: BLE001
+            error = status_of(exc)
+        finally:
+            await responses.aclose()  # type: ignore[attr-defined]
+        await self.finish([], error)
+
+    async def finish(self, messages: list[Message], error: PrismError | None) -> None:
+        if not self.started:
+            await self._start(error)
+        body = b"".join(self._encode(frame(m.SerializeToString())) for m in messages)
+        await self.send({"type": "http.response.body", "body": body + self._encode(trailers(error))})
+
+
+def trailers_headers(error: PrismError) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"grpc-status", str(error.code.value[0]).encode()),
+        (b"grpc-message", urllib.parse.quote(error.message, safe=" ").encode()),
+    ]

@@ -1,0 +1,143 @@
+"""REST/JSON and server-sent events for every RPC with a ``google.api.http`` binding.
+
+A plain ASGI app, generic over the method table: the route, path parameters, query
+parameters and body of each call come from the annotation, never from code written per RPC.
+Unary RPCs answer JSON; server-streaming RPCs answer ``text/event-stream``:
+
+    id: 1\nevent: message\ndata: {...response as JSON...}\n\n   one per response
+    event: end\ndata: {}\n\n                                       when the stream completes
+    event: error\ndata: {"code","message","details"}\n\n           when it fails
+    : ping                                                       keep-alive comments
+
+An EventSource cannot set headers, so streams also take the session token as the
+``prism_session`` query parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf.message import Message
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+
+from app.errors import PrismError, invalid_argument
+from app.methods import Method
+from app.pipeline import SESSION_HEADER, Pipeline, status_of
+from app.transports import json_codec
+from app.transports.asgi_util import Receive, Scope, Send, header_map, read_body, respond, respond_error
+
+log = logging.getLogger("prism.rest")
+
+SESSION_QUERY = "prism_session"
+PING_SECONDS = 15
+
+
+class RestRouter:
+    def __init__(self, methods: list[Method], pipeline: Pipeline, max_body: int) -> None:
+        self.pipeline = pipeline
+        self.max_body = max_body
+        bound = [m for m in methods if m.http is not None and not m.client_streaming]
+        # Literal routes first, so "/v1/kv:exists" never reads as a key.
+        self.routes = sorted(bound, key=lambda m: bool(m.http and m.http.path_fields))
+
+    def match(self, verb: str, path: str) -> tuple[Method, dict[str, str]]:
+        allowed: list[str] = []
+        for method in self.routes:
+            rule = method.http
+            assert rule is not None
+            found = rule.regex.match(path)
+            if found is None:
+                continue
+            if rule.verb != verb:
+                allowed.append(rule.verb)
+                continue
+            return method, {k: urllib.parse.unquote(v, errors="strict") for k, v in found.groupdict().items()}
+        if allowed:
+            raise PrismError.method_not_allowed(verb, path, allowed)
+        raise PrismError.no_route(verb, path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        try:
+            path = raw_path.split(b"?", 1)[0].decode("ascii")
+        except UnicodeDecodeError:
+            path = urllib.parse.quote(scope["path"])
+        try:
+            method, path_params = self.match(scope["method"], path)
+        except PrismError as error:
+            allow = [(b"allow", ", ".join(error.allowed).encode())] if getattr(error, "allowed", None) else []
+            await respond_error(send, error, allow)
+            return
+        metadata = header_map(scope)
+        query = urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        try:
+            if method.server_streaming:
+                token = next((v for k, v in query if k == SESSION_QUERY), "")
+                if token and SESSION_HEADER not in metadata:
+                    metadata[SESSION_HEADER] = token
+                query = [(k, v) for k, v in query if k != SESSION_QUERY]
+            request = await self._decode(method, path_params, query, receive)
+            if method.server_streaming:
+                await self._stream(method, request, metadata, scope, receive, send)
+                return
+            response = await self.pipeline.unary(method, request, metadata, "rest")
+        except PrismError as error:
+            await respond_error(send, error)
+            return
+        except Exception as exc:  # noqa: BLE001 - nothing unexpected may reach the client
+            await respond_error(send, status_of(exc))
+            return
+        await respond(send, 200, json_codec.to_json(response))
+
+    async def _decode(
+        self, method: Method, path_params: dict[str, str], query: list[tuple[str, str]], receive: Receive
+    ) -> Message:
+        rule = method.http
+        assert rule is not None
+        descriptor = method.request_type.DESCRIPTOR
+        fields = json_codec.text_params(descriptor, path_params.items())
+        if rule.body == "":
+            return json_codec.parse_message(
+                json_codec.merge(json_codec.text_params(descriptor, query), fields), method.request_type, "query"
+            )
+        if query:
+            raise invalid_argument(query[0][0], f"unknown parameter: {method.name} takes its fields in the body")
+        body = json_codec.parse_body(await read_body(receive, self.max_body))
+        if rule.body != "*":
+            body = {descriptor.fields_by_name[rule.body].json_name: body}
+        return json_codec.parse_message(json_codec.merge(body, fields), method.request_type)
+
+    async def _stream(
+        self, method: Method, request: Message, metadata: dict[str, str], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        responses = await self.pipeline.stream(method, request, metadata, "sse")
+        # Pull the first response before answering, so a refused call gets its HTTP status.
+        try:
+            head = await anext(responses)
+        except StopAsyncIteration:
+            head = None
+        events = EventSourceResponse(
+            _events(head, responses),
+            ping=PING_SECONDS,
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
+        await events(scope, receive, send)
+
+
+async def _events(head: Message | None, responses: AsyncIterator[Message]) -> AsyncIterator[Any]:
+    count = 0
+    try:
+        if head is not None:
+            count += 1
+            yield ServerSentEvent(data=json_codec.to_json(head).decode(), event="message", id=str(count))
+            async for response in responses:
+                count += 1
+                yield ServerSentEvent(data=json_codec.to_json(response).decode(), event="message", id=str(count))
+        yield ServerSentEvent(data="{}", event="end")
+    except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
+        yield ServerSentEvent(data=status_of(exc).to_json().decode(), event="error")
+    finally:
+        await responses.aclose()  # type: ignore[attr-defined]
