@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from google.api import annotations_pb2, field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
@@ -29,7 +28,6 @@ from prism.v1 import (
     transact_pb2,
 )
 
-from app.errors import PrismError
 
 PROTO_MODULES = (
     session_pb2,
@@ -86,7 +84,7 @@ class Method:
     requires_session: bool
     doc: str
     required_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    handler: Handler | None = None
+    handler: Handler | None = None  # None: not implemented yet (UNIMPLEMENTED naming the RPC)
 
     @property
     def path(self) -> str:
@@ -177,26 +175,13 @@ def all_methods() -> list[Method]:
     return methods
 
 
-def unimplemented(method: Method) -> Handler:
-    async def handler(request: Any, call: Any) -> Message:
-        raise PrismError(
-            grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet"
-        )
-
-    async def stream_handler(request: Any, call: Any) -> AsyncIterator[Message]:
-        await handler(request, call)
-        yield method.response_type()  # pragma: no cover - unreachable
-
-    return stream_handler if method.server_streaming else handler
-
-
 def bind(methods: list[Method], services: Iterable[object]) -> list[Method]:
-    """Attach each service object's coroutine named like the RPC; the rest answer UNIMPLEMENTED.
+    """Attach each service object's coroutine named like the RPC; the rest stay None.
 
     A service object declares the proto service it implements as ``SERVICE = "prism.v1.X"``.
     """
     by_service = {getattr(s, "SERVICE"): s for s in services}
     for method in methods:
         impl = by_service.get(method.service)
-        method.handler = getattr(impl, method.name, None) or unimplemented(method)
+        method.handler = getattr(impl, method.name, None)
     return methods

@@ -73,6 +73,8 @@ class Pipeline:
         self.sessions = sessions
 
     def begin(self, method: Method, request: Message, metadata: Mapping[str, str], transport: str) -> Call:
+        if method.handler is None:
+            raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet")
         if method.required_fields:
             check_required(request, method.required_fields)
         if not method.requires_session:

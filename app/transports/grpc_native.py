@@ -78,9 +78,7 @@ def _server_stream(method: Method, pipeline: Pipeline) -> Callable[..., AsyncIte
 
 def _client_stream_unsupported(method: Method) -> Callable[..., AsyncIterator[bytes]]:
     async def handle(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        await _abort(
-            context, PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet")
-        )
+        await _abort(context, PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet"))
         yield b""  # pragma: no cover
 
     return handle

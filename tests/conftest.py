@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from prism.v1 import session_pb2
+
+from tests.clients import GrpcClient, GrpcWebClient, RestClient
+from tests.gateway_process import GatewayProcess, start_gateway
+
+SERVERS = ("hypercorn", "granian")
+TRANSPORTS = ("grpc", "rest", "rest-h2c", "grpc-web", "grpc-web-text")
+
+Client = GrpcClient | RestClient | GrpcWebClient
+
+
+@pytest.fixture(scope="session", params=SERVERS)
+def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One real `prism serve` process per HTTP server, shared by the tests that use it."""
+    process = start_gateway(tmp_path_factory.mktemp(request.param), request.param)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def hypercorn_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway for suites whose subject is not the HTTP server."""
+    process = start_gateway(tmp_path_factory.mktemp("hypercorn-only"), "hypercorn")
+    yield process
+    process.stop()
+
+
+def make_client(transport: str, gateway: GatewayProcess) -> Client:
+    if transport == "grpc":
+        return GrpcClient(gateway.grpc_target)
+    if transport == "rest":
+        return RestClient(gateway.base_url)
+    if transport == "rest-h2c":
+        client = RestClient(gateway.base_url, http2=True)
+        client.name = "rest-h2c"
+        return client
+    return GrpcWebClient(gateway.base_url, text=transport == "grpc-web-text")
+
+
+async def open_session(client: Client, config_name: str) -> str:
+    response = await client.call(
+        "/prism.v1.SessionService/CreateSession", session_pb2.CreateSessionRequest(config_name=config_name)
+    )
+    return response.token  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def client_factory() -> AsyncIterator:
+    made: list[Client] = []
+
+    def make(transport: str, gateway: GatewayProcess) -> Client:
+        client = make_client(transport, gateway)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()
+
+

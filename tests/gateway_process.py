@@ -1,0 +1,96 @@
+"""Start ``prism serve`` as a real subprocess on free ports, as a user would run it."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class GatewayProcess:
+    server: str
+    http_port: int
+    grpc_port: int
+    process: subprocess.Popen[bytes]
+    log_path: pathlib.Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_gateway(
+    tmp: pathlib.Path,
+    server: str = "hypercorn",
+    *,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> GatewayProcess:
+    http_port, grpc_port = free_port(), free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    log_path = tmp / f"gateway-{server}-{http_port}.log"
+    command = [
+        sys.executable, "-m", "app.cli", "serve",
+        "--server", server,
+        "--port", str(http_port),
+        "--grpc-port", str(grpc_port),
+        "--data-dir", str(tmp / "data"),
+        "--log-level", "warning",
+        *extra_args,
+    ]
+    process_env = {k: v for k, v in os.environ.items() if not k.startswith("PRISM_")}
+    process_env.update(env or {})
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=process_env)
+    gateway = GatewayProcess(server, http_port, grpc_port, process, log_path)
+    if wait:
+        wait_ready(gateway)
+    return gateway
+
+
+def wait_ready(gateway: GatewayProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gateway.process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {gateway.process.returncode}:\n{gateway.log()}")
+        try:
+            if httpx.get(f"{gateway.base_url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    gateway.stop()
+    raise RuntimeError(f"gateway not ready after {timeout}s:\n{gateway.log()}")
