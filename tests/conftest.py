@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-import pathlib
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -64,3 +64,13 @@ async def client_factory() -> AsyncIterator:
         await client.close()
 
 
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    """With PRISM_REQUIRE_BACKENDS=1 (CI), a skipped test is a failure: nothing is skipped silently."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("PRISM_REQUIRE_BACKENDS") == "1":
+        report.outcome = "failed"
+        report.longrepr = f"skipped under PRISM_REQUIRE_BACKENDS=1: {report.longrepr}"

@@ -48,7 +48,7 @@ def parse_request(body: bytes, text: bool) -> bytes:
     if len(body) < 5:
         raise invalid_argument("body", f"invalid gRPC-Web frame: {len(body)} bytes, a frame needs at least 5")
     flag, length = struct.unpack(">BI", body[:5])
-    if flag & COMPRESSED_FLAG:
+    if flag == COMPRESSED_FLAG:
         raise PrismError(grpc.StatusCode.UNIMPLEMENTED, "compressed gRPC-Web messages are not supported")
     if flag != 0:
         raise invalid_argument("body", f"invalid gRPC-Web frame: unexpected flag 0x{flag:02x}")

@@ -1,0 +1,79 @@
+# syntax=docker/dockerfile:1
+#
+# Prism gateway image.
+#
+#   docker build -t prism .
+#   docker run --rm prism                       # serves inside the container; see "Binding" below
+#
+# Binding: inside a container the gateway must listen on 0.0.0.0 for a published port
+# (`docker run -p 8080:8080`) to reach it, and dev mode (no authentication configured)
+# refuses any non-loopback address at start-up. So the default CMD binds loopback: the
+# gateway runs and the HEALTHCHECK below passes inside the container, but nothing outside
+# the container can call it yet. Once authentication lands, mount a server config that
+# enables it and bind all interfaces:
+#
+#   docker run -p 8080:8080 -p 8980:8980 \
+#     -v ./prism.yaml:/etc/prism/prism.yaml:ro -e PRISM_CONFIG=/etc/prism/prism.yaml \
+#     -e PRISM_HTTP__HOST=0.0.0.0 -e PRISM_GRPC__HOST=0.0.0.0 prism
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The uv that wrote uv.lock; `uv sync --frozen` installs exactly what the lock says.
+ARG UV_VERSION=0.13.9
+
+# ---- builder: resolve nothing, install the locked dependencies into /app/.venv ----------
+# Same base image as the runtime stage, so the venv's interpreter symlinks
+# (/usr/local/bin/python3.11) resolve after the copy.
+FROM ${PYTHON_IMAGE} AS builder
+ARG UV_VERSION
+RUN pip install --no-cache-dir "uv==${UV_VERSION}"
+
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PYTHON=/usr/local/bin/python3.11 \
+    UV_PROJECT_ENVIRONMENT=/app/.venv
+WORKDIR /app
+
+# Dependencies first, in their own layer: it is rebuilt only when the lock changes.
+COPY pyproject.toml uv.lock ./
+RUN uv sync --frozen --no-dev --no-install-project
+
+# Then the project itself, installed editable: its .pth points the venv at /app and
+# /app/proto (for the generated `prism.v1` package), where the runtime stage puts the
+# sources. README.md is read by the build backend (pyproject `readme`).
+COPY README.md ./
+COPY app/ app/
+COPY adapters/ adapters/
+COPY proto/ proto/
+RUN uv sync --frozen --no-dev
+
+# ---- runtime ------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+
+ENV PATH=/app/.venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PRISM_DATA_DIR=/app/data
+
+RUN groupadd --system --gid 10001 prism \
+    && useradd --system --uid 10001 --gid prism --home-dir /app --no-create-home prism
+
+WORKDIR /app
+COPY --from=builder /app/.venv /app/.venv
+COPY app/ app/
+COPY adapters/ adapters/
+COPY proto/ proto/
+# The embedded SQLite file lives here; the only path the gateway writes.
+RUN mkdir -p /app/data && chown prism:prism /app/data
+VOLUME ["/app/data"]
+
+USER prism:prism
+EXPOSE 8080 8980
+
+# Works with the default loopback bind: the check runs inside the container.
+# Follows PRISM_HTTP__PORT if the port is overridden; /readyz answers 503 until the
+# backends and the gRPC server are up, which urlopen raises as an error (exit 1).
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PRISM_HTTP__PORT', '8080'), timeout=2)"]
+
+CMD ["prism", "serve"]

@@ -1,0 +1,25 @@
+# Everyday commands. `make run` and `make test` set everything up first on a fresh machine.
+UV ?= uv
+PY := .venv/bin/python
+
+.PHONY: setup run test proto openapi lint bench
+
+setup:
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen --quiet
+
+run: setup  ## the gateway on the embedded default: SQLite + in-process pub/sub, loopback
+	$(UV) run --frozen prism serve $(ARGS)
+
+test: setup
+	$(UV) run --frozen pytest $(ARGS)
+
+proto: setup  ## regenerate the committed Python code after editing proto/
+	$(PY) proto/generate.py
+	$(PY) openapi/generate.py
+
+openapi: setup  ## regenerate the committed OpenAPI document
+	$(PY) openapi/generate.py
+
+lint: setup
+	$(UV) run --frozen ruff check app adapters tests
