@@ -63,8 +63,10 @@ COPY --from=builder /app/.venv /app/.venv
 COPY app/ app/
 COPY adapters/ adapters/
 COPY proto/ proto/
-# The embedded SQLite file lives here; the only path the gateway writes.
-RUN mkdir -p /app/data && chown prism:prism /app/data
+# Compile the sources now: the prism user cannot write beside them. The embedded SQLite
+# file lives in /app/data, the only path the gateway writes.
+RUN python -m compileall -q app adapters proto \
+    && mkdir -p /app/data && chown prism:prism /app/data
 VOLUME ["/app/data"]
 
 USER prism:prism

@@ -95,7 +95,11 @@ def serve(args: argparse.Namespace) -> int:
     config.loglevel = args.log_level.upper()
     if tls:
         config.certfile, config.keyfile = str(tls.certfile), str(tls.keyfile)
-    return run(config)
+    try:
+        return run(config)
+    except Exception as exc:  # noqa: BLE001 - start-up failures end the process with their reason
+        print(f"prism: failed to start: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from app.services.keyvalue import KeyValueService
 from app.services.plugin import HealthService, PluginInfoService
 from app.services.pubsub import PubSubService
 from app.services.session import ConfigRegistry, ConfigService, SessionService
-from app.sessions import SessionStore
+from app.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
 from app.settings import Settings
 from app.transports.grpc_native import start_grpc_server
 
@@ -25,18 +25,18 @@ log = logging.getLogger("prism")
 
 
 class Gateway:
-    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
+    def __init__(self, settings: Settings, *, workers: int = 1) -> None:
         self.settings = settings
-        self.reuse_port = reuse_port
+        self.workers = workers
         self.backends = Backends(settings)
-        self.sessions = SessionStore(lifetime=settings.limits.session_lifetime_seconds)
+        self.sessions = _session_store(settings, shared=workers > 1)
         configs = ConfigRegistry(settings)
         self.methods: list[Method] = bind(
             all_methods(),
             [
                 SessionService(self.sessions, configs),
                 ConfigService(configs),
-                KeyValueService(self.backends, settings.limits),
+                KeyValueService(self.backends, settings.limits, settings.signing_key()),
                 PubSubService(self.backends, settings.limits),
                 HealthService(self.backends),
                 PluginInfoService(self.backends),
@@ -50,22 +50,46 @@ class Gateway:
             log.warning(
                 "no authentication configured: dev mode, loopback only, every caller is 'anonymous'"
             )
-        await self.backends.start()
-        tls = None
-        if self.settings.tls is not None:
-            tls = (self.settings.tls.keyfile.read_bytes(), self.settings.tls.certfile.read_bytes())
-        listener = self.settings.grpc
-        self.grpc_server = await start_grpc_server(
-            self.methods,
-            self.pipeline,
-            address=f"{listener.host}:{listener.port}",
-            max_message_bytes=self.settings.limits.max_request_bytes,
-            reuse_port=self.reuse_port,
-            tls=tls,
-        )
+        if self.workers > 1:
+            per_process = sorted(n for n, b in self.settings.backends.items() if b.type == "memory")
+            if per_process:
+                log.warning(
+                    "backends %s are in-process: with %d workers each worker has its own copy "
+                    "(a message published on one worker reaches only that worker's subscribers)",
+                    per_process,
+                    self.workers,
+                )
+        try:
+            await self.sessions.start()
+            await self.backends.start()
+            self.grpc_server = await start_grpc_server(
+                self.methods,
+                self.pipeline,
+                address=f"{self.settings.grpc.host}:{self.settings.grpc.port}",
+                max_message_bytes=self.settings.limits.max_request_bytes,
+                reuse_port=self.workers > 1,  # each worker binds the same gRPC port
+                tls=self._tls(),
+            )
+        except BaseException:
+            await self.close()  # no half-started worker: its threads would keep the process alive
+            raise
+
+    def _tls(self) -> tuple[bytes, bytes] | None:
+        tls = self.settings.tls
+        return None if tls is None else (tls.keyfile.read_bytes(), tls.certfile.read_bytes())
 
     async def close(self) -> None:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=2)
             self.grpc_server = None
         await self.backends.close()
+        await self.sessions.close_store()
+
+
+def _session_store(settings: Settings, *, shared: bool) -> SessionStore:
+    """In-process for one worker; SQLite when several worker processes must share sessions."""
+    lifetime = settings.limits.session_lifetime_seconds
+    kind = settings.session_store if settings.session_store != "auto" else ("sqlite" if shared else "memory")
+    if kind == "sqlite":
+        return SqliteSessionStore(settings.data_dir / "sessions.db", lifetime)
+    return MemorySessionStore(lifetime)

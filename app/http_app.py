@@ -32,7 +32,7 @@ GRPC_WEB_HEADERS = ["grpc-status", "grpc-message", "grpc-status-details-bin"]
 
 
 def create_app(settings: Settings) -> ASGIApp:
-    gateway = Gateway(settings, reuse_port=int(os.environ.get("PRISM_WORKERS", "1")) > 1)
+    gateway = Gateway(settings, workers=int(os.environ.get("PRISM_WORKERS", "1")))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -72,7 +72,7 @@ class Pipeline:
     def __init__(self, sessions: SessionStore) -> None:
         self.sessions = sessions
 
-    def begin(self, method: Method, request: Message, metadata: Mapping[str, str], transport: str) -> Call:
+    async def begin(self, method: Method, request: Message, metadata: Mapping[str, str], transport: str) -> Call:
         if method.handler is None:
             raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet")
         if method.required_fields:
@@ -85,7 +85,7 @@ class Pipeline:
                 f"{method.service}/{method.name} needs a session: send the token from "
                 f"CreateSession as {SESSION_HEADER}"
             )
-        session = self.sessions.resolve(token)
+        session = await self.sessions.resolve(token)
         if method.pattern and session.config.pattern != method.pattern:
             raise failed_precondition(
                 f"session config {session.config.name!r} is for "
@@ -96,7 +96,7 @@ class Pipeline:
         return Call(method, session, token, transport)
 
     async def unary(self, method: Method, request: Message, metadata: Mapping[str, str], transport: str) -> Message:
-        call = self.begin(method, request, metadata, transport)
+        call = await self.begin(method, request, metadata, transport)
         try:
             return await method.handler(request, call)  # type: ignore[misc]
         except PrismError:
@@ -109,7 +109,7 @@ class Pipeline:
         self, method: Method, request: Message, metadata: Mapping[str, str], transport: str
     ) -> AsyncIterator[Message]:
         """Validates and resolves eagerly, so errors surface before the first message."""
-        call = self.begin(method, request, metadata, transport)
+        call = await self.begin(method, request, metadata, transport)
         return self._guarded(method, method.handler(request, call))  # type: ignore[arg-type]
 
     @staticmethod

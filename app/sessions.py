@@ -1,19 +1,22 @@
 """Sessions: an opaque token per CreateSession, stored only as its SHA-256 hash.
 
-The store is in-process for now; a shared store (SQLite, Redis) arrives with the sessions
-issue. Each session tracks what it holds open (stream subscriptions) so CloseSession can
-end those streams.
+Two stores implement the same contract: in-process (one worker) and SQLite (several worker
+processes on one machine share the file). Streams a session holds open are tracked per
+process, so CloseSession ends the streams served by the process that receives it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import pathlib
 import secrets
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import aiosqlite
 from prism.v1 import config_pb2, session_pb2
 
 from app.errors import unauthenticated
@@ -37,46 +40,127 @@ class SessionRecord:
     open_streams: dict[str, Closer] = field(default_factory=dict)
 
     def to_proto(self) -> session_pb2.Session:
-        session = session_pb2.Session(
-            session_id=self.session_id, identity=self.identity, config=self.config
-        )
+        session = session_pb2.Session(session_id=self.session_id, identity=self.identity, config=self.config)
         session.created_at.FromNanoseconds(int(self.created_at * 1e9))
         session.expires_at.FromNanoseconds(int(self.expires_at * 1e9))
         session.last_activity_at.FromNanoseconds(int(self.last_activity_at * 1e9))
         return session
 
 
-class SessionStore:
+class SessionStore(ABC):
     def __init__(self, lifetime: float, clock: Clock = time.time) -> None:
         self.lifetime = lifetime
         self.clock = clock
-        self._by_hash: dict[str, SessionRecord] = {}
+        self._streams: dict[str, dict[str, Closer]] = {}  # session id → this process's streams
 
-    def create(self, identity: str, config: config_pb2.ClientConfig) -> tuple[str, SessionRecord]:
+    async def start(self) -> None: ...
+
+    async def close_store(self) -> None: ...
+
+    async def create(self, identity: str, config: config_pb2.ClientConfig) -> tuple[str, SessionRecord]:
         token = secrets.token_urlsafe(32)  # 256 random bits
         now = self.clock()
         record = SessionRecord(uuid.uuid4().hex, identity, config, now, now + self.lifetime, now)
-        self._by_hash[_hash(token)] = record
+        await self._save(_hash(token), record)
+        record.open_streams = self._streams.setdefault(record.session_id, {})
         return token, record
 
-    def resolve(self, token: str) -> SessionRecord:
-        record = self._by_hash.get(_hash(token))
-        now = self.clock()
+    async def resolve(self, token: str) -> SessionRecord:
+        digest, now = _hash(token), self.clock()
+        record = await self._load(digest, now)
         if record is None:
             raise unauthenticated("unknown or closed session token")
         if record.expires_at <= now:
-            del self._by_hash[_hash(token)]
+            await self._delete(digest)
             raise unauthenticated("session expired; create a new one")
-        record.last_activity_at = now
+        record.open_streams = self._streams.setdefault(record.session_id, {})
         return record
 
-    def heartbeat(self, record: SessionRecord) -> float:
+    async def heartbeat(self, token: str, record: SessionRecord) -> float:
         record.expires_at = self.clock() + self.lifetime
+        await self._save(_hash(token), record)
         return record.expires_at
 
-    async def close(self, token: str) -> None:
-        record = self._by_hash.pop(_hash(token), None)
+    async def close(self, token: str, record: SessionRecord) -> None:
+        await self._delete(_hash(token))
+        for closer in list(self._streams.pop(record.session_id, {}).values()):
+            await closer()
+
+    @abstractmethod
+    async def _save(self, digest: str, record: SessionRecord) -> None: ...
+
+    @abstractmethod
+    async def _load(self, digest: str, now: float) -> SessionRecord | None:
+        """The record, with last activity updated to ``now``."""
+
+    @abstractmethod
+    async def _delete(self, digest: str) -> None: ...
+
+
+class MemorySessionStore(SessionStore):
+    def __init__(self, lifetime: float, clock: Clock = time.time) -> None:
+        super().__init__(lifetime, clock)
+        self._by_hash: dict[str, SessionRecord] = {}
+
+    async def _save(self, digest: str, record: SessionRecord) -> None:
+        self._by_hash[digest] = record
+
+    async def _load(self, digest: str, now: float) -> SessionRecord | None:
+        record = self._by_hash.get(digest)
         if record is not None:
-            for closer in list(record.open_streams.values()):
-                await closer()
-            record.open_streams.clear()
+            record.last_activity_at = now
+        return record
+
+    async def _delete(self, digest: str) -> None:
+        self._by_hash.pop(digest, None)
+
+
+class SqliteSessionStore(SessionStore):
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS prism_sessions (
+        token_hash TEXT PRIMARY KEY, session_id TEXT NOT NULL, identity TEXT NOT NULL,
+        config BLOB NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL,
+        last_activity_at REAL NOT NULL
+    )"""
+
+    def __init__(self, path: pathlib.Path, lifetime: float, clock: Clock = time.time) -> None:
+        super().__init__(lifetime, clock)
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA busy_timeout=5000")
+        await self._db.execute(self.SCHEMA)
+
+    async def close_store(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        assert self._db is not None, "SqliteSessionStore used before start()"
+        return self._db
+
+    async def _save(self, digest: str, r: SessionRecord) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO prism_sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (digest, r.session_id, r.identity, r.config.SerializeToString(), r.created_at, r.expires_at, r.last_activity_at),
+        )
+
+    async def _load(self, digest: str, now: float) -> SessionRecord | None:
+        async with self.db.execute(
+            "UPDATE prism_sessions SET last_activity_at=? WHERE token_hash=? "
+            "RETURNING session_id, identity, config, created_at, expires_at, last_activity_at",
+            (now, digest),
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return SessionRecord(row[0], row[1], config_pb2.ClientConfig.FromString(row[2]), row[3], row[4], row[5])
+
+    async def _delete(self, digest: str) -> None:
+        await self.db.execute("DELETE FROM prism_sessions WHERE token_hash=?", (digest,))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import pathlib
+import secrets
+import time
 from typing import Any, Literal
 
 import yaml
@@ -99,6 +101,11 @@ class Settings(Strict):
     configs: list[NamedConfig] = Field(default_factory=_default_configs)
     limits: Limits = Limits()
     cors_origins: list[str] = ["*"]
+    # Signs opaque cursors; all workers and instances must share it. Unset: a random key kept
+    # in data_dir/secret.key.
+    secret_key: str | None = Field(default=None, min_length=32)
+    # "auto": in-process with one worker, SQLite (in data_dir) with several.
+    session_store: Literal["auto", "memory", "sqlite"] = "auto"
     # Credentials arrive with the authentication issue; until then the gateway is dev-only.
     auth: None = None
 
@@ -130,6 +137,25 @@ class Settings(Strict):
     @property
     def dev_mode(self) -> bool:
         return self.auth is None
+
+    def signing_key(self) -> bytes:
+        """The configured secret, else one created once in the data directory (race-free)."""
+        if self.secret_key is not None:
+            return self.secret_key.encode()
+        path = self.data_dir / "secret.key"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+        for _ in range(50):  # another worker may be between create and write
+            if len(key := path.read_bytes()) == 32:
+                return key
+            time.sleep(0.01)
+        raise SettingsError(f"{path}: expected a 32-byte key")
 
 
 class SettingsError(Exception):

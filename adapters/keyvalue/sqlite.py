@@ -142,13 +142,13 @@ class SqliteKeyValue(KeyValueAdapter):
         # Prefix as a key range, not LIKE: no wildcard in a key is ever interpreted.
         sql = (
             f"SELECT key, value, etag, expires_at FROM prism_kv WHERE namespace=? AND key > ? "
-            f"AND substr(key, 1, ?) = ? AND {LIVE} ORDER BY key LIMIT ?"
+            f"AND substr(CAST(key AS BLOB), 1, ?) = CAST(? AS BLOB) AND {LIVE} ORDER BY key LIMIT ?"
         )
         exclusive = bool(start_after) and start_after >= prefix
         try:
             rows = await self.db.execute_fetchall(
                 sql if exclusive else sql.replace("key > ?", "key >= ?"),
-                (namespace, start_after if exclusive else prefix, len(prefix), prefix, self.clock(), limit),
+                (namespace, start_after if exclusive else prefix, len(prefix.encode()), prefix, self.clock(), limit),
             )
         except sqlite3.Error as exc:
             raise unavailable("sqlite", exc) from exc

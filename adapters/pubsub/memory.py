@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Mapping
 
 import grpc
@@ -65,7 +66,7 @@ class MemoryPubSub(PubSubAdapter):
     def __init__(self, buffer_size: int = 1024) -> None:
         self.buffer_size = buffer_size
         self._subscriptions: dict[str, MemorySubscription] = {}
-        self._round_robin = itertools.count()
+        self._round_robin: defaultdict[tuple[str, str], itertools.count[int]] = defaultdict(itertools.count)
 
     def remove(self, subscription: MemorySubscription) -> bool:
         return self._subscriptions.pop(subscription.id, None) is not None
@@ -82,8 +83,8 @@ class MemoryPubSub(PubSubAdapter):
                 groups.setdefault(sub.group, []).append(sub)
             else:
                 sub.offer(delivery)
-        for members in groups.values():
-            members[next(self._round_robin) % len(members)].offer(delivery)
+        for group, members in groups.items():
+            members[next(self._round_robin[(namespace, group)]) % len(members)].offer(delivery)
         return delivery.message_id
 
     async def subscribe(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import hmac
 import hashlib
 import json
 from collections import defaultdict
@@ -50,9 +52,10 @@ def _idempotency_namespace(namespace: str) -> str:
 class KeyValueService:
     SERVICE = "prism.v1.KeyValueService"
 
-    def __init__(self, backends: Backends, limits: Limits) -> None:
+    def __init__(self, backends: Backends, limits: Limits, token_key: bytes) -> None:
         self.backends = backends
         self.limits = limits
+        self.page_tokens = PageTokens(token_key)
         # Serialises token-carrying writes per namespace so two concurrent retries apply once.
         self._token_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -166,6 +169,10 @@ class KeyValueService:
         self._check_batch(len(request.entries), "entries")
         response = kv.BatchSetResponse()
         for i, entry in enumerate(request.entries):
+            if entry.idempotency_token:
+                # A batch is retried whole; per-entry tokens would half-apply it.
+                raise invalid_argument(f"entries[{i}].idempotencyToken", "is not supported in BatchSet; use Set")
+        for i, entry in enumerate(request.entries):
             result = response.results.add(key=entry.key)
             try:
                 result.etag = await self._set(store, namespace, entry, f"entries[{i}].")
@@ -190,28 +197,49 @@ class KeyValueService:
         if request.page_size < 0:
             raise invalid_argument("pageSize", "must not be negative")
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        start_after = _decode_page_token(request.page_token, request.prefix)
+        start_after = self.page_tokens.decode(request.page_token, namespace, request.prefix)
         found = await store.scan(namespace, request.prefix, start_after, limit + 1)
         response = kv.ScanResponse()
         for key, record in found[:limit]:
             response.items.add(key=key, etag=record.etag, value=b"" if request.keys_only else record.value)
         if len(found) > limit:
-            response.next_page_token = _encode_page_token(found[limit - 1][0], request.prefix)
+            response.next_page_token = self.page_tokens.encode(found[limit - 1][0], namespace, request.prefix)
         return response
 
 
-def _encode_page_token(last_key: str, prefix: str) -> str:
-    raw = json.dumps([prefix, last_key]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+class PageTokens:
+    """Scan cursors: opaque, signed, and bound to the namespace and prefix they came from."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def _sign(self, namespace: str, payload: bytes) -> bytes:
+        return hmac.new(self.key, namespace.encode() + b"\x00" + payload, hashlib.sha256).digest()[:16]
+
+    def encode(self, last_key: str, namespace: str, prefix: str) -> str:
+        payload = json.dumps([prefix, last_key]).encode()
+        return f"{_b64(payload)}.{_b64(self._sign(namespace, payload))}"
+
+    def decode(self, token: str, namespace: str, prefix: str) -> str:
+        if not token:
+            return ""
+        try:
+            encoded, signature = token.split(".")
+            payload = _unb64(encoded)
+            valid = hmac.compare_digest(_unb64(signature), self._sign(namespace, payload))
+            token_prefix, last_key = json.loads(payload) if valid else (None, None)
+        except (ValueError, TypeError, binascii.Error):
+            valid = False
+        if not valid or not isinstance(last_key, str):
+            raise invalid_argument("pageToken", "is not a token this gateway issued for this namespace")
+        if token_prefix != prefix:
+            raise invalid_argument("pageToken", "belongs to a scan with a different prefix")
+        return last_key
 
 
-def _decode_page_token(token: str, prefix: str) -> str:
-    if not token:
-        return ""
-    try:
-        token_prefix, last_key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (ValueError, TypeError):
-        raise invalid_argument("pageToken", "is not a token this gateway issued") from None
-    if token_prefix != prefix or not isinstance(last_key, str):
-        raise invalid_argument("pageToken", "belongs to a scan with a different prefix")
-    return last_key
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)

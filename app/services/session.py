@@ -60,7 +60,7 @@ class SessionService:
         if not request.config_name:
             raise invalid_argument("configName", "is required (or an inline config)")
         config = self.configs.get(request.config_name)
-        token, record = self.sessions.create(DEV_IDENTITY, config)
+        token, record = await self.sessions.create(DEV_IDENTITY, config)
         return session_pb2.CreateSessionResponse(token=token, session=record.to_proto())
 
     async def GetSession(self, request: session_pb2.GetSessionRequest, call: Call) -> session_pb2.GetSessionResponse:
@@ -70,13 +70,14 @@ class SessionService:
     async def Heartbeat(self, request: session_pb2.HeartbeatRequest, call: Call) -> session_pb2.HeartbeatResponse:
         assert call.session is not None
         response = session_pb2.HeartbeatResponse()
-        response.expires_at.FromNanoseconds(int(self.sessions.heartbeat(call.session) * 1e9))
+        response.expires_at.FromNanoseconds(int(await self.sessions.heartbeat(call.token, call.session) * 1e9))
         return response
 
     async def CloseSession(
         self, request: session_pb2.CloseSessionRequest, call: Call
     ) -> session_pb2.CloseSessionResponse:
-        await self.sessions.close(call.token)
+        assert call.session is not None
+        await self.sessions.close(call.token, call.session)
         return session_pb2.CloseSessionResponse()
 
 

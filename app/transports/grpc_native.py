@@ -120,12 +120,13 @@ async def start_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = sorted({m.service for m in methods})
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if tls is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
-    if port == 0:
-        raise OSError(f"gRPC could not bind {address}")
+    try:
+        if tls is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+    except RuntimeError as exc:
+        raise OSError(f"gRPC could not bind {address} (is the port taken?)") from exc
     await server.start()
     for name in ["", *services]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
