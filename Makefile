@@ -2,7 +2,7 @@
 UV ?= uv
 PY := .venv/bin/python
 
-.PHONY: setup run test proto openapi lint bench
+.PHONY: setup run test proto openapi lint bench browser-deps
 
 setup:
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -23,3 +23,7 @@ openapi: setup  ## regenerate the committed OpenAPI document
 
 lint: setup
 	$(UV) run --frozen ruff check app adapters tests
+
+browser-deps:  ## Debian chromium and playwright-core for tests/test_browser.py
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	cd frontend-examples/browser-test && npm ci --silent --no-audit --no-fund

@@ -101,7 +101,7 @@ class PrismError(Exception):
     def to_json(self) -> bytes:
         try:
             body = {"code": self.code.name, "message": self.message, "details": self.details()}
-            return json.dumps(body, ensure_ascii=False).encode()
+            return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         except Exception:  # noqa: BLE001 - the fallback must never fail
             return FALLBACK_BODY
 

@@ -42,7 +42,7 @@ def parse_request(body: bytes, text: bool) -> bytes:
     """The single message of a gRPC-Web request body."""
     if text:
         try:
-            body = base64.b64decode(body, validate=True)
+            body = base64.b64decode(b"".join(body.split()), validate=True)  # tolerate line breaks
         except (binascii.Error, ValueError):
             raise invalid_argument("body", "invalid gRPC-Web frame: not valid base64") from None
     if len(body) < 5:
@@ -99,7 +99,7 @@ class GrpcWebApp:
 
 
 class _Writer:
-    """Writes frames; an error before the first byte also goes in the headers (trailers-only)."""
+    """Writes frames; an error before the first message is a trailers-only response."""
 
     def __init__(self, send: Send, content_type: str, text: bool) -> None:
         self.send = send
@@ -133,8 +133,12 @@ class _Writer:
         await self.finish([], error)
 
     async def finish(self, messages: list[Message], error: PrismError | None) -> None:
+        if not self.started and not messages and error is not None:
+            await self._start(error)  # trailers-only: the status travels in the headers alone
+            await self.send({"type": "http.response.body", "body": b""})
+            return
         if not self.started:
-            await self._start(error)
+            await self._start(None)
         body = b"".join(self._encode(frame(m.SerializeToString())) for m in messages)
         await self.send({"type": "http.response.body", "body": body + self._encode(trailers(error))})
 

@@ -328,7 +328,7 @@ export class PrismClient {
     const { messages, trailers } = parseFrames(body);
     // A call that fails before any message may be "trailers-only": the status then comes in
     // the HTTP headers (readable cross-origin only if CORS exposes them), not in the body.
-    // Prism sends both, so the trailer frame wins and the headers are the fallback.
+    // Prism answers an early failure that way, so the headers are the fallback.
     const rawStatus = trailers["grpc-status"] ?? response.headers.get("grpc-status");
     const rawMessage = trailers["grpc-message"] ?? response.headers.get("grpc-message");
     if (rawStatus === null || rawStatus === undefined) {
