@@ -139,8 +139,8 @@ class _Writer:
             return
         if not self.started:
             await self._start(None)
-        body = b"".join(self._encode(frame(m.SerializeToString())) for m in messages)
-        await self.send({"type": "http.response.body", "body": body + self._encode(trailers(error))})
+        body = b"".join(frame(m.SerializeToString()) for m in messages) + trailers(error)
+        await self.send({"type": "http.response.body", "body": self._encode(body)})
 
 
 def trailers_headers(error: PrismError) -> list[tuple[bytes, bytes]]:

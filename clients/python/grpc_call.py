@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
@@ -24,7 +25,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method", help="'list', or Service/Method, e.g. prism.v1.KeyValueService/Get")
     parser.add_argument("body", nargs="?", default="{}", help="request as JSON (default {})")
-    parser.add_argument("--target", default="127.0.0.1:8980")
+    parser.add_argument("--target", default=os.environ.get("GRPC_TARGET", "127.0.0.1:8980"))
     parser.add_argument("-H", "--header", action="append", default=[], help="metadata 'name: value'")
     args = parser.parse_args()
 
