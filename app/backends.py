@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from prism.v1 import config_pb2
-
 from adapters.keyvalue.base import KeyValueAdapter
 from adapters.keyvalue.memory import MemoryKeyValue
 from adapters.keyvalue.sqlite import SqliteKeyValue
@@ -11,6 +9,7 @@ from adapters.pubsub.base import PubSubAdapter
 from adapters.pubsub.memory import MemoryPubSub
 from app.errors import failed_precondition
 from app.settings import Backend, Settings
+from prism.v1 import config_pb2
 
 BACKEND_TYPES = {
     "memory": config_pb2.BACKEND_TYPE_MEMORY,

@@ -97,7 +97,7 @@ def serve(args: argparse.Namespace) -> int:
         config.certfile, config.keyfile = str(tls.certfile), str(tls.keyfile)
     try:
         return run(config)
-    except Exception as exc:  # noqa: BLE001 - start-up failures end the process with their reason
+    except Exception as exc:
         print(f"prism: failed to start: {exc}", file=sys.stderr)
         return 1
 

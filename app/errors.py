@@ -102,7 +102,7 @@ class PrismError(Exception):
         try:
             body = {"code": self.code.name, "message": self.message, "details": self.details()}
             return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        except Exception:  # noqa: BLE001 - the fallback must never fail
+        except Exception:
             return FALLBACK_BODY
 
     def __repr__(self) -> str:

@@ -65,7 +65,7 @@ def create_app(settings: Settings) -> ASGIApp:
     max_body = settings.limits.max_request_bytes
     dispatch = Dispatch(
         grpc_web=GrpcWebApp(gateway.methods, gateway.pipeline, max_body),
-        rest=RestRouter(gateway.methods, gateway.pipeline, max_body),
+        rest=RestRouter(gateway.methods, gateway.pipeline, max_body, settings.limits.sse_ping_seconds),
         fallback=api,
     )
     app = CORSMiddleware(

@@ -16,6 +16,7 @@ from google.api import annotations_pb2, field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+
 from prism.v1 import (
     config_pb2,
     keyvalue_pb2,
@@ -27,7 +28,6 @@ from prism.v1 import (
     session_pb2,
     transact_pb2,
 )
-
 
 PROTO_MODULES = (
     session_pb2,
@@ -180,7 +180,7 @@ def bind(methods: list[Method], services: Iterable[object]) -> list[Method]:
 
     A service object declares the proto service it implements as ``SERVICE = "prism.v1.X"``.
     """
-    by_service = {getattr(s, "SERVICE"): s for s in services}
+    by_service = {s.SERVICE: s for s in services}
     for method in methods:
         impl = by_service.get(method.service)
         method.handler = getattr(impl, method.name, None)

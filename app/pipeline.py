@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from prism.v1 import config_pb2
 
 from app.errors import PrismError, failed_precondition, internal, invalid_argument, unauthenticated
 from app.methods import Method
 from app.sessions import SessionRecord, SessionStore
+from prism.v1 import config_pb2
 
 log = logging.getLogger("prism.pipeline")
 

@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiosqlite
-from prism.v1 import config_pb2, session_pb2
 
 from app.errors import unauthenticated
+from prism.v1 import config_pb2, session_pb2
 
 Clock = Callable[[], float]
 Closer = Callable[[], Awaitable[None]]

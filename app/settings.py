@@ -73,6 +73,7 @@ class Limits(Strict):
     max_batch_keys: int = Field(default=1000, gt=0)
     session_lifetime_seconds: float = Field(default=3600.0, gt=0)
     stream_buffer: int = Field(default=1024, gt=0)
+    sse_ping_seconds: float = Field(default=15.0, gt=0)  # keep-alive comment on idle SSE streams
 
     @property
     def max_request_bytes(self) -> int:

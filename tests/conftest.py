@@ -4,8 +4,8 @@ import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from prism.v1 import session_pb2
 
+from prism.v1 import session_pb2
 from tests.clients import GrpcClient, GrpcWebClient, RestClient
 from tests.gateway_process import GatewayProcess, start_gateway
 

@@ -57,10 +57,15 @@ def start_gateway(
     *,
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    config_yaml: str | None = None,
     wait: bool = True,
 ) -> GatewayProcess:
+    """``config_yaml``, when given, is written to ``tmp/prism.yaml`` and passed as --config."""
     http_port, grpc_port = free_port(), free_port()
     tmp.mkdir(parents=True, exist_ok=True)
+    if config_yaml is not None:
+        (tmp / "prism.yaml").write_text(config_yaml)
+        extra_args = ("--config", str(tmp / "prism.yaml"), *extra_args)
     log_path = tmp / f"gateway-{server}-{http_port}.log"
     command = [
         sys.executable, "-m", "app.cli", "serve",

@@ -10,9 +10,9 @@ import uuid
 import grpc
 import httpx
 import pytest
-from prism.v1 import keyvalue_pb2 as kv
 
 from app.errors import HTTP_STATUS
+from prism.v1 import keyvalue_pb2 as kv
 from tests.clients import CallError, GrpcClient, GrpcWebClient, decode_grpc_web_text, grpc_web_frames
 from tests.conftest import open_session
 

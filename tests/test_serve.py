@@ -13,8 +13,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prism.v1 import keyvalue_pb2 as kv
 
+from prism.v1 import keyvalue_pb2 as kv
 from tests.clients import GrpcClient, RestClient
 from tests.conftest import open_session
 from tests.gateway_process import ROOT, free_port, start_gateway
@@ -63,7 +63,7 @@ async def test_grpc_reflection_lists_and_describes_every_service(hypercorn_gatew
 
         async def ask(**kwargs):
             responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**kwargs)]))
-            return [r async for r in responses][0]
+            return await anext(aiter(responses))
 
         listed = await ask(list_services="")
         names = {s.name for s in listed.list_services_response.service}
@@ -133,6 +133,10 @@ async def test_tls_on_both_ports(tmp_path: pathlib.Path, server: str) -> None:
         gateway.stop()
 
 
+def _children(pid: int) -> list[str]:
+    return pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
 @pytest.mark.parametrize("server", ["hypercorn", "granian"])
 async def test_workers_share_sessions_and_sqlite(tmp_path: pathlib.Path, server: str) -> None:
     """With --workers 2 a session opened on one connection works on every other connection,
@@ -150,7 +154,6 @@ async def test_workers_share_sessions_and_sqlite(tmp_path: pathlib.Path, server:
             rest = RestClient(gateway.base_url)
             assert (await rest.call(KV + "Get", kv.GetRequest(key="shared"), token)).value == b"v"
             await rest.close()
-        workers = subprocess.run(["pgrep", "-f", "-c", "app.asgi|multiprocessing.spawn|granian"], capture_output=True, text=True)
-        assert int(workers.stdout.strip() or 0) >= 2
+        assert len(_children(gateway.process.pid)) >= 2, "expected one child process per worker"
     finally:
         gateway.stop()

@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 from google.protobuf import duration_pb2
+
 from prism.v1 import keyvalue_pb2 as kv
 from prism.v1 import pubsub_pb2 as ps
-
 from tests.clients import CallError
 from tests.conftest import TRANSPORTS, open_session
 
@@ -134,3 +134,25 @@ async def test_stream_refused_before_it_starts(gateway, client_factory, transpor
     assert "'>' must be the last token" in refused.value.message
     if transport.startswith("rest"):
         assert refused.value.http_status == 400
+
+
+async def test_sse_sends_ids_and_keep_alive_comments(tmp_path):
+    """Idle SSE streams get `: ping` comments; events carry increasing ids."""
+    import httpx
+
+    from tests.gateway_process import start_gateway
+
+    gateway = start_gateway(tmp_path, env={"PRISM_LIMITS__SSE_PING_SECONDS": "0.2"})
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as http:
+            token = (await http.post("/v1/sessions", json={"configName": "events"})).json()["token"]
+            lines: list[str] = []
+            async with http.stream("GET", f"/v1/subjects/idle.>:subscribe?prism_session={token}") as response:
+                assert response.headers["content-type"].startswith("text/event-stream")
+                async for line in response.aiter_lines():
+                    lines.append(line)
+                    if sum(line.startswith(": ping") for line in lines) >= 2:
+                        break
+        assert "id: 1" in lines and "event: message" in lines
+    finally:
+        gateway.stop()

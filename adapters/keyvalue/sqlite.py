@@ -115,7 +115,7 @@ class SqliteKeyValue(KeyValueAdapter):
             "INSERT INTO prism_kv (namespace, key, value, etag, expires_at) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value, etag=excluded.etag, "
             f"expires_at=excluded.expires_at {guard} RETURNING 1",
-            *(params + (now,) if if_absent else params),
+            *((*params, now) if if_absent else params),
         )
         if row is None:
             raise already_exists(key)

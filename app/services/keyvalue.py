@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import hashlib
+import hmac
 import json
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -15,13 +15,13 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 from google.rpc import status_pb2
-from prism.v1 import keyvalue_pb2 as kv
 
 from adapters.keyvalue.base import KeyValueAdapter, Record
 from app.backends import Backends
 from app.errors import PrismError, invalid_argument, too_large
 from app.pipeline import Call
 from app.settings import Limits
+from prism.v1 import keyvalue_pb2 as kv
 
 MAX_KEY_BYTES = 1024
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
@@ -76,7 +76,7 @@ class KeyValueService:
         self, call: Call, request: Message, response_type: type[R], apply: Callable[[], Awaitable[R]]
     ) -> R:
         """Apply a write at most once per idempotency token; a retry gets the first response."""
-        token: str = getattr(request, "idempotency_token")
+        token: str = request.idempotency_token
         if not token:
             return await apply()
         store, namespace = self._store(call)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from prism.v1 import plugin_pb2
-
 from app.backends import Backends
 from app.pipeline import Call
+from prism.v1 import plugin_pb2
 
 try:
     VERSION = version("prism-gateway")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from prism.v1 import pubsub_pb2 as ps
-
 from adapters.capabilities import Capability
 from adapters.pubsub.base import Subscription
 from adapters.pubsub.subjects import parse_pattern, parse_subject
@@ -13,6 +11,7 @@ from app.backends import Backends
 from app.errors import failed_precondition, not_found, too_large
 from app.pipeline import Call
 from app.settings import Limits
+from prism.v1 import pubsub_pb2 as ps
 
 
 class PubSubService:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import grpc
-from prism.v1 import config_pb2, session_pb2
 
 from app.backends import BACKEND_TYPES
 from app.errors import PrismError, invalid_argument, not_found
 from app.pipeline import Call
 from app.sessions import SessionStore
 from app.settings import NamedConfig, Settings
+from prism.v1 import config_pb2, session_pb2
 
 DEV_IDENTITY = "anonymous"
 

@@ -53,7 +53,7 @@ def _unary(method: Method, pipeline: Pipeline) -> Callable[..., object]:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
             response = await pipeline.unary(method, _decode(method, data), _metadata(context), "grpc")
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a gRPC status
+        except Exception as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
         return response.SerializeToString()
@@ -70,7 +70,7 @@ def _server_stream(method: Method, pipeline: Pipeline) -> Callable[..., AsyncIte
                     yield response.SerializeToString()
             finally:
                 await responses.aclose()  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await _abort(context, exc)
 
     return handle

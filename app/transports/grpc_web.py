@@ -94,7 +94,7 @@ class GrpcWebApp:
                 return
             response = await self.pipeline.unary(method, request, headers, "grpc-web")
             await writer.finish([response], None)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a gRPC status
+        except Exception as exc:
             await writer.finish([], status_of(exc))
 
 
@@ -126,7 +126,7 @@ class _Writer:
                 await self.send(
                     {"type": "http.response.body", "body": self._encode(frame(response.SerializeToString())), "more_body": True}
                 )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             error = status_of(exc)
         finally:
             await responses.aclose()  # type: ignore[attr-defined]

@@ -32,13 +32,13 @@ from app.transports.asgi_util import Receive, Scope, Send, header_map, read_body
 log = logging.getLogger("prism.rest")
 
 SESSION_QUERY = "prism_session"
-PING_SECONDS = 15
 
 
 class RestRouter:
-    def __init__(self, methods: list[Method], pipeline: Pipeline, max_body: int) -> None:
+    def __init__(self, methods: list[Method], pipeline: Pipeline, max_body: int, ping_seconds: float) -> None:
         self.pipeline = pipeline
         self.max_body = max_body
+        self.ping_seconds = ping_seconds
         bound = [m for m in methods if m.http is not None and not m.client_streaming]
         # Literal routes first, so "/v1/kv:exists" never reads as a key.
         self.routes = sorted(bound, key=lambda m: bool(m.http and m.http.path_fields))
@@ -87,7 +87,7 @@ class RestRouter:
         except PrismError as error:
             await respond_error(send, error)
             return
-        except Exception as exc:  # noqa: BLE001 - nothing unexpected may reach the client
+        except Exception as exc:
             await respond_error(send, status_of(exc))
             return
         await respond(send, 200, json_codec.to_json(response))
@@ -121,7 +121,7 @@ class RestRouter:
             head = None
         events = EventSourceResponse(
             _events(head, responses),
-            ping=PING_SECONDS,
+            ping=self.ping_seconds,
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
         await events(scope, receive, send)
@@ -137,7 +137,7 @@ async def _events(head: Message | None, responses: AsyncIterator[Message]) -> As
                 count += 1
                 yield ServerSentEvent(data=json_codec.to_json(response).decode(), event="message", id=str(count))
         yield ServerSentEvent(data="{}", event="end")
-    except Exception as exc:  # noqa: BLE001 - reported to the client as an error event
+    except Exception as exc:
         yield ServerSentEvent(data=status_of(exc).to_json().decode(), event="error")
     finally:
         await responses.aclose()  # type: ignore[attr-defined]

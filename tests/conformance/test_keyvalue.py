@@ -19,9 +19,9 @@ from collections.abc import Iterator
 import pytest
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
+
 from prism.v1 import keyvalue_pb2 as kv
 from prism.v1 import plugin_pb2, session_pb2
-
 from tests.clients import CallError, GrpcClient
 from tests.gateway_process import GatewayProcess, start_gateway
 
@@ -759,9 +759,7 @@ configs:
 @pytest.fixture(scope="module")
 def namespaced_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("kv-namespaces")
-    config = tmp / "prism.yaml"
-    config.write_text(NAMESPACED_CONFIG)
-    process = start_gateway(tmp, extra_args=("--config", str(config)))
+    process = start_gateway(tmp, config_yaml=NAMESPACED_CONFIG)
     yield process
     process.stop()
 

@@ -15,8 +15,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from prism.v1 import pubsub_pb2 as ps
 
+from prism.v1 import pubsub_pb2 as ps
 from tests.clients import CallError, GrpcClient, RestClient
 from tests.conftest import open_session
 from tests.gateway_process import GatewayProcess, start_gateway
@@ -469,9 +469,7 @@ configs:
 @pytest.fixture(scope="module")
 def namespaced_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("pubsub-namespaces")
-    config = tmp / "prism.yaml"
-    config.write_text(NAMESPACED_CONFIG)
-    process = start_gateway(tmp, extra_args=("--config", str(config)))
+    process = start_gateway(tmp, config_yaml=NAMESPACED_CONFIG)
     yield process
     process.stop()
 
