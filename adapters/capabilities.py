@@ -11,7 +11,7 @@ class Capability(StrEnum):
     ETAG = "etag"
     CREATE_ONLY = "create_only"
     SCAN = "scan"
-    DURABLE = "durable"  # survives a gateway restart
+    DURABLE = "durable"  # acknowledged writes survive a restart of the gateway and of the backend server
     SHARED = "shared"  # several gateway processes see the same data
     # PubSub
     WILDCARDS = "wildcards"

@@ -14,6 +14,8 @@ from prism.v1 import config_pb2
 BACKEND_TYPES = {
     "memory": config_pb2.BACKEND_TYPE_MEMORY,
     "sqlite": config_pb2.BACKEND_TYPE_SQLITE,
+    "postgres": config_pb2.BACKEND_TYPE_POSTGRES,
+    "redis": config_pb2.BACKEND_TYPE_REDIS,
 }
 
 
@@ -27,8 +29,21 @@ class Backends:
         self.started = False
 
     def _build_keyvalue(self, spec: Backend) -> KeyValueAdapter:
+        network = {
+            "pool_size": spec.pool_size,
+            "connect_timeout": spec.connect_timeout,
+            "command_timeout": spec.command_timeout,
+        }
         if spec.type == "sqlite":
             return SqliteKeyValue(self.settings.data_dir / spec.path)
+        if spec.type == "postgres":
+            from adapters.keyvalue.postgres import PostgresKeyValue  # drivers load only when configured
+
+            return PostgresKeyValue(spec.dsn, **network)
+        if spec.type == "redis":
+            from adapters.keyvalue.redis import RedisKeyValue
+
+            return RedisKeyValue(spec.url, **network)
         return MemoryKeyValue()
 
     def _build_pubsub(self, spec: Backend) -> PubSubAdapter:

@@ -55,8 +55,32 @@ class TLS(Strict):
 class Backend(Strict):
     """A backend instance. ``type`` picks the adapter module; the rest are its settings."""
 
-    type: Literal["memory", "sqlite"]
+    type: Literal["memory", "sqlite", "postgres", "redis"]
     path: str = "prism.db"  # sqlite: relative to data_dir
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/test"  # postgres
+    url: str = "redis://127.0.0.1:6379/0"  # redis
+    pool_size: int = Field(default=10, gt=0, le=1000)  # postgres, redis: connections per worker
+    connect_timeout: float = Field(default=2.0, gt=0)  # postgres, redis: seconds
+    command_timeout: float = Field(default=5.0, gt=0)  # postgres, redis: seconds per call
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> Backend:
+        allowed = BACKEND_SETTINGS[self.type]
+        if stray := sorted(self.model_fields_set - allowed - {"type"}):
+            raise ValueError(
+                f"{', '.join(stray)}: not a setting of a {self.type} backend "
+                f"(its settings: {', '.join(sorted(allowed)) or 'none'})"
+            )
+        return self
+
+
+_NETWORK = {"pool_size", "connect_timeout", "command_timeout"}
+BACKEND_SETTINGS: dict[str, set[str]] = {
+    "memory": set(),
+    "sqlite": {"path"},
+    "postgres": {"dsn", *_NETWORK},
+    "redis": {"url", *_NETWORK},
+}
 
 
 class NamedConfig(Strict):

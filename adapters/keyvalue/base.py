@@ -35,6 +35,14 @@ def new_etag() -> str:
     return secrets.token_hex(8)
 
 
+def prefix_end(prefix: bytes) -> bytes | None:
+    """The least byte string greater than every string starting with ``prefix``; None when
+    there is none (empty prefix, or all 0xFF). ``prefix <= key < prefix_end(prefix)`` is a
+    literal prefix match as a key range, with no wildcard syntax to escape."""
+    stripped = prefix.rstrip(b"\xff")
+    return stripped[:-1] + bytes([stripped[-1] + 1]) if stripped else None
+
+
 def etag_mismatch(key: str) -> PrismError:
     return PrismError(grpc.StatusCode.ABORTED, f"key {key!r}: if_match does not match the stored ETag")
 

@@ -23,6 +23,7 @@ from tests.gateway_process import GatewayProcess, start_gateway
 
 # PUBSUB configs of the default server configuration, one per backend.
 CONFIGS = ["events"]  # memory
+MATRIX = ("PubSub", {"events": "memory"})  # for tests/conformance/conftest.py
 
 PS = "/prism.v1.PubSubService/"
 WAIT = 10  # seconds; bound on every wait

@@ -1,0 +1,311 @@
+"""PostgreSQL KeyValue store over an asyncpg connection pool.
+
+Namespaces and keys are stored as their UTF-8 bytes (``bytea``): Postgres ``text`` cannot hold
+NUL, which both client keys and the service's reserved idempotency namespace contain, and
+``bytea`` compares by ``memcmp`` — the same UTF-8 byte order every other backend scans in, with
+no collation involved. A prefix scan is a key range on the primary key, never ``LIKE``.
+
+Every conditional write is one statement, so the check and the write are atomic without an
+explicit transaction. The schema is created or migrated at start-up under a transaction-scoped
+advisory lock, so gateway processes starting together take turns.
+
+Failures to reach the server (refused, reset, shutting down, starting up, too many clients,
+timeouts) become UNAVAILABLE within ``connect_timeout`` / ``command_timeout``; the pool drops
+broken connections and opens new ones on the next call, so it recovers without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+import grpc
+
+from adapters.capabilities import Capability
+from adapters.keyvalue.base import (
+    KeyValueAdapter,
+    Record,
+    already_exists,
+    etag_mismatch,
+    new_etag,
+    prefix_end,
+    unavailable,
+)
+from app.errors import PrismError, internal
+
+log = logging.getLogger("prism.adapters.postgres")
+
+# Held while the schema is checked or migrated; any fixed bigint unique to Prism.
+SCHEMA_LOCK = 0x7072_6973_6D6B_76  # "prismkv"
+
+# Applied in order; prism_schema remembers how many ran. Never edit a released entry: append.
+MIGRATIONS = [
+    """
+    CREATE TABLE prism_kv (
+        namespace  bytea NOT NULL,
+        key        bytea NOT NULL,
+        value      bytea NOT NULL,
+        etag       text NOT NULL,
+        expires_at double precision,  -- unix seconds; NULL never expires
+        PRIMARY KEY (namespace, key)
+    )
+    """,
+    "CREATE INDEX prism_kv_expiry ON prism_kv (expires_at) WHERE expires_at IS NOT NULL",
+]
+
+
+
+def live(param: int) -> str:
+    """The row has not expired at the time bound to parameter ``$param``."""
+    return f"(expires_at IS NULL OR expires_at > ${param})"
+
+SWEEP_BATCH = 1000
+
+# SQLSTATE classes that mean "the server cannot serve now": connection exception,
+# insufficient resources (too many connections), operator intervention (shutdown, starting up).
+UNAVAILABLE_CLASSES = ("08", "53", "57")
+
+
+def _where(dsn: str) -> str:
+    """host:port/database of a DSN, without credentials, for messages."""
+    parts = urllib.parse.urlsplit(dsn)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError)):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] in UNAVAILABLE_CLASSES
+
+
+class PostgresKeyValue(KeyValueAdapter):
+    capabilities = frozenset(
+        {
+            Capability.TTL,
+            Capability.ETAG,
+            Capability.CREATE_ONLY,
+            Capability.SCAN,
+            Capability.DURABLE,
+            Capability.SHARED,
+        }
+    )
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 10,
+        connect_timeout: float = 2.0,
+        command_timeout: float = 5.0,
+        sweep_interval: float = 60.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.sweep_interval = sweep_interval
+        self._pool: asyncpg.Pool | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.connect_timeout,
+                command_timeout=self.command_timeout,
+                server_settings={"application_name": "prism"},
+            )
+            async with self._pool.acquire(timeout=self.connect_timeout) as con:
+                await migrate(con)
+        except Exception as exc:
+            await self.close()
+            if _is_unavailable(exc):
+                raise PrismError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"postgres backend at {_where(self.dsn)} unreachable at start-up: {type(exc).__name__}: {exc}",
+                ) from exc
+            raise
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="prism-postgres-kv-sweeper")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), self.command_timeout)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pool.terminate()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection, with every driver failure mapped at the boundary."""
+        if self._pool is None:
+            raise RuntimeError("PostgresKeyValue used before start()")
+        try:
+            async with self._pool.acquire(timeout=self.command_timeout) as con:
+                yield con
+        except PrismError:
+            raise
+        except Exception as exc:
+            if _is_unavailable(exc):
+                raise unavailable("postgres", exc) from exc
+            if isinstance(exc, asyncpg.PostgresError):
+                log.exception("postgres statement failed")
+                raise internal() from exc
+            raise
+
+    async def _fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
+        async with self._connection() as con:
+            return await con.fetchrow(sql, *args)
+
+    async def get(self, namespace: str, key: str) -> Record | None:
+        row = await self._fetchrow(
+            f"SELECT value, etag, expires_at FROM prism_kv WHERE namespace=$1 AND key=$2 AND {live(3)}",
+            namespace.encode(), key.encode(), self.clock(),
+        )
+        return Record(row[0], row[1], row[2]) if row else None
+
+    async def exists(self, namespace: str, key: str) -> bool:
+        row = await self._fetchrow(
+            f"SELECT 1 FROM prism_kv WHERE namespace=$1 AND key=$2 AND {live(3)}",
+            namespace.encode(), key.encode(), self.clock(),
+        )
+        return row is not None
+
+    async def set(
+        self,
+        namespace: str,
+        key: str,
+        value: bytes,
+        *,
+        expires_at: float | None = None,
+        if_match: str = "",
+        if_absent: bool = False,
+    ) -> str:
+        etag, ns, k = new_etag(), namespace.encode(), key.encode()
+        if if_match:
+            # Compare-and-set in one statement: only the live row with that ETag changes.
+            row = await self._fetchrow(
+                f"UPDATE prism_kv SET value=$3, etag=$4, expires_at=$5 "
+                f"WHERE namespace=$1 AND key=$2 AND etag=$6 AND {live(7)} RETURNING 1",
+                ns, k, value, etag, expires_at, if_match, self.clock(),
+            )
+            if row is None:
+                raise etag_mismatch(key)
+            return etag
+        upsert = (
+            "INSERT INTO prism_kv (namespace, key, value, etag, expires_at) VALUES ($1, $2, $3, $4, $5) "
+            "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value, etag=excluded.etag, "
+            "expires_at=excluded.expires_at"
+        )
+        if not if_absent:
+            await self._fetchrow(upsert, ns, k, value, etag, expires_at)
+            return etag
+        # Create-only: the conflict branch may replace an expired row only; a live one makes
+        # the statement return nothing.
+        row = await self._fetchrow(
+            f"{upsert} WHERE prism_kv.expires_at <= $6 RETURNING 1",
+            ns, k, value, etag, expires_at, self.clock(),
+        )
+        if row is None:
+            raise already_exists(key)
+        return etag
+
+    async def delete(self, namespace: str, key: str, *, if_match: str = "") -> bool:
+        ns, k, now = namespace.encode(), key.encode(), self.clock()
+        if if_match:
+            row = await self._fetchrow(
+                f"DELETE FROM prism_kv WHERE namespace=$1 AND key=$2 AND etag=$4 AND {live(3)} RETURNING 1",
+                ns, k, now, if_match,
+            )
+            if row is None:
+                raise etag_mismatch(key)
+            return True
+        row = await self._fetchrow(
+            f"DELETE FROM prism_kv WHERE namespace=$1 AND key=$2 RETURNING {live(3)}", ns, k, now
+        )
+        return row is not None and row[0]
+
+    async def scan(
+        self, namespace: str, prefix: str, start_after: str, limit: int
+    ) -> list[tuple[str, Record]]:
+        low, after = prefix.encode(), start_after.encode()
+        exclusive = bool(after) and after >= low
+        # A key range on the primary key: no wildcard in a key or prefix is ever interpreted,
+        # and the index range scan stops where the prefix ends.
+        sql = (
+            f"SELECT key, value, etag, expires_at FROM prism_kv WHERE namespace=$1 "
+            f"AND key {'>' if exclusive else '>='} $2 AND {live(3)} "
+        )
+        args: list[object] = [namespace.encode(), after if exclusive else low, self.clock(), limit]
+        end = prefix_end(low)
+        if end is not None:
+            sql += "AND key < $5 "
+            args.append(end)
+        async with self._connection() as con:
+            rows = await con.fetch(sql + "ORDER BY key LIMIT $4", *args)
+        return [(r[0].decode(), Record(r[1], r[2], r[3])) for r in rows]
+
+    async def get_many(self, namespace: str, keys: Sequence[str]) -> list[Record | None]:
+        if not keys:
+            return []
+        async with self._connection() as con:
+            rows = await con.fetch(
+                f"SELECT key, value, etag, expires_at FROM prism_kv "
+                f"WHERE namespace=$1 AND key = ANY($2::bytea[]) AND {live(3)}",
+                namespace.encode(), [k.encode() for k in keys], self.clock(),
+            )
+        found = {r[0]: Record(r[1], r[2], r[3]) for r in rows}
+        return [found.get(k.encode()) for k in keys]
+
+    async def sweep(self) -> int:
+        """Delete up to a batch of expired rows (reads already ignore them); returns how many."""
+        async with self._connection() as con:
+            result = await con.execute(
+                "DELETE FROM prism_kv WHERE (namespace, key) IN ("
+                "  SELECT namespace, key FROM prism_kv WHERE expires_at <= $1"
+                "  LIMIT $2 FOR UPDATE SKIP LOCKED"
+                ") AND expires_at <= $1",  # rechecked if a writer renewed the row meanwhile
+                self.clock(), SWEEP_BATCH,
+            )
+        return int(result.split()[-1])
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                while await self.sweep() == SWEEP_BATCH:
+                    pass
+            except PrismError as exc:
+                log.warning("expired-row sweep skipped: %s", exc.message)
+
+
+async def migrate(con: asyncpg.Connection) -> None:
+    """Bring the schema to the latest version; safe when several processes run it at once."""
+    async with con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+        await con.execute(
+            "CREATE TABLE IF NOT EXISTS prism_schema (component text PRIMARY KEY, version integer NOT NULL)"
+        )
+        done = await con.fetchval("SELECT version FROM prism_schema WHERE component = 'keyvalue'") or 0
+        for statement in MIGRATIONS[done:]:
+            await con.execute(statement)
+        if done < len(MIGRATIONS):
+            await con.execute(
+                "INSERT INTO prism_schema (component, version) VALUES ('keyvalue', $1) "
+                "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                len(MIGRATIONS),
+            )

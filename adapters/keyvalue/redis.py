@@ -1,0 +1,291 @@
+"""Redis KeyValue store over redis.asyncio.
+
+Layout for namespace ``N`` (both strings as UTF-8 bytes; Redis keys are binary-safe, and the
+length prefix means no namespace's keys can be mistaken for another's, whatever they contain):
+
+    prism:kv:<len N>:<N><key>   HASH  v = value, e = ETag, x = expiry in unix ms (with a TTL only);
+                                      expires natively (PEXPIREAT)
+    prism:kvi:<len N>:<N>       ZSET  every key, score 0, for scans in UTF-8 byte order (ZRANGEBYLEX)
+    prism:kvx:<len N>:<N>       ZSET  keys with a TTL, scored by expiry, so expired keys leave the index
+
+Every write is one Lua script (EVALSHA through redis-py's ``Script``, reloaded by it after a
+server restart), so the ETag check, the write, the TTL and both indexes change atomically.
+Each write also drops a few already-expired keys of its namespace from the indexes; a scan
+skips (and forgets) any indexed key whose record is gone. No command takes a glob pattern.
+
+Not DURABLE: what Redis keeps across its own restart depends on its persistence settings
+(RDB snapshots lose the last minutes, AOF ``everysec`` the last second, and the servers here
+keep nothing on disk), so an acknowledged write may be lost. SHARED: every gateway process
+connected to the server sees the same data.
+
+Connection failures and timeouts become UNAVAILABLE at once (no client-side retries, short
+socket timeouts); the pool replaces broken connections on the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from adapters.capabilities import Capability
+from adapters.keyvalue.base import (
+    KeyValueAdapter,
+    Record,
+    already_exists,
+    etag_mismatch,
+    new_etag,
+    prefix_end,
+    unavailable,
+)
+from app.errors import PrismError, internal
+
+log = logging.getLogger("prism.adapters.redis")
+
+# Drop up to 32 expired members from both indexes (KEYS[2], KEYS[3]). Redis expires a key once
+# its PEXPIREAT time is strictly in the past, so a score below TIME is an expired key.
+SWEEP = """
+local function sweep(index, expiries)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local gone = redis.call('ZRANGEBYSCORE', expiries, '-inf', '(' .. now, 'LIMIT', 0, 32)
+  if #gone > 0 then
+    redis.call('ZREM', expiries, unpack(gone))
+    redis.call('ZREM', index, unpack(gone))
+  end
+end
+sweep(KEYS[2], KEYS[3])
+"""
+
+# KEYS: record, index, expiries. ARGV: value, etag, expiry ms or "", if_match or "",
+# "1" for if_absent, member (the key).
+SET = SWEEP + """
+local current = redis.call('HGET', KEYS[1], 'e')
+if ARGV[4] ~= '' and current ~= ARGV[4] then return 'ABORTED' end
+if ARGV[5] == '1' and current then return 'ALREADY_EXISTS' end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'e', ARGV[2])
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], 'x')
+  redis.call('PERSIST', KEYS[1])
+  redis.call('ZREM', KEYS[3], ARGV[6])
+else
+  redis.call('HSET', KEYS[1], 'x', ARGV[3])
+  redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[6])
+end
+redis.call('ZADD', KEYS[2], 0, ARGV[6])
+return 'OK'
+"""
+
+# KEYS: record, index, expiries. ARGV: if_match or "", member. Returns 1 deleted, 0 absent,
+# -1 ETag mismatch.
+DELETE = SWEEP + """
+local current = redis.call('HGET', KEYS[1], 'e')
+if ARGV[1] ~= '' and current ~= ARGV[1] then return -1 end
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+if current then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: record, index, expiries. ARGV: member. Unindex a key whose record is gone (expired or
+# evicted) — unless it was written again since the scan looked.
+FORGET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
+return 0
+"""
+
+FIELDS = ["v", "e", "x"]
+UNAVAILABLE_ERRORS = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, rex.TryAgainError, OSError, TimeoutError)
+
+
+def _tag(namespace: str) -> bytes:
+    ns = namespace.encode()
+    return f"{len(ns)}:".encode() + ns
+
+
+def record_key(namespace: str, key: str) -> bytes:
+    return b"prism:kv:" + _tag(namespace) + key.encode()
+
+
+def index_key(namespace: str) -> bytes:
+    return b"prism:kvi:" + _tag(namespace)
+
+
+def expiry_key(namespace: str) -> bytes:
+    return b"prism:kvx:" + _tag(namespace)
+
+
+def _record(fields: Sequence[bytes | None]) -> Record | None:
+    value, etag, expiry = fields
+    if etag is None:
+        return None
+    return Record(value or b"", etag.decode(), int(expiry) / 1000 if expiry is not None else None)
+
+
+class RedisKeyValue(KeyValueAdapter):
+    capabilities = frozenset(
+        {Capability.TTL, Capability.ETAG, Capability.CREATE_ONLY, Capability.SCAN, Capability.SHARED}
+    )
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        connect_timeout: float = 2.0,
+        command_timeout: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.url = url
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self._redis: aioredis.Redis | None = None
+
+    async def start(self) -> None:
+        no_retry = Retry(NoBackoff(), 0)  # fail fast; redis-py's default retries for seconds
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.pool_size,
+            timeout=self.command_timeout,  # waiting for a free connection
+            socket_connect_timeout=self.connect_timeout,
+            socket_timeout=self.command_timeout,
+            retry=no_retry,
+        )
+        self._redis = aioredis.Redis(connection_pool=pool, retry=no_retry)
+        self._set = self._redis.register_script(SET)
+        self._delete = self._redis.register_script(DELETE)
+        self._forget = self._redis.register_script(FORGET)
+        try:
+            await self._redis.ping()
+        except UNAVAILABLE_ERRORS as exc:
+            await self.close()
+            where = urllib.parse.urlsplit(self.url)
+            raise PrismError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"redis backend at {where.hostname}:{where.port or 6379} unreachable at start-up: {type(exc).__name__}: {exc}",
+            ) from exc
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            client, self._redis = self._redis, None
+            await client.aclose(close_connection_pool=True)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise RuntimeError("RedisKeyValue used before start()")
+        return self._redis
+
+    def _mapped(self, exc: rex.RedisError | OSError) -> PrismError:
+        if isinstance(exc, UNAVAILABLE_ERRORS):
+            return unavailable("redis", exc)
+        log.error("redis command failed: %r", exc)
+        return internal()
+
+    async def get(self, namespace: str, key: str) -> Record | None:
+        try:
+            return _record(await self.redis.hmget(record_key(namespace, key), FIELDS))
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+
+    async def exists(self, namespace: str, key: str) -> bool:
+        try:
+            return bool(await self.redis.exists(record_key(namespace, key)))
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+
+    async def get_many(self, namespace: str, keys: Sequence[str]) -> list[Record | None]:
+        if not keys:
+            return []
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(record_key(namespace, key), FIELDS)
+                replies = await pipe.execute()
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+        return [_record(fields) for fields in replies]
+
+    def _keys(self, namespace: str, key: str) -> list[bytes]:
+        return [record_key(namespace, key), index_key(namespace), expiry_key(namespace)]
+
+    async def set(
+        self,
+        namespace: str,
+        key: str,
+        value: bytes,
+        *,
+        expires_at: float | None = None,
+        if_match: str = "",
+        if_absent: bool = False,
+    ) -> str:
+        etag = new_etag()
+        expiry = b"" if expires_at is None else str(int(expires_at * 1000)).encode()
+        args = [value, etag, expiry, if_match, b"1" if if_absent else b"", key.encode()]
+        try:
+            outcome = await self._set(keys=self._keys(namespace, key), args=args)
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+        if outcome == b"ABORTED":
+            raise etag_mismatch(key)
+        if outcome == b"ALREADY_EXISTS":
+            raise already_exists(key)
+        return etag
+
+    async def delete(self, namespace: str, key: str, *, if_match: str = "") -> bool:
+        try:
+            outcome = await self._delete(keys=self._keys(namespace, key), args=[if_match, key.encode()])
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+        if outcome == -1:
+            raise etag_mismatch(key)
+        return outcome == 1
+
+    async def scan(
+        self, namespace: str, prefix: str, start_after: str, limit: int
+    ) -> list[tuple[str, Record]]:
+        low, after = prefix.encode(), start_after.encode()
+        lower = b"(" + after if after and after >= low else b"[" + low
+        end = prefix_end(low)
+        upper = b"(" + end if end is not None else b"+"
+        index = index_key(namespace)
+        found: list[tuple[str, Record]] = []
+        try:
+            while len(found) < limit:
+                wanted = limit - len(found)
+                members: list[bytes] = await self.redis.zrangebylex(index, lower, upper, start=0, num=wanted)
+                if not members:
+                    break
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for member in members:
+                        pipe.hmget(record_key(namespace, member.decode()), FIELDS)
+                    replies = await pipe.execute()
+                for member, fields in zip(members, replies, strict=True):
+                    key = member.decode()
+                    record = _record(fields)
+                    if record is None:
+                        await self._forget(keys=self._keys(namespace, key), args=[member])
+                    else:
+                        found.append((key, record))
+                if len(members) < wanted:
+                    break
+                lower = b"(" + members[-1]
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+        return found
