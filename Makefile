@@ -27,3 +27,6 @@ lint: setup
 browser-deps:  ## Debian chromium and playwright-core for tests/test_browser.py
 	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	cd frontend-examples/browser-test && npm ci --silent --no-audit --no-fund
+
+bench: setup  ## benchmark sections side by side → benchmarks/results/latest.md (benchmarks/README.md); ARGS="--quick" or "--label before"
+	$(UV) run --frozen python -m benchmarks.run $(ARGS)

@@ -1,0 +1,1 @@
+"""Prism benchmarks: ``python -m benchmarks.run`` (``make bench``). See benchmarks/README.md."""

@@ -1,0 +1,1 @@
+"""Bare servers on the same stack as the gateway, to compare it with."""
