@@ -15,9 +15,9 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-import aiosqlite
-
+from adapters.sqlite_worker import SqliteWorker
 from app.errors import unauthenticated
 from prism.v1 import config_pb2, session_pb2
 
@@ -125,42 +125,34 @@ class SqliteSessionStore(SessionStore):
 
     def __init__(self, path: pathlib.Path, lifetime: float, clock: Clock = time.time) -> None:
         super().__init__(lifetime, clock)
-        self.path = path
-        self._db: aiosqlite.Connection | None = None
+        self.worker = SqliteWorker(path, ["PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=5000"])
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA busy_timeout=5000")
-        await self._db.execute(self.SCHEMA)
+        await self.worker.start()
+        await self._rows(self.SCHEMA)
 
     async def close_store(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        await self.worker.close()
 
-    @property
-    def db(self) -> aiosqlite.Connection:
-        assert self._db is not None, "SqliteSessionStore used before start()"
-        return self._db
+    async def _rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        return await self.worker.run(lambda connection: connection.execute(sql, params).fetchall())
 
     async def _save(self, digest: str, r: SessionRecord) -> None:
-        await self.db.execute(
+        await self._rows(
             "INSERT OR REPLACE INTO prism_sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (digest, r.session_id, r.identity, r.config.SerializeToString(), r.created_at, r.expires_at, r.last_activity_at),
+            digest, r.session_id, r.identity, r.config.SerializeToString(), r.created_at, r.expires_at, r.last_activity_at,
         )
 
     async def _load(self, digest: str, now: float) -> SessionRecord | None:
-        async with self.db.execute(
+        rows = await self._rows(
             "UPDATE prism_sessions SET last_activity_at=? WHERE token_hash=? "
             "RETURNING session_id, identity, config, created_at, expires_at, last_activity_at",
-            (now, digest),
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
+            now, digest,
+        )
+        if not rows:
             return None
+        row = rows[0]
         return SessionRecord(row[0], row[1], config_pb2.ClientConfig.FromString(row[2]), row[3], row[4], row[5])
 
     async def _delete(self, digest: str) -> None:
-        await self.db.execute("DELETE FROM prism_sessions WHERE token_hash=?", (digest,))
+        await self._rows("DELETE FROM prism_sessions WHERE token_hash=?", digest)

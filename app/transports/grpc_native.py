@@ -25,7 +25,7 @@ log = logging.getLogger("prism.grpc")
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    return dict(context.invocation_metadata() or ())
 
 
 def _decode(method: Method, data: bytes) -> Message:

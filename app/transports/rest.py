@@ -42,6 +42,8 @@ class RestRouter:
         bound = [m for m in methods if m.http is not None and not m.client_streaming]
         # Literal routes first, so "/v1/kv:exists" never reads as a key.
         self.routes = sorted(bound, key=lambda m: bool(m.http and m.http.path_fields))
+        # Bodyless routes whose path fields are plain strings build the request directly.
+        self.direct = {m.path for m in bound if m.http and m.http.body == "" and all(_plain_string(m, f) for f in m.http.path_fields)}
 
     def match(self, verb: str, path: str) -> tuple[Method, dict[str, str]]:
         allowed: list[str] = []
@@ -97,6 +99,8 @@ class RestRouter:
     ) -> Message:
         rule = method.http
         assert rule is not None
+        if not query and method.path in self.direct:
+            return method.request_type(**path_params)
         descriptor = method.request_type.DESCRIPTOR
         fields = json_codec.text_params(descriptor, path_params.items())
         if rule.body == "":
@@ -125,6 +129,11 @@ class RestRouter:
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
         await events(scope, receive, send)
+
+
+def _plain_string(method: Method, name: str) -> bool:
+    field = method.request_type.DESCRIPTOR.fields_by_name.get(name)
+    return field is not None and field.type == field.TYPE_STRING and not field.is_repeated
 
 
 async def _events(head: Message | None, responses: AsyncIterator[Message]) -> AsyncIterator[Any]:
