@@ -88,8 +88,8 @@ class Gateway:
 
 def _session_store(settings: Settings, *, shared: bool) -> SessionStore:
     """In-process for one worker; SQLite when several worker processes must share sessions."""
-    lifetime = settings.limits.session_lifetime_seconds
-    kind = settings.session_store if settings.session_store != "auto" else ("sqlite" if shared else "memory")
+    lifetime = settings.sessions.idle_timeout_seconds
+    kind = settings.sessions.store if settings.sessions.store != "auto" else ("sqlite" if shared else "memory")
     if kind == "sqlite":
         return SqliteSessionStore(settings.data_dir / "sessions.db", lifetime)
     return MemorySessionStore(lifetime)
