@@ -42,11 +42,12 @@ class CallError(Exception):
 class GrpcClient:
     name = "grpc"
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, metadata: dict[str, str] | None = None) -> None:
         self.channel = grpc.aio.insecure_channel(target)
+        self.extra = tuple((metadata or {}).items())  # credentials sent on every call
 
     def _metadata(self, token: str) -> tuple[tuple[str, str], ...]:
-        return (("x-prism-session", token),) if token else ()
+        return ((("x-prism-session", token),) if token else ()) + self.extra
 
     async def call(self, rpc: str, request: Message, token: str = "") -> Message:
         method = METHODS[rpc]
@@ -109,8 +110,8 @@ class RestClient:
 
     name = "rest"
 
-    def __init__(self, base_url: str, http2: bool = False) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url, http1=not http2, http2=http2, timeout=10)
+    def __init__(self, base_url: str, http2: bool = False, headers: dict[str, str] | None = None) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, http1=not http2, http2=http2, timeout=10, headers=headers)
 
     async def call(self, rpc: str, request: Message, token: str = "") -> Message:
         method = METHODS[rpc]

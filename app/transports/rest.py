@@ -82,10 +82,11 @@ class RestRouter:
                     metadata[SESSION_HEADER] = token
                 query = [(k, v) for k, v in query if k != SESSION_QUERY]
             request = await self._decode(method, path_params, query, receive)
+            peer = self.pipeline.authenticator.asgi_peer(scope)
             if method.server_streaming:
-                await self._stream(method, request, metadata, scope, receive, send)
+                await self._stream(method, request, metadata, peer, scope, receive, send)
                 return
-            response = await self.pipeline.unary(method, request, metadata, "rest")
+            response = await self.pipeline.unary(method, request, metadata, "rest", peer)
         except PrismError as error:
             await respond_error(send, error)
             return
@@ -115,9 +116,16 @@ class RestRouter:
         return json_codec.parse_message(json_codec.merge(body, fields), method.request_type)
 
     async def _stream(
-        self, method: Method, request: Message, metadata: dict[str, str], scope: Scope, receive: Receive, send: Send
+        self,
+        method: Method,
+        request: Message,
+        metadata: dict[str, str],
+        peer: str | None,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        responses = await self.pipeline.stream(method, request, metadata, "sse")
+        responses = await self.pipeline.stream(method, request, metadata, "sse", peer)
         # Pull the first response before answering, so a refused call gets its HTTP status.
         try:
             head = await anext(responses)
