@@ -234,6 +234,8 @@ class Settings(Strict):
                     f"configs.{config.name}.backend: no backend named {config.backend!r} "
                     f"(known: {', '.join(sorted(self.backends))})"
                 )
+        if self.auth is not None and self.auth.mtls is not None and self.tls is None:
+            raise ValueError("auth.mtls: client certificates need tls (certfile, keyfile) on the gRPC port")
         if self.auth is None:
             for key, listener in (("http.host", self.http), ("grpc.host", self.grpc)):
                 if not listener.loopback:

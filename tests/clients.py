@@ -42,8 +42,17 @@ class CallError(Exception):
 class GrpcClient:
     name = "grpc"
 
-    def __init__(self, target: str, metadata: dict[str, str] | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        metadata: dict[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """``credentials``: TLS (and a client certificate, for mTLS); plaintext without."""
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target)
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials)
         self.extra = tuple((metadata or {}).items())  # credentials sent on every call
 
     def _metadata(self, token: str) -> tuple[tuple[str, str], ...]:
@@ -191,8 +200,8 @@ def decode_grpc_web_text(body: bytes) -> bytes:
 class GrpcWebClient:
     name = "grpc-web"
 
-    def __init__(self, base_url: str, text: bool = False) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=10)
+    def __init__(self, base_url: str, text: bool = False, headers: dict[str, str] | None = None) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=10, headers=headers)
         self.text = text
         self.content_type = "application/grpc-web-text" if text else "application/grpc-web+proto"
         if text:

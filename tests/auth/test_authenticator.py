@@ -7,7 +7,6 @@ clock is injected.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
 import hashlib
 import hmac
@@ -16,7 +15,7 @@ import pathlib
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,7 +23,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
@@ -34,6 +33,7 @@ from app.auth.jwt import JwtVerifier
 from app.auth.mtls import ClientCertificates, grpc_server_credentials, identity_from_auth_context
 from app.errors import PrismError
 from app.settings import ApiKey, Auth, Jwt, Mtls
+from tests.auth.keys import Issued, JwksEndpoint, b64, issue, x509_name
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "prism"
@@ -54,49 +54,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@dataclass
-class JwksEndpoint:
-    """A tiny HTTP/1.1 server (asyncio.start_server) serving one JWK Set and counting hits."""
-
-    document: dict[str, Any] = field(default_factory=lambda: {"keys": []})
-    status: int = 200
-    hits: int = 0
-    server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}/.well-known/jwks.json"
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    def publish(self, *keys: RSAKey | ECKey) -> None:
-        self.document = {"keys": [key.as_dict(private=False) for key in keys]}
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await reader.readuntil(b"\r\n\r\n")
-            assert request.startswith(b"GET /.well-known/jwks.json HTTP/1.1\r\n"), request
-            self.hits += 1
-            body = json.dumps(self.document).encode()
-            writer.write(
-                b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n%s" % (self.status, len(body), body)
-            )
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the client gave up (timeout tests); nothing to answer
-        finally:
-            writer.close()
 
 
 @dataclass(frozen=True)
@@ -144,10 +101,6 @@ async def auth(jwks: JwksEndpoint, clock: Clock, pki: Pki) -> AsyncIterator[Auth
     )
     async with Authenticator(settings, clock=clock) as authenticator:
         yield authenticator
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def sign(
@@ -572,81 +525,6 @@ async def test_jwks_skips_unusable_keys(jwks: JwksEndpoint, keys: Keys, clock: C
 
 
 @dataclass(frozen=True)
-class Issued:
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-
-    @property
-    def pem(self) -> str:
-        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
-
-    @property
-    def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-
-def _name(cn: str | None) -> x509.Name:
-    return x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-        if cn
-        else [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example"),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "batch"),
-        ]
-    )
-
-
-def issue(
-    cn: str | None,
-    issuer: Issued | None = None,
-    *,
-    ca: bool = False,
-    san: str | None = None,
-    client_auth: bool = True,
-    valid_from: dt.datetime | None = None,
-    valid_days: float = 30,
-) -> Issued:
-    """A certificate: self-signed when no issuer is given."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = valid_from or dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(issuer.cert.subject if issuer else _name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=valid_days))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    elif client_auth:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-    if san:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
-    signer = issuer.key if issuer else key
-    return Issued(key, builder.sign(signer, hashes.SHA256()))
-
-
-@dataclass(frozen=True)
 class Pki:
     ca: Issued
     other_ca: Issued
@@ -756,7 +634,7 @@ def test_client_certificate_for_servers_only_is_refused(certificates: ClientCert
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("web"))
+        .subject_name(x509_name("web"))
         .issuer_name(pki.ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
