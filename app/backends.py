@@ -19,6 +19,13 @@ BACKEND_TYPES = {
 }
 
 
+# Which backend types an access pattern can run on (the adapters that exist).
+PATTERN_BACKENDS: dict[str, frozenset[str]] = {
+    "KEY_VALUE": frozenset({"memory", "sqlite", "postgres", "redis"}),
+    "PUBSUB": frozenset({"memory"}),
+}
+
+
 class Backends:
     """Adapters per backend instance and access pattern, built lazily from the settings."""
 
@@ -52,16 +59,16 @@ class Backends:
         raise ValueError(f"backend type {spec.type!r} cannot serve PUBSUB")
 
     async def start(self) -> None:
-        for config in self.settings.configs:
-            spec = self.settings.backends[config.backend]
-            if config.pattern == "KEY_VALUE" and config.backend not in self.keyvalue:
+        """Every declared backend, for every pattern its type serves (inline configs may use any)."""
+        for name, spec in self.settings.backends.items():
+            if spec.type in PATTERN_BACKENDS["KEY_VALUE"]:
                 adapter = self._build_keyvalue(spec)
                 await adapter.start()
-                self.keyvalue[config.backend] = adapter
-            elif config.pattern == "PUBSUB" and config.backend not in self.pubsub:
+                self.keyvalue[name] = adapter
+            if spec.type in PATTERN_BACKENDS["PUBSUB"]:
                 broker = self._build_pubsub(spec)
                 await broker.start()
-                self.pubsub[config.backend] = broker
+                self.pubsub[name] = broker
         self.started = True
 
     async def close(self) -> None:

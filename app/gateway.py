@@ -6,17 +6,24 @@ with the embedded gRPC server, so HTTP and gRPC share one event loop and one ser
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
 
+from app.audit import AuditLog
+from app.auth.authenticator import Authenticator
+from app.auth.mtls import grpc_server_credentials
 from app.backends import Backends
+from app.configs import ConfigRegistry, ConfigService
 from app.methods import Method, all_methods, bind
 from app.pipeline import Pipeline
+from app.policy import Authorizer
+from app.ratelimit import RateLimiter
 from app.services.keyvalue import KeyValueService
 from app.services.plugin import HealthService, PluginInfoService
 from app.services.pubsub import PubSubService
-from app.services.session import ConfigRegistry, ConfigService, SessionService
+from app.services.session import SessionService
 from app.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
 from app.settings import Settings
 from app.transports.grpc_native import start_grpc_server
@@ -30,19 +37,30 @@ class Gateway:
         self.workers = workers
         self.backends = Backends(settings)
         self.sessions = _session_store(settings, shared=workers > 1)
-        configs = ConfigRegistry(settings)
+        self.authenticator = Authenticator(settings.auth)
+        self.audit = AuditLog(settings.audit.sink)
+        authorizer = Authorizer(settings.policies)
+        configs = ConfigRegistry(settings, self.backends)
         self.methods: list[Method] = bind(
             all_methods(),
             [
-                SessionService(self.sessions, configs),
-                ConfigService(configs),
+                SessionService(self.sessions, configs, authorizer),
+                ConfigService(configs, authorizer),
                 KeyValueService(self.backends, settings.limits, settings.signing_key()),
                 PubSubService(self.backends, settings.limits),
                 HealthService(self.backends),
                 PluginInfoService(self.backends),
             ],
         )
-        self.pipeline = Pipeline(self.sessions)
+        self.pipeline = Pipeline(
+            self.sessions,
+            self.authenticator,
+            authorizer,
+            RateLimiter(),
+            self.audit,
+            {n.name: n.rate_limit for n in settings.namespaces if n.rate_limit is not None},
+            self.methods,
+        )
         self.grpc_server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -60,6 +78,8 @@ class Gateway:
                     self.workers,
                 )
         try:
+            self.audit.start()
+            await self.authenticator.start()
             await self.sessions.start()
             await self.backends.start()
             self.grpc_server = await start_grpc_server(
@@ -68,15 +88,22 @@ class Gateway:
                 address=f"{self.settings.grpc.host}:{self.settings.grpc.port}",
                 max_message_bytes=self.settings.limits.max_request_bytes,
                 reuse_port=self.workers > 1,  # each worker binds the same gRPC port
-                tls=self._tls(),
+                credentials=self._grpc_credentials(),
             )
         except BaseException:
             await self.close()  # no half-started worker: its threads would keep the process alive
             raise
 
-    def _tls(self) -> tuple[bytes, bytes] | None:
+    def _grpc_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS with the HTTP port's certificate; with mTLS configured, client certificates required."""
         tls = self.settings.tls
-        return None if tls is None else (tls.keyfile.read_bytes(), tls.certfile.read_bytes())
+        if tls is None:
+            return None
+        key, chain = tls.keyfile.read_bytes(), tls.certfile.read_bytes()
+        auth = self.settings.auth
+        if auth is not None and auth.mtls is not None:
+            return grpc_server_credentials(key, chain, auth.mtls.ca_file)
+        return grpc.ssl_server_credentials([(key, chain)])
 
     async def close(self) -> None:
         if self.grpc_server is not None:
@@ -84,12 +111,20 @@ class Gateway:
             self.grpc_server = None
         await self.backends.close()
         await self.sessions.close_store()
+        await self.authenticator.close()
+        await asyncio.to_thread(self.audit.close)
 
 
 def _session_store(settings: Settings, *, shared: bool) -> SessionStore:
-    """In-process for one worker; SQLite when several worker processes must share sessions."""
-    lifetime = settings.limits.session_lifetime_seconds
-    kind = settings.session_store if settings.session_store != "auto" else ("sqlite" if shared else "memory")
+    """In-process for one worker, SQLite when several worker processes share sessions, Redis
+    when several gateway instances do."""
+    config = settings.sessions
+    lifecycle = {"idle_timeout": config.idle_timeout_seconds, "max_lifetime": config.max_lifetime_seconds}
+    kind = config.store if config.store != "auto" else ("sqlite" if shared else "memory")
+    if kind == "redis":
+        from app.sessions.redis import RedisSessionStore  # the driver loads only when configured
+
+        return RedisSessionStore(config.redis_url, **lifecycle)
     if kind == "sqlite":
-        return SqliteSessionStore(settings.data_dir / "sessions.db", lifetime)
-    return MemorySessionStore(lifetime)
+        return SqliteSessionStore(settings.data_dir / "sessions.db", **lifecycle)
+    return MemorySessionStore(**lifecycle)

@@ -68,7 +68,7 @@ def create_app(settings: Settings) -> ASGIApp:
         rest=RestRouter(gateway.methods, gateway.pipeline, max_body, settings.limits.sse_ping_seconds),
         fallback=api,
     )
-    app = CORSMiddleware(
+    app = BrowserCORS(
         dispatch,
         allow_origins=settings.cors_origins,
         allow_methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"],
@@ -78,6 +78,16 @@ def create_app(settings: Settings) -> ASGIApp:
     )
     app.gateway = gateway  # type: ignore[attr-defined]  # for tests and the CLI
     return app
+
+
+class BrowserCORS(CORSMiddleware):
+    """Starlette's CORS, skipped for requests without an Origin header: only browsers send one,
+    and only browsers read CORS headers. Spares non-browser calls the header rewriting."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not any(name == b"origin" for name, _ in scope["headers"]):
+            return await self.app(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 class Dispatch:

@@ -20,9 +20,15 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from app.audit import AuditLog
+from app.auth.authenticator import Authenticator
+from app.auth.identity import Identity
 from app.errors import PrismError, failed_precondition, internal, invalid_argument, unauthenticated
 from app.methods import Method
+from app.policy import Authorizer, operation_name
+from app.ratelimit import RateLimiter
 from app.sessions import SessionRecord, SessionStore
+from app.settings import RateLimit
 from prism.v1 import config_pb2
 
 log = logging.getLogger("prism.pipeline")
@@ -38,6 +44,8 @@ class Call:
     session: SessionRecord | None
     token: str
     transport: str  # "grpc", "rest", "sse" or "grpc-web"
+    identity: Identity
+    operation: str  # "KEY_VALUE.Get", "SESSION.CreateSession", ...
 
     @property
     def config(self) -> config_pb2.ClientConfig:
@@ -68,17 +76,44 @@ def check_required(message: Message, required: Mapping[str, tuple[str, ...]], pr
             check_required(value, required, f"{prefix}{field.json_name}.")
 
 
-class Pipeline:
-    def __init__(self, sessions: SessionStore) -> None:
-        self.sessions = sessions
+# Probes answer without credentials.
+PUBLIC_SERVICES = frozenset({"prism.v1.HealthService"})
+NOBODY = Identity(name="anonymous", roles=frozenset(), method="anonymous")
 
-    async def begin(self, method: Method, request: Message, metadata: Mapping[str, str], transport: str) -> Call:
+
+class Pipeline:
+    def __init__(
+        self,
+        sessions: SessionStore,
+        authenticator: Authenticator,
+        authorizer: Authorizer,
+        limiter: RateLimiter,
+        audit: AuditLog,
+        namespace_limits: Mapping[str, RateLimit],
+        methods: list[Method],
+    ) -> None:
+        self.sessions = sessions
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+        self.limiter = limiter
+        self.audit = audit
+        self.namespace_limits = dict(namespace_limits)
+        self.operations = {m.path: operation_name(m) for m in methods}
+
+    async def begin(
+        self, method: Method, request: Message, metadata: Mapping[str, str], transport: str, peer: str | None = None
+    ) -> Call:
+        """Authenticate, resolve the session, authorize and rate-limit; PrismError if refused."""
         if method.handler is None:
             raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet")
         if method.required_fields:
             check_required(request, method.required_fields)
+        operation = self.operations[method.path]
         if not method.requires_session:
-            return Call(method, None, "", transport)
+            if method.service in PUBLIC_SERVICES:
+                return Call(method, None, "", transport, NOBODY, operation)
+            identity = await self.authenticator.authenticate(metadata, peer)
+            return Call(method, None, "", transport, identity, operation)
         token = metadata.get(SESSION_HEADER, "")
         if not token:
             raise unauthenticated(
@@ -86,44 +121,90 @@ class Pipeline:
                 f"CreateSession as {SESSION_HEADER}"
             )
         session = await self.sessions.resolve(token)
-        if method.pattern and session.config.pattern != method.pattern:
+        config = session.config
+        if method.pattern and config.pattern != method.pattern:
             raise failed_precondition(
-                f"session config {session.config.name!r} is for "
-                f"{config_pb2.AccessPattern.Name(session.config.pattern)}, but "
+                f"session config {config.name!r} is for "
+                f"{config_pb2.AccessPattern.Name(config.pattern)}, but "
                 f"{method.service}/{method.name} needs "
                 f"{config_pb2.AccessPattern.Name(method.pattern)}"
             )
-        return Call(method, session, token, transport)
+        identity = Identity(session.identity, session.roles, "session")
+        self.authorizer.check(identity, operation, config.namespace)
+        self._limit(config)
+        return Call(method, session, token, transport, identity, operation)
 
-    async def unary(self, method: Method, request: Message, metadata: Mapping[str, str], transport: str) -> Message:
-        call = await self.begin(method, request, metadata, transport)
+    def _limit(self, config: config_pb2.ClientConfig) -> None:
+        namespace = config.namespace
+        if (limit := self.namespace_limits.get(namespace)) is not None:
+            self.limiter.check(f"ns:{namespace}", limit.requests_per_second, limit.burst, f"namespace {namespace!r}")
+        if config.HasField("rate_limit"):
+            rate = config.rate_limit
+            self.limiter.check(f"config:{namespace}:{config.name}", rate.requests_per_second, rate.burst, f"config {config.name!r}")
+
+    def _record(self, call: Call | None, method: Method, transport: str, outcome: str, event: str = "call") -> None:
+        session = call.session if call is not None else None
+        self.audit.record(
+            event=event,
+            operation=self.operations[method.path],
+            session_id=session.session_id if session else "",
+            identity=call.identity.name if call is not None else "",
+            namespace=session.config.namespace if session else "",
+            resource=f"{method.service}/{method.name}",
+            transport=transport,
+            outcome=outcome,
+        )
+
+    async def unary(
+        self, method: Method, request: Message, metadata: Mapping[str, str], transport: str, peer: str | None = None
+    ) -> Message:
+        call: Call | None = None
         try:
-            return await method.handler(request, call)  # type: ignore[misc]
-        except PrismError:
+            call = await self.begin(method, request, metadata, transport, peer)
+            response = await method.handler(request, call)  # type: ignore[misc]
+        except PrismError as error:
+            if self.audit.enabled:
+                self._record(call, method, transport, error.code.name)
             raise
         except Exception as exc:
             log.exception("%s failed", method.path)
+            if self.audit.enabled:
+                self._record(call, method, transport, "INTERNAL")
             raise internal() from exc
+        if self.audit.enabled:
+            self._record(call, method, transport, "OK")
+        return response
 
     async def stream(
-        self, method: Method, request: Message, metadata: Mapping[str, str], transport: str
+        self, method: Method, request: Message, metadata: Mapping[str, str], transport: str, peer: str | None = None
     ) -> AsyncIterator[Message]:
         """Validates and resolves eagerly, so errors surface before the first message."""
-        call = await self.begin(method, request, metadata, transport)
-        return self._guarded(method, method.handler(request, call))  # type: ignore[arg-type]
+        try:
+            call = await self.begin(method, request, metadata, transport, peer)
+        except PrismError as error:
+            if self.audit.enabled:
+                self._record(None, method, transport, error.code.name)
+            raise
+        if self.audit.enabled:
+            self._record(call, method, transport, "OK", event="stream-open")
+        return self._guarded(call, method.handler(request, call))  # type: ignore[arg-type]
 
-    @staticmethod
-    async def _guarded(method: Method, responses: AsyncIterator[Message]) -> AsyncIterator[Message]:
+    async def _guarded(self, call: Call, responses: AsyncIterator[Message]) -> AsyncIterator[Message]:
+        outcome = "OK"
         try:
             async for response in responses:
                 yield response
-        except PrismError:
+        except PrismError as error:
+            outcome = error.code.name
             raise
         except Exception as exc:
-            log.exception("%s failed", method.path)
+            outcome = "INTERNAL"
+            log.exception("%s failed", call.method.path)
             raise internal() from exc
         finally:
             await responses.aclose()  # type: ignore[attr-defined]
+            if self.audit.enabled:
+                self._record(call, call.method, call.transport, outcome, event="stream-close")
 
 
 def status_of(exc: BaseException) -> PrismError:

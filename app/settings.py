@@ -95,7 +95,6 @@ class NamedConfig(Strict):
 class Limits(Strict):
     max_value_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     max_batch_keys: int = Field(default=1000, gt=0)
-    session_lifetime_seconds: float = Field(default=3600.0, gt=0)
     stream_buffer: int = Field(default=1024, gt=0)
     sse_ping_seconds: float = Field(default=15.0, gt=0)  # keep-alive comment on idle SSE streams
 
@@ -103,6 +102,88 @@ class Limits(Strict):
     def max_request_bytes(self) -> int:
         """A request may carry one value base64-encoded in JSON, plus headroom."""
         return self.max_value_bytes * 4 // 3 + 64 * 1024
+
+
+class Sessions(Strict):
+    """Session lifetime and where sessions live."""
+
+    # "auto": in-process with one worker, SQLite (in data_dir) with several; "redis" for several
+    # gateway instances (redis_url).
+    store: Literal["auto", "memory", "sqlite", "redis"] = "auto"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    idle_timeout_seconds: float = Field(default=900.0, gt=0)  # no call or heartbeat for this long ends it
+    max_lifetime_seconds: float = Field(default=86400.0, gt=0)  # absolute, heartbeats cannot extend past it
+
+
+class ApiKey(Strict):
+    """A machine client's key, kept only as its SHA-256 hex digest (`prism hash-key`)."""
+
+    identity: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    roles: list[str] = []
+
+
+class Jwt(Strict):
+    """OAuth2 bearer tokens (JWT) checked against a JWKS."""
+
+    jwks_url: str
+    issuer: str
+    audience: str
+    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]] = ["RS256", "ES256"]
+    identity_claim: str = "sub"
+    roles_claim: str = "roles"
+    leeway_seconds: float = Field(default=30.0, ge=0)
+    jwks_cache_seconds: float = Field(default=300.0, gt=0)
+
+
+class Mtls(Strict):
+    """Client certificates signed by ``ca_file``; the subject CN is the identity."""
+
+    ca_file: pathlib.Path
+    roles: dict[str, list[str]] = {}  # identity (CN) → roles
+
+
+class Auth(Strict):
+    api_keys: list[ApiKey] = []
+    jwt: Jwt | None = None
+    mtls: Mtls | None = None
+
+
+class RateLimit(Strict):
+    requests_per_second: float = Field(gt=0)
+    burst: int = Field(ge=1)
+
+
+class Namespace(Strict):
+    name: str = Field(pattern=NAME)
+    rate_limit: RateLimit | None = None
+
+
+OPERATION = r"^(\*|[A-Z_]+\.(\*|[A-Za-z]+))$"  # "*", "KEY_VALUE.*", "KEY_VALUE.Get"
+
+
+class Policy(Strict):
+    """Who may do what where: a role, the namespaces ("*" for all) and the operations."""
+
+    role: str = Field(min_length=1)
+    namespaces: list[str] = Field(min_length=1)
+    operations: list[str] = Field(min_length=1)
+
+    @field_validator("operations")
+    @classmethod
+    def _operations(cls, operations: list[str]) -> list[str]:
+        import re
+
+        for op in operations:
+            if not re.match(OPERATION, op):
+                raise ValueError(f"{op!r}: expected '*', 'PATTERN.*' or 'PATTERN.Method'")
+        return operations
+
+
+class Audit(Strict):
+    """JSON lines, one per session event and operation; never values."""
+
+    sink: str | None = None  # None: off; "-": stderr; else a file path
 
 
 def _default_backends() -> dict[str, Backend]:
@@ -129,10 +210,13 @@ class Settings(Strict):
     # Signs opaque cursors; all workers and instances must share it. Unset: a random key kept
     # in data_dir/secret.key.
     secret_key: str | None = Field(default=None, min_length=32)
-    # "auto": in-process with one worker, SQLite (in data_dir) with several.
-    session_store: Literal["auto", "memory", "sqlite"] = "auto"
-    # Credentials arrive with the authentication issue; until then the gateway is dev-only.
-    auth: None = None
+    sessions: Sessions = Sessions()
+    # None: dev mode (loopback only, every caller "anonymous" with every permission).
+    auth: Auth | None = None
+    namespaces: list[Namespace] = [Namespace(name="default")]
+    policies: list[Policy] = []
+    max_rate_limit_rps: float = Field(default=100_000.0, gt=0)  # cap for client-config rate limits
+    audit: Audit = Audit()
 
     @field_validator("configs")
     @classmethod
@@ -150,6 +234,8 @@ class Settings(Strict):
                     f"configs.{config.name}.backend: no backend named {config.backend!r} "
                     f"(known: {', '.join(sorted(self.backends))})"
                 )
+        if self.auth is not None and self.auth.mtls is not None and self.tls is None:
+            raise ValueError("auth.mtls: client certificates need tls (certfile, keyfile) on the gRPC port")
         if self.auth is None:
             for key, listener in (("http.host", self.http), ("grpc.host", self.grpc)):
                 if not listener.loopback:
@@ -158,6 +244,11 @@ class Settings(Strict):
                         "configured (dev mode serves loopback only)"
                     )
         return self
+
+    @property
+    def known_namespaces(self) -> set[str]:
+        """Declared namespaces and those of the named configurations."""
+        return {n.name for n in self.namespaces} | {c.namespace for c in self.configs}
 
     @property
     def dev_mode(self) -> bool:

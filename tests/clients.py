@@ -42,11 +42,21 @@ class CallError(Exception):
 class GrpcClient:
     name = "grpc"
 
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str,
+        metadata: dict[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        """``credentials``: TLS (and a client certificate, for mTLS); plaintext without."""
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target)
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials)
+        self.extra = tuple((metadata or {}).items())  # credentials sent on every call
 
     def _metadata(self, token: str) -> tuple[tuple[str, str], ...]:
-        return (("x-prism-session", token),) if token else ()
+        return ((("x-prism-session", token),) if token else ()) + self.extra
 
     async def call(self, rpc: str, request: Message, token: str = "") -> Message:
         method = METHODS[rpc]
@@ -109,8 +119,8 @@ class RestClient:
 
     name = "rest"
 
-    def __init__(self, base_url: str, http2: bool = False) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url, http1=not http2, http2=http2, timeout=10)
+    def __init__(self, base_url: str, http2: bool = False, headers: dict[str, str] | None = None) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, http1=not http2, http2=http2, timeout=10, headers=headers)
 
     async def call(self, rpc: str, request: Message, token: str = "") -> Message:
         method = METHODS[rpc]
@@ -190,8 +200,8 @@ def decode_grpc_web_text(body: bytes) -> bytes:
 class GrpcWebClient:
     name = "grpc-web"
 
-    def __init__(self, base_url: str, text: bool = False) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=10)
+    def __init__(self, base_url: str, text: bool = False, headers: dict[str, str] | None = None) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=10, headers=headers)
         self.text = text
         self.content_type = "application/grpc-web-text" if text else "application/grpc-web+proto"
         if text:

@@ -94,6 +94,13 @@ async def test_rest_oversized_body_is_413(stored):
     assert_error(await http.put(f"/v1/kv/{key}", content=huge), 413, "RESOURCE_EXHAUSTED", "request body")
 
 
+async def test_rest_401_names_the_scheme(stored):
+    http, _, _, key = stored
+    response = await http.get(f"/v1/kv/{key}", headers={"x-prism-session": "not-a-session"})
+    assert_error(response, 401, "UNAUTHENTICATED", "session")
+    assert response.headers["www-authenticate"] == 'Bearer realm="prism"'
+
+
 async def test_rest_unknown_route_and_wrong_verb(stored):
     http, *_ = stored
     assert_error(await http.get("/v1/nothing-here"), 404, "NOT_FOUND", "no route")

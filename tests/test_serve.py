@@ -45,6 +45,14 @@ def test_unknown_backend_in_config_is_named(tmp_path: pathlib.Path) -> None:
     assert "configs.a.backend" in result.stderr and "nowhere" in result.stderr
 
 
+def test_mtls_without_tls_is_refused_at_start(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "prism.yaml"
+    config.write_text(f"auth:\n  mtls: {{ca_file: {tmp_path / 'ca.pem'}}}\n")
+    result = run_serve("--config", str(config))
+    assert result.returncode == 2
+    assert "auth.mtls" in result.stderr and "tls" in result.stderr
+
+
 def test_refuses_public_bind_without_authentication() -> None:
     result = run_serve("--host", "0.0.0.0")
     assert result.returncode == 2

@@ -1,6 +1,6 @@
 """SQLite KeyValue store: the embedded default, one file under the data directory.
 
-aiosqlite runs every statement on its own thread, so the event loop never waits on disk. WAL
+Statements run on a :class:`SqliteWorker` thread, so the event loop never waits on disk. WAL
 mode and a busy timeout let several gateway worker processes share the file.
 """
 
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pathlib
 import sqlite3
-
-import aiosqlite
+from collections.abc import Sequence
 
 from adapters.capabilities import Capability
 from adapters.keyvalue.base import (
@@ -20,6 +19,7 @@ from adapters.keyvalue.base import (
     new_etag,
     unavailable,
 )
+from adapters.sqlite_worker import SqliteWorker
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS prism_kv (
@@ -49,34 +49,27 @@ class SqliteKeyValue(KeyValueAdapter):
 
     def __init__(self, path: str | pathlib.Path, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(**kwargs)
-        self.path = pathlib.Path(path)
-        self._db: aiosqlite.Connection | None = None
+        self.worker = SqliteWorker(
+            pathlib.Path(path), ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000"]
+        )
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.execute("PRAGMA busy_timeout=5000")
-        await self._db.execute(SCHEMA)
+        await self.worker.start()
+        await self._rows(SCHEMA)
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        await self.worker.close()
 
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("SqliteKeyValue used before start()")
-        return self._db
-
-    async def _fetchone(self, sql: str, *params: object) -> sqlite3.Row | None:
+    async def _rows(self, sql: str, *params: object) -> list[sqlite3.Row]:
+        """All rows of one statement, in one trip to the worker thread."""
         try:
-            async with self.db.execute(sql, params) as cursor:
-                return await cursor.fetchone()
+            return await self.worker.run(lambda connection: connection.execute(sql, params).fetchall())
         except sqlite3.Error as exc:
             raise unavailable("sqlite", exc) from exc
+
+    async def _fetchone(self, sql: str, *params: object) -> sqlite3.Row | None:
+        rows = await self._rows(sql, *params)
+        return rows[0] if rows else None
 
     async def get(self, namespace: str, key: str) -> Record | None:
         row = await self._fetchone(
@@ -145,26 +138,19 @@ class SqliteKeyValue(KeyValueAdapter):
             f"AND substr(CAST(key AS BLOB), 1, ?) = CAST(? AS BLOB) AND {LIVE} ORDER BY key LIMIT ?"
         )
         exclusive = bool(start_after) and start_after >= prefix
-        try:
-            rows = await self.db.execute_fetchall(
-                sql if exclusive else sql.replace("key > ?", "key >= ?"),
-                (namespace, start_after if exclusive else prefix, len(prefix.encode()), prefix, self.clock(), limit),
-            )
-        except sqlite3.Error as exc:
-            raise unavailable("sqlite", exc) from exc
+        rows = await self._rows(
+            sql if exclusive else sql.replace("key > ?", "key >= ?"),
+            namespace, start_after if exclusive else prefix, len(prefix.encode()), prefix, self.clock(), limit,
+        )
         return [(r[0], Record(r[1], r[2], r[3])) for r in rows]
 
-    async def get_many(self, namespace: str, keys: list[str]) -> list[Record | None]:  # type: ignore[override]
+    async def get_many(self, namespace: str, keys: Sequence[str]) -> list[Record | None]:
         if not keys:
             return []
         marks = ",".join("?" * len(keys))
-        try:
-            rows = await self.db.execute_fetchall(
-                f"SELECT key, value, etag, expires_at FROM prism_kv "
-                f"WHERE namespace=? AND key IN ({marks}) AND {LIVE}",
-                (namespace, *keys, self.clock()),
-            )
-        except sqlite3.Error as exc:
-            raise unavailable("sqlite", exc) from exc
+        rows = await self._rows(
+            f"SELECT key, value, etag, expires_at FROM prism_kv WHERE namespace=? AND key IN ({marks}) AND {LIVE}",
+            namespace, *keys, self.clock(),
+        )
         found = {r[0]: Record(r[1], r[2], r[3]) for r in rows}
         return [found.get(k) for k in keys]

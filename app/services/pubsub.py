@@ -8,7 +8,7 @@ from adapters.capabilities import Capability
 from adapters.pubsub.base import Subscription
 from adapters.pubsub.subjects import parse_pattern, parse_subject
 from app.backends import Backends
-from app.errors import failed_precondition, not_found, too_large
+from app.errors import PrismError, failed_precondition, not_found, too_large
 from app.pipeline import Call
 from app.settings import Limits
 from prism.v1 import pubsub_pb2 as ps
@@ -39,8 +39,14 @@ class PubSubService:
             raise failed_precondition(f"backend {call.config.backend.instance!r} lacks queue_groups")
         assert call.session is not None
         subscription = await broker.subscribe(call.config.namespace, pattern, request.queue_group)
+        ended_by: list[PrismError] = []  # the session's status, when closing or expiring it ended this
+
+        async def end(status: PrismError) -> None:
+            ended_by.append(status)
+            await subscription.close()
+
         self._open[subscription.id] = (call.session.session_id, subscription)
-        call.session.open_streams[subscription.id] = subscription.close
+        call.session.hold_stream(subscription.id, end)
         try:
             yield ps.PubSubSubscribeResponse(subscription_id=subscription.id)
             async for delivery in subscription:
@@ -54,9 +60,11 @@ class PubSubService:
                 message.headers.update(delivery.headers)
                 message.published_at.FromNanoseconds(int(delivery.published_at * 1e9))
                 yield response
+            if ended_by:  # not a clean end: the client must open a new session
+                raise ended_by[0]
         finally:
             self._open.pop(subscription.id, None)
-            call.session.open_streams.pop(subscription.id, None)
+            call.session.release_stream(subscription.id)
             await subscription.close()
 
     async def Unsubscribe(self, request: ps.UnsubscribeRequest, call: Call) -> ps.UnsubscribeResponse:

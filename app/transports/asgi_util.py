@@ -59,6 +59,8 @@ async def respond_error(send: Send, error: PrismError, headers: Iterable[tuple[b
     extra = list(headers)
     if error.retry_after is not None:
         extra.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+    if error.http_status == 401:  # RFC 9110 §15.5.2: a 401 names the scheme to use
+        extra.append((b"www-authenticate", b'Bearer realm="prism"'))
     await respond(send, error.http_status, error.to_json(), headers=extra)
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger("prism.grpc")
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    return dict(context.invocation_metadata() or ())
 
 
 def _decode(method: Method, data: bytes) -> Message:
@@ -52,7 +52,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 def _unary(method: Method, pipeline: Pipeline) -> Callable[..., object]:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            response = await pipeline.unary(method, _decode(method, data), _metadata(context), "grpc")
+            peer = pipeline.authenticator.grpc_peer(context)
+            response = await pipeline.unary(method, _decode(method, data), _metadata(context), "grpc", peer)
         except Exception as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
@@ -64,7 +65,8 @@ def _unary(method: Method, pipeline: Pipeline) -> Callable[..., object]:
 def _server_stream(method: Method, pipeline: Pipeline) -> Callable[..., AsyncIterator[bytes]]:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         try:
-            responses = await pipeline.stream(method, _decode(method, data), _metadata(context), "grpc")
+            peer = pipeline.authenticator.grpc_peer(context)
+            responses = await pipeline.stream(method, _decode(method, data), _metadata(context), "grpc", peer)
             try:
                 async for response in responses:
                     yield response.SerializeToString()
@@ -105,7 +107,7 @@ async def start_grpc_server(
     address: str,
     max_message_bytes: int,
     reuse_port: bool,
-    tls: tuple[bytes, bytes] | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> grpc.aio.Server:
     """Create, bind and start the server on the running loop (it must run where it is created)."""
     server = grpc.aio.server(
@@ -121,10 +123,10 @@ async def start_grpc_server(
     services = sorted({m.service for m in methods})
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     try:
-        if tls is None:
+        if credentials is None:
             server.add_insecure_port(address)
         else:
-            server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+            server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise OSError(f"gRPC could not bind {address} (is the port taken?)") from exc
     await server.start()

@@ -88,11 +88,12 @@ class GrpcWebApp:
                 raise invalid_argument(
                     "body", f"not a valid {method.request_type.DESCRIPTOR.full_name} message"
                 ) from None
+            peer = self.pipeline.authenticator.asgi_peer(scope)
             if method.server_streaming:
-                responses = await self.pipeline.stream(method, request, headers, "grpc-web")
+                responses = await self.pipeline.stream(method, request, headers, "grpc-web", peer)
                 await writer.stream(responses)
                 return
-            response = await self.pipeline.unary(method, request, headers, "grpc-web")
+            response = await self.pipeline.unary(method, request, headers, "grpc-web", peer)
             await writer.finish([response], None)
         except Exception as exc:
             await writer.finish([], status_of(exc))

@@ -12,6 +12,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from app.errors import PrismError, invalid_argument
+from app.transports.json_encoder import encoder
 
 _FIELD_IN_ERROR = re.compile(r'(?:no field named|field) "?([A-Za-z0-9_.\[\]]+)"?')
 _TRUE, _FALSE = {"true", "1"}, {"false", "0"}
@@ -22,7 +23,7 @@ def to_json(message: Message) -> bytes:
 
 
 def to_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    return encoder(message.DESCRIPTOR)(message)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:

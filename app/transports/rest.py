@@ -42,6 +42,8 @@ class RestRouter:
         bound = [m for m in methods if m.http is not None and not m.client_streaming]
         # Literal routes first, so "/v1/kv:exists" never reads as a key.
         self.routes = sorted(bound, key=lambda m: bool(m.http and m.http.path_fields))
+        # Bodyless routes whose path fields are plain strings build the request directly.
+        self.direct = {m.path for m in bound if m.http and m.http.body == "" and all(_plain_string(m, f) for f in m.http.path_fields)}
 
     def match(self, verb: str, path: str) -> tuple[Method, dict[str, str]]:
         allowed: list[str] = []
@@ -80,10 +82,11 @@ class RestRouter:
                     metadata[SESSION_HEADER] = token
                 query = [(k, v) for k, v in query if k != SESSION_QUERY]
             request = await self._decode(method, path_params, query, receive)
+            peer = self.pipeline.authenticator.asgi_peer(scope)
             if method.server_streaming:
-                await self._stream(method, request, metadata, scope, receive, send)
+                await self._stream(method, request, metadata, peer, scope, receive, send)
                 return
-            response = await self.pipeline.unary(method, request, metadata, "rest")
+            response = await self.pipeline.unary(method, request, metadata, "rest", peer)
         except PrismError as error:
             await respond_error(send, error)
             return
@@ -97,6 +100,8 @@ class RestRouter:
     ) -> Message:
         rule = method.http
         assert rule is not None
+        if not query and method.path in self.direct:
+            return method.request_type(**path_params)
         descriptor = method.request_type.DESCRIPTOR
         fields = json_codec.text_params(descriptor, path_params.items())
         if rule.body == "":
@@ -111,9 +116,16 @@ class RestRouter:
         return json_codec.parse_message(json_codec.merge(body, fields), method.request_type)
 
     async def _stream(
-        self, method: Method, request: Message, metadata: dict[str, str], scope: Scope, receive: Receive, send: Send
+        self,
+        method: Method,
+        request: Message,
+        metadata: dict[str, str],
+        peer: str | None,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        responses = await self.pipeline.stream(method, request, metadata, "sse")
+        responses = await self.pipeline.stream(method, request, metadata, "sse", peer)
         # Pull the first response before answering, so a refused call gets its HTTP status.
         try:
             head = await anext(responses)
@@ -125,6 +137,11 @@ class RestRouter:
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
         await events(scope, receive, send)
+
+
+def _plain_string(method: Method, name: str) -> bool:
+    field = method.request_type.DESCRIPTOR.fields_by_name.get(name)
+    return field is not None and field.type == field.TYPE_STRING and not field.is_repeated
 
 
 async def _events(head: Message | None, responses: AsyncIterator[Message]) -> AsyncIterator[Any]:

@@ -78,14 +78,17 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Extends the calling session's lifetime.
+        """Extends the calling session's idle deadline. It moves to now plus the idle timeout, never
+        past the maximum lifetime; every other call with the token does the same. Answers the
+        effective deadline.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """Closes the calling session and ends its open streams.
+        """Closes the calling session. Its open streams end with UNAUTHENTICATED "session closed"
+        (on SSE an `error` event), as they do with the expiry status when the session expires.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

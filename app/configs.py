@@ -1,0 +1,160 @@
+"""Client configurations (RFC §3): named ones from the server configuration, inline ones sent
+by clients, and registered ones; one validator refuses a bad one with the field it names."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+
+from adapters.capabilities import Capability
+from app.backends import BACKEND_TYPES, PATTERN_BACKENDS, Backends
+from app.errors import PrismError, invalid_argument, not_found
+from app.pipeline import Call
+from app.policy import Authorizer
+from app.settings import NAME, NamedConfig, Settings
+from prism.v1 import config_pb2
+
+_NAME = re.compile(NAME)
+_TYPE_NAMES = {number: name for name, number in BACKEND_TYPES.items()}
+
+
+def from_settings(named: NamedConfig, settings: Settings) -> config_pb2.ClientConfig:
+    return config_pb2.ClientConfig(
+        name=named.name,
+        version="1",
+        pattern=config_pb2.AccessPattern.Value(f"ACCESS_PATTERN_{named.pattern}"),
+        backend=config_pb2.BackendConfig(type=BACKEND_TYPES[settings.backends[named.backend].type], instance=named.backend),
+        consistency=config_pb2.ConsistencyConfig(level=config_pb2.CONSISTENCY_LEVEL_STRONG),
+        namespace=named.namespace,
+    )
+
+
+class ConfigRegistry:
+    def __init__(self, settings: Settings, backends: Backends) -> None:
+        self.settings = settings
+        self.backends = backends
+        self.configs = {c.name: from_settings(c, settings) for c in settings.configs}
+
+    def get(self, name: str) -> config_pb2.ClientConfig:
+        try:
+            return self.configs[name]
+        except KeyError:
+            raise not_found(f"no configuration named {name!r} (known: {', '.join(sorted(self.configs))})") from None
+
+    async def violations(self, config: config_pb2.ClientConfig) -> list[config_pb2.ConfigViolation]:
+        """Every reason to refuse ``config``; it is completed in place (backend instance)."""
+        found: list[config_pb2.ConfigViolation] = []
+
+        def refuse(field: str, description: str) -> None:
+            found.append(config_pb2.ConfigViolation(field=field, description=description))
+
+        if not _NAME.match(config.name):
+            refuse("name", f"{config.name!r} is not a name (lower-case letters, digits, '_.-', at most 63)")
+        if config.pattern == config_pb2.ACCESS_PATTERN_UNSPECIFIED:
+            refuse("pattern", "is required")
+        pattern = config_pb2.AccessPattern.Name(config.pattern).removeprefix("ACCESS_PATTERN_")
+        instance = self._instance(config, refuse)
+        if instance is not None and config.pattern:
+            spec = self.settings.backends[instance]
+            if spec.type not in PATTERN_BACKENDS.get(pattern, frozenset()):
+                refuse("backend.type", f"a {spec.type} backend cannot serve {pattern}")
+            else:
+                await self._check_backend(config, pattern, instance, refuse)
+        if config.namespace not in self.settings.known_namespaces:
+            refuse("namespace", f"unknown namespace {config.namespace!r}")
+        rate = config.rate_limit
+        if config.HasField("rate_limit"):
+            if rate.requests_per_second <= 0:
+                refuse("rateLimit.requestsPerSecond", "must be positive")
+            elif rate.requests_per_second > self.settings.max_rate_limit_rps:
+                refuse("rateLimit.requestsPerSecond", f"above the server's cap of {self.settings.max_rate_limit_rps:g}/s")
+            if rate.burst < 1:
+                refuse("rateLimit.burst", "must be at least 1")
+        consistency = config.consistency
+        if consistency.level == config_pb2.CONSISTENCY_LEVEL_BOUNDED_STALENESS and consistency.max_staleness.ToNanoseconds() <= 0:
+            refuse("consistency.maxStaleness", "must be positive for BOUNDED_STALENESS")
+        return found
+
+    def _instance(self, config: config_pb2.ClientConfig, refuse) -> str | None:  # type: ignore[no-untyped-def]
+        backend = config.backend
+        if backend.instance:
+            if backend.instance not in self.settings.backends:
+                refuse("backend.instance", f"no backend named {backend.instance!r}")
+                return None
+            spec_type = BACKEND_TYPES[self.settings.backends[backend.instance].type]
+            if backend.type and backend.type != spec_type:
+                refuse("backend.type", f"backend {backend.instance!r} is {config_pb2.BackendType.Name(spec_type)}")
+                return None
+            backend.type = spec_type
+            return backend.instance
+        if not backend.type:
+            refuse("backend.type", "is required (or backend.instance)")
+            return None
+        wanted = _TYPE_NAMES.get(backend.type)
+        for name, spec in sorted(self.settings.backends.items()):
+            if spec.type == wanted:
+                backend.instance = name
+                return name
+        refuse("backend.type", f"no {config_pb2.BackendType.Name(backend.type)} backend is configured")
+        return None
+
+    async def _check_backend(self, config: config_pb2.ClientConfig, pattern: str, instance: str, refuse) -> None:  # type: ignore[no-untyped-def]
+        adapter = self.backends.keyvalue.get(instance) if pattern == "KEY_VALUE" else self.backends.pubsub.get(instance)
+        if adapter is None:
+            refuse("backend.instance", f"backend {instance!r} is not running")
+            return
+        needed = [n.strip() for n in config.backend.options.get("requires", "").split(",") if n.strip()]
+        for need in needed:
+            if need not in Capability.__members__.values():
+                refuse("backend.options.requires", f"unknown capability {need!r}")
+            elif Capability(need) not in adapter.capabilities:
+                refuse("backend.options.requires", f"backend {instance!r} lacks {need}")
+        if pattern == "KEY_VALUE":
+            try:
+                await adapter.exists("\x00probe", "probe")  # type: ignore[union-attr]
+            except PrismError as exc:
+                refuse("backend.instance", f"backend {instance!r} unreachable: {exc.message}")
+
+    async def validated(self, config: config_pb2.ClientConfig) -> config_pb2.ClientConfig:
+        """The config completed, or INVALID_ARGUMENT naming the first bad field."""
+        checked = config_pb2.ClientConfig()
+        checked.CopyFrom(config)
+        if violations := await self.violations(checked):
+            first = violations[0]
+            raise invalid_argument(f"config.{first.field}", first.description)
+        return checked
+
+
+class ConfigService:
+    SERVICE = "prism.v1.ConfigService"
+
+    def __init__(self, configs: ConfigRegistry, authorizer: Authorizer) -> None:
+        self.configs = configs
+        self.authorizer = authorizer
+
+    async def ListConfigs(self, request: config_pb2.ListConfigsRequest, call: Call) -> config_pb2.ListConfigsResponse:
+        configs = [c for _, c in sorted(self.configs.configs.items()) if request.pattern in (0, c.pattern)]
+        return config_pb2.ListConfigsResponse(configs=configs)
+
+    async def GetConfig(self, request: config_pb2.GetConfigRequest, call: Call) -> config_pb2.GetConfigResponse:
+        return config_pb2.GetConfigResponse(config=self.configs.get(request.name))
+
+    async def ValidateConfig(
+        self, request: config_pb2.ValidateConfigRequest, call: Call
+    ) -> config_pb2.ValidateConfigResponse:
+        candidate = config_pb2.ClientConfig()
+        candidate.CopyFrom(request.config)
+        violations = await self.configs.violations(candidate)
+        return config_pb2.ValidateConfigResponse(valid=not violations, violations=violations)
+
+    async def RegisterConfig(
+        self, request: config_pb2.RegisterConfigRequest, call: Call
+    ) -> config_pb2.RegisterConfigResponse:
+        """Adds a named configuration for this gateway process (not persisted)."""
+        config = await self.configs.validated(request.config)
+        self.authorizer.check(call.identity, call.operation, config.namespace)
+        if config.name in self.configs.configs:
+            raise PrismError(grpc.StatusCode.ALREADY_EXISTS, f"a configuration named {config.name!r} exists")
+        self.configs.configs[config.name] = config
+        return config_pb2.RegisterConfigResponse(config=config)

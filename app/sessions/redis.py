@@ -1,0 +1,204 @@
+"""Sessions in Redis: every gateway instance connected to the server shares them.
+
+Layout, under a key prefix (``prism:session:``, or the ``key_prefix`` query parameter of
+``sessions.redis_url``, e.g. ``redis://127.0.0.1:6379/0?key_prefix=staging:session:``):
+
+    <prefix>s:<digest>  HASH    i session id, u identity, r roles (JSON), c config (protobuf),
+                                t created_at, l last activity, e effective deadline (unix
+                                seconds). Its Redis TTL is the time left to e, so an abandoned
+                                session disappears server-side even if no gateway looks again.
+    <prefix>m:<digest>  STRING  created_at, kept until the absolute deadline plus
+                                EXPIRED_KEPT_SECONDS: a token whose hash Redis expired is still
+                                answered "expired", not "unknown". CloseSession deletes both.
+
+Resolving a token is one HMGET. Activity is written by one script (both fields and the TTL,
+only if the session still exists and only forward) at most once a second per session.
+TTLs are relative (PEXPIRE), computed from the store's clock.
+
+Connection failures become UNAVAILABLE at once; the pool reconnects on the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import urllib.parse
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app.errors import PrismError, internal
+from app.sessions.base import EXPIRED_KEPT_SECONDS, SessionRecord, SessionStore, roles_of, roles_text
+from prism.v1 import config_pb2
+
+log = logging.getLogger("prism.sessions.redis")
+
+DEFAULT_PREFIX = "prism:session:"
+FIELDS = ["i", "u", "c", "t", "l", "e", "r"]
+UNAVAILABLE_ERRORS = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.ReadOnlyError,
+    rex.TryAgainError,
+    OSError,
+    TimeoutError,
+)
+
+# KEYS: session hash. ARGV: last activity, effective deadline, TTL in ms. 0 if the session is gone.
+TOUCH = """
+local last = redis.call('HGET', KEYS[1], 'l')
+if not last then return 0 end
+if tonumber(ARGV[1]) > tonumber(last) then
+  redis.call('HSET', KEYS[1], 'l', ARGV[1], 'e', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 1
+"""
+
+
+def split_prefix(url: str) -> tuple[str, str]:
+    """(the URL for redis-py, the key prefix) from a URL that may carry ``key_prefix``."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((value for name, value in query if name == "key_prefix"), DEFAULT_PREFIX)
+    rest = urllib.parse.urlencode([(name, value) for name, value in query if name != "key_prefix"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), prefix
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+class RedisSessionStore(SessionStore):
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 50,
+        connect_timeout: float = 2.0,
+        command_timeout: float = 5.0,
+        **lifecycle: Any,
+    ) -> None:
+        super().__init__(**lifecycle)
+        self.url, self.prefix = split_prefix(url)
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self._redis: aioredis.Redis | None = None
+
+    def session_key(self, digest: str) -> str:
+        return f"{self.prefix}s:{digest}"
+
+    def marker_key(self, digest: str) -> str:
+        return f"{self.prefix}m:{digest}"
+
+    async def start(self) -> None:
+        no_retry = Retry(NoBackoff(), 0)  # fail fast; redis-py's default retries for seconds
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.pool_size,
+            timeout=self.command_timeout,  # waiting for a free connection
+            socket_connect_timeout=self.connect_timeout,
+            socket_timeout=self.command_timeout,
+            retry=no_retry,
+        )
+        self._redis = aioredis.Redis(connection_pool=pool, retry=no_retry)
+        self._touch_script = self._redis.register_script(TOUCH)
+        try:
+            await self._redis.ping()
+        except UNAVAILABLE_ERRORS as exc:
+            await self.close_store()
+            where = urllib.parse.urlsplit(self.url)
+            raise PrismError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"session store: redis at {where.hostname}:{where.port or 6379} unreachable at start-up: "
+                f"{type(exc).__name__}: {exc}",
+            ) from exc
+
+    async def close_store(self) -> None:
+        await super().close_store()
+        if self._redis is not None:
+            client, self._redis = self._redis, None
+            await client.aclose(close_connection_pool=True)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise RuntimeError("RedisSessionStore used before start()")
+        return self._redis
+
+    @staticmethod
+    def _mapped(exc: rex.RedisError | OSError) -> PrismError:
+        if isinstance(exc, UNAVAILABLE_ERRORS):
+            return PrismError(
+                grpc.StatusCode.UNAVAILABLE, f"session store (redis) unavailable: {type(exc).__name__}"
+            )
+        log.error("redis session store command failed: %r", exc)
+        return internal()
+
+    async def _insert(self, r: SessionRecord) -> None:
+        now = self.clock()
+        fields = {
+            "i": r.session_id,
+            "u": r.identity,
+            "c": r.config.SerializeToString(),
+            "t": repr(r.created_at),
+            "l": repr(r.last_activity_at),
+            "e": repr(r.expires_at),
+            "r": roles_text(r.roles),
+        }
+        remembered = r.created_at + self.max_lifetime + EXPIRED_KEPT_SECONDS - now
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.session_key(r.digest), mapping=fields)
+                pipe.pexpire(self.session_key(r.digest), _ms(r.expires_at - now))
+                pipe.set(self.marker_key(r.digest), repr(r.created_at), px=_ms(remembered))
+                await pipe.execute()
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+
+    async def _load(self, digest: str) -> SessionRecord | None:
+        try:
+            i, u, c, t, last, e, r = await self.redis.hmget(self.session_key(digest), FIELDS)
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+        if i is None or c is None or r is None:
+            return None
+        config = config_pb2.ClientConfig.FromString(c)
+        return SessionRecord(
+            i.decode(), u.decode(), config, float(t), float(e), float(last), digest, roles_of(r), self.streams
+        )
+
+    async def _touch(self, r: SessionRecord) -> bool:
+        ttl = _ms(r.expires_at - self.clock())
+        try:
+            found = await self._touch_script(
+                keys=[self.session_key(r.digest)], args=[repr(r.last_activity_at), repr(r.expires_at), ttl]
+            )
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+        return found == 1
+
+    async def _delete(self, digest: str) -> None:
+        try:
+            await self.redis.delete(self.session_key(digest), self.marker_key(digest))
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+
+    async def _sweep(self, expired_before: float) -> None:
+        """Nothing to do: Redis expires both keys itself."""
+
+    async def _missing(self, digest: str, now: float) -> PrismError | None:
+        try:
+            created_at = await self.redis.get(self.marker_key(digest))
+        except (rex.RedisError, OSError) as exc:
+            raise self._mapped(exc) from exc
+        # Which deadline Redis expired the hash at is gone with it: before the absolute deadline
+        # it can only have been the idle one; after it, it is reported as the maximum lifetime.
+        return None if created_at is None else self.expired(float(created_at), now)
