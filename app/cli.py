@@ -13,7 +13,7 @@ import sys
 from app.settings import SettingsError, load_settings
 
 SERVERS = ("hypercorn", "granian")
-DEFAULT_SERVER = "hypercorn"
+DEFAULT_SERVER = "granian"  # by measurement: see README, Performance
 
 
 def _parser() -> argparse.ArgumentParser:
