@@ -25,15 +25,11 @@ socket timeouts); the pool replaces broken connections on the next call.
 from __future__ import annotations
 
 import logging
-import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 import redis.asyncio as aioredis
 from redis import exceptions as rex
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from adapters.capabilities import Capability
 from adapters.keyvalue.base import (
@@ -45,6 +41,7 @@ from adapters.keyvalue.base import (
     prefix_end,
     unavailable,
 )
+from adapters.redis_connection import UNAVAILABLE_ERRORS, connect
 from app.errors import PrismError, internal
 
 log = logging.getLogger("prism.adapters.redis")
@@ -109,7 +106,6 @@ return 0
 """
 
 FIELDS = ["v", "e", "x"]
-UNAVAILABLE_ERRORS = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, rex.TryAgainError, OSError, TimeoutError)
 
 
 def _tag(namespace: str) -> bytes:
@@ -158,28 +154,16 @@ class RedisKeyValue(KeyValueAdapter):
         self._redis: aioredis.Redis | None = None
 
     async def start(self) -> None:
-        no_retry = Retry(NoBackoff(), 0)  # fail fast; redis-py's default retries for seconds
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self._redis = await connect(
             self.url,
-            max_connections=self.pool_size,
-            timeout=self.command_timeout,  # waiting for a free connection
-            socket_connect_timeout=self.connect_timeout,
-            socket_timeout=self.command_timeout,
-            retry=no_retry,
+            pool_size=self.pool_size,
+            connect_timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+            what="redis backend",
         )
-        self._redis = aioredis.Redis(connection_pool=pool, retry=no_retry)
         self._set = self._redis.register_script(SET)
         self._delete = self._redis.register_script(DELETE)
         self._forget = self._redis.register_script(FORGET)
-        try:
-            await self._redis.ping()
-        except UNAVAILABLE_ERRORS as exc:
-            await self.close()
-            where = urllib.parse.urlsplit(self.url)
-            raise PrismError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"redis backend at {where.hostname}:{where.port or 6379} unreachable at start-up: {type(exc).__name__}: {exc}",
-            ) from exc
 
     async def close(self) -> None:
         if self._redis is not None:

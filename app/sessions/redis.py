@@ -28,9 +28,8 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 from redis import exceptions as rex
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
+from adapters.redis_connection import UNAVAILABLE_ERRORS, connect
 from app.errors import PrismError, internal
 from app.sessions.base import EXPIRED_KEPT_SECONDS, SessionRecord, SessionStore, roles_of, roles_text
 from prism.v1 import config_pb2
@@ -39,14 +38,6 @@ log = logging.getLogger("prism.sessions.redis")
 
 DEFAULT_PREFIX = "prism:session:"
 FIELDS = ["i", "u", "c", "t", "l", "e", "r"]
-UNAVAILABLE_ERRORS = (
-    rex.ConnectionError,
-    rex.TimeoutError,
-    rex.ReadOnlyError,
-    rex.TryAgainError,
-    OSError,
-    TimeoutError,
-)
 
 # KEYS: session hash. ARGV: last activity, effective deadline, TTL in ms. 0 if the session is gone.
 TOUCH = """
@@ -99,27 +90,14 @@ class RedisSessionStore(SessionStore):
         return f"{self.prefix}m:{digest}"
 
     async def start(self) -> None:
-        no_retry = Retry(NoBackoff(), 0)  # fail fast; redis-py's default retries for seconds
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self._redis = await connect(
             self.url,
-            max_connections=self.pool_size,
-            timeout=self.command_timeout,  # waiting for a free connection
-            socket_connect_timeout=self.connect_timeout,
-            socket_timeout=self.command_timeout,
-            retry=no_retry,
+            pool_size=self.pool_size,
+            connect_timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+            what="session store",
         )
-        self._redis = aioredis.Redis(connection_pool=pool, retry=no_retry)
         self._touch_script = self._redis.register_script(TOUCH)
-        try:
-            await self._redis.ping()
-        except UNAVAILABLE_ERRORS as exc:
-            await self.close_store()
-            where = urllib.parse.urlsplit(self.url)
-            raise PrismError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"session store: redis at {where.hostname}:{where.port or 6379} unreachable at start-up: "
-                f"{type(exc).__name__}: {exc}",
-            ) from exc
 
     async def close_store(self) -> None:
         await super().close_store()
