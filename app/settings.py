@@ -93,7 +93,9 @@ class NamedConfig(Strict):
 
 
 class Limits(Strict):
-    max_value_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_value_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    # KeyValue values above this are stored in chunks of this size and reassembled on read.
+    chunk_bytes: int = Field(default=1024 * 1024, gt=0)
     max_batch_keys: int = Field(default=1000, gt=0)
     stream_buffer: int = Field(default=1024, gt=0)
     sse_ping_seconds: float = Field(default=15.0, gt=0)  # keep-alive comment on idle SSE streams

@@ -49,10 +49,12 @@ class GrpcClient:
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """``credentials``: TLS (and a client certificate, for mTLS); plaintext without."""
+        # Responses may carry a value of up to limits.max_value_bytes (gRPC's default is 4 MiB).
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(target)
+            self.channel = grpc.aio.insecure_channel(target, options=options)
         else:
-            self.channel = grpc.aio.secure_channel(target, credentials)
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
         self.extra = tuple((metadata or {}).items())  # credentials sent on every call
 
     def _metadata(self, token: str) -> tuple[tuple[str, str], ...]:

@@ -99,9 +99,14 @@ def _idempotency_namespace(namespace: str) -> str:
     return f"\x00idempotency\x00{namespace}"
 
 
+def _chunk_namespace(namespace: str) -> str:
+    # Where the KeyValue service keeps the chunks of a namespace's large values.
+    return f"\x00chunks\x00{namespace}"
+
+
 async def purge_namespaces(backends: list[str], namespaces: list[str]) -> None:
     """Delete everything a test run wrote under ``namespaces`` from the persistent servers."""
-    every = [*namespaces, *map(_idempotency_namespace, namespaces)]
+    every = [*namespaces, *map(_idempotency_namespace, namespaces), *map(_chunk_namespace, namespaces)]
     if "postgres" in backends:
         import asyncpg
 

@@ -12,13 +12,14 @@ import httpx
 import pytest
 
 from app.errors import HTTP_STATUS
+from app.settings import Limits
 from prism.v1 import keyvalue_pb2 as kv
 from tests.clients import CallError, GrpcClient, GrpcWebClient, decode_grpc_web_text, grpc_web_frames
 from tests.conftest import open_session
 
 KV = "/prism.v1.KeyValueService/"
 ORIGINAL = b"original \x00 value"
-MAX_VALUE = 4 * 1024 * 1024  # the default limits.max_value_bytes
+MAX_VALUE = Limits().max_value_bytes  # the default
 
 
 @pytest.fixture
@@ -90,7 +91,7 @@ async def test_rest_oversized_body_is_413(stored):
     value = base64.b64encode(b"x" * (MAX_VALUE + 1)).decode()
     response = await http.put(f"/v1/kv/{key}", json={"value": value})
     assert_error(response, 413, "RESOURCE_EXHAUSTED", "limit")
-    huge = b"{" + b" " * (8 * 1024 * 1024) + b"}"  # past the body limit: refused while reading
+    huge = b"{" + b" " * (Limits().max_request_bytes + 1024) + b"}"  # past the body limit: refused while reading
     assert_error(await http.put(f"/v1/kv/{key}", content=huge), 413, "RESOURCE_EXHAUSTED", "request body")
 
 

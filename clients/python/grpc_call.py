@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("-H", "--header", action="append", default=[], help="metadata 'name: value'")
     args = parser.parse_args()
 
-    channel = grpc.insecure_channel(args.target)
+    channel = grpc.insecure_channel(args.target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     reflection = ProtoReflectionDescriptorDatabase(channel)
     if args.method == "list":
         print("\n".join(sorted(reflection.get_services())))
