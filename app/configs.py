@@ -20,14 +20,21 @@ _TYPE_NAMES = {number: name for name, number in BACKEND_TYPES.items()}
 
 
 def from_settings(named: NamedConfig, settings: Settings) -> config_pb2.ClientConfig:
-    return config_pb2.ClientConfig(
+    config = config_pb2.ClientConfig(
         name=named.name,
         version="1",
         pattern=config_pb2.AccessPattern.Value(f"ACCESS_PATTERN_{named.pattern}"),
         backend=config_pb2.BackendConfig(type=BACKEND_TYPES[settings.backends[named.backend].type], instance=named.backend),
-        consistency=config_pb2.ConsistencyConfig(level=config_pb2.CONSISTENCY_LEVEL_STRONG),
+        consistency=config_pb2.ConsistencyConfig(level=config_pb2.ConsistencyLevel.Value(f"CONSISTENCY_LEVEL_{named.consistency}")),
         namespace=named.namespace,
     )
+    if named.max_staleness_seconds is not None:
+        config.consistency.max_staleness.FromNanoseconds(int(named.max_staleness_seconds * 1e9))
+    if named.cache is not None:
+        config.cache.enabled = True
+        config.cache.ttl.FromNanoseconds(int(named.cache.ttl_seconds * 1e9))
+        config.cache.max_entries = named.cache.max_entries
+    return config
 
 
 class ConfigRegistry:
@@ -74,6 +81,13 @@ class ConfigRegistry:
         consistency = config.consistency
         if consistency.level == config_pb2.CONSISTENCY_LEVEL_BOUNDED_STALENESS and consistency.max_staleness.ToNanoseconds() <= 0:
             refuse("consistency.maxStaleness", "must be positive for BOUNDED_STALENESS")
+        if config.cache.enabled:
+            if config.pattern != config_pb2.ACCESS_PATTERN_KEY_VALUE:
+                refuse("cache.enabled", "a read cache is offered for KEY_VALUE only")
+            if config.cache.ttl.ToNanoseconds() <= 0:
+                refuse("cache.ttl", "must be positive when the cache is enabled")
+            if config.cache.max_entries <= 0:
+                refuse("cache.maxEntries", "must be positive when the cache is enabled")
         return found
 
     def _instance(self, config: config_pb2.ClientConfig, refuse) -> str | None:  # type: ignore[no-untyped-def]

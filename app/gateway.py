@@ -21,7 +21,7 @@ from app.pipeline import Pipeline
 from app.policy import Authorizer
 from app.ratelimit import RateLimiter
 from app.services.keyvalue import KeyValueService
-from app.services.plugin import HealthService, PluginInfoService
+from app.services.plugin import HealthService, MetricsService, PluginInfoService
 from app.services.pubsub import PubSubService
 from app.services.session import SessionService
 from app.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
@@ -49,6 +49,7 @@ class Gateway:
                 KeyValueService(self.backends, settings.limits, settings.signing_key()),
                 PubSubService(self.backends, settings.limits),
                 HealthService(self.backends),
+                MetricsService(),
                 PluginInfoService(self.backends),
             ],
         )

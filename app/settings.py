@@ -83,6 +83,11 @@ BACKEND_SETTINGS: dict[str, set[str]] = {
 }
 
 
+class NamedCache(Strict):
+    ttl_seconds: float = Field(gt=0)
+    max_entries: int = Field(default=10_000, gt=0)
+
+
 class NamedConfig(Strict):
     """A ClientConfig template clients open sessions with by name (RFC §3.3)."""
 
@@ -90,6 +95,15 @@ class NamedConfig(Strict):
     pattern: Literal["KEY_VALUE", "QUEUE", "PUBSUB", "READER", "TRANSACT"]
     backend: str  # name of an entry in `backends`
     namespace: str = Field(default="default", pattern=NAME)
+    consistency: Literal["STRONG", "EVENTUAL", "BOUNDED_STALENESS"] = "STRONG"
+    max_staleness_seconds: float | None = Field(default=None, gt=0)  # BOUNDED_STALENESS
+    cache: NamedCache | None = None  # a read cache; STRONG reads never use it
+
+    @model_validator(mode="after")
+    def _staleness(self) -> NamedConfig:
+        if self.consistency == "BOUNDED_STALENESS" and self.max_staleness_seconds is None:
+            raise ValueError("max_staleness_seconds: required for BOUNDED_STALENESS")
+        return self
 
 
 class Limits(Strict):

@@ -23,6 +23,7 @@ from adapters.keyvalue.base import KeyValueAdapter, Record, already_exists, etag
 from app.backends import Backends
 from app.errors import PrismError, invalid_argument, too_large
 from app.pipeline import Call
+from app.services.read_cache import ReadCache
 from app.settings import Limits
 from prism.v1 import keyvalue_pb2 as kv
 
@@ -131,6 +132,7 @@ class KeyValueService:
         self.backends = backends
         self.limits = limits
         self.page_tokens = PageTokens(token_key)
+        self.cache = ReadCache()
         # Serialises token-carrying writes per namespace so two concurrent retries apply once.
         self._token_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
@@ -177,7 +179,11 @@ class KeyValueService:
     async def Get(self, request: kv.GetRequest, call: Call) -> kv.GetResponse:
         store, namespace = self._store(call)
         key = check_key(request.key)
-        record = await self._resolve(store, namespace, key, await store.get(namespace, key))
+        record = self.cache.lookup(call.config, key)
+        if record is None:
+            record = await self._resolve(store, namespace, key, await store.get(namespace, key))
+            if record is not None:
+                self.cache.store(call.config, key, record)
         if record is None:
             raise PrismError(grpc.StatusCode.NOT_FOUND, f"key {request.key!r} not found")
         response = kv.GetResponse(key=request.key, value=record.value, etag=record.etag)
@@ -295,21 +301,29 @@ class KeyValueService:
 
     async def Set(self, request: kv.SetRequest, call: Call) -> kv.SetResponse:
         store, namespace = self._store(call)
+        self.cache.invalidate(call.config, request.key)
 
         async def apply() -> kv.SetResponse:
             return kv.SetResponse(etag=await self._set(store, namespace, request))
 
-        return await self._once(call, request, kv.SetResponse, apply)
+        try:
+            return await self._once(call, request, kv.SetResponse, apply)
+        finally:  # again: a read racing the write may have cached the old value meanwhile
+            self.cache.invalidate(call.config, request.key)
 
     async def Delete(self, request: kv.DeleteRequest, call: Call) -> kv.DeleteResponse:
         store, namespace = self._store(call)
+        self.cache.invalidate(call.config, request.key)
         check_key(request.key)
 
         async def apply() -> kv.DeleteResponse:
             existed = await self._delete(store, namespace, request.key, request.if_match)
             return kv.DeleteResponse(existed=existed)
 
-        return await self._once(call, request, kv.DeleteResponse, apply)
+        try:
+            return await self._once(call, request, kv.DeleteResponse, apply)
+        finally:
+            self.cache.invalidate(call.config, request.key)
 
     async def Exists(self, request: kv.ExistsRequest, call: Call) -> kv.ExistsResponse:
         store, namespace = self._store(call)
@@ -349,6 +363,8 @@ class KeyValueService:
                 result.etag = await self._set(store, namespace, entry, f"entries[{i}].")
             except PrismError as exc:
                 result.status.CopyFrom(status_pb2.Status(code=exc.code.value[0], message=exc.message))
+            finally:
+                self.cache.invalidate(call.config, entry.key)
         return response
 
     async def BatchDelete(self, request: kv.BatchDeleteRequest, call: Call) -> kv.BatchDeleteResponse:
@@ -361,6 +377,8 @@ class KeyValueService:
                 result.existed = await self._delete(store, namespace, check_key(key, f"keys[{i}]"))
             except PrismError as exc:
                 result.status.CopyFrom(status_pb2.Status(code=exc.code.value[0], message=exc.message))
+            finally:
+                self.cache.invalidate(call.config, key)
         return response
 
     async def Scan(self, request: kv.ScanRequest, call: Call) -> kv.ScanResponse:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from prometheus_client import generate_latest
+
 from app.backends import Backends
 from app.pipeline import Call
 from prism.v1 import plugin_pb2
@@ -27,6 +29,15 @@ class HealthService:
         checks = {f"keyvalue/{name}": "ok" for name in self.backends.keyvalue}
         checks.update({f"pubsub/{name}": "ok" for name in self.backends.pubsub})
         return plugin_pb2.ReadyResponse(ready=self.backends.started, checks=checks)
+
+
+class MetricsService:
+    """Prometheus text exposition of this process's metrics (also served at GET /metrics)."""
+
+    SERVICE = "prism.v1.MetricsService"
+
+    async def GetMetrics(self, request: plugin_pb2.MetricsRequest, call: Call) -> plugin_pb2.MetricsResponse:
+        return plugin_pb2.MetricsResponse(text=generate_latest().decode())
 
 
 class PluginInfoService:
