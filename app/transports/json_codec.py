@@ -45,15 +45,15 @@ def _field(descriptor: Descriptor, name: str) -> FieldDescriptor | None:
 
 
 def _scalar(field: FieldDescriptor, name: str, value: str) -> Any:
-    """A text value (path segment, query parameter) as the JSON value its field expects."""
-    if field.type == FieldDescriptor.TYPE_BOOL:
-        lowered = value.lower()
-        if lowered in _TRUE or lowered in _FALSE:
-            return lowered in _TRUE
+    """A text value (path segment, query parameter) as the JSON value its field expects.
+
+    The JSON mapping already accepts numbers and enums as strings; only bools need converting."""
+    if field.type != FieldDescriptor.TYPE_BOOL:
+        return value
+    lowered = value.lower()
+    if lowered not in _TRUE and lowered not in _FALSE:
         raise invalid_argument(name, f"expected true or false, got {value!r}")
-    if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
-        return value  # the JSON mapping accepts numbers as strings ("1.5", "NaN")
-    return value
+    return lowered in _TRUE
 
 
 def text_params(descriptor: Descriptor, params: Iterable[tuple[str, str]]) -> dict[str, Any]:
