@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks import loader
-from benchmarks.procs import ROOT, Server, clean_env, machine_jiffies
+from benchmarks.procs import CLOCK_TICKS, ROOT, Server, clean_env, machine_jiffies
 
 DISTURBED = 0.25  # other work on the machine above this many cores: measure the row again
 
@@ -31,16 +31,36 @@ class Durations:
     messages: int  # PubSub messages published per fan-out run
     subscribers: int
     retry_budget: float  # seconds the run may spend re-measuring rows disturbed by other work
+    extra_latency: float  # seconds of each open-loop run in sections 6-7 (backends, auth)
 
     @classmethod
     def full(cls) -> Durations:
         return cls(warmup=1, throughput=5, latency=10, saturation=5, rate=500, messages=2000, subscribers=100,
-                   retry_budget=90)
+                   retry_budget=90, extra_latency=6)
 
     @classmethod
     def quick(cls) -> Durations:
         return cls(warmup=0.3, throughput=1, latency=2, saturation=1, rate=500, messages=100, subscribers=100,
-                   retry_budget=10)
+                   retry_budget=10, extra_latency=2)
+
+
+def backend_cpu_seconds(name: str) -> float:
+    """CPU seconds of every process named ``name`` (a local database server and its workers),
+    including the children they reaped (cutime + cstime): Postgres serves each connection from
+    a process of its own, which exits when the client disconnects."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1 : stat.rindex(")")] != name:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        total += sum(int(v) for v in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+    return total
 
 
 @dataclass
@@ -97,11 +117,15 @@ class Context:
                                workdir=self.workdir, **kwargs)
         )
 
-    def client(self, module: str, *args: str, server: Server | None = None, timeout: float = 600) -> dict[str, Any]:
+    def client(self, module: str, *args: str, server: Server | None = None, timeout: float = 600,
+               backend: str | None = None) -> dict[str, Any]:
         """Run one of the benchmark's own client processes and parse the JSON it prints; with
-        ``server``, also who used the CPU meanwhile (client, that server, anything else)."""
+        ``server``, also who used the CPU meanwhile (client, that server, anything else). With
+        ``backend`` (a process name: ``redis-server``, ``postgres``), that database server's CPU
+        is counted apart (``backend_cpu_share``), not as other work."""
         busy0, total0 = machine_jiffies()
         server_cpu0 = server.cpu_seconds() if server else 0.0
+        backend_cpu0 = backend_cpu_seconds(backend) if backend else 0.0
         children0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the client is the only child reaped meanwhile
         started = time.perf_counter()
         process = subprocess.Popen(
@@ -127,6 +151,10 @@ class Context:
             server.check_alive()
             server_cpu = server.cpu_seconds() - server_cpu0
             result["server_cpu_share"] = round(server_cpu / wall, 3)
+        backend_cpu = 0.0
+        if backend:
+            backend_cpu = backend_cpu_seconds(backend) - backend_cpu0
+            result["backend_cpu_share"] = round(backend_cpu / wall, 3)
         machine = (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
-        result["other_cpu_share"] = round(max(0.0, machine - (client_cpu + server_cpu) / wall), 3)
+        result["other_cpu_share"] = round(max(0.0, machine - (client_cpu + server_cpu + backend_cpu) / wall), 3)
         return result

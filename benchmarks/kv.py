@@ -28,17 +28,24 @@ def grpc_frame(payload: bytes) -> bytes:
     return struct.pack(">BI", 0, len(payload)) + payload
 
 
-def _unary(channel: grpc.Channel, path: str, request: bytes, token: str = "") -> bytes:
+API_KEY_HEADER = "x-api-key"
+
+
+def _unary(channel: grpc.Channel, path: str, request: bytes, token: str = "", api_key: str = "") -> bytes:
     metadata = ((SESSION_HEADER, token),) if token else ()
+    if api_key:
+        metadata += ((API_KEY_HEADER, api_key),)
     return channel.unary_unary(path)(request, metadata=metadata, timeout=10)
 
 
-def create_session(target: str, config_name: str) -> str:
+def create_session(target: str, config_name: str, api_key: str = "") -> str:
+    """A session for a named config; with ``api_key``, authenticated by ``x-api-key``."""
     with grpc.insecure_channel(target) as channel:
         raw = _unary(
             channel,
             "/prism.v1.SessionService/CreateSession",
             session_pb2.CreateSessionRequest(config_name=config_name).SerializeToString(),
+            api_key=api_key,
         )
     return session_pb2.CreateSessionResponse.FromString(raw).token
 
@@ -64,9 +71,10 @@ class Prepared:
         return files
 
 
-def prepare(grpc_target: str, http_port: int | None = None) -> Prepared:
-    """Create a ``kv`` session, set the key, and check that a real client reads it back."""
-    token = create_session(grpc_target, "kv")
+def prepare(grpc_target: str, http_port: int | None = None, config: str = "kv", api_key: str = "") -> Prepared:
+    """Create a session for ``config`` (``kv`` by default), set the key, and check that a real
+    client reads it back."""
+    token = create_session(grpc_target, config, api_key)
     request = keyvalue_pb2.GetRequest(key=KEY).SerializeToString()
     with grpc.insecure_channel(grpc_target) as channel:
         _unary(channel, "/prism.v1.KeyValueService/Set",
@@ -82,6 +90,13 @@ def prepare(grpc_target: str, http_port: int | None = None) -> Prepared:
         if decoded.get("key") != KEY:
             raise RuntimeError(f"REST Get returned {json_body!r}")
     return Prepared(token, request, response, json_body)
+
+
+def delete(grpc_target: str, token: str, key: str = KEY) -> None:
+    """Remove the benchmark's key through the gateway (the sections clean up after themselves)."""
+    with grpc.insecure_channel(grpc_target) as channel:
+        _unary(channel, "/prism.v1.KeyValueService/Delete",
+               keyvalue_pb2.DeleteRequest(key=key).SerializeToString(), token)
 
 
 def http_get(port: int, path: str, token: str = "") -> bytes:

@@ -10,6 +10,7 @@ the client's own share of every latency, the same for every target.
     python -m benchmarks.openloop --kind grpc --port 8980 --path /prism.v1.KeyValueService/Get \
         --payload-file req.bin --token T --expect-bytes 141 --rate 500 --duration 10
     --kind http   (raw HTTP/1.1 keep-alive pool, GET --path)   --kind sqlite (aiosqlite directly)
+    --kind redis / --kind postgres   (redis.asyncio / asyncpg directly, --namespace --key --expect-bytes)
     --closed N    N calls in flight back to back instead of a rate (saturation)
 
 Prints one JSON object.
@@ -179,7 +180,59 @@ async def sqlite_call(args: argparse.Namespace) -> tuple[Call, Callable[[], Awai
     return call, db.close
 
 
-TARGETS = {"grpc": grpc_call, "http": http_call, "sqlite": sqlite_call}
+async def redis_call(args: argparse.Namespace) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    """The gateway's Redis read, through redis.asyncio directly: the same pool settings and the
+    same HMGET of the record hash (fields v, e, x) decoded the same way as adapters/keyvalue/redis.py,
+    reading the very record the gateway wrote."""
+    import redis.asyncio as aioredis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from adapters.keyvalue.redis import FIELDS, _record, record_key
+
+    no_retry = Retry(NoBackoff(), 0)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        args.url, max_connections=10, timeout=5.0, socket_connect_timeout=2.0, socket_timeout=5.0, retry=no_retry
+    )
+    client = aioredis.Redis(connection_pool=pool, retry=no_retry)
+    name = record_key(args.namespace, args.key)
+    expect = args.expect_bytes
+
+    async def call() -> None:
+        record = _record(await client.hmget(name, FIELDS))
+        if record is None or len(record.value) != expect:
+            raise RuntimeError(f"record missing or wrong size: {record!r}")
+
+    async def close() -> None:
+        await client.aclose(close_connection_pool=True)
+
+    return call, close
+
+
+async def postgres_call(args: argparse.Namespace) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    """The gateway's Postgres read, through asyncpg directly: a pool like the adapter's
+    (1..10 connections), one pooled connection per call, the adapter's SELECT and parameters,
+    reading the very row the gateway wrote."""
+    import asyncpg
+
+    from adapters.keyvalue.postgres import live
+
+    pool = await asyncpg.create_pool(args.dsn, min_size=1, max_size=10, timeout=2.0, command_timeout=5.0,
+                                     server_settings={"application_name": "prism-bench-direct"})
+    sql = f"SELECT value, etag, expires_at FROM prism_kv WHERE namespace=$1 AND key=$2 AND {live(3)}"
+    ns, key = args.namespace.encode(), args.key.encode()
+    expect = args.expect_bytes
+
+    async def call() -> None:
+        async with pool.acquire(timeout=5.0) as con:
+            row = await con.fetchrow(sql, ns, key, time.time())
+        if row is None or len(row[0]) != expect:
+            raise RuntimeError("row missing or wrong size")
+
+    return call, pool.close
+
+
+TARGETS = {"grpc": grpc_call, "http": http_call, "sqlite": sqlite_call, "redis": redis_call, "postgres": postgres_call}
 
 
 # --- schedules -------------------------------------------------------------------------------
@@ -323,6 +376,9 @@ def main() -> None:
     parser.add_argument("--expect-bytes", type=int, default=0)
     parser.add_argument("--db", help="sqlite: database file")
     parser.add_argument("--key", default="bench-key")
+    parser.add_argument("--namespace", default="default", help="redis, postgres: the record's namespace")
+    parser.add_argument("--url", default="redis://127.0.0.1:6379/0", help="redis: server URL")
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test", help="postgres: DSN")
     parser.add_argument("--rate", type=float, default=500)
     parser.add_argument("--closed", type=int, default=0, help="closed loop with this many in flight")
     parser.add_argument("--duration", type=float, default=10)

@@ -224,8 +224,11 @@ def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def gateway(workdir: pathlib.Path, server: str, env: dict[str, str] | None = None) -> Server:
-    """``prism serve`` on the embedded default (SQLite + in-process pub/sub), fresh data dir."""
+def gateway(
+    workdir: pathlib.Path, server: str, env: dict[str, str] | None = None, config: pathlib.Path | None = None
+) -> Server:
+    """``prism serve`` on the embedded default (SQLite + in-process pub/sub), fresh data dir;
+    with ``config``, on that server configuration YAML (``--config``) instead."""
     http_port, grpc_port = free_port(), free_port()
     data = workdir / f"gateway-{server}-{http_port}"
     data.mkdir(parents=True, exist_ok=True)
@@ -233,6 +236,8 @@ def gateway(workdir: pathlib.Path, server: str, env: dict[str, str] | None = Non
         "-m", "app.cli", "serve", "--server", server, "--port", str(http_port), "--grpc-port", str(grpc_port),
         "--data-dir", str(data / "data"), "--log-level", "warning",
     )
+    if config is not None:
+        command += ["--config", str(config)]
     srv = Server(f"gateway ({server})", command, data / "gateway.log", clean_env(env), http_port, grpc_port)
     srv.start()
     srv.wait_http("/readyz")

@@ -153,6 +153,42 @@ TABLES: dict[str, Table] = {
         ],
         [Column("deliveries/s", "deliveries_per_s", rps)],
     ),
+    "backends": Table(
+        [
+            Column("backend", "backend"),
+            Column("target", "target"),
+            Column("transport", "transport"),
+            Column("calls/s", "achieved_rps", rps),
+            Column("p50 ms", "p50_ms", ms),
+            Column("p99 ms", "p99_ms", ms),
+            Column("p99.9 ms", "p999_ms", ms),
+            Column("added p50 ms", "added_p50_ms", signed_ms),
+            Column("added p99 ms", "added_p99_ms", signed_ms),
+            Column("client dispatch p50/p99 ms", "dispatch", text),
+            Column("client CPU", "client_cpu_share", share),
+            Column("gateway CPU", "server_cpu_share", share),
+            Column("backend CPU", "backend_cpu_share", share),
+            Column("other CPU", "other_cpu", text),
+        ],
+        [Column("p50 ms", "p50_ms", ms), Column("p99 ms", "p99_ms", ms)],
+    ),
+    "auth": Table(
+        [
+            Column("measurement", "measurement"),
+            Column("transport", "transport"),
+            Column("load", "load"),
+            Column("gateway", "gateway"),
+            Column("RPS", "rps", rps),
+            Column("p50 ms", "p50_ms", ms),
+            Column("p99 ms", "p99_ms", ms),
+            Column("auth/dev RPS", "rps_vs_dev", ratio),
+            Column("Δ p50 ms", "vs_dev_p50_ms", signed_ms),
+            Column("Δ p99 ms", "vs_dev_p99_ms", signed_ms),
+            Column("server CPU", "server_cpu_share", share),
+            Column("other CPU", "other_cpu", text),
+        ],
+        [Column("RPS", "rps", rps), Column("p50 ms", "p50_ms", ms), Column("p99 ms", "p99_ms", ms)],
+    ),
     "memory": Table(
         [
             Column("section", "section"),
@@ -222,12 +258,13 @@ def targets(sections: dict[str, dict[str, Any]]) -> list[Row]:
         if row:
             out.append(_goal(f"REST Get ≥ 10k RPS on one h2c connection ({server})", f"{rps(row['rps'])} RPS",
                              row["rps"] >= 10_000, f"by {rps(10_000 - row['rps'])} RPS"))
-    for row in sections.get("latency", {}).get("rows", []):
+    for row in [*sections.get("latency", {}).get("rows", []), *sections.get("backends", {}).get("rows", [])]:
         if "added_p50_ms" not in row:
             continue
+        on = f"{row['backend']}: " if row.get("backend") else ""
         for q, goal in (("p50", 0.5), ("p99", 2.0)):
             value = row[f"added_{q}_ms"]
-            out.append(_goal(f"added {q} ≤ {goal} ms at {row['achieved_rps']:.0f}/s ({row['target']}, {row['transport']})",
+            out.append(_goal(f"added {q} ≤ {goal} ms at {row['achieved_rps']:.0f}/s ({on}{row['target']}, {row['transport']})",
                              f"{value:+.3f} ms", value <= goal, f"by {value - goal:.3f} ms"))
     peaks: dict[str, float] = {}
     for row in sections.get("memory", {}).get("rows", []):
@@ -245,7 +282,8 @@ def _goal(goal: str, measured: str, met: bool, missed_by: str) -> Row:
 
 # --- the document ----------------------------------------------------------------------------
 
-SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory"]
+# Document order (the run order differs: memory runs last, after sections 6-7).
+SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory", "backends", "auth"]
 
 
 def markdown(result: dict[str, Any], old: dict[str, Any] | None) -> str:
@@ -290,7 +328,8 @@ def markdown(result: dict[str, Any], old: dict[str, Any] | None) -> str:
     ]
     goals = result.get("targets", [])
     if goals:
-        out += ["## Targets (issue 3)", "", "| goal | measured | status |", "|---|---|---|"]
+        out += ["## Targets (issue 3; its added-latency goals also applied to section 6's Redis/Postgres rows)", "",
+                "| goal | measured | status |", "|---|---|---|"]
         out += [f"| {g['goal']} | {g['measured']} | {g['status']} |" for g in goals]
         out.append("")
     notes = _notes(result["sections"])
@@ -302,12 +341,12 @@ def markdown(result: dict[str, Any], old: dict[str, Any] | None) -> str:
         if "error" in section:
             out += [f"**Section failed**: `{section['error']}`", ""]
             continue
-        if name == "latency":
+        if name in ("latency", "backends"):
             out += [f"### Open loop at {meta['durations']['rate']:g} calls/s", ""]
         out += [table(name, section["rows"], old_rows, old_label), ""]
         if name == "latency" and section.get("saturation"):
             out += ["### At saturation (64 in flight)", "", table("saturation", section["saturation"], old_rows, old_label), ""]
-        out += [f"- {n}" for n in notes.get(name, [])]
+        out += [f"- {n}" for n in notes.get(name, []) if n]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -355,6 +394,28 @@ def _notes(sections: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
             if row.get("errors"):
                 notes["streams"].append(f"{row['target']} {row['transport']} ({row.get('publisher')}): "
                                         + "; ".join(row["errors"]))
+    if section := sections.get("backends"):
+        if section.get("rows"):
+            notes["backends"] = [
+                "*added* = gateway − the backend's own Python client reading the same record directly (redis.asyncio "
+                "HMGET of the record hash as adapters/keyvalue/redis.py reads it; asyncpg SELECT with the adapter's "
+                "statement and a pool like its own), from a client process of its own, same open-loop client. "
+                "Local Redis and Postgres servers; one gateway on Granian (one worker) serving both configs "
+                f"(kv-redis, kv-postgres) in the bench-only namespace `{section.get('namespace')}`.",
+                f"Namespace removed afterwards: {section.get('removed_after')} (left over from an earlier run "
+                f"beforehand: {section.get('leftover_before')}).",
+            ]
+    if section := sections.get("auth"):
+        if section.get("rows"):
+            notes["auth"] = [
+                "Two gateways from the same configuration, both Granian with one worker, SQLite `kv` config in "
+                f"namespace `{section.get('namespace')}`: *dev* (no auth) and *auth* (API key — the session created with "
+                "x-api-key, the auth gateway refusing one without it — a policy granting KEY_VALUE.* in the namespace, "
+                "a namespace rate limit of 10,000,000/s so the bucket is checked but never refuses, audit to a file). "
+                "auth/dev RPS and Δ p50/p99 (auth − dev) are the cost of authentication per request.",
+                f"Audit lines written during the load: {section.get('audit_lines_during_load', '—'):,}." if isinstance(
+                    section.get("audit_lines_during_load"), int) else "",
+            ]
     if sections.get("memory", {}).get("rows"):
         notes["memory"] = [
             "idle = VmRSS once started and set up; peak = VmHWM read just before the process was stopped (covers all "

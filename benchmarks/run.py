@@ -1,7 +1,7 @@
 """Run the benchmark sections side by side and write benchmarks/results/latest.{md,json} plus a
 dated copy. ``make bench`` runs this; see benchmarks/README.md.
 
-    python -m benchmarks.run [--quick] [--only grpc,rest,latency,streams,memory]
+    python -m benchmarks.run [--quick] [--only grpc,rest,latency,backends,auth,streams,memory]
                              [--label before] [--compare benchmarks/results/before.json]
 """
 
@@ -24,7 +24,7 @@ import time
 import traceback
 from typing import Any
 
-from benchmarks import grpc_throughput, latency, memory, report, rest_throughput, streams
+from benchmarks import auth_cost, backends, grpc_throughput, latency, memory, report, rest_throughput, streams
 from benchmarks.context import Context, Durations
 from benchmarks.loader import h2load_version
 from benchmarks.procs import ROOT, machine_jiffies
@@ -33,6 +33,8 @@ SECTIONS = {
     "grpc": grpc_throughput.run,
     "rest": rest_throughput.run,
     "latency": latency.run,  # after grpc and rest: its saturation rows come from them
+    "backends": backends.run,  # issue 5: added latency on Redis and Postgres
+    "auth": auth_cost.run,  # issue 4: the cost of authentication per request
     "streams": streams.run,
     "memory": memory.run,  # last: it reports the servers of every section before it
 }
@@ -85,7 +87,7 @@ def _wait_quiet(limit: float, below: float = 0.25) -> float:
 
 def _packages() -> dict[str, str]:
     out = {}
-    for name in ("grpcio", "protobuf", "fastapi", "hypercorn", "granian", "uvloop", "aiosqlite"):
+    for name in ("grpcio", "protobuf", "fastapi", "hypercorn", "granian", "uvloop", "aiosqlite", "redis", "asyncpg"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
