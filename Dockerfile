@@ -9,8 +9,8 @@
 # (`docker run -p 8080:8080`) to reach it, and dev mode (no authentication configured)
 # refuses any non-loopback address at start-up. So the default CMD binds loopback: the
 # gateway runs and the HEALTHCHECK below passes inside the container, but nothing outside
-# the container can call it yet. Once authentication lands, mount a server config that
-# enables it and bind all interfaces:
+# the container can call it yet. To serve others, mount a server config with `auth`
+# (README, "Security") and bind all interfaces:
 #
 #   docker run -p 8080:8080 -p 8980:8980 \
 #     -v ./prism.yaml:/etc/prism/prism.yaml:ro -e PRISM_CONFIG=/etc/prism/prism.yaml \
