@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 # gRPC status → HTTP status, as grpc-gateway maps them (runtime/errors.go).
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -97,6 +98,15 @@ class PrismError(Exception):
                 "fieldViolations": [{"field": self.field, "description": self.message}],
             }
         ]
+
+    def to_status(self) -> status_pb2.Status:
+        """As google.rpc.Status, with a BadRequest naming the field when there is one: the
+        gRPC rich error (grpc-status-details-bin) and a batch entry's result."""
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        if self.field is not None:
+            violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.message)
+            status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        return status
 
     def to_json(self) -> bytes:
         try:

@@ -17,7 +17,6 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from google.rpc import status_pb2
 
 from adapters.keyvalue.base import KeyValueAdapter, Record, already_exists, etag_mismatch
 from app.backends import Backends
@@ -362,7 +361,7 @@ class KeyValueService:
             try:
                 result.etag = await self._set(store, namespace, entry, f"entries[{i}].")
             except PrismError as exc:
-                result.status.CopyFrom(status_pb2.Status(code=exc.code.value[0], message=exc.message))
+                result.status.CopyFrom(exc.to_status())
             finally:
                 self.cache.invalidate(call.config, entry.key)
         return response
@@ -376,7 +375,7 @@ class KeyValueService:
             try:
                 result.existed = await self._delete(store, namespace, check_key(key, f"keys[{i}]"))
             except PrismError as exc:
-                result.status.CopyFrom(status_pb2.Status(code=exc.code.value[0], message=exc.message))
+                result.status.CopyFrom(exc.to_status())
             finally:
                 self.cache.invalidate(call.config, key)
         return response

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError, Message
-from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -39,13 +38,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     error = status_of(exc)
     trailing: tuple[tuple[str, bytes], ...] = ()
     if error.field is not None:
-        # Rich status, as grpc-status-details-bin: google.rpc.Status with a BadRequest.
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)]
-        )
-        status = status_pb2.Status(code=error.code.value[0], message=error.message)
-        status.details.add().Pack(bad_request)
-        trailing = (("grpc-status-details-bin", status.SerializeToString()),)
+        trailing = (("grpc-status-details-bin", error.to_status().SerializeToString()),)
     await context.abort(error.code, error.message, trailing_metadata=trailing)
 
 
