@@ -78,7 +78,7 @@ def _where(dsn: str) -> str:
 
 
 def _is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError)):
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)):
         return True
     return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] in UNAVAILABLE_CLASSES
 
@@ -154,9 +154,18 @@ class PostgresKeyValue(KeyValueAdapter):
         """A pooled connection, with every driver failure mapped at the boundary."""
         if self._pool is None:
             raise RuntimeError("PostgresKeyValue used before start()")
+        pool = self._pool
         try:
-            async with self._pool.acquire(timeout=self.command_timeout) as con:
+            con = await pool.acquire(timeout=self.command_timeout)
+            try:
                 yield con
+            except asyncpg.InternalClientError:
+                # The protocol lost track of the connection's state (seen when the server
+                # terminates it mid-call): never hand that connection out again.
+                con.terminate()
+                raise
+            finally:
+                await self._release(pool, con)
         except PrismError:
             raise
         except Exception as exc:
@@ -166,6 +175,16 @@ class PostgresKeyValue(KeyValueAdapter):
                 log.exception("postgres statement failed")
                 raise internal() from exc
             raise
+
+    @staticmethod
+    async def _release(pool: asyncpg.Pool, con: asyncpg.Connection) -> None:
+        """Return ``con`` to the pool. A failure here (resetting a connection the server is
+        closing) must not replace the statement's own outcome: the pool has already terminated
+        that connection, and a committed write stays acknowledged."""
+        try:
+            await pool.release(con)
+        except Exception as exc:
+            log.debug("postgres connection dropped on release: %s: %s", type(exc).__name__, exc)
 
     async def _fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
         async with self._connection() as con:
