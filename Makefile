@@ -2,7 +2,7 @@
 UV ?= uv
 PY := .venv/bin/python
 
-.PHONY: setup run test proto openapi lint bench browser-deps
+.PHONY: setup run test proto openapi lint bench test-deps
 
 setup:
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -24,8 +24,9 @@ openapi: setup  ## regenerate the committed OpenAPI document
 lint: setup
 	$(UV) run --frozen ruff check app adapters tests
 
-browser-deps:  ## Debian chromium and playwright-core for tests/test_browser.py
-	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+test-deps:  ## Debian chromium + playwright-core (tests/test_browser.py), nginx (tests/test_mtls_e2e.py)
+	@(test -x /usr/bin/chromium && test -x /usr/sbin/nginx) || \
+		(apt-get update -qq && apt-get install -y -qq chromium nginx-light >/dev/null)
 	cd frontend-examples/browser-test && npm ci --silent --no-audit --no-fund
 
 bench: setup  ## benchmark sections side by side → benchmarks/results/latest.md (benchmarks/README.md); ARGS="--quick" or "--label before"

@@ -1,7 +1,14 @@
 """Import target for ASGI servers (``app.asgi:app``): settings come from ``PRISM_CONFIG`` and
 ``PRISM_*`` variables, which ``prism serve`` sets before starting the server's workers."""
 
+import os
+
 from app.http_app import create_app
 from app.settings import load_settings
+
+if os.environ.get("PRISM_SERVER") == "hypercorn":
+    from app import hypercorn_tls
+
+    hypercorn_tls.install()  # client certificates reach the app as the ASGI TLS extension
 
 app = create_app(load_settings())

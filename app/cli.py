@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 
 from app.settings import SettingsError, load_settings
@@ -47,6 +48,7 @@ def _export(args: argparse.Namespace) -> None:
         if value is not None:
             os.environ[name] = str(value)
     os.environ["PRISM_WORKERS"] = str(args.workers)
+    os.environ["PRISM_SERVER"] = args.server  # app.asgi adapts to the server in each worker
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -66,7 +68,15 @@ def serve(args: argparse.Namespace) -> int:
         f"gRPC on {settings.grpc.host}:{settings.grpc.port}, workers={args.workers}",
         file=sys.stderr,
     )
+    mtls = settings.auth.mtls if settings.auth is not None else None
     if args.server == "granian":
+        if mtls is not None and tls is not None and mtls.forwarded is None:
+            print(
+                "prism: warning: Granian cannot pass client certificates to the app: on the HTTP "
+                "port they authenticate nobody (use --server hypercorn, or auth.mtls.forwarded "
+                "behind a TLS-terminating proxy); the gRPC port requires them",
+                file=sys.stderr,
+            )
         from granian import Granian
         from granian.constants import HTTPModes, Interfaces, Loops
 
@@ -95,6 +105,10 @@ def serve(args: argparse.Namespace) -> int:
     config.loglevel = args.log_level.upper()
     if tls:
         config.certfile, config.keyfile = str(tls.certfile), str(tls.keyfile)
+        if mtls is not None:
+            # Optional, so callers with an API key or a token still connect; a certificate from
+            # another CA fails the handshake, and app/hypercorn_tls.py hands a good one to the app.
+            config.ca_certs, config.verify_mode = str(mtls.ca_file), ssl.CERT_OPTIONAL
     try:
         return run(config)
     except Exception as exc:

@@ -16,7 +16,15 @@ import time
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
@@ -152,11 +160,22 @@ class Jwt(Strict):
     jwks_cache_seconds: float = Field(default=300.0, gt=0)
 
 
+class ForwardedCertificate(Strict):
+    """A TLS-terminating proxy in front of the HTTP port passes on the client certificate it
+    received, URL-encoded PEM in ``header`` (nginx ``$ssl_client_escaped_cert``, AWS ALB
+    ``X-Amzn-Mtls-Clientcert``, Envoy ``x-forwarded-client-cert`` ``Cert="…"``). Honoured only
+    from ``trusted_proxies``; the certificate is verified again against ``ca_file``."""
+
+    header: str = Field(default="x-forwarded-client-cert", pattern=r"^[a-z0-9-]+$")
+    trusted_proxies: list[IPvAnyNetwork] = Field(min_length=1)
+
+
 class Mtls(Strict):
     """Client certificates signed by ``ca_file``; the subject CN is the identity."""
 
     ca_file: pathlib.Path
     roles: dict[str, list[str]] = {}  # identity (CN) → roles
+    forwarded: ForwardedCertificate | None = None
 
 
 class Auth(Strict):
@@ -250,8 +269,12 @@ class Settings(Strict):
                     f"configs.{config.name}.backend: no backend named {config.backend!r} "
                     f"(known: {', '.join(sorted(self.backends))})"
                 )
-        if self.auth is not None and self.auth.mtls is not None and self.tls is None:
-            raise ValueError("auth.mtls: client certificates need tls (certfile, keyfile) on the gRPC port")
+        mtls = self.auth.mtls if self.auth is not None else None
+        if mtls is not None and self.tls is None and mtls.forwarded is None:
+            raise ValueError(
+                "auth.mtls: client certificates need tls (certfile, keyfile), or auth.mtls.forwarded "
+                "for a TLS-terminating proxy in front of the HTTP port"
+            )
         if self.auth is None:
             for key, listener in (("http.host", self.http), ("grpc.host", self.grpc)):
                 if not listener.loopback:

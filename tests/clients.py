@@ -121,8 +121,16 @@ class RestClient:
 
     name = "rest"
 
-    def __init__(self, base_url: str, http2: bool = False, headers: dict[str, str] | None = None) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url, http1=not http2, http2=http2, timeout=10, headers=headers)
+    def __init__(
+        self,
+        base_url: str,
+        http2: bool = False,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,  # TLS client certificates, source address
+    ) -> None:
+        self.http = httpx.AsyncClient(
+            base_url=base_url, http1=not http2, http2=http2, timeout=10, headers=headers, transport=transport
+        )
 
     async def call(self, rpc: str, request: Message, token: str = "") -> Message:
         method = METHODS[rpc]
@@ -202,8 +210,14 @@ def decode_grpc_web_text(body: bytes) -> bytes:
 class GrpcWebClient:
     name = "grpc-web"
 
-    def __init__(self, base_url: str, text: bool = False, headers: dict[str, str] | None = None) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=10, headers=headers)
+    def __init__(
+        self,
+        base_url: str,
+        text: bool = False,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=10, headers=headers, transport=transport)
         self.text = text
         self.content_type = "application/grpc-web-text" if text else "application/grpc-web+proto"
         if text:

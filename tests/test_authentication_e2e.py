@@ -6,9 +6,7 @@ gRPC-Web: a valid token opens a session whose token alone then carries the data 
 bad credential is refused with UNAUTHENTICATED (HTTP 401 on REST, grpc-status 16 on gRPC-Web)
 and a message naming the reason.
 
-``mtls``: a gateway with TLS on both ports (a server certificate from a CA generated here) that
-requires, on the gRPC port, a client certificate signed by the configured client CA; the
-certificate's CN is the identity.
+Client certificates (mTLS) are tested in tests/test_mtls_e2e.py.
 
 Nothing is mocked: every credential crosses the wire to the gateway, which fetches the JWKS and
 verifies signatures, claims and certificates itself.
@@ -17,15 +15,12 @@ verifies signatures, claims and certificates itself.
 from __future__ import annotations
 
 import asyncio
-import pathlib
-import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 from joserfc import jwt
@@ -33,34 +28,23 @@ from joserfc.jwk import ECKey, RSAKey
 
 from app.auth import NO_CREDENTIALS, hash_key
 from prism.v1 import config_pb2, session_pb2
-from prism.v1 import keyvalue_pb2 as kv
 from tests.auth.keys import (
-    Issued,
     JwksEndpoint,
     hs256_with_public_key,
-    issue,
     unsigned_token,
-    write_pem,
 )
+from tests.auth.sessions import CREATE_SESSION, NAMESPACE, Client, open_session, use_session
 from tests.clients import CallError, GrpcClient, GrpcWebClient, RestClient
 from tests.gateway_process import GatewayProcess, start_gateway
 
 ISSUER = "https://issuer.e2e.test"
 AUDIENCE = "prism-e2e"
-NAMESPACE = "e2e"
 API_KEY = "prism_e2e-valid-key-0123456789abcdef"
 # Once handed out; revoking a key is removing its entry, so the gateway's config no longer has it.
 REVOKED_KEY = "prism_e2e-revoked-key-0123456789abcdef"
 TRANSPORTS = ("grpc", "rest", "grpc-web")
-READY_SECONDS = 30
 
-CREATE_SESSION = "/prism.v1.SessionService/CreateSession"
-GET_SESSION = "/prism.v1.SessionService/GetSession"
 LIST_CONFIGS = "/prism.v1.ConfigService/ListConfigs"
-KV_SET = "/prism.v1.KeyValueService/Set"
-KV_GET = "/prism.v1.KeyValueService/Get"
-
-Client = GrpcClient | RestClient | GrpcWebClient
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,21 +159,6 @@ async def connect() -> AsyncIterator[Callable[..., Client]]:
         await client.close()
 
 
-async def open_session(client: Client) -> session_pb2.CreateSessionResponse:
-    response = await client.call(CREATE_SESSION, session_pb2.CreateSessionRequest(config_name="kv"))
-    assert isinstance(response, session_pb2.CreateSessionResponse)
-    return response
-
-
-async def use_session(client: Client, token: str, key: str) -> session_pb2.Session:
-    """Set then Get a key with the session token alone; the session as GetSession shows it."""
-    await client.call(KV_SET, kv.SetRequest(key=key, value=b"value-" + key.encode()), token)
-    got = await client.call(KV_GET, kv.GetRequest(key=key), token)
-    assert got.value == b"value-" + key.encode()  # type: ignore[attr-defined]
-    described = await client.call(GET_SESSION, session_pb2.GetSessionRequest(), token)
-    return described.session  # type: ignore[attr-defined]
-
-
 def assert_unauthenticated(transport: str, error: CallError, reason: str) -> None:
     # gRPC: the status itself. gRPC-Web: the client maps the grpc-status trailer (16) to its name
     # (the raw wire form is checked in test_grpc_web_refusal_on_the_wire). REST: the HTTP status.
@@ -292,140 +261,3 @@ async def test_grpc_web_refusal_on_the_wire(secured: GatewayProcess, keys: Keys)
     assert response.status_code == 200
     assert response.headers["grpc-status"] == "16"
     assert urllib.parse.unquote(response.headers["grpc-message"]) == "token expired"
-
-
-# --------------------------------------------------------------------------------------------
-# mTLS on the gRPC port
-
-
-@dataclass(frozen=True)
-class MtlsGateway:
-    gateway: GatewayProcess
-    server_ca: Issued  # signed the gateway's certificate (both ports)
-    client_ca: Issued  # auth.mtls.ca_file
-    other_ca: Issued  # unknown to the gateway
-    tmp: pathlib.Path
-
-    def channel_credentials(self, client: Issued | None) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.server_ca.pem.encode(),
-            private_key=client.key_pem if client else None,
-            certificate_chain=client.pem.encode() if client else None,
-        )
-
-    def grpc_client(self, client: Issued | None) -> GrpcClient:
-        # 127.0.0.1 is the server certificate's subjectAltName (an IP address): no name override.
-        return GrpcClient(self.gateway.grpc_target, credentials=self.channel_credentials(client))
-
-
-def mtls_config(tmp: pathlib.Path, server: Issued, client_ca: Issued) -> str:
-    certfile, keyfile = write_pem(tmp, "gateway", server)
-    ca_file = tmp / "clients-ca.pem"
-    ca_file.write_text(client_ca.pem)
-    return f"""
-tls: {{certfile: {certfile}, keyfile: {keyfile}}}
-backends:
-  mem: {{type: memory}}
-configs:
-  - {{name: kv, pattern: KEY_VALUE, backend: mem, namespace: {NAMESPACE}}}
-namespaces:
-  - {{name: {NAMESPACE}}}
-auth:
-  mtls:
-    ca_file: {ca_file}
-    roles: {{svc-a: [service]}}
-policies:
-  - {{role: service, namespaces: [{NAMESPACE}], operations: ["SESSION.*", "KEY_VALUE.*"]}}
-"""
-
-
-def wait_ready_tls(gateway: GatewayProcess, server_ca: Issued) -> None:
-    """start_gateway's wait polls plain HTTP; this gateway speaks HTTPS, verified by server_ca."""
-    context = ssl.create_default_context(cadata=server_ca.pem)
-    url = f"https://127.0.0.1:{gateway.http_port}/readyz"
-    deadline = time.monotonic() + READY_SECONDS
-    with httpx.Client(verify=context, timeout=1) as http:
-        while time.monotonic() < deadline:
-            if gateway.process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {gateway.process.returncode}:\n{gateway.log()}")
-            try:
-                if http.get(url).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-    gateway.stop()
-    raise RuntimeError(f"gateway not ready after {READY_SECONDS}s:\n{gateway.log()}")
-
-
-@pytest.fixture(scope="module")
-async def mtls(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MtlsGateway]:
-    tmp = tmp_path_factory.mktemp("mtls-e2e")
-    server_ca = issue("Prism E2E Server CA", ca=True)
-    client_ca = issue("Prism E2E Client CA", ca=True)
-    server = issue("prism-gateway", server_ca, san="127.0.0.1", client_auth=False)
-    config = mtls_config(tmp, server, client_ca)
-
-    def start() -> GatewayProcess:
-        gateway = start_gateway(tmp, "granian", config_yaml=config, wait=False)
-        wait_ready_tls(gateway, server_ca)
-        return gateway
-
-    gateway = await asyncio.to_thread(start)
-    yield MtlsGateway(gateway, server_ca, client_ca, issue("Some Other CA", ca=True), tmp)
-    await asyncio.to_thread(gateway.stop)
-
-
-async def test_mtls_client_certificate_opens_a_session(mtls: MtlsGateway) -> None:
-    client = mtls.grpc_client(issue("svc-a", mtls.client_ca))
-    try:
-        created = await open_session(client)
-        assert created.session.identity == "svc-a"
-        session = await use_session(client, created.token, "mtls-svc-a")
-        assert session.identity == "svc-a"
-    finally:
-        await client.close()
-
-
-async def test_mtls_identity_without_roles_is_denied(mtls: MtlsGateway) -> None:
-    """A certificate from the right CA authenticates its CN; a CN with no roles entry may do nothing."""
-    client = mtls.grpc_client(issue("svc-b", mtls.client_ca))
-    try:
-        with pytest.raises(CallError) as denied:
-            await open_session(client)
-    finally:
-        await client.close()
-    assert denied.value.code == "PERMISSION_DENIED"
-    assert denied.value.message == f"'svc-b' may not SESSION.CreateSession in namespace {NAMESPACE!r}"
-
-
-@pytest.mark.parametrize("certificate", ["from-another-ca", "none"])
-async def test_mtls_refused_at_the_handshake(mtls: MtlsGateway, certificate: str) -> None:
-    # Not UNAUTHENTICATED: grpcio's server (require_client_auth=True) checks the client
-    # certificate inside the TLS handshake and aborts it (an alert: unknown CA / certificate
-    # required) before any HTTP/2 stream, so no handler, and no gRPC status from the gateway,
-    # ever exists. The client's channel fails to connect and grpc reports that as UNAVAILABLE.
-    cert = issue("svc-a", mtls.other_ca) if certificate == "from-another-ca" else None
-    client = mtls.grpc_client(cert)
-    try:
-        with pytest.raises(CallError) as refused:
-            await open_session(client)
-    finally:
-        await client.close()
-    # Not the UNAVAILABLE a gateway could answer itself ("JWKS endpoint unreachable"): no connection.
-    assert refused.value.code == "UNAVAILABLE", refused.value
-    assert "failed to connect" in refused.value.message
-
-
-async def test_mtls_is_not_accepted_on_the_http_port(mtls: MtlsGateway) -> None:
-    """Neither Hypercorn nor Granian passes a client certificate to the ASGI app (see
-    app/auth/mtls.py), so over HTTPS a certificate is not a credential: REST answers 401."""
-    client_cert = issue("svc-a", mtls.client_ca)
-    cert_file, key_file = write_pem(mtls.tmp, "svc-a-client", client_cert)
-    context = ssl.create_default_context(cadata=mtls.server_ca.pem)
-    context.load_cert_chain(cert_file, key_file)
-    base_url = f"https://127.0.0.1:{mtls.gateway.http_port}"
-    async with httpx.AsyncClient(base_url=base_url, verify=context, timeout=10) as http:
-        response = await http.post("/v1/sessions", json={"configName": "kv"})
-    assert response.status_code == 401
-    assert response.json()["message"] == NO_CREDENTIALS

@@ -1,6 +1,6 @@
 """The browser example, driven in headless Chromium from another origin (CORS, gRPC-Web,
 SSE): `frontend-examples/browser-test/check.mjs` against a real gateway. Needs Node.js,
-Debian's chromium and `npm ci` in browser-test (`make browser-deps`)."""
+Debian's chromium and `npm ci` in browser-test (`make test-deps`)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from prism.v1 import keyvalue_pb2 as kv
 
+from prism.v1 import keyvalue_pb2 as kv
 from tests.clients import GrpcClient
 from tests.conftest import open_session
 from tests.gateway_process import GatewayProcess, start_gateway
@@ -78,6 +78,7 @@ async def test_consistency_levels_and_invalidation(pair) -> None:
 
 async def test_cache_config_is_validated(pair) -> None:
     from google.protobuf import json_format
+
     from prism.v1 import config_pb2
 
     a, _ = pair

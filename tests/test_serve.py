@@ -53,6 +53,18 @@ def test_mtls_without_tls_is_refused_at_start(tmp_path: pathlib.Path) -> None:
     assert "auth.mtls" in result.stderr and "tls" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("forwarded", "named"),
+    [("{trusted_proxies: []}", "trusted_proxies"), ("{trusted_proxies: [10.0.0.300/8]}", "trusted_proxies")],
+)
+def test_forwarded_certificates_need_trusted_proxies(tmp_path: pathlib.Path, forwarded: str, named: str) -> None:
+    config = tmp_path / "prism.yaml"
+    config.write_text(f"auth:\n  mtls: {{ca_file: {tmp_path / 'ca.pem'}, forwarded: {forwarded}}}\n")
+    result = run_serve("--config", str(config))
+    assert result.returncode == 2
+    assert f"auth.mtls.forwarded.{named}" in result.stderr, result.stderr
+
+
 def test_refuses_public_bind_without_authentication() -> None:
     result = run_serve("--host", "0.0.0.0")
     assert result.returncode == 2

@@ -1,26 +1,23 @@
 """Client certificates (mTLS): a certificate signed by ``auth.mtls.ca_file`` authenticates its
 subject; the subject's common name (CN) is the identity, ``auth.mtls.roles[CN]`` its roles.
 
-Where the verified certificate comes from, per transport:
+Where the certificate comes from, per transport:
 
     gRPC port (grpc.aio)   TLS with grpc_server_credentials(): the handshake requires a client
                            certificate signed by ca_file, so an unverified one never reaches a
                            handler. context.auth_context() then carries x509_common_name and
                            x509_subject -> grpc_peer_identity().
-    HTTP port (ASGI)       the ASGI TLS extension, scope["extensions"]["tls"]["client_cert_chain"]
-                           (PEM, leaf first) -> ClientCertificates.from_asgi(). The chain is
-                           verified again here against ca_file, so a server that asks for a
-                           certificate without checking it cannot smuggle one in.
+    HTTP port, direct      the ASGI TLS extension, scope["extensions"]["tls"]["client_cert_chain"]
+                           (PEM, leaf first). Hypercorn asks for an optional certificate from
+                           ca_file and fills the extension in (app/hypercorn_tls.py); Granian 2.8
+                           cannot pass one to the app (upstream #788), so there only the proxy
+                           header below works.
+    HTTP port, proxied     auth.mtls.forwarded: a TLS-terminating proxy at one of
+                           ``trusted_proxies`` sends the certificate it received in a header.
+                           The same header from any other peer is refused, never ignored.
 
-Which HTTP servers deliver a client certificate to the app (checked in the installed code):
-Hypercorn 0.18 verifies client certificates when configured (``ca_certs`` plus
-``verify_mode = CERT_REQUIRED``) but its scope's ``extensions`` hold only
-``http.response.trailers`` / ``push`` / ``early_hint``: no ``tls``. Granian 2.8 verifies them too
-(``ssl_ca`` plus ``ssl_client_verify``) and likewise omits ``tls`` (its ASGI extensions are
-``http.response.pathsend`` and ``websocket.http.response``). Both can *require* a certificate
-from the right CA on the HTTP port, but neither can tell the app whose it was: today only the
-gRPC port authenticates a caller by certificate, and from_asgi() is ready for a server that
-implements the extension (open upstream: Granian #788, Hypercorn #62).
+Whatever the source, the chain is verified here against ca_file, so neither a server that asks
+for a certificate without checking it nor a proxy can smuggle in one from another CA.
 
 Neither X.509 parsing nor chain building is written here: ``cryptography`` does both.
 """
@@ -28,9 +25,12 @@ Neither X.509 parsing nor chain building is written here: ``cryptography`` does 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
 import pathlib
+import re
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -136,6 +136,7 @@ class ClientCertificates:
         self._store = Store(x509.load_pem_x509_certificates(load_ca(settings.ca_file)))
         self._roles = {name: frozenset(roles) for name, roles in settings.roles.items()}
         self._clock = clock
+        self._forwarded = settings.forwarded
 
     def identity(self, name: str) -> Identity:
         """A verified peer's identity; a CN with no roles entry authenticates with no roles."""
@@ -170,7 +171,13 @@ class ClientCertificates:
     def from_asgi(self, scope: Mapping[str, Any]) -> str | None:
         """The verified peer identity of an HTTP request, None when it came without a certificate
         (or through a server that does not implement the ASGI TLS extension). Raises
-        UNAUTHENTICATED for a certificate that does not verify."""
+        UNAUTHENTICATED for a certificate that does not verify or a forwarded one from an
+        untrusted peer."""
+        if self._forwarded is not None:
+            header = self._forwarded.header.encode()
+            for name, value in scope.get("headers", ()):
+                if name == header:
+                    return self.verify_chain(self._forwarded_chain(scope, value.decode("latin-1")))
         tls = (scope.get("extensions") or {}).get("tls")
         if not tls:
             return None
@@ -182,8 +189,39 @@ class ClientCertificates:
             return None
         return self.verify_chain(chain)
 
+    def _forwarded_chain(self, scope: Mapping[str, Any], value: str) -> str:
+        assert self._forwarded is not None
+        header = self._forwarded.header
+        peer = (scope.get("client") or ("", 0))[0]
+        try:
+            trusted = any(ipaddress.ip_address(peer) in net for net in self._forwarded.trusted_proxies)
+        except ValueError:
+            trusted = False
+        if not trusted:
+            log.warning("%s from %s refused: not in auth.mtls.forwarded.trusted_proxies", header, peer or "?")
+            raise unauthenticated(f"{header} is accepted only from a trusted proxy")
+        return forwarded_pem(value, header)
+
     def from_grpc(self, context: grpc.aio.ServicerContext) -> str | None:
         return grpc_peer_identity(context)
+
+
+# Envoy's x-forwarded-client-cert: ``key=value`` pairs split by ';', the PEM URL-encoded in
+# a quoted Cert (leaf) and Chain (leaf first, whole chain).
+_XFCC_PEM = re.compile(r'(?:^|;)\s*(Chain|Cert)="([^"]*)"', re.IGNORECASE)
+
+
+def forwarded_pem(value: str, header: str) -> str:
+    """The PEM a proxy put in ``header``: Envoy's XFCC with one element, else URL-encoded PEM."""
+    found = {key.lower(): pem for key, pem in _XFCC_PEM.findall(value)}
+    if found:
+        if "," in re.sub(r'"[^"]*"', "", value):  # commas outside quoted values split elements
+            raise unauthenticated(f"{header} holds several proxies' elements; let the edge proxy set it")
+        return urllib.parse.unquote(found.get("chain") or found["cert"])
+    pem = urllib.parse.unquote(value.strip())
+    if "-----BEGIN" not in pem:
+        raise unauthenticated(f"{header} holds no certificate: expected URL-encoded PEM or Cert=\"...\"")
+    return pem
 
 
 def _for_client_auth(certificate: x509.Certificate) -> bool:
