@@ -6,6 +6,7 @@ import os
 import pathlib
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -86,16 +87,29 @@ def start_gateway(
     return gateway
 
 
-def wait_ready(gateway: GatewayProcess, timeout: float = 30) -> None:
+def wait_ready(gateway: GatewayProcess, timeout: float = 30, *, verify: ssl.SSLContext | None = None) -> None:
+    """Until /readyz answers 200; over HTTPS checked with ``verify`` when given."""
+    base_url = gateway.base_url if verify is None else f"https://127.0.0.1:{gateway.http_port}"
+    try:
+        wait_http(f"{base_url}/readyz", gateway.process, timeout, verify=verify)
+    except RuntimeError as exc:
+        gateway.stop()
+        raise RuntimeError(f"gateway: {exc}:\n{gateway.log()}") from None
+
+
+def wait_http(
+    url: str, process: subprocess.Popen[bytes], timeout: float = 30, *, verify: ssl.SSLContext | None = None
+) -> None:
+    """Until ``url`` answers 200, or RuntimeError when ``process`` exits or time runs out."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gateway.process.poll() is not None:
-            raise RuntimeError(f"gateway exited with {gateway.process.returncode}:\n{gateway.log()}")
-        try:
-            if httpx.get(f"{gateway.base_url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    gateway.stop()
-    raise RuntimeError(f"gateway not ready after {timeout}s:\n{gateway.log()}")
+    with httpx.Client(verify=verify if verify is not None else True, timeout=1) as http:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"exited with {process.returncode}")
+            try:
+                if http.get(url).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout}s")

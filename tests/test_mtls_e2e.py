@@ -21,7 +21,6 @@ import pathlib
 import shutil
 import ssl
 import subprocess
-import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,9 +31,9 @@ import pytest
 
 from app.auth import NO_CREDENTIALS, hash_key
 from tests.auth.keys import Issued, issue, write_pem
-from tests.auth.sessions import NAMESPACE, Client, open_session, use_session
-from tests.clients import CallError, GrpcClient, GrpcWebClient, RestClient
-from tests.gateway_process import GatewayProcess, free_port, start_gateway
+from tests.auth.sessions import NAMESPACE, Client, open_session, refusal, use_session
+from tests.clients import GrpcClient, GrpcWebClient, RestClient
+from tests.gateway_process import GatewayProcess, free_port, start_gateway, wait_http, wait_ready
 
 READY_SECONDS = 30
 API_KEY = "prism_mtls-e2e-key-0123456789abcdef"
@@ -86,21 +85,6 @@ auth:
 policies:
   - {{role: service, namespaces: [{NAMESPACE}], operations: ["SESSION.*", "KEY_VALUE.*"]}}
 """
-
-
-def wait_ready(url: str, context: ssl.SSLContext | bool, process: subprocess.Popen[bytes], log: str) -> None:
-    deadline = time.monotonic() + READY_SECONDS
-    with httpx.Client(verify=context, timeout=1) as http:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"exited with {process.returncode}:\n{log}")
-            try:
-                if http.get(url).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} not ready after {READY_SECONDS}s")
 
 
 def client_context(authorities: Authorities, tmp: pathlib.Path, client: Issued | None) -> ssl.SSLContext:
@@ -172,12 +156,7 @@ async def direct(tmp_path_factory: pytest.TempPathFactory, authorities: Authorit
 
     def start() -> GatewayProcess:
         gateway = start_gateway(tmp, "hypercorn", config_yaml=config, wait=False)
-        context = client_context(authorities, tmp, None)
-        try:
-            wait_ready(f"https://127.0.0.1:{gateway.http_port}/readyz", context, gateway.process, gateway.log())
-        except RuntimeError:
-            gateway.stop()
-            raise RuntimeError(gateway.log()) from None
+        wait_ready(gateway, verify=client_context(authorities, tmp, None))
         return gateway
 
     gateway = await asyncio.to_thread(start)
@@ -204,12 +183,11 @@ async def test_identity_without_roles_is_denied(direct: Direct, clients: list[Cl
     certificate = issue("svc-b", direct.authorities.client_ca)
     client = direct.grpc(certificate) if transport == "grpc" else direct.http(transport, certificate)
     clients.append(client)
-    with pytest.raises(CallError) as denied:
-        await open_session(client)
-    assert denied.value.code == "PERMISSION_DENIED"
-    assert denied.value.message == f"'svc-b' may not SESSION.CreateSession in namespace {NAMESPACE!r}"
+    denied = await refusal(client)
+    assert denied.code == "PERMISSION_DENIED"
+    assert denied.message == f"'svc-b' may not SESSION.CreateSession in namespace {NAMESPACE!r}"
     if transport == "rest-h1":
-        assert denied.value.http_status == 403
+        assert denied.http_status == 403
 
 
 @pytest.mark.parametrize("certificate", ["from-another-ca", "none"])
@@ -221,11 +199,10 @@ async def test_grpc_port_refuses_at_the_handshake(direct: Direct, clients: list[
     cert = issue("svc-a", direct.authorities.other_ca) if certificate == "from-another-ca" else None
     client = direct.grpc(cert)
     clients.append(client)
-    with pytest.raises(CallError) as refused:
-        await open_session(client)
+    refused = await refusal(client)
     # Not the UNAVAILABLE a gateway could answer itself ("JWKS endpoint unreachable"): no connection.
-    assert refused.value.code == "UNAVAILABLE", refused.value
-    assert "failed to connect" in refused.value.message
+    assert refused.code == "UNAVAILABLE", refused
+    assert "failed to connect" in refused.message
 
 
 @pytest.mark.parametrize("transport", HTTP_TRANSPORTS)
@@ -251,10 +228,9 @@ async def test_http_port_without_certificate(direct: Direct, clients: list[Clien
     clients.extend([with_key, anonymous])
     created = await open_session(with_key)
     assert created.session.identity == "ci-bot"
-    with pytest.raises(CallError) as refused:
-        await open_session(anonymous)
-    assert refused.value.code == "UNAUTHENTICATED"
-    assert refused.value.message == NO_CREDENTIALS
+    refused = await refusal(anonymous)
+    assert refused.code == "UNAUTHENTICATED"
+    assert refused.message == NO_CREDENTIALS
 
 
 async def test_header_is_no_credential_without_forwarded(direct: Direct, clients: list[Client]) -> None:
@@ -262,9 +238,8 @@ async def test_header_is_no_credential_without_forwarded(direct: Direct, clients
     pem = urllib.parse.quote(issue("svc-a", direct.authorities.client_ca).pem)
     client = direct.http("rest-h1", None, {"x-forwarded-client-cert": pem})
     clients.append(client)
-    with pytest.raises(CallError) as refused:
-        await open_session(client)
-    assert refused.value.message == NO_CREDENTIALS
+    refused = await refusal(client)
+    assert refused.message == NO_CREDENTIALS
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,10 +327,7 @@ async def proxied(
     )
     try:
         context = client_context(authorities, tmp, None)
-        log = tmp / "nginx-error.log"
-        await asyncio.to_thread(
-            wait_ready, f"https://127.0.0.1:{port}/readyz", context, nginx, log.read_text() if log.exists() else ""
-        )
+        await asyncio.to_thread(wait_http, f"https://127.0.0.1:{port}/readyz", nginx, verify=context)
         yield Proxied(gateway, port, authorities, tmp)
     finally:
         nginx.terminate()
@@ -377,10 +349,9 @@ async def test_proxy_passing_another_ca_is_refused(proxied: Proxied, clients: li
     """nginx here forwards any certificate; the gateway checks it against its own CA."""
     client = proxied.via_nginx("rest-h1", issue("svc-a", proxied.authorities.other_ca))
     clients.append(client)
-    with pytest.raises(CallError) as refused:
-        await open_session(client)
-    assert refused.value.code == "UNAUTHENTICATED" and refused.value.http_status == 401
-    assert refused.value.message == "client certificate not signed by the configured CA"
+    refused = await refusal(client)
+    assert refused.code == "UNAUTHENTICATED" and refused.http_status == 401
+    assert refused.message == "client certificate not signed by the configured CA"
 
 
 async def test_forged_header_through_the_proxy_is_replaced(proxied: Proxied, clients: list[Client]) -> None:
@@ -389,9 +360,8 @@ async def test_forged_header_through_the_proxy_is_replaced(proxied: Proxied, cli
     forged = urllib.parse.quote(issue("svc-a", proxied.authorities.client_ca).pem)
     client = proxied.via_nginx("rest-h1", None, {"x-forwarded-client-cert": forged})
     clients.append(client)
-    with pytest.raises(CallError) as refused:
-        await open_session(client)
-    assert refused.value.message == NO_CREDENTIALS
+    refused = await refusal(client)
+    assert refused.message == NO_CREDENTIALS
 
 
 async def test_header_from_an_untrusted_peer_is_refused(proxied: Proxied, clients: list[Client]) -> None:
@@ -400,10 +370,9 @@ async def test_header_from_an_untrusted_peer_is_refused(proxied: Proxied, client
     pem = urllib.parse.quote(issue("svc-a", proxied.authorities.client_ca).pem)
     client = proxied.bypassing({"x-forwarded-client-cert": pem}, local_address="127.0.0.2")
     clients.append(client)
-    with pytest.raises(CallError) as refused:
-        await open_session(client)
-    assert refused.value.http_status == 401
-    assert refused.value.message == "x-forwarded-client-cert is accepted only from a trusted proxy"
+    refused = await refusal(client)
+    assert refused.http_status == 401
+    assert refused.message == "x-forwarded-client-cert is accepted only from a trusted proxy"
 
 
 ENVOY_FORMS = {
@@ -436,7 +405,6 @@ async def test_bad_header_from_a_trusted_proxy(
 ) -> None:
     client = proxied.bypassing({"x-forwarded-client-cert": value})
     clients.append(client)
-    with pytest.raises(CallError) as refused:
-        await open_session(client)
-    assert refused.value.http_status == 401
-    assert refused.value.message == reason
+    refused = await refusal(client)
+    assert refused.http_status == 401
+    assert refused.message == reason

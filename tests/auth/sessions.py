@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from prism.v1 import keyvalue_pb2 as kv
 from prism.v1 import session_pb2
-from tests.clients import GrpcClient, GrpcWebClient, RestClient
+from tests.clients import CallError, GrpcClient, GrpcWebClient, RestClient
 
 NAMESPACE = "e2e"
 CREATE_SESSION = "/prism.v1.SessionService/CreateSession"
@@ -20,6 +22,13 @@ async def open_session(client: Client) -> session_pb2.CreateSessionResponse:
     response = await client.call(CREATE_SESSION, session_pb2.CreateSessionRequest(config_name="kv"))
     assert isinstance(response, session_pb2.CreateSessionResponse)
     return response
+
+
+async def refusal(client: Client) -> CallError:
+    """The error CreateSession fails with (the test fails if it succeeds)."""
+    with pytest.raises(CallError) as refused:
+        await open_session(client)
+    return refused.value
 
 
 async def use_session(client: Client, token: str, key: str) -> session_pb2.Session:
