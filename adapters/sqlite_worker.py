@@ -14,6 +14,7 @@ import asyncio
 import pathlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
@@ -31,6 +32,26 @@ def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]
             future.set_result(result)
         else:
             future.set_exception(error)
+
+
+PRAGMA_BUSY_SECONDS = 10.0
+
+
+def _execute_when_unlocked(connection: sqlite3.Connection, pragma: str) -> None:
+    """Run ``pragma``, retrying while another connection holds the lock it needs: switching a
+    file to WAL answers "database is locked" at once, without waiting on the busy timeout, when
+    several workers open a fresh file together. (On this thread, never the event loop.)"""
+    deadline = time.monotonic() + PRAGMA_BUSY_SECONDS
+    delay = 0.005
+    while True:
+        try:
+            connection.execute(pragma)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 class SqliteWorker:
@@ -52,7 +73,7 @@ class SqliteWorker:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         for pragma in self.pragmas:
-            connection.execute(pragma)
+            _execute_when_unlocked(connection, pragma)
         return connection
 
     def _serve(self, ready: asyncio.Future[None]) -> None:
