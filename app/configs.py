@@ -12,6 +12,7 @@ from app.backends import BACKEND_TYPES, PATTERN_BACKENDS, Backends
 from app.errors import PrismError, invalid_argument, not_found
 from app.pipeline import Call
 from app.policy import Authorizer
+from app.sessions import SessionStore
 from app.settings import NAME, NamedConfig, Settings
 from prism.v1 import config_pb2
 
@@ -38,16 +39,37 @@ def from_settings(named: NamedConfig, settings: Settings) -> config_pb2.ClientCo
 
 
 class ConfigRegistry:
-    def __init__(self, settings: Settings, backends: Backends) -> None:
+    """Named configurations: those of the server configuration, then those registered through
+    ConfigService, which the session store keeps (shared by every worker and instance that
+    shares the sessions). A registered configuration never changes, so once read it is kept."""
+
+    def __init__(self, settings: Settings, backends: Backends, store: SessionStore) -> None:
         self.settings = settings
         self.backends = backends
-        self.configs = {c.name: from_settings(c, settings) for c in settings.configs}
+        self.store = store
+        self.named = {c.name: from_settings(c, settings) for c in settings.configs}
+        self._registered: dict[str, config_pb2.ClientConfig] = {}
 
-    def get(self, name: str) -> config_pb2.ClientConfig:
-        try:
-            return self.configs[name]
-        except KeyError:
-            raise not_found(f"no configuration named {name!r} (known: {', '.join(sorted(self.configs))})") from None
+    async def get(self, name: str) -> config_pb2.ClientConfig:
+        if (config := self.named.get(name) or self._registered.get(name)) is not None:
+            return config
+        if (stored := await self.store.registered_config(name)) is not None:
+            config = self._registered[name] = config_pb2.ClientConfig.FromString(stored)
+            return config
+        known = ", ".join(c.name for c in await self.all())
+        raise not_found(f"no configuration named {name!r} (known: {known})")
+
+    async def all(self) -> list[config_pb2.ClientConfig]:
+        """Every named configuration, in name order."""
+        registered = [config_pb2.ClientConfig.FromString(c) for c in await self.store.registered_configs()]
+        merged = {c.name: c for c in registered} | self.named
+        return [config for _, config in sorted(merged.items())]
+
+    async def register(self, config: config_pb2.ClientConfig) -> None:
+        """ALREADY_EXISTS when the name is taken, here or by any process sharing the store."""
+        if config.name in self.named or not await self.store.register_config(config.name, config.SerializeToString()):
+            raise PrismError(grpc.StatusCode.ALREADY_EXISTS, f"a configuration named {config.name!r} exists")
+        self._registered[config.name] = config
 
     async def violations(self, config: config_pb2.ClientConfig) -> list[config_pb2.ConfigViolation]:
         """Every reason to refuse ``config``; it is completed in place (backend instance)."""
@@ -148,11 +170,11 @@ class ConfigService:
         self.authorizer = authorizer
 
     async def ListConfigs(self, request: config_pb2.ListConfigsRequest, call: Call) -> config_pb2.ListConfigsResponse:
-        configs = [c for _, c in sorted(self.configs.configs.items()) if request.pattern in (0, c.pattern)]
+        configs = [c for c in await self.configs.all() if request.pattern in (0, c.pattern)]
         return config_pb2.ListConfigsResponse(configs=configs)
 
     async def GetConfig(self, request: config_pb2.GetConfigRequest, call: Call) -> config_pb2.GetConfigResponse:
-        return config_pb2.GetConfigResponse(config=self.configs.get(request.name))
+        return config_pb2.GetConfigResponse(config=await self.configs.get(request.name))
 
     async def ValidateConfig(
         self, request: config_pb2.ValidateConfigRequest, call: Call
@@ -165,10 +187,9 @@ class ConfigService:
     async def RegisterConfig(
         self, request: config_pb2.RegisterConfigRequest, call: Call
     ) -> config_pb2.RegisterConfigResponse:
-        """Adds a named configuration for this gateway process (not persisted)."""
+        """Adds a named configuration, kept in the session store: every worker and instance
+        sharing it can open sessions by the name."""
         config = await self.configs.validated(request.config)
         self.authorizer.check(call.identity, call.operation, config.namespace)
-        if config.name in self.configs.configs:
-            raise PrismError(grpc.StatusCode.ALREADY_EXISTS, f"a configuration named {config.name!r} exists")
-        self.configs.configs[config.name] = config
+        await self.configs.register(config)
         return config_pb2.RegisterConfigResponse(config=config)

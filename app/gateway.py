@@ -40,7 +40,7 @@ class Gateway:
         self.authenticator = Authenticator(settings.auth)
         self.audit = AuditLog(settings.audit.sink)
         authorizer = Authorizer(settings.policies)
-        configs = ConfigRegistry(settings, self.backends)
+        configs = ConfigRegistry(settings, self.backends, self.sessions)
         self.methods: list[Method] = bind(
             all_methods(),
             [

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from prism.v1 import config_pb2
 from prism.v1 import keyvalue_pb2 as kv
 from tests.clients import GrpcClient, RestClient
 from tests.conftest import open_session
@@ -160,16 +161,23 @@ def _children(pid: int) -> list[str]:
 @pytest.mark.parametrize("server", ["hypercorn", "granian"])
 async def test_workers_share_sessions_and_sqlite(tmp_path: pathlib.Path, server: str) -> None:
     """With --workers 2 a session opened on one connection works on every other connection,
-    whichever worker serves it; the SQLite store is shared."""
+    whichever worker serves it; the SQLite store is shared, and so are registered configs."""
     gateway = start_gateway(tmp_path, server, extra_args=("--workers", "2"))
     try:
         creator = RestClient(gateway.base_url)
         token = await open_session(creator, "kv")
         await creator.call(KV + "Set", kv.SetRequest(key="shared", value=b"v"), token)
+        registered = config_pb2.ClientConfig(
+            name="registered", pattern=config_pb2.ACCESS_PATTERN_KEY_VALUE, namespace="default",
+            backend=config_pb2.BackendConfig(type=config_pb2.BACKEND_TYPE_SQLITE),
+        )
+        await creator.call("/prism.v1.ConfigService/RegisterConfig", config_pb2.RegisterConfigRequest(config=registered))
         await creator.close()
         for _ in range(12):  # fresh connections land on both workers
             reader = GrpcClient(gateway.grpc_target)
             assert (await reader.call(KV + "Get", kv.GetRequest(key="shared"), token)).value == b"v"
+            by_registered_name = await open_session(reader, "registered")
+            assert (await reader.call(KV + "Get", kv.GetRequest(key="shared"), by_registered_name)).value == b"v"
             await reader.close()
             rest = RestClient(gateway.base_url)
             assert (await rest.call(KV + "Get", kv.GetRequest(key="shared"), token)).value == b"v"

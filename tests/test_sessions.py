@@ -37,6 +37,7 @@ from tests.servers import REDIS_URL, unreachable
 IDLE_S, MAX_S = 60.0, 300.0
 SESSION = "/prism.v1.SessionService/"
 KV = "/prism.v1.KeyValueService/"
+CONFIGS = "/prism.v1.ConfigService/"
 PS = "/prism.v1.PubSubService/"
 CONFIG = config_pb2.ClientConfig(name="kv", pattern=config_pb2.ACCESS_PATTERN_KEY_VALUE, namespace="default")
 REDIS_DOWN = unreachable(REDIS_URL)
@@ -369,6 +370,28 @@ async def test_streams_notice_a_close_by_another_process(backend: Backend) -> No
     assert await probe.status() == ("UNAUTHENTICATED", CLOSED)
 
 
+# Registered client configurations, kept beside the sessions.
+
+
+async def test_registered_configs_are_shared_and_names_taken_once(backend: Backend) -> None:
+    here, there = await backend.open(), await backend.open()
+    first = config_pb2.ClientConfig(name="reg-b", namespace="one").SerializeToString()
+    assert await here.register_config("reg-b", first)
+    assert await there.registered_config("reg-b") == first  # another process's view
+    assert not await there.register_config("reg-b", b"another")  # taken: the first one stays
+    assert await here.registered_config("reg-b") == first
+    assert await there.register_config("reg-a", b"a")
+    assert await here.registered_configs() == [b"a", first]  # in name order
+    assert await here.registered_config("unknown") is None
+
+
+async def test_concurrent_registrations_of_one_name_leave_one_winner(backend: Backend) -> None:
+    stores = [await backend.open() for _ in range(3)]
+    won = await asyncio.gather(*(s.register_config("race", f"v{i}".encode()) for i, s in enumerate(stores)))
+    assert sorted(won) == [False, False, True]
+    assert await stores[0].registered_config("race") == f"v{won.index(True)}".encode()
+
+
 # Redis specifics: TTLs and the key prefix.
 
 
@@ -519,6 +542,19 @@ async def test_two_gateway_instances_share_sessions_through_redis(tmp_path: path
             wait_ready(gateway)
         a, b = gateways
         a_client, b_client = GrpcClient(a.grpc_target), RestClient(b.base_url)
+
+        # A configuration registered on B is known to A, and its name is taken on both.
+        registered = config_pb2.ClientConfig(
+            name="registered-on-b", pattern=config_pb2.ACCESS_PATTERN_KEY_VALUE, namespace="default",
+            backend=config_pb2.BackendConfig(instance="shared"),
+        )
+        await b_client.call(CONFIGS + "RegisterConfig", config_pb2.RegisterConfigRequest(config=registered))
+        listed = await a_client.call(CONFIGS + "ListConfigs", config_pb2.ListConfigsRequest())
+        assert "registered-on-b" in [c.name for c in listed.configs]  # type: ignore[attr-defined]
+        with pytest.raises(CallError) as taken:
+            await a_client.call(CONFIGS + "RegisterConfig", config_pb2.RegisterConfigRequest(config=registered))
+        assert taken.value.code == "ALREADY_EXISTS"
+        await a_client.call(KV + "Set", kv.SetRequest(key="via-registered", value=b"x"), await open_session(a_client, "registered-on-b"))
 
         token = await open_session(a_client, "kv")
         unattended = await open_session(a_client, "kv")

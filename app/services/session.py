@@ -24,7 +24,7 @@ class SessionService:
         if request.HasField("config") == bool(request.config_name):
             raise invalid_argument("configName", "set exactly one of configName and config")
         if request.config_name:
-            config = self.configs.get(request.config_name)
+            config = await self.configs.get(request.config_name)
         else:
             config = await self.configs.validated(request.config)
         self.authorizer.check(call.identity, call.operation, config.namespace)

@@ -221,6 +221,21 @@ class SessionStore(ABC):
         """Why a token has no record, when the store knows it expired rather than closed."""
         return None
 
+    # Registered client configurations (ConfigService.RegisterConfig) live beside the sessions
+    # that name them, so every worker and instance sharing the sessions shares them too. They
+    # are immutable once registered: a name is taken for good.
+
+    @abstractmethod
+    async def register_config(self, name: str, config: bytes) -> bool:
+        """Store a serialized ClientConfig under ``name``; False when the name is taken."""
+
+    @abstractmethod
+    async def registered_config(self, name: str) -> bytes | None: ...
+
+    @abstractmethod
+    async def registered_configs(self) -> list[bytes]:
+        """Every registered configuration, in name order."""
+
 
 @dataclass(slots=True, eq=False)
 class _Held:

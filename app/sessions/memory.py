@@ -12,6 +12,7 @@ class MemorySessionStore(SessionStore):
     def __init__(self, **lifecycle: Any) -> None:
         super().__init__(**lifecycle)
         self._by_digest: dict[str, SessionRecord] = {}
+        self._configs: dict[str, bytes] = {}
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -32,3 +33,12 @@ class MemorySessionStore(SessionStore):
         gone = [d for d, r in self._by_digest.items() if r.expires_at < expired_before]
         for digest in gone:
             del self._by_digest[digest]
+
+    async def register_config(self, name: str, config: bytes) -> bool:
+        return self._configs.setdefault(name, config) is config
+
+    async def registered_config(self, name: str) -> bytes | None:
+        return self._configs.get(name)
+
+    async def registered_configs(self) -> list[bytes]:
+        return [config for _, config in sorted(self._configs.items())]

@@ -10,6 +10,7 @@ Layout, under a key prefix (``prism:session:``, or the ``key_prefix`` query para
     <prefix>m:<digest>  STRING  created_at, kept until the absolute deadline plus
                                 EXPIRED_KEPT_SECONDS: a token whose hash Redis expired is still
                                 answered "expired", not "unknown". CloseSession deletes both.
+    <prefix>configs     HASH    registered client configurations: name -> protobuf (HSETNX).
 
 Resolving a token is one HMGET. Activity is written by one script (both fields and the TTL,
 only if the session still exists and only forward) at most once a second per session.
@@ -20,9 +21,11 @@ Connection failures become UNAVAILABLE at once; the pool reconnects on the next 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -89,6 +92,10 @@ class RedisSessionStore(SessionStore):
     def marker_key(self, digest: str) -> str:
         return f"{self.prefix}m:{digest}"
 
+    @property
+    def configs_key(self) -> str:
+        return f"{self.prefix}configs"
+
     async def start(self) -> None:
         self._redis = await connect(
             self.url,
@@ -112,13 +119,18 @@ class RedisSessionStore(SessionStore):
         return self._redis
 
     @staticmethod
-    def _mapped(exc: rex.RedisError | OSError) -> PrismError:
-        if isinstance(exc, UNAVAILABLE_ERRORS):
-            return PrismError(
-                grpc.StatusCode.UNAVAILABLE, f"session store (redis) unavailable: {type(exc).__name__}"
-            )
-        log.error("redis session store command failed: %r", exc)
-        return internal()
+    @contextlib.contextmanager
+    def _mapping_errors() -> Iterator[None]:
+        """Redis and connection failures as UNAVAILABLE (or a logged INTERNAL)."""
+        try:
+            yield
+        except (rex.RedisError, OSError) as exc:
+            if isinstance(exc, UNAVAILABLE_ERRORS):
+                raise PrismError(
+                    grpc.StatusCode.UNAVAILABLE, f"session store (redis) unavailable: {type(exc).__name__}"
+                ) from exc
+            log.error("redis session store command failed: %r", exc)
+            raise internal() from exc
 
     async def _insert(self, r: SessionRecord) -> None:
         now = self.clock()
@@ -132,20 +144,16 @@ class RedisSessionStore(SessionStore):
             "r": roles_text(r.roles),
         }
         remembered = r.created_at + self.max_lifetime + EXPIRED_KEPT_SECONDS - now
-        try:
+        with self._mapping_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self.session_key(r.digest), mapping=fields)
                 pipe.pexpire(self.session_key(r.digest), _ms(r.expires_at - now))
                 pipe.set(self.marker_key(r.digest), repr(r.created_at), px=_ms(remembered))
                 await pipe.execute()
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
 
     async def _load(self, digest: str) -> SessionRecord | None:
-        try:
+        with self._mapping_errors():
             i, u, c, t, last, e, r = await self.redis.hmget(self.session_key(digest), FIELDS)
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
         if i is None or c is None or r is None:
             return None
         config = config_pb2.ClientConfig.FromString(c)
@@ -155,28 +163,36 @@ class RedisSessionStore(SessionStore):
 
     async def _touch(self, r: SessionRecord) -> bool:
         ttl = _ms(r.expires_at - self.clock())
-        try:
+        with self._mapping_errors():
             found = await self._touch_script(
                 keys=[self.session_key(r.digest)], args=[repr(r.last_activity_at), repr(r.expires_at), ttl]
             )
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
         return found == 1
 
     async def _delete(self, digest: str) -> None:
-        try:
+        with self._mapping_errors():
             await self.redis.delete(self.session_key(digest), self.marker_key(digest))
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
 
     async def _sweep(self, expired_before: float) -> None:
         """Nothing to do: Redis expires both keys itself."""
 
     async def _missing(self, digest: str, now: float) -> PrismError | None:
-        try:
+        with self._mapping_errors():
             created_at = await self.redis.get(self.marker_key(digest))
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
         # Which deadline Redis expired the hash at is gone with it: before the absolute deadline
         # it can only have been the idle one; after it, it is reported as the maximum lifetime.
         return None if created_at is None else self.expired(float(created_at), now)
+
+    async def register_config(self, name: str, config: bytes) -> bool:
+        with self._mapping_errors():
+            return bool(await self.redis.hsetnx(self.configs_key, name, config))
+
+    async def registered_config(self, name: str) -> bytes | None:
+        with self._mapping_errors():
+            found: bytes | None = await self.redis.hget(self.configs_key, name)
+        return found
+
+    async def registered_configs(self) -> list[bytes]:
+        with self._mapping_errors():
+            found: dict[bytes, bytes] = await self.redis.hgetall(self.configs_key)
+        return [config for _, config in sorted(found.items())]

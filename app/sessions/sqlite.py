@@ -21,6 +21,7 @@ TABLE = """CREATE TABLE IF NOT EXISTS prism_sessions (
     last_activity_at REAL NOT NULL, roles TEXT NOT NULL DEFAULT '[]'
 )"""
 INDEX = "CREATE INDEX IF NOT EXISTS prism_sessions_expires_at ON prism_sessions (expires_at)"
+CONFIGS = "CREATE TABLE IF NOT EXISTS prism_configs (name TEXT PRIMARY KEY, config BLOB NOT NULL)"
 COLUMNS = "session_id, identity, config, created_at, expires_at, last_activity_at, roles"
 
 
@@ -32,6 +33,7 @@ def _create_schema(connection: sqlite3.Connection) -> None:
         if "roles" not in {row[1] for row in connection.execute("PRAGMA table_info(prism_sessions)")}:
             connection.execute("ALTER TABLE prism_sessions ADD COLUMN roles TEXT NOT NULL DEFAULT '[]'")
         connection.execute(INDEX)
+        connection.execute(CONFIGS)
     except BaseException:
         connection.execute("ROLLBACK")
         raise
@@ -99,3 +101,25 @@ class SqliteSessionStore(SessionStore):
 
     async def _sweep(self, expired_before: float) -> None:
         await self._execute("DELETE FROM prism_sessions WHERE expires_at < ?", expired_before)
+
+    async def register_config(self, name: str, config: bytes) -> bool:
+        inserted = await self.worker.run(
+            lambda connection: connection.execute(
+                "INSERT OR IGNORE INTO prism_configs (name, config) VALUES (?, ?)", (name, config)
+            ).rowcount
+        )
+        return inserted > 0
+
+    async def registered_config(self, name: str) -> bytes | None:
+        row = await self.worker.run(
+            lambda connection: connection.execute(
+                "SELECT config FROM prism_configs WHERE name = ?", (name,)
+            ).fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    async def registered_configs(self) -> list[bytes]:
+        rows = await self.worker.run(
+            lambda connection: connection.execute("SELECT config FROM prism_configs ORDER BY name").fetchall()
+        )
+        return [bytes(row[0]) for row in rows]
