@@ -189,6 +189,17 @@ TABLES: dict[str, Table] = {
         ],
         [Column("RPS", "rps", rps), Column("p50 ms", "p50_ms", ms), Column("p99 ms", "p99_ms", ms)],
     ),
+    "writes": Table(
+        [
+            Column("backend", "backend"),
+            Column("operation", "operation"),
+            Column("calls", "calls"),
+            Column("mean ms", "mean_ms", ms),
+            Column("p50 ms", "p50_ms", ms),
+            Column("p99 ms", "p99_ms", ms),
+        ],
+        [Column("mean ms", "mean_ms", ms), Column("p50 ms", "p50_ms", ms), Column("p99 ms", "p99_ms", ms)],
+    ),
     "memory": Table(
         [
             Column("section", "section"),
@@ -283,7 +294,7 @@ def _goal(goal: str, measured: str, met: bool, missed_by: str) -> Row:
 # --- the document ----------------------------------------------------------------------------
 
 # Document order (the run order differs: memory runs last, after sections 6-7).
-SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory", "backends", "auth"]
+SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory", "backends", "auth", "writes"]
 
 
 def markdown(result: dict[str, Any], old: dict[str, Any] | None) -> str:

@@ -1,7 +1,7 @@
 """Run the benchmark sections side by side and write benchmarks/results/latest.{md,json} plus a
 dated copy. ``make bench`` runs this; see benchmarks/README.md.
 
-    python -m benchmarks.run [--quick] [--only grpc,rest,latency,backends,auth,streams,memory]
+    python -m benchmarks.run [--quick] [--only grpc,rest,latency,backends,auth,streams,writes,memory]
                              [--label before] [--compare benchmarks/results/before.json]
 """
 
@@ -24,7 +24,17 @@ import time
 import traceback
 from typing import Any
 
-from benchmarks import auth_cost, backends, grpc_throughput, latency, memory, report, rest_throughput, streams
+from benchmarks import (
+    auth_cost,
+    backends,
+    grpc_throughput,
+    latency,
+    memory,
+    report,
+    rest_throughput,
+    streams,
+    writes,
+)
 from benchmarks.context import Context, Durations
 from benchmarks.loader import h2load_version
 from benchmarks.procs import ROOT, machine_jiffies
@@ -36,6 +46,7 @@ SECTIONS = {
     "backends": backends.run,  # issue 5: added latency on Redis and Postgres
     "auth": auth_cost.run,  # issue 4: the cost of authentication per request
     "streams": streams.run,
+    "writes": writes.run,  # the KeyValue service's write path, in process
     "memory": memory.run,  # last: it reports the servers of every section before it
 }
 RESULTS = ROOT / "benchmarks" / "results"

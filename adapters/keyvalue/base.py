@@ -43,6 +43,11 @@ def prefix_end(prefix: bytes) -> bytes | None:
     return stripped[:-1] + bytes([stripped[-1] + 1]) if stripped else None
 
 
+def reported(value: bytes | None, prefix: bytes | None) -> bytes | None:
+    """``value`` when the caller asked for values starting with ``prefix`` and it does."""
+    return value if prefix is not None and value is not None and value.startswith(prefix) else None
+
+
 def etag_mismatch(key: str) -> PrismError:
     return PrismError(grpc.StatusCode.ABORTED, f"key {key!r}: if_match does not match the stored ETag")
 
@@ -73,6 +78,27 @@ class KeyValueAdapter(ABC):
     async def get(self, namespace: str, key: str) -> Record | None: ...
 
     @abstractmethod
+    async def replace(
+        self,
+        namespace: str,
+        key: str,
+        value: bytes,
+        *,
+        expires_at: float | None = None,
+        if_match: str = "",
+        if_absent: bool = False,
+        previous_prefix: bytes | None = None,
+    ) -> tuple[str, bytes | None]:
+        """Store ``value``: (its new ETag, the live value it replaced if that starts with
+        ``previous_prefix``, else None).
+
+        ``if_match`` refuses with ``etag_mismatch`` unless the live record has that ETag;
+        ``if_absent`` refuses with ``already_exists`` when a live record exists. The checks, the
+        write and reading the replaced value are one atomic step, in one round trip: the
+        KeyValue service learns this way whether a write replaced a chunked value whose chunks
+        it must remove, without reading every key first.
+        """
+
     async def set(
         self,
         namespace: str,
@@ -83,16 +109,21 @@ class KeyValueAdapter(ABC):
         if_match: str = "",
         if_absent: bool = False,
     ) -> str:
-        """Store ``value`` and return its new ETag.
-
-        ``if_match`` refuses with ``etag_mismatch`` unless the live record has that ETag;
-        ``if_absent`` refuses with ``already_exists`` when a live record exists. Both checks and
-        the write are one atomic step.
-        """
+        """``replace`` without looking at the replaced value; the new ETag."""
+        etag, _ = await self.replace(namespace, key, value, expires_at=expires_at, if_match=if_match, if_absent=if_absent)
+        return etag
 
     @abstractmethod
+    async def remove(
+        self, namespace: str, key: str, *, if_match: str = "", previous_prefix: bytes | None = None
+    ) -> tuple[bool, bytes | None]:
+        """Remove the key: (whether a live record existed, its value if that starts with
+        ``previous_prefix``, else None), atomically as ``replace``."""
+
     async def delete(self, namespace: str, key: str, *, if_match: str = "") -> bool:
-        """Remove the key; True when a live record existed."""
+        """``remove`` without looking at the removed value; True when a live record existed."""
+        existed, _ = await self.remove(namespace, key, if_match=if_match)
+        return existed
 
     @abstractmethod
     async def scan(

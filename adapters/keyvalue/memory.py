@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 
 from adapters.capabilities import Capability
-from adapters.keyvalue.base import KeyValueAdapter, Record, already_exists, etag_mismatch, new_etag
+from adapters.keyvalue.base import KeyValueAdapter, Record, already_exists, etag_mismatch, new_etag, reported
 
 
 class MemoryKeyValue(KeyValueAdapter):
@@ -31,7 +31,7 @@ class MemoryKeyValue(KeyValueAdapter):
     async def get(self, namespace: str, key: str) -> Record | None:
         return self._live(namespace, key)
 
-    async def set(
+    async def replace(
         self,
         namespace: str,
         key: str,
@@ -40,7 +40,8 @@ class MemoryKeyValue(KeyValueAdapter):
         expires_at: float | None = None,
         if_match: str = "",
         if_absent: bool = False,
-    ) -> str:
+        previous_prefix: bytes | None = None,
+    ) -> tuple[str, bytes | None]:
         current = self._live(namespace, key)
         if if_match and (current is None or current.etag != if_match):
             raise etag_mismatch(key)
@@ -51,16 +52,18 @@ class MemoryKeyValue(KeyValueAdapter):
             bisect.insort(self._sorted_keys.setdefault(namespace, []), key)
         etag = new_etag()
         records[key] = Record(bytes(value), etag, expires_at)
-        return etag
+        return etag, reported(current.value if current else None, previous_prefix)
 
-    async def delete(self, namespace: str, key: str, *, if_match: str = "") -> bool:
+    async def remove(
+        self, namespace: str, key: str, *, if_match: str = "", previous_prefix: bytes | None = None
+    ) -> tuple[bool, bytes | None]:
         current = self._live(namespace, key)
         if if_match and (current is None or current.etag != if_match):
             raise etag_mismatch(key)
         if current is None:
-            return False
+            return False, None
         self._remove(namespace, key)
-        return True
+        return True, reported(current.value, previous_prefix)
 
     async def scan(
         self, namespace: str, prefix: str, start_after: str, limit: int

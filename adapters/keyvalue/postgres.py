@@ -66,6 +66,14 @@ def live(param: int) -> str:
 
 SWEEP_BATCH = 1000
 
+
+def _reported(prefix: bytes | None) -> str:
+    """The SQL for a row's value when it starts with ``prefix`` (a literal: never a client's
+    bytes), else NULL."""
+    if prefix is None:
+        return "NULL::bytea"
+    return f"CASE WHEN substring(value from 1 for {len(prefix)}) = decode('{prefix.hex()}', 'hex') THEN value END"
+
 # SQLSTATE classes that mean "the server cannot serve now": connection exception,
 # insufficient resources (too many connections), operator intervention (shutdown, starting up).
 UNAVAILABLE_CLASSES = ("08", "53", "57")
@@ -204,7 +212,7 @@ class PostgresKeyValue(KeyValueAdapter):
         )
         return row is not None
 
-    async def set(
+    async def replace(
         self,
         namespace: str,
         key: str,
@@ -213,50 +221,67 @@ class PostgresKeyValue(KeyValueAdapter):
         expires_at: float | None = None,
         if_match: str = "",
         if_absent: bool = False,
-    ) -> str:
-        etag, ns, k = new_etag(), namespace.encode(), key.encode()
-        if if_match:
-            # Compare-and-set in one statement: only the live row with that ETag changes.
-            row = await self._fetchrow(
-                f"UPDATE prism_kv SET value=$3, etag=$4, expires_at=$5 "
-                f"WHERE namespace=$1 AND key=$2 AND etag=$6 AND {live(7)} RETURNING 1",
-                ns, k, value, etag, expires_at, if_match, self.clock(),
-            )
-            if row is None:
-                raise etag_mismatch(key)
-            return etag
+        previous_prefix: bytes | None = None,
+    ) -> tuple[str, bytes | None]:
+        etag, now = new_etag(), self.clock()
+        args: list[object] = [namespace.encode(), key.encode(), value, etag, expires_at, now]
+        # The replaced value, read in the same statement as the write, from its snapshot. (Not
+        # FOR UPDATE: the CTE runs when RETURNING first reads it, after the write, and would skip
+        # the row this statement just changed.) A writer committing in between makes this the
+        # value before theirs: its chunks, already dropped by them, are dropped again, and theirs
+        # are left as unreachable garbage, as the KeyValue service allows.
+        reading = previous_prefix is not None and not if_absent  # if_absent replaces nothing live
+        old = (
+            f"WITH old AS (SELECT {_reported(previous_prefix)} AS previous FROM prism_kv "
+            f"WHERE namespace=$1 AND key=$2 AND {live(6)}) "
+            if reading
+            else ""
+        )
+        returning = "RETURNING (SELECT previous FROM old)" if reading else "RETURNING NULL::bytea"
         upsert = (
             "INSERT INTO prism_kv (namespace, key, value, etag, expires_at) VALUES ($1, $2, $3, $4, $5) "
             "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value, etag=excluded.etag, "
             "expires_at=excluded.expires_at"
         )
-        if not if_absent:
-            await self._fetchrow(upsert, ns, k, value, etag, expires_at)
-            return etag
-        # Create-only: the conflict branch may replace an expired row only; a live one makes
-        # the statement return nothing.
-        row = await self._fetchrow(
-            f"{upsert} WHERE prism_kv.expires_at <= $6 RETURNING 1",
-            ns, k, value, etag, expires_at, self.clock(),
-        )
+        if if_match:
+            # Compare-and-set in one statement: only the live row with that ETag changes.
+            sql = (
+                f"{old}UPDATE prism_kv SET value=$3, etag=$4, expires_at=$5 "
+                f"WHERE namespace=$1 AND key=$2 AND etag=$7 AND {live(6)} {returning}"
+            )
+            args.append(if_match)
+        elif if_absent:
+            # Create-only: the conflict branch may replace an expired row only; a live one makes
+            # the statement return nothing.
+            sql = f"{upsert} WHERE prism_kv.expires_at <= $6 {returning}"
+        elif reading:
+            sql = f"{old}{upsert} {returning}"
+        else:
+            sql, args = f"{upsert} {returning}", args[:5]
+        row = await self._fetchrow(sql, *args)
         if row is None:
-            raise already_exists(key)
-        return etag
+            raise etag_mismatch(key) if if_match else already_exists(key)
+        return etag, row[0]
 
-    async def delete(self, namespace: str, key: str, *, if_match: str = "") -> bool:
+    async def remove(
+        self, namespace: str, key: str, *, if_match: str = "", previous_prefix: bytes | None = None
+    ) -> tuple[bool, bytes | None]:
         ns, k, now = namespace.encode(), key.encode(), self.clock()
+        reported = _reported(previous_prefix)
         if if_match:
             row = await self._fetchrow(
-                f"DELETE FROM prism_kv WHERE namespace=$1 AND key=$2 AND etag=$4 AND {live(3)} RETURNING 1",
+                f"DELETE FROM prism_kv WHERE namespace=$1 AND key=$2 AND etag=$4 AND {live(3)} RETURNING {reported}",
                 ns, k, now, if_match,
             )
             if row is None:
                 raise etag_mismatch(key)
-            return True
+            return True, row[0]
         row = await self._fetchrow(
-            f"DELETE FROM prism_kv WHERE namespace=$1 AND key=$2 RETURNING {live(3)}", ns, k, now
+            f"DELETE FROM prism_kv WHERE namespace=$1 AND key=$2 RETURNING {live(3)}, {reported}", ns, k, now
         )
-        return row is not None and row[0]
+        if row is None or not row[0]:
+            return False, None
+        return True, row[1]
 
     async def scan(
         self, namespace: str, prefix: str, start_after: str, limit: int

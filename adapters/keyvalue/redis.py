@@ -61,12 +61,24 @@ end
 sweep(KEYS[2], KEYS[3])
 """
 
+# The replaced value, returned when the caller asked (ARGV[i] "1") and it starts with ARGV[i+1].
+REPORTED = """
+local function reported(record, asked, prefix)
+  if asked ~= '1' then return nil end
+  local value = redis.call('HGET', record, 'v')
+  if value and string.sub(value, 1, #prefix) == prefix then return value end
+  return nil
+end
+"""
+
 # KEYS: record, index, expiries. ARGV: value, etag, expiry ms or "", if_match or "",
-# "1" for if_absent, member (the key).
-SET = SWEEP + """
+# "1" for if_absent, member (the key), "1" to report the replaced value, its prefix.
+# Returns {'OK'} or {'OK', replaced value}, or the refusal.
+SET = SWEEP + REPORTED + """
 local current = redis.call('HGET', KEYS[1], 'e')
 if ARGV[4] ~= '' and current ~= ARGV[4] then return 'ABORTED' end
 if ARGV[5] == '1' and current then return 'ALREADY_EXISTS' end
+local previous = reported(KEYS[1], ARGV[7], ARGV[8])
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'e', ARGV[2])
 if ARGV[3] == '' then
   redis.call('HDEL', KEYS[1], 'x')
@@ -78,21 +90,22 @@ else
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[6])
 end
 redis.call('ZADD', KEYS[2], 0, ARGV[6])
-return 'OK'
+return {'OK', previous}
 """
 
-# KEYS: record, index, expiries. ARGV: if_match or "", member. Returns 1 deleted, 0 absent,
-# -1 ETag mismatch.
-DELETE = SWEEP + """
+# KEYS: record, index, expiries. ARGV: if_match or "", member, "1" to report the removed value,
+# its prefix. Returns {1} or {1, removed value} deleted, {0} absent, -1 ETag mismatch.
+DELETE = SWEEP + REPORTED + """
 local current = redis.call('HGET', KEYS[1], 'e')
 if ARGV[1] ~= '' and current ~= ARGV[1] then return -1 end
 redis.call('ZREM', KEYS[2], ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 if current then
+  local previous = reported(KEYS[1], ARGV[3], ARGV[4])
   redis.call('DEL', KEYS[1])
-  return 1
+  return {1, previous}
 end
-return 0
+return {0}
 """
 
 # KEYS: record, index, expiries. ARGV: member. Unindex a key whose record is gone (expired or
@@ -130,6 +143,11 @@ def _record(fields: Sequence[bytes | None]) -> Record | None:
     if etag is None:
         return None
     return Record(value or b"", etag.decode(), int(expiry) / 1000 if expiry is not None else None)
+
+
+def _asking(prefix: bytes | None) -> list[bytes]:
+    """The scripts' last two arguments: whether to report the replaced value, and its prefix."""
+    return [b"", b""] if prefix is None else [b"1", prefix]
 
 
 class RedisKeyValue(KeyValueAdapter):
@@ -209,7 +227,7 @@ class RedisKeyValue(KeyValueAdapter):
     def _keys(self, namespace: str, key: str) -> list[bytes]:
         return [record_key(namespace, key), index_key(namespace), expiry_key(namespace)]
 
-    async def set(
+    async def replace(
         self,
         namespace: str,
         key: str,
@@ -218,10 +236,11 @@ class RedisKeyValue(KeyValueAdapter):
         expires_at: float | None = None,
         if_match: str = "",
         if_absent: bool = False,
-    ) -> str:
+        previous_prefix: bytes | None = None,
+    ) -> tuple[str, bytes | None]:
         etag = new_etag()
         expiry = b"" if expires_at is None else str(int(expires_at * 1000)).encode()
-        args = [value, etag, expiry, if_match, b"1" if if_absent else b"", key.encode()]
+        args = [value, etag, expiry, if_match, b"1" if if_absent else b"", key.encode(), *_asking(previous_prefix)]
         try:
             outcome = await self._set(keys=self._keys(namespace, key), args=args)
         except (rex.RedisError, OSError) as exc:
@@ -230,16 +249,19 @@ class RedisKeyValue(KeyValueAdapter):
             raise etag_mismatch(key)
         if outcome == b"ALREADY_EXISTS":
             raise already_exists(key)
-        return etag
+        return etag, outcome[1] if len(outcome) > 1 else None
 
-    async def delete(self, namespace: str, key: str, *, if_match: str = "") -> bool:
+    async def remove(
+        self, namespace: str, key: str, *, if_match: str = "", previous_prefix: bytes | None = None
+    ) -> tuple[bool, bytes | None]:
+        args = [if_match, key.encode(), *_asking(previous_prefix)]
         try:
-            outcome = await self._delete(keys=self._keys(namespace, key), args=[if_match, key.encode()])
+            outcome = await self._delete(keys=self._keys(namespace, key), args=args)
         except (rex.RedisError, OSError) as exc:
             raise self._mapped(exc) from exc
         if outcome == -1:
             raise etag_mismatch(key)
-        return outcome == 1
+        return outcome[0] == 1, outcome[1] if len(outcome) > 1 else None
 
     async def scan(
         self, namespace: str, prefix: str, start_after: str, limit: int

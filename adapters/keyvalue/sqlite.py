@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pathlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from adapters.capabilities import Capability
 from adapters.keyvalue.base import (
@@ -33,6 +34,32 @@ CREATE TABLE IF NOT EXISTS prism_kv (
 """
 
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
+T = TypeVar("T")
+
+
+def _reported(prefix: bytes | None) -> str:
+    """The SQL for a row's value when it starts with ``prefix`` (a literal: never a client's
+    bytes), else NULL."""
+    if prefix is None:
+        return "NULL"
+    return f"CASE WHEN substr(value, 1, {len(prefix)}) = X'{prefix.hex()}' THEN value END"
+
+
+Statement = tuple[str, tuple[object, ...]]
+
+
+def _read_then_write(connection: sqlite3.Connection, read: Statement, write: Statement) -> tuple[bool, bytes | None]:
+    """The value ``read`` finds and whether ``write`` wrote, in one transaction, so no other
+    worker process writes the row in between."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        before = connection.execute(*read).fetchall()
+        written = bool(connection.execute(*write).fetchall())
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+    return written, (before[0][0] if before and written else None)
 
 
 class SqliteKeyValue(KeyValueAdapter):
@@ -60,12 +87,17 @@ class SqliteKeyValue(KeyValueAdapter):
     async def close(self) -> None:
         await self.worker.close()
 
+    async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """``job`` on the worker thread. The file being locked, full or unreadable is UNAVAILABLE;
+        any other driver error is a bug here, left to surface as INTERNAL (and be logged)."""
+        try:
+            return await self.worker.run(job)
+        except sqlite3.OperationalError as exc:
+            raise unavailable("sqlite", exc) from exc
+
     async def _rows(self, sql: str, *params: object) -> list[sqlite3.Row]:
         """All rows of one statement, in one trip to the worker thread."""
-        try:
-            return await self.worker.run(lambda connection: connection.execute(sql, params).fetchall())
-        except sqlite3.Error as exc:
-            raise unavailable("sqlite", exc) from exc
+        return await self._run(lambda connection: connection.execute(sql, params).fetchall())
 
     async def _fetchone(self, sql: str, *params: object) -> sqlite3.Row | None:
         rows = await self._rows(sql, *params)
@@ -80,7 +112,7 @@ class SqliteKeyValue(KeyValueAdapter):
         )
         return Record(row[0], row[1], row[2]) if row else None
 
-    async def set(
+    async def replace(
         self,
         namespace: str,
         key: str,
@@ -89,45 +121,54 @@ class SqliteKeyValue(KeyValueAdapter):
         expires_at: float | None = None,
         if_match: str = "",
         if_absent: bool = False,
-    ) -> str:
+        previous_prefix: bytes | None = None,
+    ) -> tuple[str, bytes | None]:
         etag, now = new_etag(), self.clock()
         if if_match:
             # Compare-and-set in one statement: only the live row with that ETag changes.
-            row = await self._fetchone(
+            write = (
                 f"UPDATE prism_kv SET value=?, etag=?, expires_at=? "
                 f"WHERE namespace=? AND key=? AND etag=? AND {LIVE} RETURNING 1",
-                value, etag, expires_at, namespace, key, if_match, now,
+                (value, etag, expires_at, namespace, key, if_match, now),
             )
-            if row is None:
-                raise etag_mismatch(key)
-            return etag
-        # An expired row counts as absent: the conflict clause may only overwrite it.
-        guard = "WHERE prism_kv.expires_at IS NOT NULL AND prism_kv.expires_at <= ?" if if_absent else ""
-        params: tuple[object, ...] = (namespace, key, value, etag, expires_at)
-        row = await self._fetchone(
-            "INSERT INTO prism_kv (namespace, key, value, etag, expires_at) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value, etag=excluded.etag, "
-            f"expires_at=excluded.expires_at {guard} RETURNING 1",
-            *((*params, now) if if_absent else params),
-        )
-        if row is None:
-            raise already_exists(key)
-        return etag
+        else:
+            # An expired row counts as absent: the conflict clause may only overwrite it.
+            guard = "WHERE prism_kv.expires_at IS NOT NULL AND prism_kv.expires_at <= ?" if if_absent else ""
+            params: tuple[object, ...] = (namespace, key, value, etag, expires_at)
+            write = (
+                "INSERT INTO prism_kv (namespace, key, value, etag, expires_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value, etag=excluded.etag, "
+                f"expires_at=excluded.expires_at {guard} RETURNING 1",
+                (*params, now) if if_absent else params,
+            )
+        if previous_prefix is None:
+            written, previous = bool(await self._rows(write[0], *write[1])), None
+        else:
+            read = (f"SELECT {_reported(previous_prefix)} FROM prism_kv WHERE namespace=? AND key=? AND {LIVE}", (namespace, key, now))
+            written, previous = await self._run(lambda connection: _read_then_write(connection, read, write))
+        if not written:
+            raise etag_mismatch(key) if if_match else already_exists(key)
+        return etag, previous
 
-    async def delete(self, namespace: str, key: str, *, if_match: str = "") -> bool:
+    async def remove(
+        self, namespace: str, key: str, *, if_match: str = "", previous_prefix: bytes | None = None
+    ) -> tuple[bool, bytes | None]:
         now = self.clock()
+        reported = _reported(previous_prefix)
         if if_match:
             row = await self._fetchone(
-                f"DELETE FROM prism_kv WHERE namespace=? AND key=? AND etag=? AND {LIVE} RETURNING 1",
+                f"DELETE FROM prism_kv WHERE namespace=? AND key=? AND etag=? AND {LIVE} RETURNING {reported}",
                 namespace, key, if_match, now,
             )
             if row is None:
                 raise etag_mismatch(key)
-            return True
+            return True, row[0]
         row = await self._fetchone(
-            "DELETE FROM prism_kv WHERE namespace=? AND key=? RETURNING expires_at", namespace, key
+            f"DELETE FROM prism_kv WHERE namespace=? AND key=? RETURNING {reported}, expires_at", namespace, key
         )
-        return row is not None and self.live(row[0])
+        if row is None or not self.live(row[1]):
+            return False, None
+        return True, row[0]
 
     async def scan(
         self, namespace: str, prefix: str, start_after: str, limit: int

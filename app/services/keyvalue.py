@@ -114,11 +114,11 @@ def _decode_stored(value: bytes) -> bytes | Manifest:
     return manifest
 
 
-def _manifest_of(record: Record | None) -> Manifest | None:
-    if record is None or not record.value.startswith(MARKER):
+def _manifest_of(stored: bytes | None) -> Manifest | None:
+    if stored is None or not stored.startswith(MARKER):
         return None
     try:
-        decoded = _decode_stored(record.value)
+        decoded = _decode_stored(stored)
     except PrismError:
         return None
     return decoded if isinstance(decoded, Manifest) else None
@@ -247,13 +247,12 @@ class KeyValueService:
         if request.if_match and request.if_absent:
             raise invalid_argument(prefix + "ifAbsent", "cannot be combined with ifMatch")
         expires_at = self._expiry(store, request, prefix + "ttl")
-        # The value this write replaces, to remove its chunks once the new value is in place.
-        old = await store.get(namespace, key)
         new: Manifest | None = None
         if len(value) <= self.limits.chunk_bytes:
             stored = _encode_small(value)
         else:
             # Refuse early what the manifest write would refuse, before writing any chunk.
+            old = await store.get(namespace, key)
             if request.if_absent and old is not None:
                 raise already_exists(key)
             if request.if_match and (old is None or old.etag != request.if_match):
@@ -261,14 +260,16 @@ class KeyValueService:
             new = await self._write_chunks(store, namespace, key, value, expires_at)
             stored = new.encode()
         try:
-            etag = await store.set(
-                namespace, key, stored, expires_at=expires_at, if_match=request.if_match, if_absent=request.if_absent
+            # The replaced value comes back only if it is a manifest: its chunks go next.
+            etag, replaced = await store.replace(
+                namespace, key, stored,
+                expires_at=expires_at, if_match=request.if_match, if_absent=request.if_absent, previous_prefix=MARKER,
             )
         except BaseException:
             if new is not None:
                 await asyncio.shield(self._drop_chunks(store, namespace, key, new))
             raise
-        if (previous := _manifest_of(old)) is not None:
+        if (previous := _manifest_of(replaced)) is not None:
             await self._drop_chunks(store, namespace, key, previous)
         return etag
 
@@ -292,9 +293,8 @@ class KeyValueService:
         return manifest
 
     async def _delete(self, store: KeyValueAdapter, namespace: str, key: str, if_match: str = "") -> bool:
-        old = await store.get(namespace, key)
-        existed = await store.delete(namespace, key, if_match=if_match)
-        if existed and (previous := _manifest_of(old)) is not None:
+        existed, removed = await store.remove(namespace, key, if_match=if_match, previous_prefix=MARKER)
+        if (previous := _manifest_of(removed)) is not None:
             await self._drop_chunks(store, namespace, key, previous)
         return existed
 
