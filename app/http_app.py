@@ -12,6 +12,7 @@ good at — docs, the lifespan — and the OpenAPI document comes from the proto
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,6 +39,10 @@ def create_app(settings: Settings) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        # Everything built so far (protobuf descriptors, the method table, grpc, the app) lives
+        # as long as the worker: out of the collector's reach, a full collection takes
+        # microseconds instead of ~40 ms of stalled requests (benchmarks: gRPC p99.9 61 → 7 ms).
+        gc.freeze()
         try:
             yield
         finally:

@@ -116,11 +116,11 @@ def run(ctx: Context) -> dict[str, Any]:
                 if transport == "gRPC":
                     (work / f"get-request-{mode}.bin").write_bytes(p.request)
                     args = ["--kind", "grpc", "--port", str(gw.grpc_port), "--path", kv.GET_PATH, "--payload-file",
-                            str(work / f"get-request-{mode}.bin"), "--token", p.token,
+                            str(work / f"get-request-{mode}.bin"), f"--token={p.token}",
                             "--expect-bytes", str(len(p.response))]
                 else:
                     args = ["--kind", "http", "--port", str(gw.http_port), "--path", f"/v1/kv/{kv.KEY}",
-                            "--token", p.token, "--expect-bytes", str(len(p.json_body))]
+                            f"--token={p.token}", "--expect-bytes", str(len(p.json_body))]
                 result = ctx.least_disturbed(
                     lambda args=args, gw=gw: ctx.client(
                         "benchmarks.openloop", *args, "--rate", str(d.rate), "--duration", str(d.extra_latency),

@@ -109,11 +109,11 @@ def run(ctx: Context) -> dict[str, Any]:
                     ("direct", direct_name, "—", None, direct_args),
                     ("grpc/gateway", "gateway (granian)", "gRPC", gw,
                      ["--kind", "grpc", "--port", str(gw.grpc_port), "--path", kv.GET_PATH, "--payload-file",
-                      str(work / f"get-request-{backend}.bin"), "--token", p.token,
+                      str(work / f"get-request-{backend}.bin"), f"--token={p.token}",
                       "--expect-bytes", str(len(p.response))]),
                     ("rest/gateway", "gateway (granian)", "REST HTTP/1.1", gw,
-                     ["--kind", "http", "--port", str(gw.http_port), "--path", f"/v1/kv/{kv.KEY}", "--token",
-                      p.token, "--expect-bytes", str(len(p.json_body))]),
+                     ["--kind", "http", "--port", str(gw.http_port), "--path", f"/v1/kv/{kv.KEY}",
+                      f"--token={p.token}", "--expect-bytes", str(len(p.json_body))]),
                 ]
                 by_key: dict[str, dict[str, Any]] = {}
                 for key, name, transport, server, args in plan:

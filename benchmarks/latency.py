@@ -57,11 +57,11 @@ def run(ctx: Context) -> dict[str, Any]:
 
         def grpc_args(port: int, payload: str, token: str) -> list[str]:
             return ["--kind", "grpc", "--port", str(port), "--path", kv.GET_PATH, "--payload-file", str(work / payload),
-                    "--token", token, "--expect-bytes", str(len(first.response))]
+                    f"--token={token}", "--expect-bytes", str(len(first.response))]
 
         def http_args(port: int, server: str) -> list[str]:
-            return ["--kind", "http", "--port", str(port), "--path", f"/v1/kv/{kv.KEY}", "--token",
-                    prepared[server].token, "--expect-bytes", str(len(prepared[server].json_body))]
+            return ["--kind", "http", "--port", str(port), "--path", f"/v1/kv/{kv.KEY}",
+                    f"--token={prepared[server].token}", "--expect-bytes", str(len(prepared[server].json_body))]
 
         direct_args = ["--kind", "sqlite", "--db", str(work / "direct.db"), "--payload-file", str(work / "value.bin")]
         plan: list[tuple[str, str, str, Server | None, list[str]]] = [
