@@ -6,9 +6,10 @@ import os
 from app.http_app import create_app
 from app.settings import load_settings
 
-if os.environ.get("PRISM_SERVER") == "hypercorn":
+settings = load_settings()
+if os.environ.get("PRISM_SERVER") == "hypercorn" and settings.auth is not None and settings.auth.mtls is not None:
     from app import hypercorn_tls
 
     hypercorn_tls.install()  # client certificates reach the app as the ASGI TLS extension
 
-app = create_app(load_settings())
+app = create_app(settings)
