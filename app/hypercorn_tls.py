@@ -11,7 +11,7 @@ The hook is one module global — ``hypercorn.asyncio.run.TCPServer``, looked up
 connection — replaced by a subclass that only wraps the app. ``install()`` checks that the
 global is still Hypercorn's own TCPServer with the signature this was written against, and
 fails loudly otherwise, so an upgrade cannot silently lose certificate identities
-(tests/test_http_mtls.py exercises the real server).
+(tests/test_mtls_e2e.py exercises the real server).
 
 Only the leaf certificate is passed: Python 3.11's ``ssl`` exposes no verified chain. That is
 enough here because the gateway re-verifies it against ``auth.mtls.ca_file`` (app/auth/mtls.py).
