@@ -34,6 +34,12 @@ log = logging.getLogger("prism.rest")
 SESSION_QUERY = "prism_session"
 
 
+def _segment(path: str) -> str:
+    """The second segment of a path: "kv" of "/v1/kv/a/b", "kv:exists" of "/v1/kv:exists"."""
+    parts = path.split("/", 3)
+    return parts[2] if len(parts) > 2 else ""
+
+
 class RestRouter:
     def __init__(self, methods: list[Method], pipeline: Pipeline, max_body: int, ping_seconds: float) -> None:
         self.pipeline = pipeline
@@ -42,12 +48,22 @@ class RestRouter:
         bound = [m for m in methods if m.http is not None and not m.client_streaming]
         # Literal routes first, so "/v1/kv:exists" never reads as a key.
         self.routes = sorted(bound, key=lambda m: bool(m.http and m.http.path_fields))
+        # Candidates by a path's second segment ("kv", "kv:exists", "topics"), so a request tries
+        # a few patterns rather than all; templates with a variable there are tried for any path.
+        segments = [(_segment(m.http.template if m.http else ""), m) for m in self.routes]
+        self.anywhere = [m for segment, m in segments if "{" in segment]
+        self.candidates: dict[str, list[Method]] = {}
+        for segment, method in segments:
+            if "{" not in segment:
+                self.candidates.setdefault(segment, []).append(method)
+        for routes in self.candidates.values():
+            routes.extend(self.anywhere)
         # Bodyless routes whose path fields are plain strings build the request directly.
         self.direct = {m.path for m in bound if m.http and m.http.body == "" and all(_plain_string(m, f) for f in m.http.path_fields)}
 
     def match(self, verb: str, path: str) -> tuple[Method, dict[str, str]]:
         allowed: list[str] = []
-        for method in self.routes:
+        for method in self.candidates.get(_segment(path), self.anywhere):
             rule = method.http
             assert rule is not None
             found = rule.regex.match(path)
