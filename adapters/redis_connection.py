@@ -4,7 +4,10 @@ while the server is down — checked with a PING at start-up."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import urllib.parse
+from collections.abc import Iterator
 
 import grpc
 import redis.asyncio as aioredis
@@ -12,10 +15,25 @@ from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from app.errors import PrismError
+from app.errors import PrismError, internal
+
+log = logging.getLogger("prism.redis")
 
 # Driver errors that mean "the server is not answering": mapped to UNAVAILABLE.
 UNAVAILABLE_ERRORS = (rex.ConnectionError, rex.TimeoutError, rex.ReadOnlyError, rex.TryAgainError, OSError, TimeoutError)
+
+
+@contextlib.contextmanager
+def mapped_errors(what: str) -> Iterator[None]:
+    """Driver errors inside as PrismErrors: the server not answering is UNAVAILABLE naming
+    ``what``; anything else is logged and INTERNAL."""
+    try:
+        yield
+    except (rex.RedisError, OSError) as exc:
+        if isinstance(exc, UNAVAILABLE_ERRORS):
+            raise PrismError(grpc.StatusCode.UNAVAILABLE, f"{what} unavailable: {type(exc).__name__}") from exc
+        log.error("%s: redis command failed: %r", what, exc)
+        raise internal() from exc
 
 
 async def connect(url: str, *, pool_size: int, connect_timeout: float, command_timeout: float, what: str) -> aioredis.Redis:

@@ -24,12 +24,10 @@ socket timeouts); the pool replaces broken connections on the next call.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis import exceptions as rex
 
 from adapters.capabilities import Capability
 from adapters.keyvalue.base import (
@@ -39,12 +37,10 @@ from adapters.keyvalue.base import (
     etag_mismatch,
     new_etag,
     prefix_end,
-    unavailable,
 )
-from adapters.redis_connection import UNAVAILABLE_ERRORS, connect
-from app.errors import PrismError, internal
+from adapters.redis_connection import connect, mapped_errors
 
-log = logging.getLogger("prism.adapters.redis")
+WHAT = "redis backend"
 
 # Drop up to 32 expired members from both indexes (KEYS[2], KEYS[3]). Redis expires a key once
 # its PEXPIREAT time is strictly in the past, so a score below TIME is an expired key.
@@ -194,34 +190,22 @@ class RedisKeyValue(KeyValueAdapter):
             raise RuntimeError("RedisKeyValue used before start()")
         return self._redis
 
-    def _mapped(self, exc: rex.RedisError | OSError) -> PrismError:
-        if isinstance(exc, UNAVAILABLE_ERRORS):
-            return unavailable("redis", exc)
-        log.error("redis command failed: %r", exc)
-        return internal()
-
     async def get(self, namespace: str, key: str) -> Record | None:
-        try:
+        with mapped_errors(WHAT):
             return _record(await self.redis.hmget(record_key(namespace, key), FIELDS))
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
 
     async def exists(self, namespace: str, key: str) -> bool:
-        try:
+        with mapped_errors(WHAT):
             return bool(await self.redis.exists(record_key(namespace, key)))
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
 
     async def get_many(self, namespace: str, keys: Sequence[str]) -> list[Record | None]:
         if not keys:
             return []
-        try:
+        with mapped_errors(WHAT):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.hmget(record_key(namespace, key), FIELDS)
                 replies = await pipe.execute()
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
         return [_record(fields) for fields in replies]
 
     def _keys(self, namespace: str, key: str) -> list[bytes]:
@@ -241,10 +225,8 @@ class RedisKeyValue(KeyValueAdapter):
         etag = new_etag()
         expiry = b"" if expires_at is None else str(int(expires_at * 1000)).encode()
         args = [value, etag, expiry, if_match, b"1" if if_absent else b"", key.encode(), *_asking(previous_prefix)]
-        try:
+        with mapped_errors(WHAT):
             outcome = await self._set(keys=self._keys(namespace, key), args=args)
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
         if outcome == b"ABORTED":
             raise etag_mismatch(key)
         if outcome == b"ALREADY_EXISTS":
@@ -255,10 +237,8 @@ class RedisKeyValue(KeyValueAdapter):
         self, namespace: str, key: str, *, if_match: str = "", previous_prefix: bytes | None = None
     ) -> tuple[bool, bytes | None]:
         args = [if_match, key.encode(), *_asking(previous_prefix)]
-        try:
+        with mapped_errors(WHAT):
             outcome = await self._delete(keys=self._keys(namespace, key), args=args)
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
         if outcome == -1:
             raise etag_mismatch(key)
         return outcome[0] == 1, outcome[1] if len(outcome) > 1 else None
@@ -272,7 +252,7 @@ class RedisKeyValue(KeyValueAdapter):
         upper = b"(" + end if end is not None else b"+"
         index = index_key(namespace)
         found: list[tuple[str, Record]] = []
-        try:
+        with mapped_errors(WHAT):
             while len(found) < limit:
                 wanted = limit - len(found)
                 members: list[bytes] = await self.redis.zrangebylex(index, lower, upper, start=0, num=wanted)
@@ -292,6 +272,4 @@ class RedisKeyValue(KeyValueAdapter):
                 if len(members) < wanted:
                     break
                 lower = b"(" + members[-1]
-        except (rex.RedisError, OSError) as exc:
-            raise self._mapped(exc) from exc
         return found

@@ -21,25 +21,19 @@ Connection failures become UNAVAILABLE at once; the pool reconnects on the next 
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import urllib.parse
-from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import redis.asyncio as aioredis
-from redis import exceptions as rex
 
-from adapters.redis_connection import UNAVAILABLE_ERRORS, connect
-from app.errors import PrismError, internal
+from adapters.redis_connection import connect, mapped_errors
+from app.errors import PrismError
 from app.sessions.base import EXPIRED_KEPT_SECONDS, SessionRecord, SessionStore, roles_of, roles_text
 from prism.v1 import config_pb2
 
-log = logging.getLogger("prism.sessions.redis")
-
 DEFAULT_PREFIX = "prism:session:"
+WHAT = "session store (redis)"
 FIELDS = ["i", "u", "c", "t", "l", "e", "r"]
 
 # KEYS: session hash. ARGV: last activity, effective deadline, TTL in ms. 0 if the session is gone.
@@ -118,20 +112,6 @@ class RedisSessionStore(SessionStore):
             raise RuntimeError("RedisSessionStore used before start()")
         return self._redis
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _mapping_errors() -> Iterator[None]:
-        """Redis and connection failures as UNAVAILABLE (or a logged INTERNAL)."""
-        try:
-            yield
-        except (rex.RedisError, OSError) as exc:
-            if isinstance(exc, UNAVAILABLE_ERRORS):
-                raise PrismError(
-                    grpc.StatusCode.UNAVAILABLE, f"session store (redis) unavailable: {type(exc).__name__}"
-                ) from exc
-            log.error("redis session store command failed: %r", exc)
-            raise internal() from exc
-
     async def _insert(self, r: SessionRecord) -> None:
         now = self.clock()
         fields = {
@@ -144,7 +124,7 @@ class RedisSessionStore(SessionStore):
             "r": roles_text(r.roles),
         }
         remembered = r.created_at + self.max_lifetime + EXPIRED_KEPT_SECONDS - now
-        with self._mapping_errors():
+        with mapped_errors(WHAT):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self.session_key(r.digest), mapping=fields)
                 pipe.pexpire(self.session_key(r.digest), _ms(r.expires_at - now))
@@ -152,7 +132,7 @@ class RedisSessionStore(SessionStore):
                 await pipe.execute()
 
     async def _load(self, digest: str) -> SessionRecord | None:
-        with self._mapping_errors():
+        with mapped_errors(WHAT):
             i, u, c, t, last, e, r = await self.redis.hmget(self.session_key(digest), FIELDS)
         if i is None or c is None or r is None:
             return None
@@ -163,36 +143,36 @@ class RedisSessionStore(SessionStore):
 
     async def _touch(self, r: SessionRecord) -> bool:
         ttl = _ms(r.expires_at - self.clock())
-        with self._mapping_errors():
+        with mapped_errors(WHAT):
             found = await self._touch_script(
                 keys=[self.session_key(r.digest)], args=[repr(r.last_activity_at), repr(r.expires_at), ttl]
             )
         return found == 1
 
     async def _delete(self, digest: str) -> None:
-        with self._mapping_errors():
+        with mapped_errors(WHAT):
             await self.redis.delete(self.session_key(digest), self.marker_key(digest))
 
     async def _sweep(self, expired_before: float) -> None:
         """Nothing to do: Redis expires both keys itself."""
 
     async def _missing(self, digest: str, now: float) -> PrismError | None:
-        with self._mapping_errors():
+        with mapped_errors(WHAT):
             created_at = await self.redis.get(self.marker_key(digest))
         # Which deadline Redis expired the hash at is gone with it: before the absolute deadline
         # it can only have been the idle one; after it, it is reported as the maximum lifetime.
         return None if created_at is None else self.expired(float(created_at), now)
 
     async def register_config(self, name: str, config: bytes) -> bool:
-        with self._mapping_errors():
+        with mapped_errors(WHAT):
             return bool(await self.redis.hsetnx(self.configs_key, name, config))
 
     async def registered_config(self, name: str) -> bytes | None:
-        with self._mapping_errors():
+        with mapped_errors(WHAT):
             found: bytes | None = await self.redis.hget(self.configs_key, name)
         return found
 
     async def registered_configs(self) -> list[bytes]:
-        with self._mapping_errors():
+        with mapped_errors(WHAT):
             found: dict[bytes, bytes] = await self.redis.hgetall(self.configs_key)
         return [config for _, config in sorted(found.items())]
