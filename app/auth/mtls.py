@@ -194,9 +194,12 @@ class ClientCertificates:
         header = self._forwarded.header
         peer = (scope.get("client") or ("", 0))[0]
         try:
-            trusted = any(ipaddress.ip_address(peer) in net for net in self._forwarded.trusted_proxies)
+            address = ipaddress.ip_address(peer)
         except ValueError:
             trusted = False
+        else:  # a dual-stack listener reports an IPv4 proxy as ::ffff:a.b.c.d
+            address = getattr(address, "ipv4_mapped", None) or address
+            trusted = any(address in net for net in self._forwarded.trusted_proxies)
         if not trusted:
             log.warning("%s from %s refused: not in auth.mtls.forwarded.trusted_proxies", header, peer or "?")
             raise unauthenticated(f"{header} is accepted only from a trusted proxy")

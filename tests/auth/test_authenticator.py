@@ -14,6 +14,7 @@ import json
 import pathlib
 import socket
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -667,6 +668,24 @@ async def test_asgi_tls_extension(auth: Authenticator, pki: Pki) -> None:
         unauthenticated(_raises(lambda: auth.asgi_peer(failed)))
         == "client certificate refused by the TLS layer"
     )
+
+
+@pytest.mark.parametrize(
+    ("peer", "trusted"),
+    [("10.1.2.3", True), ("::ffff:10.1.2.3", True), ("11.0.0.1", False), ("::1", False), ("unix-socket", False)],
+)
+def test_forwarded_certificate_only_from_trusted_proxies(pki: Pki, clock: Clock, peer: str, trusted: bool) -> None:
+    """The header counts only from ``trusted_proxies`` (an IPv4 proxy on a dual-stack listener
+    arrives as ::ffff:a.b.c.d); from anyone else it is refused, not ignored."""
+    settings = Mtls(ca_file=pki.ca_file, forwarded={"trusted_proxies": ["10.0.0.0/8"]})
+    certificates = ClientCertificates(settings, clock=clock)
+    pem = urllib.parse.quote(issue("svc-a", pki.ca).pem).encode()
+    scope = {"client": (peer, 40000), "headers": [(b"x-forwarded-client-cert", pem)]}
+    if trusted:
+        assert certificates.from_asgi(scope) == "svc-a"
+    else:
+        error = _raises(lambda: certificates.from_asgi(scope))
+        assert unauthenticated(error) == "x-forwarded-client-cert is accepted only from a trusted proxy"
 
 
 def test_identity_from_grpc_auth_context() -> None:
