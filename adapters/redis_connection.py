@@ -15,7 +15,7 @@ from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from app.errors import PrismError, internal
+from prism.errors import PrismError, internal
 
 log = logging.getLogger("prism.redis")
 

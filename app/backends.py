@@ -7,8 +7,8 @@ from adapters.keyvalue.memory import MemoryKeyValue
 from adapters.keyvalue.sqlite import SqliteKeyValue
 from adapters.pubsub.base import PubSubAdapter
 from adapters.pubsub.memory import MemoryPubSub
-from app.errors import failed_precondition
 from app.settings import Backend, Settings
+from prism.errors import failed_precondition
 from prism.v1 import config_pb2
 
 BACKEND_TYPES = {

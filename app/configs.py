@@ -9,11 +9,11 @@ import grpc
 
 from adapters.capabilities import Capability
 from app.backends import BACKEND_TYPES, PATTERN_BACKENDS, Backends
-from app.errors import PrismError, invalid_argument, not_found
 from app.pipeline import Call
 from app.policy import Authorizer
 from app.sessions import SessionStore
 from app.settings import NAME, NamedConfig, Settings
+from prism.errors import PrismError, invalid_argument, not_found
 from prism.v1 import config_pb2
 
 _NAME = re.compile(NAME)

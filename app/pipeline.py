@@ -23,12 +23,12 @@ from google.protobuf.message import Message
 from app.audit import AuditLog
 from app.auth.authenticator import Authenticator
 from app.auth.identity import Identity
-from app.errors import PrismError, failed_precondition, internal, invalid_argument, unauthenticated
 from app.methods import Method
 from app.policy import Authorizer, operation_name
 from app.ratelimit import RateLimiter
 from app.sessions import SessionRecord, SessionStore
 from app.settings import RateLimit
+from prism.errors import PrismError, failed_precondition, internal, invalid_argument, unauthenticated
 from prism.v1 import config_pb2
 
 log = logging.getLogger("prism.pipeline")

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 import grpc
 
 from app.auth.identity import Identity
-from app.errors import PrismError
 from app.methods import Method
 from app.settings import Policy
+from prism.errors import PrismError
 from prism.v1 import config_pb2
 
 EVERYTHING = "*"  # the dev-mode role: every operation in every namespace

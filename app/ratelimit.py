@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import grpc
 
-from app.errors import PrismError
+from prism.errors import PrismError
 
 Clock = Callable[[], float]
 

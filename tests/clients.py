@@ -21,8 +21,8 @@ import httpx
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from app.errors import HTTP_STATUS
 from app.methods import Method, all_methods
+from prism.errors import HTTP_STATUS
 
 METHODS: dict[str, Method] = {m.path: m for m in all_methods()}
 CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}

@@ -11,8 +11,8 @@ import grpc
 import httpx
 import pytest
 
-from app.errors import HTTP_STATUS
 from app.settings import Limits
+from prism.errors import HTTP_STATUS
 from prism.v1 import keyvalue_pb2 as kv
 from tests.clients import CallError, GrpcClient, GrpcWebClient, decode_grpc_web_text, grpc_web_frames
 from tests.conftest import open_session

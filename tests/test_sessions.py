@@ -20,12 +20,12 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from app.errors import PrismError
 from app.gateway import _session_store
 from app.sessions import CLOSED, IDLE, LIFETIME, UNKNOWN, MemorySessionStore, SessionStore, SqliteSessionStore
 from app.sessions.base import EXPIRED_KEPT_SECONDS, RECHECK_SECONDS, SWEEP_INTERVAL, token_digest
 from app.sessions.redis import DEFAULT_PREFIX, RedisSessionStore, split_prefix
 from app.settings import Settings
+from prism.errors import PrismError
 from prism.v1 import config_pb2, session_pb2
 from prism.v1 import keyvalue_pb2 as kv
 from prism.v1 import pubsub_pb2 as ps

@@ -2,7 +2,7 @@
 
 Every backend implements the five required operations; batch reads and ``exists`` have
 default implementations built from them, which a backend replaces when its store does better.
-Adapters report failures as :class:`app.errors.PrismError` (``etag_mismatch``,
+Adapters report failures as :class:`prism.errors.PrismError` (``etag_mismatch``,
 ``already_exists``, ``unavailable``) so no driver exception crosses the contract.
 """
 
@@ -18,7 +18,7 @@ from typing import ClassVar
 import grpc
 
 from adapters.capabilities import Capability
-from app.errors import PrismError
+from prism.errors import PrismError
 
 Clock = Callable[[], float]
 

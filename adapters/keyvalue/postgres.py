@@ -36,7 +36,7 @@ from adapters.keyvalue.base import (
     prefix_end,
     unavailable,
 )
-from app.errors import PrismError, internal
+from prism.errors import PrismError, internal
 
 log = logging.getLogger("prism.adapters.postgres")
 

@@ -15,7 +15,7 @@ import grpc
 from adapters.capabilities import Capability
 from adapters.pubsub.base import Delivery, PubSubAdapter, Subscription
 from adapters.pubsub.subjects import matches
-from app.errors import PrismError
+from prism.errors import PrismError
 
 _CLOSED = object()
 

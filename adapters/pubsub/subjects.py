@@ -6,7 +6,7 @@ whole token (exactly one token) and ``>`` as the last token (one or more trailin
 
 from __future__ import annotations
 
-from app.errors import invalid_argument
+from prism.errors import invalid_argument
 
 MAX_SUBJECT_LENGTH = 1024
 

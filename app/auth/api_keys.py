@@ -14,8 +14,8 @@ import secrets
 from collections.abc import Sequence
 
 from app.auth.identity import Identity
-from app.errors import unauthenticated
 from app.settings import ApiKey
+from prism.errors import unauthenticated
 
 API_KEY_HEADER = "x-api-key"
 MAX_KEY_CHARS = 1024  # longer is not a key we issued; refused before hashing

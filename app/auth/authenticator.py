@@ -26,8 +26,8 @@ from app.auth.api_keys import API_KEY_HEADER, ApiKeys
 from app.auth.identity import ANONYMOUS, Identity
 from app.auth.jwt import JwtVerifier
 from app.auth.mtls import ClientCertificates
-from app.errors import unauthenticated
 from app.settings import Auth
+from prism.errors import unauthenticated
 
 Clock = Callable[[], float]
 

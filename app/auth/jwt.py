@@ -61,8 +61,8 @@ from joserfc.jws import JWSRegistry
 from joserfc.jwt import JWTClaimsRegistry
 
 from app.auth.identity import Identity
-from app.errors import PrismError, unauthenticated
 from app.settings import Jwt
+from prism.errors import PrismError, unauthenticated
 
 log = logging.getLogger("prism.auth.jwt")
 

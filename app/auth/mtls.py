@@ -47,8 +47,8 @@ from cryptography.x509.verification import (
 )
 
 from app.auth.identity import Identity
-from app.errors import unauthenticated
 from app.settings import Mtls
+from prism.errors import unauthenticated
 
 log = logging.getLogger("prism.auth.mtls")
 

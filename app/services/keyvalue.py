@@ -20,10 +20,10 @@ from google.protobuf.message import Message
 
 from adapters.keyvalue.base import KeyValueAdapter, Record, already_exists, etag_mismatch
 from app.backends import Backends
-from app.errors import PrismError, invalid_argument, too_large
 from app.pipeline import Call
 from app.services.read_cache import ReadCache
 from app.settings import Limits
+from prism.errors import PrismError, invalid_argument, too_large
 from prism.v1 import keyvalue_pb2 as kv
 
 MAX_KEY_BYTES = 1024

@@ -8,9 +8,9 @@ from adapters.capabilities import Capability
 from adapters.pubsub.base import Subscription
 from adapters.pubsub.subjects import parse_pattern, parse_subject
 from app.backends import Backends
-from app.errors import PrismError, failed_precondition, not_found, too_large
 from app.pipeline import Call
 from app.settings import Limits
+from prism.errors import PrismError, failed_precondition, not_found, too_large
 from prism.v1 import pubsub_pb2 as ps
 
 

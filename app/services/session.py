@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from app.configs import ConfigRegistry
-from app.errors import invalid_argument
 from app.pipeline import Call
 from app.policy import Authorizer
 from app.sessions import SessionStore
+from prism.errors import invalid_argument
 from prism.v1 import session_pb2
 
 

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from app.errors import PrismError, unauthenticated
+from prism.errors import PrismError, unauthenticated
 from prism.v1 import config_pb2, session_pb2
 
 log = logging.getLogger("prism.sessions")

@@ -28,8 +28,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from adapters.redis_connection import connect, mapped_errors
-from app.errors import PrismError
 from app.sessions.base import EXPIRED_KEPT_SECONDS, SessionRecord, SessionStore, roles_of, roles_text
+from prism.errors import PrismError
 from prism.v1 import config_pb2
 
 DEFAULT_PREFIX = "prism:session:"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
-from app.errors import PrismError, too_large
+from prism.errors import PrismError, too_large
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

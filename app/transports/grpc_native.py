@@ -16,9 +16,9 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from app.errors import PrismError, invalid_argument
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
+from prism.errors import PrismError, invalid_argument
 
 log = logging.getLogger("prism.grpc")
 

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from app.errors import PrismError, invalid_argument
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
 from app.transports.asgi_util import Receive, Scope, Send, header_map, read_body
+from prism.errors import PrismError, invalid_argument
 
 TRAILER_FLAG = 0x80
 COMPRESSED_FLAG = 0x01

@@ -11,8 +11,8 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from app.errors import PrismError, invalid_argument
 from app.transports.json_encoder import encoder
+from prism.errors import PrismError, invalid_argument
 
 _FIELD_IN_ERROR = re.compile(r'(?:no field named|field) "?([A-Za-z0-9_.\[\]]+)"?')
 _TRUE, _FALSE = {"true", "1"}, {"false", "0"}

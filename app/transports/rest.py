@@ -23,11 +23,11 @@ from typing import Any
 from google.protobuf.message import Message
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from app.errors import PrismError, invalid_argument
 from app.methods import Method
 from app.pipeline import SESSION_HEADER, Pipeline, status_of
 from app.transports import json_codec
 from app.transports.asgi_util import Receive, Scope, Send, header_map, read_body, respond, respond_error
+from prism.errors import PrismError, invalid_argument
 
 log = logging.getLogger("prism.rest")
 

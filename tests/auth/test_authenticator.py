@@ -32,8 +32,8 @@ from app.auth import ANONYMOUS, NO_CREDENTIALS, Authenticator, Identity, hash_ke
 from app.auth.api_keys import ApiKeys
 from app.auth.jwt import JwtVerifier
 from app.auth.mtls import ClientCertificates, grpc_server_credentials, identity_from_auth_context
-from app.errors import PrismError
 from app.settings import ApiKey, Auth, Jwt, Mtls
+from prism.errors import PrismError
 from tests.auth.keys import Issued, JwksEndpoint, b64, issue, x509_name
 
 ISSUER = "https://issuer.test"

@@ -19,9 +19,9 @@ import pytest
 from adapters.keyvalue.base import KeyValueAdapter
 from app.backends import Backends
 from app.configs import from_settings
-from app.errors import PrismError
 from app.services.keyvalue import KeyValueService, _chunk_namespace
 from app.settings import Backend, Limits, NamedConfig, Settings
+from prism.errors import PrismError
 from prism.v1 import keyvalue_pb2 as kv
 from tests.conformance.test_keyvalue import require
 from tests.servers import POSTGRES_DSN, REDIS_URL, purge_namespaces

@@ -1,4 +1,7 @@
-"""The one error model shared by every transport.
+"""The one error model shared by every transport and every adapter.
+
+It lives in the contract package, below both layers: ``adapters/`` raise it without importing
+anything from ``app/``, and the transports turn it into their wire forms.
 
 A service, the pipeline or an adapter raises :class:`PrismError`; each transport turns it
 into its own wire form from the single table below:
