@@ -1,9 +1,10 @@
 """The ASGI application on the HTTP port.
 
     CORS ─► dispatch ─┬─ content-type application/grpc-web*  → GrpcWebApp
-                      ├─ /v1/...                              → RestRouter (REST + SSE)
-                      └─ everything else                      → FastAPI (/docs, /openapi.json,
-                                                                /healthz, /readyz, lifespan)
+                      ├─ content-type application/grpc       → 415 (native gRPC: the gRPC port)
+                      ├─ FastAPI's own paths                  → FastAPI (/docs, /openapi.json,
+                      │                                         /metrics, /healthz, /readyz, lifespan)
+                      └─ everything else                      → RestRouter (REST + SSE; NOT_FOUND)
 
 The hot paths are plain ASGI apps: FastAPI's per-request machinery (routing, dependency
 injection, validation) would cost several times the codec itself. FastAPI keeps what it is
@@ -17,18 +18,22 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+import grpc
+from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from app.gateway import Gateway
 from app.settings import Settings
-from app.transports.asgi_util import ASGIApp, Receive, Scope, Send
-from app.transports.grpc_web import GrpcWebApp
+from app.transports.asgi_util import ASGIApp, Receive, Scope, Send, respond_error
+from app.transports.grpc_web import CONTENT_TYPES, GrpcWebApp, trailer_fields
 from app.transports.openapi import build_openapi
 from app.transports.rest import RestRouter
+from prism.errors import HTTP_STATUS, PrismError, unsupported_media_type
 
 GRPC_WEB_HEADERS = ["grpc-status", "grpc-message", "grpc-status-details-bin"]
 
@@ -73,10 +78,12 @@ def create_app(settings: Settings) -> ASGIApp:
         return JSONResponse({"status": "ok" if ready else "starting"}, status_code=200 if ready else 503)
 
     max_body = settings.limits.max_request_bytes
+    _error_model(api)
     dispatch = Dispatch(
         grpc_web=GrpcWebApp(gateway.methods, gateway.pipeline, max_body),
         rest=RestRouter(gateway.methods, gateway.pipeline, max_body, settings.limits.sse_ping_seconds),
         fallback=api,
+        fallback_paths={route.path for route in api.routes if isinstance(route, APIRoute)},
     )
     app = BrowserCORS(
         dispatch,
@@ -101,14 +108,36 @@ class BrowserCORS(CORSMiddleware):
 
 
 class Dispatch:
-    def __init__(self, grpc_web: ASGIApp, rest: ASGIApp, fallback: ASGIApp) -> None:
+    """Routes by content type and path; every answer, even to a route nobody serves, comes in
+    the one error model."""
+
+    def __init__(self, grpc_web: ASGIApp, rest: ASGIApp, fallback: ASGIApp, fallback_paths: set[str]) -> None:
         self.grpc_web, self.rest, self.fallback = grpc_web, rest, fallback
+        self.fallback_paths = frozenset(fallback_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-type" and value.startswith(b"application/grpc-web"):
+        if scope["type"] != "http":
+            return await self.fallback(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"content-type" and value.startswith(b"application/grpc"):
+                if value.startswith(b"application/grpc-web"):
                     return await self.grpc_web(scope, receive, send)
-            if scope["path"].startswith("/v1/") or scope["path"].startswith("/v1:"):
-                return await self.rest(scope, receive, send)
-        await self.fallback(scope, receive, send)
+                error = unsupported_media_type(
+                    value.decode("latin-1"), *CONTENT_TYPES, "native gRPC on the gRPC port"
+                )
+                return await respond_error(send, error, trailer_fields(error))
+        if scope["path"] in self.fallback_paths:
+            return await self.fallback(scope, receive, send)
+        await self.rest(scope, receive, send)  # REST and SSE, and NOT_FOUND for any other path
+
+
+def _error_model(api: FastAPI) -> None:
+    """FastAPI's own refusals (405 on /healthz, ...) in the one error model, not {"detail"}."""
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = next((c for c, status in HTTP_STATUS.items() if status == exc.status_code), grpc.StatusCode.UNKNOWN)
+        error = PrismError(code, str(exc.detail), http_status=exc.status_code)
+        return Response(error.to_json(), status_code=exc.status_code, media_type="application/json", headers=exc.headers)
+
+    api.add_exception_handler(StarletteHTTPException, http_error)

@@ -1,20 +1,26 @@
-"""The one request pipeline every transport goes through.
+"""The one request pipeline every transport goes through, in one order of checks.
 
-    transport decodes ─► Pipeline.unary / Pipeline.stream
-                           ├─ check required fields (google.api.field_behavior)
-                           ├─ resolve the session (x-prism-session) and its access pattern
-                           └─ call the service method
+    transport ─► Pipeline.unary / Pipeline.stream (method, decode, metadata)
+                   ├─ credentials, or the session (x-prism-session)     UNAUTHENTICATED
+                   ├─ the method is implemented                          UNIMPLEMENTED
+                   ├─ decode() reads and parses the request              INVALID_ARGUMENT
+                   ├─ REQUIRED fields (google.api.field_behavior)        INVALID_ARGUMENT
+                   ├─ the session's access pattern                       FAILED_PRECONDITION
+                   ├─ authorization (RBAC)                               PERMISSION_DENIED
+                   ├─ rate limits                                        RESOURCE_EXHAUSTED
+                   └─ the service method; audit records the outcome
     transport encodes ◄─ response message(s) or PrismError
 
-Authentication beyond the session token, RBAC, rate limits and audit plug in here, so gRPC
-and HTTP can never disagree about them.
+Transports pass a ``decode`` callable rather than a message, so nobody without credentials
+learns about the API, and no request body is read for a caller already refused.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
@@ -35,6 +41,9 @@ log = logging.getLogger("prism.pipeline")
 
 SESSION_HEADER = "x-prism-session"
 
+# Reads and parses a call's request message, once the pipeline has admitted the caller.
+Decode = Callable[[], Awaitable[Message]]
+
 
 @dataclass(slots=True)
 class Call:
@@ -54,7 +63,8 @@ class Call:
 
 
 def check_required(message: Message, required: Mapping[str, tuple[str, ...]], prefix: str = "") -> None:
-    """INVALID_ARGUMENT naming the first REQUIRED field left empty, at any depth."""
+    """INVALID_ARGUMENT naming the first REQUIRED field left empty, in the request and the
+    messages it holds in singular fields."""
     descriptor = message.DESCRIPTOR
     for name in required.get(descriptor.full_name, ()):
         field = descriptor.fields_by_name[name]
@@ -67,13 +77,11 @@ def check_required(message: Message, required: Mapping[str, tuple[str, ...]], pr
         if not present:
             raise invalid_argument(prefix + field.json_name, "is required")
     for field, value in message.ListFields():
-        if field.type != FieldDescriptor.TYPE_MESSAGE or field.message_type.GetOptions().map_entry:
+        # Elements of a repeated message field are the service's to check one by one: a batch
+        # entry succeeds or fails on its own (its result's status), never the whole call.
+        if field.type != FieldDescriptor.TYPE_MESSAGE or field.is_repeated:
             continue
-        if field.is_repeated:
-            for i, item in enumerate(value):
-                check_required(item, required, f"{prefix}{field.json_name}[{i}].")
-        else:
-            check_required(value, required, f"{prefix}{field.json_name}.")
+        check_required(value, required, f"{prefix}{field.json_name}.")
 
 
 # Probes answer without credentials.
@@ -100,28 +108,62 @@ class Pipeline:
         self.namespace_limits = dict(namespace_limits)
         self.operations = {m.path: operation_name(m) for m in methods}
 
+    def asgi_peer(self, scope: Mapping[str, Any]) -> str | None:
+        """The verified client-certificate identity of an HTTP request, for ``peer``."""
+        return self.authenticator.asgi_peer(scope)
+
+    def grpc_peer(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The verified client-certificate identity of a native gRPC call, for ``peer``."""
+        return self.authenticator.grpc_peer(context)
+
     async def begin(
-        self, method: Method, request: Message, metadata: Mapping[str, str], transport: str, peer: str | None = None
+        self, method: Method, metadata: Mapping[str, str], transport: str, peer: str | None = None
     ) -> Call:
-        """Authenticate, resolve the session, authorize and rate-limit; PrismError if refused."""
-        if method.handler is None:
-            raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet")
-        if method.required_fields:
-            check_required(request, method.required_fields)
+        """The first checks, before the request is even read: credentials and session
+        (UNAUTHENTICATED), then the method (UNIMPLEMENTED). A caller without credentials
+        learns nothing about the API, and a refused request body is never buffered."""
         operation = self.operations[method.path]
         if not method.requires_session:
             if method.service in PUBLIC_SERVICES:
-                return Call(method, None, "", transport, NOBODY, operation)
-            identity = await self.authenticator.authenticate(metadata, peer)
-            return Call(method, None, "", transport, identity, operation)
+                call = Call(method, None, "", transport, NOBODY, operation)
+            else:
+                identity = await self.authenticator.authenticate(metadata, peer)
+                call = Call(method, None, "", transport, identity, operation)
+        else:
+            token = metadata.get(SESSION_HEADER, "")
+            if not token:
+                raise unauthenticated(
+                    f"{method.service}/{method.name} needs a session: send the token from "
+                    f"CreateSession as {SESSION_HEADER}"
+                )
+            session = await self.sessions.resolve(token)
+            identity = Identity(session.identity, session.roles, "session")
+            call = Call(method, session, token, transport, identity, operation)
+        if method.handler is None:
+            raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet")
+        return call
+
+    async def refuse_unknown(
+        self, error: PrismError, metadata: Mapping[str, str], peer: str | None = None
+    ) -> NoReturn:
+        """Answer a call to no known method: UNAUTHENTICATED first, like any other call, then
+        ``error`` (NOT_FOUND for a REST route, UNIMPLEMENTED for an RPC)."""
         token = metadata.get(SESSION_HEADER, "")
-        if not token:
-            raise unauthenticated(
-                f"{method.service}/{method.name} needs a session: send the token from "
-                f"CreateSession as {SESSION_HEADER}"
-            )
-        session = await self.sessions.resolve(token)
-        config = session.config
+        if token:
+            await self.sessions.resolve(token)
+        else:
+            await self.authenticator.authenticate(metadata, peer)
+        raise error
+
+    def admit(self, call: Call, request: Message) -> None:
+        """The checks that need the request: its REQUIRED fields (INVALID_ARGUMENT), then the
+        session's access pattern, authorization and rate limits."""
+        method = call.method
+        if method.required_fields:
+            check_required(request, method.required_fields)
+        if call.session is None:
+            return
+        config = call.session.config
         if method.pattern and config.pattern != method.pattern:
             raise failed_precondition(
                 f"session config {config.name!r} is for "
@@ -129,10 +171,8 @@ class Pipeline:
                 f"{method.service}/{method.name} needs "
                 f"{config_pb2.AccessPattern.Name(method.pattern)}"
             )
-        identity = Identity(session.identity, session.roles, "session")
-        self.authorizer.check(identity, operation, config.namespace)
+        self.authorizer.check(call.identity, call.operation, config.namespace)
         self._limit(config)
-        return Call(method, session, token, transport, identity, operation)
 
     def _limit(self, config: config_pb2.ClientConfig) -> None:
         namespace = config.namespace
@@ -156,11 +196,14 @@ class Pipeline:
         )
 
     async def unary(
-        self, method: Method, request: Message, metadata: Mapping[str, str], transport: str, peer: str | None = None
+        self, method: Method, decode: Decode, metadata: Mapping[str, str], transport: str, peer: str | None = None
     ) -> Message:
+        """``decode`` reads and parses the request; it runs only once the caller is known."""
         call: Call | None = None
         try:
-            call = await self.begin(method, request, metadata, transport, peer)
+            call = await self.begin(method, metadata, transport, peer)
+            request = await decode()
+            self.admit(call, request)
             response = await method.handler(request, call)  # type: ignore[misc]
         except PrismError as error:
             if self.audit.enabled:
@@ -176,14 +219,17 @@ class Pipeline:
         return response
 
     async def stream(
-        self, method: Method, request: Message, metadata: Mapping[str, str], transport: str, peer: str | None = None
+        self, method: Method, decode: Decode, metadata: Mapping[str, str], transport: str, peer: str | None = None
     ) -> AsyncIterator[Message]:
-        """Validates and resolves eagerly, so errors surface before the first message."""
+        """Checks eagerly, so errors surface before the first message."""
+        call: Call | None = None
         try:
-            call = await self.begin(method, request, metadata, transport, peer)
+            call = await self.begin(method, metadata, transport, peer)
+            request = await decode()
+            self.admit(call, request)
         except PrismError as error:
             if self.audit.enabled:
-                self._record(None, method, transport, error.code.name)
+                self._record(call, method, transport, error.code.name)
             raise
         if self.audit.enabled:
             self._record(call, method, transport, "OK", event="stream-open")

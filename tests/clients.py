@@ -20,6 +20,7 @@ import grpc
 import httpx
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from app.methods import Method, all_methods
 from prism.errors import HTTP_STATUS
@@ -34,6 +35,7 @@ class CallError(Exception):
     message: str
     http_status: int | None = None
     body: Any = None
+    violations: tuple[str, ...] = ()  # fields named by a google.rpc.BadRequest in the details
 
     def __str__(self) -> str:
         return f"{self.code} ({self.http_status}): {self.message}"
@@ -68,7 +70,8 @@ class GrpcClient:
         try:
             return await stub(request, metadata=self._metadata(token), timeout=10)
         except grpc.aio.AioRpcError as exc:
-            raise CallError(exc.code().name, exc.details() or "") from None
+            details = dict(exc.trailing_metadata() or ()).get("grpc-status-details-bin")
+            raise CallError(exc.code().name, exc.details() or "", violations=status_violations(details)) from None
 
     async def stream(self, rpc: str, request: Message, token: str = "") -> AsyncIterator[Message]:
         method = METHODS[rpc]
@@ -108,10 +111,27 @@ def rest_request(method: Method, request: Message) -> tuple[str, str, dict[str, 
     return rule.verb, path, data, []
 
 
+def status_violations(details: bytes | None) -> tuple[str, ...]:
+    """The fields named by the BadRequest in a serialized google.rpc.Status."""
+    if not details:
+        return ()
+    status = status_pb2.Status.FromString(details)
+    fields: list[str] = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            fields.extend(v.field for v in bad_request.field_violations)
+    return tuple(fields)
+
+
 def _error_from_json(response: httpx.Response) -> CallError:
     try:
         body = response.json()
-        return CallError(body["code"], body["message"], response.status_code, body)
+        violations = tuple(
+            v["field"] for d in body["details"] if d.get("@type", "").endswith("google.rpc.BadRequest")
+            for v in d.get("fieldViolations", [])
+        )
+        return CallError(body["code"], body["message"], response.status_code, body, violations)
     except (ValueError, KeyError):
         return CallError("UNKNOWN", response.text, response.status_code)
 
@@ -242,7 +262,13 @@ class GrpcWebClient:
             raise CallError("UNKNOWN", "no grpc-status in the response")
         if status != "0":
             message = urllib.parse.unquote(trailers.get("grpc-message", headers.get("grpc-message", "")))
-            raise CallError(CODE_NAMES[int(status)], message, HTTP_STATUS.get(grpc.StatusCode[CODE_NAMES[int(status)]]))
+            details = trailers.get("grpc-status-details-bin", headers.get("grpc-status-details-bin"))
+            raise CallError(
+                CODE_NAMES[int(status)],
+                message,
+                HTTP_STATUS.get(grpc.StatusCode[CODE_NAMES[int(status)]]),
+                violations=status_violations(base64.b64decode(details + "=" * (-len(details) % 4)) if details else None),
+            )
         return [METHODS[rpc].response_type.FromString(m) for m in messages]
 
     async def call(self, rpc: str, request: Message, token: str = "") -> Message:

@@ -114,7 +114,18 @@ async def test_rest_missing_required_field(stored):
     http, *_ = stored
     error = assert_error(await http.post("/v1/kv:exists", json={}), 400, "INVALID_ARGUMENT", "key", "required")
     assert error["details"][0]["fieldViolations"][0]["field"] == "key"
-    assert_error(await http.post("/v1/kv:batchSet", json={"entries": [{"value": "AA=="}]}), 400, "INVALID_ARGUMENT", "entries[0].key")
+
+
+async def test_batch_entry_without_key_fails_on_its_own(stored):
+    """BatchSet's contract: each entry succeeds or fails on its own, a missing key included."""
+    http, *_ = stored
+    response = await http.post("/v1/kv:batchSet", json={"entries": [{"value": "AA=="}, {"key": "batch-ok", "value": "AQ=="}]})
+    assert response.status_code == 200, response.text
+    missing, written = response.json()["results"]
+    assert missing["status"]["code"] == 3  # INVALID_ARGUMENT
+    assert missing["status"]["details"][0]["fieldViolations"][0]["field"] == "entries[0].key"
+    assert "status" not in written and written["etag"]
+    assert (await http.get("/v1/kv/batch-ok")).json()["value"] == "AQ=="
 
 
 @pytest.mark.parametrize("transport", ["grpc", "grpc-web", "grpc-web-text"])

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from app.methods import Method
-from app.pipeline import Pipeline, status_of
+from app.pipeline import Decode, Pipeline, status_of
 from prism.errors import PrismError, invalid_argument
 
 log = logging.getLogger("prism.grpc")
@@ -27,11 +27,14 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return dict(context.invocation_metadata() or ())
 
 
-def _decode(method: Method, data: bytes) -> Message:
-    try:
-        return method.request_type.FromString(data)
-    except DecodeError:
-        raise invalid_argument("request", f"not a valid {method.request_type.DESCRIPTOR.full_name} message") from None
+def _decoder(method: Method, data: bytes) -> Decode:
+    async def decode() -> Message:
+        try:
+            return method.request_type.FromString(data)
+        except DecodeError:
+            raise invalid_argument("request", f"not a valid {method.request_type.DESCRIPTOR.full_name} message") from None
+
+    return decode
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -45,8 +48,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 def _unary(method: Method, pipeline: Pipeline) -> Callable[..., object]:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            peer = pipeline.authenticator.grpc_peer(context)
-            response = await pipeline.unary(method, _decode(method, data), _metadata(context), "grpc", peer)
+            peer = pipeline.grpc_peer(context)
+            response = await pipeline.unary(method, _decoder(method, data), _metadata(context), "grpc", peer)
         except Exception as exc:
             await _abort(context, exc)
             raise  # unreachable: abort raises
@@ -58,8 +61,8 @@ def _unary(method: Method, pipeline: Pipeline) -> Callable[..., object]:
 def _server_stream(method: Method, pipeline: Pipeline) -> Callable[..., AsyncIterator[bytes]]:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         try:
-            peer = pipeline.authenticator.grpc_peer(context)
-            responses = await pipeline.stream(method, _decode(method, data), _metadata(context), "grpc", peer)
+            peer = pipeline.grpc_peer(context)
+            responses = await pipeline.stream(method, _decoder(method, data), _metadata(context), "grpc", peer)
             try:
                 async for response in responses:
                     yield response.SerializeToString()

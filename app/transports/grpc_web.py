@@ -21,10 +21,16 @@ from google.protobuf.message import DecodeError, Message
 
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
-from app.transports.asgi_util import Receive, Scope, Send, header_map, read_body
-from prism.errors import PrismError, invalid_argument
+from app.transports.asgi_util import Receive, Scope, Send, header_map, read_body, respond_error
+from prism.errors import PrismError, invalid_argument, unsupported_media_type
 
 TRAILER_FLAG = 0x80
+CONTENT_TYPES = (
+    "application/grpc-web",
+    "application/grpc-web+proto",
+    "application/grpc-web-text",
+    "application/grpc-web-text+proto",
+)
 COMPRESSED_FLAG = 0x01
 
 
@@ -32,10 +38,24 @@ def frame(payload: bytes, flag: int = 0) -> bytes:
     return struct.pack(">BI", flag, len(payload)) + payload
 
 
+def trailer_fields(error: PrismError | None) -> list[tuple[bytes, bytes]]:
+    """grpc-status, grpc-message and, for an error with details, grpc-status-details-bin (a
+    google.rpc.Status, base64 as every -bin value): the rich error native gRPC sends too."""
+    if error is None:
+        return [(b"grpc-status", b"0"), (b"grpc-message", b"")]
+    fields = [
+        (b"grpc-status", str(error.code.value[0]).encode()),
+        (b"grpc-message", urllib.parse.quote(error.message, safe=" ").encode()),
+    ]
+    if error.field is not None:
+        details = base64.b64encode(error.to_status().SerializeToString()).rstrip(b"=")
+        fields.append((b"grpc-status-details-bin", details))
+    return fields
+
+
 def trailers(error: PrismError | None) -> bytes:
-    code = 0 if error is None else error.code.value[0]
-    message = "" if error is None else urllib.parse.quote(error.message, safe=" ")
-    return frame(f"grpc-status:{code}\r\ngrpc-message:{message}\r\n".encode(), TRAILER_FLAG)
+    block = b"".join(name + b":" + value + b"\r\n" for name, value in trailer_fields(error))
+    return frame(block, TRAILER_FLAG)
 
 
 def parse_request(body: bytes, text: bool) -> bytes:
@@ -68,32 +88,40 @@ class GrpcWebApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_map(scope)
         content_type = headers.get("content-type", "application/grpc-web+proto")
+        if content_type.split(";", 1)[0].strip().lower() not in CONTENT_TYPES:
+            error = unsupported_media_type(content_type, *CONTENT_TYPES)
+            await respond_error(send, error, trailer_fields(error))
+            return
         text = content_type.startswith("application/grpc-web-text")
         writer = _Writer(send, content_type, text)
         try:
             if scope["method"] != "POST":
                 raise PrismError(grpc.StatusCode.UNIMPLEMENTED, "gRPC-Web calls use POST", http_status=405)
+            peer = self.pipeline.asgi_peer(scope)
             method = self.methods.get(scope["path"])
             if method is None:
-                raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {scope['path']}")
+                unknown = PrismError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {scope['path']}")
+                await self.pipeline.refuse_unknown(unknown, headers, peer)
             if method.client_streaming:
                 raise PrismError(
                     grpc.StatusCode.UNIMPLEMENTED,
                     f"{method.path} streams requests, which gRPC-Web cannot carry; use native gRPC",
                 )
-            payload = parse_request(await read_body(receive, self.max_body), text)
-            try:
-                request = method.request_type.FromString(payload)
-            except DecodeError:
-                raise invalid_argument(
-                    "body", f"not a valid {method.request_type.DESCRIPTOR.full_name} message"
-                ) from None
-            peer = self.pipeline.authenticator.asgi_peer(scope)
+
+            async def decode() -> Message:
+                payload = parse_request(await read_body(receive, self.max_body), text)
+                try:
+                    return method.request_type.FromString(payload)
+                except DecodeError:
+                    raise invalid_argument(
+                        "body", f"not a valid {method.request_type.DESCRIPTOR.full_name} message"
+                    ) from None
+
             if method.server_streaming:
-                responses = await self.pipeline.stream(method, request, headers, "grpc-web", peer)
+                responses = await self.pipeline.stream(method, decode, headers, "grpc-web", peer)
                 await writer.stream(responses)
                 return
-            response = await self.pipeline.unary(method, request, headers, "grpc-web", peer)
+            response = await self.pipeline.unary(method, decode, headers, "grpc-web", peer)
             await writer.finish([response], None)
         except Exception as exc:
             await writer.finish([], status_of(exc))
@@ -114,7 +142,7 @@ class _Writer:
     async def _start(self, error: PrismError | None) -> None:
         headers = [(b"content-type", self.content_type)]
         if error is not None:
-            headers += trailers_headers(error)
+            headers += trailer_fields(error)
         await self.send({"type": "http.response.start", "status": 200, "headers": headers})
         self.started = True
 
@@ -142,10 +170,3 @@ class _Writer:
             await self._start(None)
         body = b"".join(frame(m.SerializeToString()) for m in messages) + trailers(error)
         await self.send({"type": "http.response.body", "body": self._encode(body)})
-
-
-def trailers_headers(error: PrismError) -> list[tuple[bytes, bytes]]:
-    return [
-        (b"grpc-status", str(error.code.value[0]).encode()),
-        (b"grpc-message", urllib.parse.quote(error.message, safe=" ").encode()),
-    ]

@@ -24,10 +24,10 @@ from google.protobuf.message import Message
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from app.methods import Method
-from app.pipeline import SESSION_HEADER, Pipeline, status_of
+from app.pipeline import SESSION_HEADER, Decode, Pipeline, status_of
 from app.transports import json_codec
 from app.transports.asgi_util import Receive, Scope, Send, header_map, read_body, respond, respond_error
-from prism.errors import PrismError, invalid_argument
+from prism.errors import PrismError, invalid_argument, unsupported_media_type
 
 log = logging.getLogger("prism.rest")
 
@@ -62,6 +62,8 @@ class RestRouter:
         self.direct = {m.path for m in bound if m.http and m.http.body == "" and all(_plain_string(m, f) for f in m.http.path_fields)}
 
     def match(self, verb: str, path: str) -> tuple[Method, dict[str, str]]:
+        """The method and its path parameters, still percent-encoded (decoding them is part of
+        reading the request, which comes after the credentials)."""
         allowed: list[str] = []
         for method in self.candidates.get(_segment(path), self.anywhere):
             rule = method.http
@@ -72,7 +74,7 @@ class RestRouter:
             if rule.verb != verb:
                 allowed.append(rule.verb)
                 continue
-            return method, {k: urllib.parse.unquote(v, errors="strict") for k, v in found.groupdict().items()}
+            return method, found.groupdict()
         if allowed:
             raise PrismError.method_not_allowed(verb, path, allowed)
         raise PrismError.no_route(verb, path)
@@ -83,28 +85,30 @@ class RestRouter:
             path = raw_path.split(b"?", 1)[0].decode("ascii")
         except UnicodeDecodeError:
             path = urllib.parse.quote(scope["path"])
-        try:
-            method, path_params = self.match(scope["method"], path)
-        except PrismError as error:
-            allow = [(b"allow", ", ".join(error.allowed).encode())] if getattr(error, "allowed", None) else []
-            await respond_error(send, error, allow)
-            return
         metadata = header_map(scope)
-        query = urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         try:
+            peer = self.pipeline.asgi_peer(scope)
+            try:
+                method, path_params = self.match(scope["method"], path)
+            except PrismError as unknown:
+                await self.pipeline.refuse_unknown(unknown, metadata, peer)
+            query = urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
             if method.server_streaming:
                 token = next((v for k, v in query if k == SESSION_QUERY), "")
                 if token and SESSION_HEADER not in metadata:
                     metadata[SESSION_HEADER] = token
                 query = [(k, v) for k, v in query if k != SESSION_QUERY]
-            request = await self._decode(method, path_params, query, receive)
-            peer = self.pipeline.authenticator.asgi_peer(scope)
+
+            async def decode() -> Message:
+                return await self._decode(method, path_params, query, metadata, receive)
+
             if method.server_streaming:
-                await self._stream(method, request, metadata, peer, scope, receive, send)
+                await self._stream(method, decode, metadata, peer, scope, receive, send)
                 return
-            response = await self.pipeline.unary(method, request, metadata, "rest", peer)
+            response = await self.pipeline.unary(method, decode, metadata, "rest", peer)
         except PrismError as error:
-            await respond_error(send, error)
+            allow = [(b"allow", ", ".join(error.allowed).encode())] if error.allowed else []
+            await respond_error(send, error, allow)
             return
         except Exception as exc:
             await respond_error(send, status_of(exc))
@@ -112,10 +116,16 @@ class RestRouter:
         await respond(send, 200, json_codec.to_json(response))
 
     async def _decode(
-        self, method: Method, path_params: dict[str, str], query: list[tuple[str, str]], receive: Receive
+        self,
+        method: Method,
+        raw_params: dict[str, str],
+        query: list[tuple[str, str]],
+        metadata: dict[str, str],
+        receive: Receive,
     ) -> Message:
         rule = method.http
         assert rule is not None
+        path_params = _unquote(raw_params)
         if not query and method.path in self.direct:
             return method.request_type(**path_params)
         descriptor = method.request_type.DESCRIPTOR
@@ -126,6 +136,7 @@ class RestRouter:
             )
         if query:
             raise invalid_argument(query[0][0], f"unknown parameter: {method.name} takes its fields in the body")
+        _check_content_type(metadata.get("content-type", ""))
         body = json_codec.parse_body(await read_body(receive, self.max_body))
         if rule.body != "*":
             body = {descriptor.fields_by_name[rule.body].json_name: body}
@@ -134,14 +145,14 @@ class RestRouter:
     async def _stream(
         self,
         method: Method,
-        request: Message,
+        decode: Decode,
         metadata: dict[str, str],
         peer: str | None,
         scope: Scope,
         receive: Receive,
         send: Send,
     ) -> None:
-        responses = await self.pipeline.stream(method, request, metadata, "sse", peer)
+        responses = await self.pipeline.stream(method, decode, metadata, "sse", peer)
         # Pull the first response before answering, so a refused call gets its HTTP status.
         try:
             head = await anext(responses)
@@ -153,6 +164,27 @@ class RestRouter:
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
         await events(scope, receive, send)
+
+
+def _unquote(params: dict[str, str]) -> dict[str, str]:
+    decoded = {}
+    for name, value in params.items():
+        try:
+            decoded[name] = urllib.parse.unquote(value, errors="strict")
+        except UnicodeDecodeError:
+            raise invalid_argument(name, "is not UTF-8 once percent-decoded") from None
+    return decoded
+
+
+# Request bodies are JSON. curl -d sends x-www-form-urlencoded and fetch() with a string body
+# text/plain (a CORS "simple" request): both are read as the JSON they carry.
+JSON_BODY_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded")
+
+
+def _check_content_type(content_type: str) -> None:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type and media_type not in JSON_BODY_TYPES and not media_type.endswith("+json"):
+        raise unsupported_media_type(media_type, "application/json")
 
 
 def _plain_string(method: Method, name: str) -> bool:

@@ -146,5 +146,13 @@ def too_large(what: str, size: int, limit: int) -> PrismError:
     )
 
 
+def unsupported_media_type(media_type: str, *supported: str) -> PrismError:
+    return PrismError(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"content-type {media_type!r} is not supported here; use {' or '.join(supported)}",
+        http_status=415,
+    )
+
+
 def internal() -> PrismError:
     return PrismError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
