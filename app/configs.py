@@ -9,6 +9,7 @@ import grpc
 
 from adapters.capabilities import Capability
 from app.backends import BACKEND_TYPES, PATTERN_BACKENDS, Backends
+from app.methods import ANY_NAMESPACE
 from app.pipeline import Call
 from app.policy import Authorizer
 from app.sessions import SessionStore
@@ -168,13 +169,38 @@ class ConfigService:
     def __init__(self, configs: ConfigRegistry, authorizer: Authorizer) -> None:
         self.configs = configs
         self.authorizer = authorizer
+        # Authorization's scope of each method: the namespace of the configuration it touches.
+        self.scopes = {
+            "ListConfigs": self._any_namespace,
+            "GetConfig": self._named_namespace,
+            "RegisterConfig": self._validated_namespace,
+            "ValidateConfig": self._candidate_namespace,
+        }
+
+    async def _any_namespace(self, request: config_pb2.ListConfigsRequest, call: Call) -> None:
+        return ANY_NAMESPACE  # the listing shows only the namespaces the caller may list
+
+    async def _named_namespace(self, request: config_pb2.GetConfigRequest, call: Call) -> str:
+        call.resource = await self.configs.get(request.name)
+        return call.resource.namespace
+
+    async def _validated_namespace(self, request: config_pb2.RegisterConfigRequest, call: Call) -> str:
+        call.resource = await self.configs.validated(request.config)
+        return call.resource.namespace
+
+    async def _candidate_namespace(self, request: config_pb2.ValidateConfigRequest, call: Call) -> str:
+        return request.config.namespace
 
     async def ListConfigs(self, request: config_pb2.ListConfigsRequest, call: Call) -> config_pb2.ListConfigsResponse:
-        configs = [c for c in await self.configs.all() if request.pattern in (0, c.pattern)]
+        configs = [
+            c
+            for c in await self.configs.all()
+            if request.pattern in (0, c.pattern) and self.authorizer.allowed(call.identity, call.operation, c.namespace)
+        ]
         return config_pb2.ListConfigsResponse(configs=configs)
 
     async def GetConfig(self, request: config_pb2.GetConfigRequest, call: Call) -> config_pb2.GetConfigResponse:
-        return config_pb2.GetConfigResponse(config=await self.configs.get(request.name))
+        return config_pb2.GetConfigResponse(config=call.resource or await self.configs.get(request.name))
 
     async def ValidateConfig(
         self, request: config_pb2.ValidateConfigRequest, call: Call
@@ -189,7 +215,6 @@ class ConfigService:
     ) -> config_pb2.RegisterConfigResponse:
         """Adds a named configuration, kept in the session store: every worker and instance
         sharing it can open sessions by the name."""
-        config = await self.configs.validated(request.config)
-        self.authorizer.check(call.identity, call.operation, config.namespace)
+        config = call.resource or await self.configs.validated(request.config)
         await self.configs.register(config)
         return config_pb2.RegisterConfigResponse(config=config)

@@ -44,7 +44,7 @@ class Gateway:
         self.methods: list[Method] = bind(
             all_methods(),
             [
-                SessionService(self.sessions, configs, authorizer),
+                SessionService(self.sessions, configs),
                 ConfigService(configs, authorizer),
                 KeyValueService(self.backends, settings.limits, settings.signing_key()),
                 PubSubService(self.backends, settings.limits),

@@ -41,6 +41,12 @@ PROTO_MODULES = (
 )
 
 Handler = Callable[[Any, Any], Awaitable[Message] | AsyncIterator[Message]]
+# The namespace a call outside a session touches, resolved from its request: what authorization
+# checks the operation against. ANY_NAMESPACE: allowed if granted anywhere (a listing, which
+# the service then filters); GLOBAL_NAMESPACE: only a grant covering every namespace.
+Scope = Callable[[Any, Any], Awaitable[str | None]]
+ANY_NAMESPACE = None
+GLOBAL_NAMESPACE = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,7 @@ class Method:
     doc: str
     required_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
     handler: Handler | None = None  # None: not implemented yet (UNIMPLEMENTED naming the RPC)
+    scope: Scope | None = None  # for methods outside a session: see Scope
 
     @property
     def path(self) -> str:
@@ -178,10 +185,17 @@ def all_methods() -> list[Method]:
 def bind(methods: list[Method], services: Iterable[object]) -> list[Method]:
     """Attach each service object's coroutine named like the RPC; the rest stay None.
 
-    A service object declares the proto service it implements as ``SERVICE = "prism.v1.X"``.
+    A service object declares the proto service it implements as ``SERVICE = "prism.v1.X"``,
+    and the authorization scope of its session-less methods in ``scopes`` (method name → Scope).
     """
     by_service = {s.SERVICE: s for s in services}
     for method in methods:
         impl = by_service.get(method.service)
         method.handler = getattr(impl, method.name, None)
+        method.scope = getattr(impl, "scopes", {}).get(method.name)
     return methods
+
+
+async def global_scope(request: Any, call: Any) -> str:
+    """For operator methods (metrics, plugin info): a grant must cover every namespace."""
+    return GLOBAL_NAMESPACE

@@ -29,7 +29,7 @@ from google.protobuf.message import Message
 from app.audit import AuditLog
 from app.auth.authenticator import Authenticator
 from app.auth.identity import Identity
-from app.methods import Method
+from app.methods import ANY_NAMESPACE, Method
 from app.policy import Authorizer, operation_name
 from app.ratelimit import RateLimiter
 from app.sessions import SessionRecord, SessionStore
@@ -55,11 +55,16 @@ class Call:
     transport: str  # "grpc", "rest", "sse" or "grpc-web"
     identity: Identity
     operation: str  # "KEY_VALUE.Get", "SESSION.CreateSession", ...
+    resource: Any = None  # what a method's authorization scope resolved (a config), kept for the method
 
     @property
     def config(self) -> config_pb2.ClientConfig:
         assert self.session is not None, "only session-bound methods read call.config"
         return self.session.config
+
+
+# One check on an authenticated call and its decoded request; raises PrismError to refuse.
+Step = Callable[[Call, Message], Awaitable[None]]
 
 
 def check_required(message: Message, required: Mapping[str, tuple[str, ...]], prefix: str = "") -> None:
@@ -86,6 +91,16 @@ def check_required(message: Message, required: Mapping[str, tuple[str, ...]], pr
 
 # Probes answer without credentials.
 PUBLIC_SERVICES = frozenset({"prism.v1.HealthService"})
+
+
+def policy_gaps(methods: list[Method]) -> list[str]:
+    """Implemented methods the authorization step could not place in a namespace: neither
+    public, nor session-bound, nor given a scope by their service."""
+    return [
+        m.path
+        for m in methods
+        if m.handler is not None and m.service not in PUBLIC_SERVICES and not m.requires_session and m.scope is None
+    ]
 NOBODY = Identity(name="anonymous", roles=frozenset(), method="anonymous")
 
 
@@ -107,6 +122,11 @@ class Pipeline:
         self.audit = audit
         self.namespace_limits = dict(namespace_limits)
         self.operations = {m.path: operation_name(m) for m in methods}
+        if gaps := policy_gaps(methods):
+            raise ValueError(f"methods without an authorization scope: {', '.join(gaps)}")
+        # After authentication and decoding, in this order; tracing, metrics and PII masking
+        # take their places in this list.
+        self.steps: list[Step] = [self._check_request, self._check_pattern, self._authorize, self._rate_limit]
 
     def asgi_peer(self, scope: Mapping[str, Any]) -> str | None:
         """The verified client-certificate identity of an HTTP request, for ``peer``."""
@@ -155,24 +175,50 @@ class Pipeline:
             await self.authenticator.authenticate(metadata, peer)
         raise error
 
-    def admit(self, call: Call, request: Message) -> None:
-        """The checks that need the request: its REQUIRED fields (INVALID_ARGUMENT), then the
-        session's access pattern, authorization and rate limits."""
+    async def admit(self, call: Call, request: Message) -> None:
+        """The checks that need the request, in order: the steps folded at start-up."""
+        for step in self.steps:
+            await step(call, request)
+
+    async def _check_request(self, call: Call, request: Message) -> None:
+        if call.method.required_fields:
+            check_required(request, call.method.required_fields)
+
+    async def _check_pattern(self, call: Call, request: Message) -> None:
         method = call.method
-        if method.required_fields:
-            check_required(request, method.required_fields)
-        if call.session is None:
+        if call.session is None or not method.pattern:
             return
         config = call.session.config
-        if method.pattern and config.pattern != method.pattern:
+        if config.pattern != method.pattern:
             raise failed_precondition(
                 f"session config {config.name!r} is for "
                 f"{config_pb2.AccessPattern.Name(config.pattern)}, but "
                 f"{method.service}/{method.name} needs "
                 f"{config_pb2.AccessPattern.Name(method.pattern)}"
             )
-        self.authorizer.check(call.identity, call.operation, config.namespace)
-        self._limit(config)
+
+    async def _authorize(self, call: Call, request: Message) -> None:
+        """Every method but the public probes, by one rule: the operation in the namespace the
+        call touches — its session's, or the one its scope resolves from the request."""
+        method = call.method
+        if method.service in PUBLIC_SERVICES:
+            return
+        if call.session is not None:
+            namespace: str | None = call.session.config.namespace
+        else:
+            assert method.scope is not None, "checked at start-up by policy_gaps()"
+            namespace = await method.scope(request, call)
+        if namespace is ANY_NAMESPACE:
+            if not self.authorizer.allowed_somewhere(call.identity, call.operation):
+                raise PrismError(
+                    grpc.StatusCode.PERMISSION_DENIED, f"{call.identity.name!r} may not {call.operation} in any namespace"
+                )
+            return
+        self.authorizer.check(call.identity, call.operation, namespace)
+
+    async def _rate_limit(self, call: Call, request: Message) -> None:
+        if call.session is not None:
+            self._limit(call.session.config)
 
     def _limit(self, config: config_pb2.ClientConfig) -> None:
         namespace = config.namespace
@@ -203,7 +249,7 @@ class Pipeline:
         try:
             call = await self.begin(method, metadata, transport, peer)
             request = await decode()
-            self.admit(call, request)
+            await self.admit(call, request)
             response = await method.handler(request, call)  # type: ignore[misc]
         except PrismError as error:
             if self.audit.enabled:
@@ -226,7 +272,7 @@ class Pipeline:
         try:
             call = await self.begin(method, metadata, transport, peer)
             request = await decode()
-            self.admit(call, request)
+            await self.admit(call, request)
         except PrismError as error:
             if self.audit.enabled:
                 self._record(call, method, transport, error.code.name)

@@ -47,6 +47,17 @@ class Authorizer:
                     return True
         return False
 
+    def allowed_somewhere(self, identity: Identity, operation: str) -> bool:
+        """Granted in at least one namespace: enough to ask for a listing the service filters."""
+        if EVERYTHING in identity.roles:
+            return True
+        pattern = operation.split(".", 1)[0] + ".*"
+        return any(
+            operation in operations or pattern in operations or EVERYTHING in operations
+            for role in identity.roles
+            for _, operations in self.grants.get(role, ())
+        )
+
     def check(self, identity: Identity, operation: str, namespace: str) -> None:
         if not self.allowed(identity, operation, namespace):
             raise PrismError(

@@ -122,7 +122,7 @@ auth:
     algorithms: [RS256, ES256]
     leeway_seconds: 5
 policies:
-  - {{role: writer, namespaces: [{NAMESPACE}], operations: ["SESSION.*", "KEY_VALUE.*"]}}
+  - {{role: writer, namespaces: [{NAMESPACE}], operations: ["SESSION.*", "KEY_VALUE.*", "CONFIG.ListConfigs"]}}
 """
 
 

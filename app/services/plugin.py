@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import ClassVar
 
 from prometheus_client import generate_latest
 
 from app.backends import Backends
+from app.methods import Scope, global_scope
 from app.pipeline import Call
 from prism.v1 import plugin_pb2
 
@@ -35,6 +37,7 @@ class MetricsService:
     """Prometheus text exposition of this process's metrics (also served at GET /metrics)."""
 
     SERVICE = "prism.v1.MetricsService"
+    scopes: ClassVar[dict[str, Scope]] = {"GetMetrics": global_scope}
 
     async def GetMetrics(self, request: plugin_pb2.MetricsRequest, call: Call) -> plugin_pb2.MetricsResponse:
         return plugin_pb2.MetricsResponse(text=generate_latest().decode())
@@ -42,6 +45,7 @@ class MetricsService:
 
 class PluginInfoService:
     SERVICE = "prism.v1.PluginInfoService"
+    scopes: ClassVar[dict[str, Scope]] = {"GetInfo": global_scope}
 
     def __init__(self, backends: Backends) -> None:
         self.backends = backends

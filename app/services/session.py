@@ -4,30 +4,35 @@ from __future__ import annotations
 
 from app.configs import ConfigRegistry
 from app.pipeline import Call
-from app.policy import Authorizer
 from app.sessions import SessionStore
 from prism.errors import invalid_argument
-from prism.v1 import session_pb2
+from prism.v1 import config_pb2, session_pb2
 
 
 class SessionService:
     SERVICE = "prism.v1.SessionService"
 
-    def __init__(self, sessions: SessionStore, configs: ConfigRegistry, authorizer: Authorizer) -> None:
+    def __init__(self, sessions: SessionStore, configs: ConfigRegistry) -> None:
         self.sessions = sessions
         self.configs = configs
-        self.authorizer = authorizer
+        self.scopes = {"CreateSession": self._config_namespace}
+
+    async def _config(self, request: session_pb2.CreateSessionRequest) -> config_pb2.ClientConfig:
+        if request.HasField("config") == bool(request.config_name):
+            raise invalid_argument("configName", "set exactly one of configName and config")
+        if request.config_name:
+            return await self.configs.get(request.config_name)
+        return await self.configs.validated(request.config)
+
+    async def _config_namespace(self, request: session_pb2.CreateSessionRequest, call: Call) -> str:
+        """Authorization's scope: the namespace of the configuration asked for."""
+        call.resource = await self._config(request)
+        return call.resource.namespace
 
     async def CreateSession(
         self, request: session_pb2.CreateSessionRequest, call: Call
     ) -> session_pb2.CreateSessionResponse:
-        if request.HasField("config") == bool(request.config_name):
-            raise invalid_argument("configName", "set exactly one of configName and config")
-        if request.config_name:
-            config = await self.configs.get(request.config_name)
-        else:
-            config = await self.configs.validated(request.config)
-        self.authorizer.check(call.identity, call.operation, config.namespace)
+        config = call.resource or await self._config(request)  # resolved once, by the scope
         token, record = await self.sessions.create(call.identity.name, config, call.identity.roles)
         return session_pb2.CreateSessionResponse(token=token, session=record.to_proto())
 
