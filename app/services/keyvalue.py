@@ -10,7 +10,6 @@ import hmac
 import json
 import logging
 import secrets
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -21,6 +20,7 @@ from google.protobuf.message import Message
 from adapters.keyvalue.base import KeyValueAdapter, Record, already_exists, etag_mismatch
 from app.backends import Backends
 from app.pipeline import Call
+from app.services.idempotency import Idempotency
 from app.services.read_cache import ReadCache
 from app.settings import Limits
 from prism.errors import PrismError, invalid_argument, too_large
@@ -29,7 +29,6 @@ from prism.v1 import keyvalue_pb2 as kv
 MAX_KEY_BYTES = 1024
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
-IDEMPOTENCY_WINDOW_SECONDS = 24 * 3600
 
 R = TypeVar("R", bound=Message)
 log = logging.getLogger(__name__)
@@ -132,8 +131,7 @@ class KeyValueService:
         self.limits = limits
         self.page_tokens = PageTokens(token_key)
         self.cache = ReadCache()
-        # Serialises token-carrying writes per namespace so two concurrent retries apply once.
-        self._token_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.idempotency = Idempotency()
 
     def _store(self, call: Call) -> tuple[KeyValueAdapter, str]:
         return self.backends.for_keyvalue(call.config), call.config.namespace
@@ -156,24 +154,9 @@ class KeyValueService:
         if not token:
             return await apply()
         store, namespace = self._store(call)
-        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
-        record_key = f"{call.method.name}:{token}"
-        async with self._token_locks[namespace]:
-            seen = await store.get(_idempotency_namespace(namespace), record_key)
-            if seen is not None:
-                stored = json.loads(seen.value)
-                if stored["request"] != fingerprint:
-                    raise invalid_argument("idempotencyToken", "reused with a different request")
-                return response_type.FromString(base64.b64decode(stored["response"]))
-            response = await apply()
-            entry = {"request": fingerprint, "response": base64.b64encode(response.SerializeToString()).decode()}
-            await store.set(
-                _idempotency_namespace(namespace),
-                record_key,
-                json.dumps(entry).encode(),
-                expires_at=store.clock() + IDEMPOTENCY_WINDOW_SECONDS,
-            )
-            return response
+        key = f"{call.method.name}:{token}"
+        response = await self.idempotency.once(store, _idempotency_namespace(namespace), key, request, response_type, apply)
+        return response  # type: ignore[return-value]
 
     async def Get(self, request: kv.GetRequest, call: Call) -> kv.GetResponse:
         store, namespace = self._store(call)
