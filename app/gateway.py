@@ -47,7 +47,7 @@ class Gateway:
                 SessionService(self.sessions, configs),
                 ConfigService(configs, authorizer),
                 KeyValueService(self.backends, settings.limits, settings.signing_key()),
-                PubSubService(self.backends, settings.limits),
+                PubSubService(self.backends, settings.limits, self.sessions),
                 HealthService(self.backends),
                 MetricsService(),
                 PluginInfoService(self.backends),

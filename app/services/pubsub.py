@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from adapters.capabilities import Capability
@@ -9,18 +11,23 @@ from adapters.pubsub.base import Subscription
 from adapters.pubsub.subjects import parse_pattern, parse_subject
 from app.backends import Backends
 from app.pipeline import Call
+from app.sessions import SessionStore
 from app.settings import Limits
 from prism.errors import PrismError, failed_precondition, not_found, too_large
 from prism.v1 import pubsub_pb2 as ps
+
+log = logging.getLogger(__name__)
+END_WAIT_SECONDS = 2.0
 
 
 class PubSubService:
     SERVICE = "prism.v1.PubSubService"
 
-    def __init__(self, backends: Backends, limits: Limits) -> None:
+    def __init__(self, backends: Backends, limits: Limits, sessions: SessionStore) -> None:
         self.backends = backends
         self.limits = limits
-        self._open: dict[str, tuple[str, Subscription]] = {}  # id → (session id, subscription)
+        self.sessions = sessions  # knows every open subscription, whichever process serves it
+        self._open: dict[str, tuple[str, Subscription]] = {}  # served here: id → (session id, subscription)
 
     async def Publish(self, request: ps.PubSubPublishRequest, call: Call) -> ps.PubSubPublishResponse:
         subject = parse_subject(request.subject)
@@ -41,13 +48,15 @@ class PubSubService:
         subscription = await broker.subscribe(call.config.namespace, pattern, request.queue_group)
         ended_by: list[PrismError] = []  # the session's status, when closing or expiring it ended this
 
-        async def end(status: PrismError) -> None:
-            ended_by.append(status)
+        async def end(status: PrismError | None) -> None:
+            if status is not None:
+                ended_by.append(status)
             await subscription.close()
 
         self._open[subscription.id] = (call.session.session_id, subscription)
         call.session.hold_stream(subscription.id, end)
         try:
+            await self.sessions.stream_opened(subscription.id, call.session.session_id)
             yield ps.PubSubSubscribeResponse(subscription_id=subscription.id)
             async for delivery in subscription:
                 response = ps.PubSubSubscribeResponse(subscription_id=subscription.id)
@@ -66,11 +75,29 @@ class PubSubService:
             self._open.pop(subscription.id, None)
             call.session.release_stream(subscription.id)
             await subscription.close()
+            try:
+                await asyncio.shield(self.sessions.stream_closed(subscription.id))
+            except PrismError as exc:  # the store expires or sweeps the entry later
+                log.warning("subscription %s ended, not yet recorded: %s", subscription.id, exc.message)
 
     async def Unsubscribe(self, request: ps.UnsubscribeRequest, call: Call) -> ps.UnsubscribeResponse:
+        """Ends the subscription whichever worker or instance serves it; answers once it ended
+        (or, served elsewhere, after END_WAIT_SECONDS at most: its process ends it when it polls)."""
         assert call.session is not None
-        owner, subscription = self._open.get(request.subscription_id, ("", None))
-        if subscription is None or owner != call.session.session_id:
-            raise not_found(f"no open subscription {request.subscription_id!r} in this session")
-        await subscription.close()
+        subscription_id = request.subscription_id
+        missing = not_found(f"no open subscription {subscription_id!r} in this session")
+        owner, subscription = self._open.get(subscription_id, ("", None))
+        if subscription is not None:
+            if owner != call.session.session_id:
+                raise missing
+            await subscription.close()
+            return ps.UnsubscribeResponse()
+        if await self.sessions.stream_owner(subscription_id) != call.session.session_id:
+            raise missing
+        await self.sessions.request_stream_end(subscription_id)
+        deadline = asyncio.get_running_loop().time() + END_WAIT_SECONDS
+        while await self.sessions.stream_owner(subscription_id) is not None:
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
         return ps.UnsubscribeResponse()

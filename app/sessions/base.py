@@ -38,7 +38,8 @@ log = logging.getLogger("prism.sessions")
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
-StreamCloser = Callable[[PrismError], Awaitable[None]]  # ends one stream with this status
+# Ends one stream: with this status, or cleanly for None (the client asked, by Unsubscribe).
+StreamCloser = Callable[[PrismError | None], Awaitable[None]]
 
 # A call writes its activity back to the store only when last activity moved by more than this
 # (the in-memory record is updated in place on every call). Calls are the hot path: a busy
@@ -48,6 +49,7 @@ TOUCH_INTERVAL = 1.0
 EXPIRED_KEPT_SECONDS = 3600.0  # an expired token is answered "expired", not "unknown", this long
 SWEEP_INTERVAL = 60.0  # CreateSession drops records expired for EXPIRED_KEPT_SECONDS this often
 RECHECK_SECONDS = 5.0  # streams of a shared store notice a close by another process this fast
+END_POLL_SECONDS = 0.2  # streams of a shared store notice a request to end them this fast
 
 UNKNOWN = "unknown or closed session token"
 IDLE = "session expired (idle)"
@@ -122,6 +124,8 @@ class SessionStore(ABC):
         self.sleep = sleep  # the stream watchdog's, so tests drive it with their fake clock
         self.streams = StreamRegistry(self)
         self._next_sweep = 0.0
+        self._stream_sessions: dict[str, str] = {}
+        self._ends_requested: set[str] = set()
 
     async def start(self) -> None: ...
 
@@ -236,6 +240,29 @@ class SessionStore(ABC):
     async def registered_configs(self) -> list[bytes]:
         """Every registered configuration, in name order."""
 
+    # Open streams, as every process sharing the store sees them: which session holds each,
+    # and requests to end one. A call that reaches another process than the stream's (an
+    # Unsubscribe on another worker) ends it through here; the serving process polls.
+    # One process alone needs none of it: this default keeps them in memory.
+
+    async def stream_opened(self, stream_id: str, session_id: str) -> None:
+        self._stream_sessions[stream_id] = session_id
+
+    async def stream_closed(self, stream_id: str) -> None:
+        self._stream_sessions.pop(stream_id, None)
+        self._ends_requested.discard(stream_id)
+
+    async def stream_owner(self, stream_id: str) -> str | None:
+        """The session id holding the open stream, or None."""
+        return self._stream_sessions.get(stream_id)
+
+    async def request_stream_end(self, stream_id: str) -> None:
+        self._ends_requested.add(stream_id)
+
+    async def ends_requested(self, stream_ids: list[str]) -> list[str]:
+        """Those of ``stream_ids`` some process asked to end."""
+        return [s for s in stream_ids if s in self._ends_requested]
+
 
 @dataclass(slots=True, eq=False)
 class _Held:
@@ -251,6 +278,7 @@ class StreamRegistry:
     def __init__(self, store: SessionStore) -> None:
         self._store = store
         self._held: dict[str, _Held] = {}
+        self._end_poller: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -264,6 +292,24 @@ class StreamRegistry:
             )
             held = self._held[record.session_id] = _Held(watchdog)
         held.closers[stream_id] = closer
+        if self._store.shared and (self._end_poller is None or self._end_poller.done()):
+            self._end_poller = asyncio.create_task(self._poll_end_requests(), name="stream-end-requests")
+
+    async def _poll_end_requests(self) -> None:
+        """While this process holds streams: end those another process asked to end."""
+        while self._held:
+            await self._store.sleep(END_POLL_SECONDS)
+            closers = {sid: closer for held in self._held.values() for sid, closer in held.closers.items()}
+            try:
+                ended = await self._store.ends_requested(list(closers))
+            except PrismError as exc:  # store unreachable: keep the streams, look again soon
+                log.warning("cannot check requests to end streams: %s", exc.message)
+                continue
+            for stream_id in ended:
+                try:
+                    await closers[stream_id](None)
+                except Exception:
+                    log.exception("ending stream %s on request failed", stream_id)
 
     def release(self, session_id: str, stream_id: str) -> None:
         held = self._held.get(session_id)
@@ -307,3 +353,5 @@ class StreamRegistry:
         for held in self._held.values():
             held.watchdog.cancel()
         self._held.clear()
+        if self._end_poller is not None:
+            self._end_poller.cancel()

@@ -61,6 +61,9 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
+MARK_END = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'e', 1) end"
+
+
 class RedisSessionStore(SessionStore):
     shared = True
 
@@ -176,3 +179,37 @@ class RedisSessionStore(SessionStore):
         with mapped_errors(WHAT):
             found: dict[bytes, bytes] = await self.redis.hgetall(self.configs_key)
         return [config for _, config in sorted(found.items())]
+
+    def stream_key(self, stream_id: str) -> str:
+        return f"{self.prefix}st:{stream_id}"
+
+    async def stream_opened(self, stream_id: str, session_id: str) -> None:
+        # Expires with the longest a session lives, should the serving worker die first.
+        with mapped_errors(WHAT):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.stream_key(stream_id), mapping={"s": session_id, "e": 0})
+                pipe.pexpire(self.stream_key(stream_id), _ms(self.max_lifetime))
+                await pipe.execute()
+
+    async def stream_closed(self, stream_id: str) -> None:
+        with mapped_errors(WHAT):
+            await self.redis.delete(self.stream_key(stream_id))
+
+    async def stream_owner(self, stream_id: str) -> str | None:
+        with mapped_errors(WHAT):
+            owner = await self.redis.hget(self.stream_key(stream_id), "s")
+        return None if owner is None else owner.decode()
+
+    async def request_stream_end(self, stream_id: str) -> None:
+        with mapped_errors(WHAT):  # only while it is open: never a key without its expiry
+            await self.redis.eval(MARK_END, 1, self.stream_key(stream_id))
+
+    async def ends_requested(self, stream_ids: list[str]) -> list[str]:
+        if not stream_ids:
+            return []
+        with mapped_errors(WHAT):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream_id in stream_ids:
+                    pipe.hget(self.stream_key(stream_id), "e")
+                marks = await pipe.execute()
+        return [s for s, mark in zip(stream_ids, marks, strict=True) if mark == b"1"]

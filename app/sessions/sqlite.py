@@ -22,6 +22,9 @@ TABLE = """CREATE TABLE IF NOT EXISTS prism_sessions (
 )"""
 INDEX = "CREATE INDEX IF NOT EXISTS prism_sessions_expires_at ON prism_sessions (expires_at)"
 CONFIGS = "CREATE TABLE IF NOT EXISTS prism_configs (name TEXT PRIMARY KEY, config BLOB NOT NULL)"
+STREAMS = """CREATE TABLE IF NOT EXISTS prism_streams (
+    stream_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, end_requested INTEGER NOT NULL DEFAULT 0
+)"""
 COLUMNS = "session_id, identity, config, created_at, expires_at, last_activity_at, roles"
 
 
@@ -34,6 +37,7 @@ def _create_schema(connection: sqlite3.Connection) -> None:
             connection.execute("ALTER TABLE prism_sessions ADD COLUMN roles TEXT NOT NULL DEFAULT '[]'")
         connection.execute(INDEX)
         connection.execute(CONFIGS)
+        connection.execute(STREAMS)
     except BaseException:
         connection.execute("ROLLBACK")
         raise
@@ -101,6 +105,8 @@ class SqliteSessionStore(SessionStore):
 
     async def _sweep(self, expired_before: float) -> None:
         await self._execute("DELETE FROM prism_sessions WHERE expires_at < ?", expired_before)
+        # Streams a killed worker never closed go with their session.
+        await self._execute("DELETE FROM prism_streams WHERE session_id NOT IN (SELECT session_id FROM prism_sessions)")
 
     async def register_config(self, name: str, config: bytes) -> bool:
         inserted = await self.worker.run(
@@ -123,3 +129,33 @@ class SqliteSessionStore(SessionStore):
             lambda connection: connection.execute("SELECT config FROM prism_configs ORDER BY name").fetchall()
         )
         return [bytes(row[0]) for row in rows]
+
+    async def stream_opened(self, stream_id: str, session_id: str) -> None:
+        await self._execute(
+            "INSERT OR REPLACE INTO prism_streams (stream_id, session_id) VALUES (?, ?)", stream_id, session_id
+        )
+
+    async def stream_closed(self, stream_id: str) -> None:
+        await self._execute("DELETE FROM prism_streams WHERE stream_id = ?", stream_id)
+
+    async def stream_owner(self, stream_id: str) -> str | None:
+        row = await self.worker.run(
+            lambda connection: connection.execute(
+                "SELECT session_id FROM prism_streams WHERE stream_id = ?", (stream_id,)
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    async def request_stream_end(self, stream_id: str) -> None:
+        await self._execute("UPDATE prism_streams SET end_requested = 1 WHERE stream_id = ?", stream_id)
+
+    async def ends_requested(self, stream_ids: list[str]) -> list[str]:
+        if not stream_ids:
+            return []
+        marks = ", ".join("?" * len(stream_ids))
+        rows = await self.worker.run(
+            lambda connection: connection.execute(
+                f"SELECT stream_id FROM prism_streams WHERE end_requested = 1 AND stream_id IN ({marks})", stream_ids
+            ).fetchall()
+        )
+        return [str(row[0]) for row in rows]
