@@ -3,18 +3,20 @@
 # Prism gateway image.
 #
 #   docker build -t prism .
-#   docker run --rm prism                       # serves inside the container; see "Binding" below
+#   docker run --rm prism                       # dev mode: reachable from inside the container only
 #
-# Binding: inside a container the gateway must listen on 0.0.0.0 for a published port
-# (`docker run -p 8080:8080`) to reach it, and dev mode (no authentication configured)
-# refuses any non-loopback address at start-up. So the default CMD binds loopback: the
-# gateway runs and the HEALTHCHECK below passes inside the container, but nothing outside
-# the container can call it yet. To serve others, mount a server config with `auth`
-# (README, "Security") and bind all interfaces:
+# Binding. The default CMD is plain `prism serve`: dev mode (no authentication configured),
+# which binds loopback and refuses any other address at start-up. The gateway runs and the
+# HEALTHCHECK below passes inside the container, but a published port (`-p 8080:8080`)
+# reaches nothing. To serve the host and beyond, mount a server config with `auth` (README,
+# "Serving other hosts") and bind all interfaces, both ports:
 #
-#   docker run -p 8080:8080 -p 8980:8980 \
+#   docker run --rm -p 8080:8080 -p 8980:8980 \
 #     -v ./prism.yaml:/etc/prism/prism.yaml:ro -e PRISM_CONFIG=/etc/prism/prism.yaml \
 #     -e PRISM_HTTP__HOST=0.0.0.0 -e PRISM_GRPC__HOST=0.0.0.0 prism
+#
+# tests/test_docker_serve.py reads this command, the ENV, CMD and HEALTHCHECK below, and runs
+# the gateway that way outside Docker; the README shows the same command.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # The uv that wrote uv.lock; `uv sync --frozen` installs exactly what the lock says.
@@ -72,9 +74,9 @@ VOLUME ["/app/data"]
 USER prism:prism
 EXPOSE 8080 8980
 
-# Works with the default loopback bind: the check runs inside the container.
-# Follows PRISM_HTTP__PORT if the port is overridden; /readyz answers 503 until the
-# backends and the gRPC server are up, which urlopen raises as an error (exit 1).
+# Calls 127.0.0.1 from inside the container, so it works with the default loopback bind and
+# with 0.0.0.0. Follows PRISM_HTTP__PORT if the port is overridden; /readyz answers 503 until
+# the backends and the gRPC server are up, which urlopen raises as an error (exit 1).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PRISM_HTTP__PORT', '8080'), timeout=2)"]
 

@@ -2,7 +2,7 @@
 UV ?= uv
 PY := .venv/bin/python
 
-.PHONY: setup run test proto openapi lint bench test-deps
+.PHONY: setup run test test-faults proto openapi lint bench test-deps
 
 setup:
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -14,6 +14,9 @@ run: setup  ## the gateway on the embedded default: SQLite + in-process pub/sub,
 test: setup
 	$(UV) run --frozen pytest $(ARGS)
 
+test-faults: setup  ## tests/faults: stops and restarts the local PostgreSQL and Redis (opt-in; CI runs them)
+	PRISM_FAULT_TESTS=1 $(UV) run --frozen pytest tests/faults $(ARGS)
+
 proto: setup  ## regenerate the committed Python code after editing proto/
 	$(PY) proto/generate.py
 	$(PY) openapi/generate.py
@@ -24,10 +27,11 @@ openapi: setup  ## regenerate the committed OpenAPI document
 lint: setup
 	$(UV) run --frozen ruff check app adapters tests
 
-test-deps:  ## Debian chromium + playwright-core (tests/test_browser.py), nginx (tests/test_mtls_e2e.py)
+test-deps:  ## Debian chromium + playwright-core (tests/test_browser.py), nginx (tests/test_mtls_e2e.py), Connect-ES + grpc-js (tests/test_js_clients.py)
 	@(test -x /usr/bin/chromium && test -x /usr/sbin/nginx) || \
 		(apt-get update -qq && apt-get install -y -qq chromium nginx-light >/dev/null)
 	cd frontend-examples/browser-test && npm ci --silent --no-audit --no-fund
+	cd frontend-examples/node-clients && npm ci --silent --no-audit --no-fund
 
 bench: setup  ## benchmark sections side by side → benchmarks/results/latest.md (benchmarks/README.md); ARGS="--quick" or "--label before"
 	$(UV) run --frozen python -m benchmarks.run $(ARGS)

@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help="YAML server configuration (default: embedded defaults)")
-    serve.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    serve.add_argument(
+        "--host", help="HTTP bind address (default 127.0.0.1; the gRPC port's is grpc.host, PRISM_GRPC__HOST)"
+    )
     serve.add_argument("--port", type=int, help="HTTP port (default 8080)")
     serve.add_argument("--grpc-port", type=int, help="native gRPC port (default 8980)")
     serve.add_argument("--data-dir", help="directory for the embedded SQLite file (default ./data)")

@@ -140,7 +140,8 @@ class Sessions(Strict):
 
 
 class ApiKey(Strict):
-    """A machine client's key, kept only as its SHA-256 hex digest (`prism hash-key`)."""
+    """A machine client's key, kept only as its SHA-256 hex digest
+    (`printf %s "$KEY" | sha256sum`)."""
 
     identity: str = Field(min_length=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -280,7 +281,9 @@ class Settings(Strict):
                 if not listener.loopback:
                     raise ValueError(
                         f"{key}: refusing to bind {listener.host} with no authentication "
-                        "configured (dev mode serves loopback only)"
+                        "configured (dev mode serves loopback only). To serve other hosts, add an "
+                        "`auth:` section (API keys, JWT or client certificates) to a server config "
+                        "and pass it with --config FILE or PRISM_CONFIG (README, \"Serving other hosts\")"
                     )
         return self
 
@@ -358,7 +361,15 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str,
     try:
         return Settings.model_validate(_merge(data, _env_overrides(environ)))
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
-        ]
+        problems = [_problem(err) for err in exc.errors()]
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems)) from exc
+
+
+def _problem(err: Any) -> str:
+    """One line per problem, naming the key. Our validators' messages are shown as raised,
+    without pydantic's "Value error, " prefix; those of the model as a whole name their key
+    themselves, so they get no location."""
+    where = ".".join(str(part) for part in err["loc"])
+    error = err.get("ctx", {}).get("error")
+    message = str(error) if err["type"] == "value_error" and error is not None else err["msg"]
+    return f"{where}: {message}" if where else message

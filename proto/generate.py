@@ -2,6 +2,10 @@
 
 Run ``python proto/generate.py`` (``make proto``) after editing a .proto file; the output is
 committed next to the sources, and ``tests/test_contract.py`` fails when it drifts.
+
+Imports resolve from this folder alone (``google/api``, ``google/rpc`` are vendored, see
+``google/README.md``) plus the ``google/protobuf`` well-known types bundled with protoc, so other
+languages generate from the same ``-I proto``.
 """
 
 from __future__ import annotations
@@ -13,13 +17,11 @@ PROTO_ROOT = pathlib.Path(__file__).resolve().parent
 
 
 def include_paths() -> list[str]:
-    """Our root, googleapis-common-protos' .proto files and protoc's well-known types."""
-    import google.api
+    """Our root (with the vendored google/api and google/rpc protos) and protoc's well-known types."""
     import grpc_tools
 
-    googleapis = pathlib.Path(google.api.__path__[0]).parent.parent
     well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    return [str(PROTO_ROOT), str(googleapis), str(well_known)]
+    return [str(PROTO_ROOT), str(well_known)]
 
 
 def generate(out_dir: pathlib.Path) -> None:

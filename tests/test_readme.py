@@ -1,23 +1,31 @@
 """The README's examples work as written: its `Try it` shell blocks run, in order, against a
-real gateway (only the ports differ), and print what the README says."""
+real gateway (only the ports differ), and print what the README says; its sample outputs agree
+with each other; its conformance matrix is the suite's; its configuration example validates and
+its dev-mode refusal is the one printed; `grpc_call.py` refuses a bad body in one line."""
 
 from __future__ import annotations
 
 import pathlib
 import re
 import subprocess
+import sys
 
+from app.settings import load_settings
 from tests.gateway_process import ROOT, start_gateway
+
+README = ROOT / "README.md"
+
+
+def section(title: str) -> str:
+    return README.read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def try_it_blocks() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Try it", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sh\n(.*?)```", section, re.S)
+    return re.findall(r"```sh\n(.*?)```", section("Try it"), re.S)
 
 
 def test_readme_starts_with_the_two_commands() -> None:
-    first_block = re.search(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    first_block = re.search(r"```sh\n(.*?)```", README.read_text(), re.S)
     assert first_block is not None
     commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()]
     assert commands == ["make run", "make test"]
@@ -47,3 +55,125 @@ def test_readme_examples_run_as_written(tmp_path: pathlib.Path) -> None:
     assert out.count("h   e   l   l   o 032 020") == 2  # GetResponse, binary and -text
     assert '"subject":"orders.created","data":"eyJpZCI6IDF9"' in out  # SSE delivery
     assert "event: message" in out
+
+
+# --- the samples agree with each other -------------------------------------------------------
+
+OD_ESCAPES = {"\\0": 0, "\\a": 7, "\\b": 8, "\\t": 9, "\\n": 10, "\\v": 11, "\\f": 12, "\\r": 13}
+
+
+def od_bytes(dump: str) -> bytes:
+    """The bytes an `od -A d -c` listing shows (7-digit offset, then 4-character columns)."""
+    data = bytearray()
+    for line in dump.splitlines():
+        for i in range(7, len(line), 4):
+            cell = line[i:i + 4].strip()
+            if cell in OD_ESCAPES:
+                data.append(OD_ESCAPES[cell])
+            elif re.fullmatch(r"[0-7]{3}", cell):
+                data.append(int(cell, 8))
+            else:
+                data.extend((cell or " ").encode())
+    return bytes(data)
+
+
+def test_readme_samples_show_one_record() -> None:
+    """The sample outputs come from one run: one ETag for `greeting` over REST, gRPC and
+    gRPC-Web, one message id from the publish call to its delivery."""
+    text = section("Try it")
+    etags = set(re.findall(r'"etag": ?"([0-9a-f]{16})"', text))
+    dump = "\n".join(line[2:] for line in text.splitlines() if re.match(r"# \d{7}", line))
+    record = od_bytes(dump)
+    head = b"\0\0\0\0#\n\x08greeting\x12\x05hello\x1a\x10"  # frame, GetResponse key, value, etag
+    assert record.startswith(head), record
+    etags.add(record[len(head):len(head) + 16].decode())
+    assert len(etags) == 1, f"the README shows several ETags for one record: {sorted(etags)}"
+    published = re.findall(r'# \{"messageId":"([0-9a-f]+)"\}', text)
+    delivered = re.findall(r'"message":\{"messageId":"([0-9a-f]+)"', text)
+    assert published and published == delivered, (published, delivered)
+
+
+# --- the conformance matrix -------------------------------------------------------------------
+
+# Collects tests/conformance in a child pytest and renders its matrix as the end of a run would
+# print it when every case passes: a case of a capability group ("shared", "durable") is
+# *refused* on a backend whose adapter does not declare that capability.
+MATRIX_SCRIPT = r"""
+import sys
+import pytest
+from adapters.capabilities import Capability
+from adapters.keyvalue.memory import MemoryKeyValue
+from adapters.keyvalue.postgres import PostgresKeyValue
+from adapters.keyvalue.redis import RedisKeyValue
+from adapters.keyvalue.sqlite import SqliteKeyValue
+
+DECLARED = {
+    ("KeyValue", "memory"): MemoryKeyValue.capabilities,
+    ("KeyValue", "sqlite"): SqliteKeyValue.capabilities,
+    ("KeyValue", "postgres"): PostgresKeyValue.capabilities,
+    ("KeyValue", "redis"): RedisKeyValue.capabilities,
+}
+CAPABILITIES = {c.value for c in Capability}
+
+
+class Render:
+    def pytest_collection_finish(self, session):
+        from tests.conformance.conftest import COLLECTED
+
+        for case in COLLECTED.cases.values():
+            refused = case.group in CAPABILITIES and all(
+                case.group not in DECLARED[(case.pattern, b)] for b in case.backends
+            )
+            case.outcome = "refused" if refused else "passed"
+        with open(sys.argv[1], "w") as out:
+            out.write("\n".join(COLLECTED.table()))
+
+
+sys.exit(pytest.main(["--collect-only", "-qq", "-p", "no:cacheprovider", "tests/conformance"], plugins=[Render()]))
+"""
+
+
+def test_readme_conformance_matrix_is_the_suites(tmp_path: pathlib.Path) -> None:
+    rendered = tmp_path / "matrix.md"
+    result = subprocess.run(
+        [sys.executable, "-c", MATRIX_SCRIPT, str(rendered)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = [line for line in rendered.read_text().splitlines() if line]
+    shown = [line for line in section("Conformance").splitlines() if line.startswith("|")]
+    assert shown == expected, "README's Conformance matrix is out of date; the suite's is:\n" + "\n".join(expected)
+
+
+# --- grpc_call.py -------------------------------------------------------------------------------
+
+
+def test_grpc_call_refuses_a_body_that_is_not_json_in_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "clients/python/grpc_call.py", "prism.v1.KeyValueService/Get", '{"key": greeting}'],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "not valid JSON" in result.stderr and "line 1 column 9" in result.stderr
+
+
+# --- configuration and start-up --------------------------------------------------------------
+
+
+def test_readme_configuration_example_is_valid(tmp_path: pathlib.Path) -> None:
+    (example,) = re.findall(r"```yaml\n(.*?)```", section("Configuration"), re.S)
+    (tmp_path / "prism.yaml").write_text(example)
+    settings = load_settings(tmp_path / "prism.yaml", environ={})
+    assert {c.name for c in settings.configs} == {"profiles", "events", "profiles-fast", "orders"}
+
+
+def test_readme_shows_the_dev_mode_refusal_as_printed() -> None:
+    (shown,) = re.findall(r"```\n\$ \.venv/bin/prism serve --host 0\.0\.0\.0\n(.*?)```", section("Serving other hosts"), re.S)
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--host", "0.0.0.0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert result.stderr == shown

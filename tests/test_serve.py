@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from app.settings import SettingsError, load_settings
 from prism.v1 import config_pb2
 from prism.v1 import keyvalue_pb2 as kv
 from tests.clients import GrpcClient, RestClient
@@ -66,10 +67,42 @@ def test_forwarded_certificates_need_trusted_proxies(tmp_path: pathlib.Path, for
     assert f"auth.mtls.forwarded.{named}" in result.stderr, result.stderr
 
 
-def test_refuses_public_bind_without_authentication() -> None:
+def test_refuses_public_bind_without_authentication_saying_what_to_do() -> None:
     result = run_serve("--host", "0.0.0.0")
     assert result.returncode == 2
-    assert "http.host" in result.stderr and "no authentication" in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == "prism: invalid configuration:"
+    (problem,) = lines[1:]
+    assert problem.strip().startswith("http.host: refusing to bind 0.0.0.0 with no authentication"), problem
+    assert "`auth:`" in problem and "--config" in problem  # the fix, not only the refusal
+    assert "Value error" not in problem and "(top level)" not in problem
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        # a field's own validator: the key, then its message without pydantic's prefix
+        (
+            "policies:\n  - {role: r, namespaces: [x], operations: [bad op]}\n",
+            "policies.0.operations: 'bad op': expected '*', 'PATTERN.*' or 'PATTERN.Method'",
+        ),
+        # a model's validator, which names the key itself
+        (
+            "configs:\n  - {name: a, pattern: KEY_VALUE, backend: nowhere}\n",
+            "configs.a.backend: no backend named 'nowhere' (known: memory, sqlite)",
+        ),
+        # pydantic's own messages are kept as they are
+        ("http: {port: x}\n", "http.port: Input should be a valid integer, unable to parse string as an integer"),
+    ],
+)
+def test_configuration_errors_name_the_key_without_pydantic_prefixes(
+    tmp_path: pathlib.Path, yaml_text: str, expected: str
+) -> None:
+    config = tmp_path / "prism.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(SettingsError) as refused:
+        load_settings(config, environ={})
+    assert str(refused.value) == f"invalid configuration:\n  {expected}"
 
 
 def test_taken_grpc_port_fails_loudly(tmp_path: pathlib.Path, hypercorn_gateway) -> None:

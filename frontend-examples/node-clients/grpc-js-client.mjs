@@ -1,0 +1,84 @@
+// A @grpc/grpc-js client against a running Prism gateway's native gRPC port, with the
+// service definitions loaded at run time by @grpc/proto-loader from proto/ alone (no
+// generated code): `node grpc-js-client.mjs <scenario>`, GRPC_TARGET=host:port.
+// Prints what it observed as one JSON object: tests/test_js_clients.py judges it.
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+import grpc from "@grpc/grpc-js";
+import protoLoader from "@grpc/proto-loader";
+
+const { GRPC_TARGET = "127.0.0.1:8980" } = process.env;
+const PROTO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../proto");
+const SESSION_HEADER = "x-prism-session";
+
+const definition = await protoLoader.load(["prism/v1/session.proto", "prism/v1/keyvalue.proto", "prism/v1/pubsub.proto"], {
+  includeDirs: [PROTO_ROOT],
+  keepCase: false,
+  longs: String,
+  defaults: true,
+});
+const { prism } = grpc.loadPackageDefinition(definition);
+const credentials = grpc.credentials.createInsecure();
+const sessions = new prism.v1.SessionService(GRPC_TARGET, credentials);
+const kv = new prism.v1.KeyValueService(GRPC_TARGET, credentials);
+const pubsub = new prism.v1.PubSubService(GRPC_TARGET, credentials);
+
+const deadline = () => ({ deadline: Date.now() + 10_000 });
+
+/** A unary call as a promise: grpc-js clients take callbacks. */
+function unary(client, method, request, metadata = new grpc.Metadata()) {
+  return new Promise((resolve, reject) => {
+    client[method](request, metadata, deadline(), (error, response) => (error ? reject(error) : resolve(response)));
+  });
+}
+
+async function session(configName) {
+  const { token } = await unary(sessions, "createSession", { configName });
+  const metadata = new grpc.Metadata();
+  metadata.set(SESSION_HEADER, token);
+  return metadata;
+}
+
+const scenarios = {
+  /** CreateSession, Set, Get, and an empty key refused with INVALID_ARGUMENT. */
+  async unary() {
+    const metadata = await session("kv");
+    const key = `grpc-js/${process.pid}`;
+    await unary(kv, "set", { key, value: Buffer.from([0, 1, 254, 255]) }, metadata);
+    const got = await unary(kv, "get", { key }, metadata);
+    const refused = await unary(kv, "get", { key: "" }, metadata).then(
+      () => ({ code: "OK" }),
+      (error) => ({
+        code: grpc.status[error.code],
+        message: error.details,
+        hasStatusDetails: error.metadata.get("grpc-status-details-bin").length > 0,
+      }),
+    );
+    return { key: got.key, value: Array.from(got.value), etag: got.etag, refused };
+  },
+
+  /** Server streaming: Subscribe, Publish, read the delivery, cancel. */
+  async subscribe() {
+    const metadata = await session("events");
+    const call = pubsub.subscribe({ subject: "grpc_js.>" }, metadata);
+    const responses = call[Symbol.asyncIterator]();
+    const first = (await responses.next()).value;
+    await unary(pubsub, "publish", { subject: "grpc_js.orders.eu", data: Buffer.from("hello") }, metadata);
+    const { message } = (await responses.next()).value;
+    call.on("error", () => {}); // the CANCELLED status that cancel() causes
+    call.cancel();
+    return { subscriptionId: first.subscriptionId, subject: message.subject, data: message.data.toString() };
+  },
+};
+
+const name = process.argv[2];
+if (!(name in scenarios)) {
+  console.error(`usage: node grpc-js-client.mjs <${Object.keys(scenarios).join("|")}>`);
+  process.exit(2);
+}
+try {
+  console.log(JSON.stringify(await scenarios[name]()));
+} finally {
+  for (const client of [sessions, kv, pubsub]) client.close();
+}
