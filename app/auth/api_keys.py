@@ -22,7 +22,7 @@ MAX_KEY_CHARS = 1024  # longer is not a key we issued; refused before hashing
 
 
 def hash_key(key: str) -> str:
-    """The SHA-256 hex digest to put in ``auth.api_keys[].sha256`` (``prism hash-key``)."""
+    """The SHA-256 hex digest to put in ``auth.api_keys[].sha256``."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
