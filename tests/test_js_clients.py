@@ -2,8 +2,9 @@
 
 - Code generation: protoc (grpcio-tools) with ``@bufbuild/protoc-gen-es`` and ``-I proto`` alone
   writes the TypeScript; ``tsc`` type-checks and compiles it for the clients below.
-- Connect-ES (``frontend-examples/node-clients/connect-client.mjs``) over gRPC-Web (HTTP/1.1, the
-  HTTP port) and gRPC (HTTP/2, the native gRPC port): sessions, KeyValue, error details, streams.
+- Connect-ES (``frontend-examples/node-clients/connect-client.mjs``) over gRPC-Web and the Connect
+  protocol, JSON and binary (HTTP/1.1, the HTTP port), and gRPC (HTTP/2, the native gRPC port):
+  sessions, KeyValue, error details, refusals, streams.
 - ``@grpc/grpc-js`` with ``@grpc/proto-loader`` reading proto/ at run time
   (``grpc-js-client.mjs``): unary calls and a server stream.
 
@@ -89,11 +90,11 @@ def test_typescript_is_generated_from_the_repo_alone(generated: Generated) -> No
     assert (generated.js / "prism" / "v1" / "keyvalue_pb.js").exists()
 
 
-CONNECT_TRANSPORTS = ("grpc-web", "grpc")
+CONNECT_TRANSPORTS = ("grpc-web", "grpc", "connect", "connect-proto")
 
 
 def connect(node: str, generated: Generated, gateway: GatewayProcess, transport: str, scenario: str) -> Any:
-    base_url = gateway.base_url if transport == "grpc-web" else f"http://{gateway.grpc_target}"
+    base_url = f"http://{gateway.grpc_target}" if transport == "grpc" else gateway.base_url
     env = {"TRANSPORT": transport, "BASE_URL": base_url, "GEN_DIR": str(generated.js)}
     return json.loads(run([node, "connect-client.mjs", scenario], NODE_CLIENTS, env))
 

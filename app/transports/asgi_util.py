@@ -21,21 +21,51 @@ def header_map(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole request body, refusing (413) as soon as it passes ``limit``."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
+class RequestBody:
+    """A request's body, read once — or drained unread when the call is refused before it.
+
+    The pipeline refuses a caller (no credentials, unknown method) before reading its body. An
+    HTTP/1.1 server whose app answers without consuming the body closes the connection, and a
+    client still writing gets EPIPE instead of the refusal: so the body is drained, chunk by
+    chunk into nothing, up to the size a call may have."""
+
+    __slots__ = ("done", "receive")
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.done = False
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body, refusing (413) as soon as it passes ``limit``."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await self._next()
+            size += len(chunk)
+            if size > limit:
+                self.done = True  # the server closes the connection: nothing more to read
+                raise too_large("request body", size, limit)
+            chunks.append(chunk)
+            if self.done:
+                return b"".join(chunks)
+
+    async def drain(self, limit: int) -> None:
+        """Read and drop what is left of the body, at most ``limit`` bytes."""
+        size = 0
+        try:
+            while not self.done and size <= limit:
+                size += len(await self._next())
+        except PrismError:  # the client went away: nothing to drain
+            self.done = True
+
+    async def _next(self) -> bytes:
+        message = await self.receive()
         if message["type"] == "http.disconnect":
+            self.done = True
             raise PrismError.cancelled()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large("request body", size, limit)
-        chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            self.done = True
+        return message.get("body", b"")
 
 
 async def respond(

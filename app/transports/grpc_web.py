@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
-from app.transports.asgi_util import Receive, Scope, Send, header_map, read_body, respond_error
+from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map, respond_error
 from prism.errors import PrismError, invalid_argument, unsupported_media_type
 
 TRAILER_FLAG = 0x80
@@ -94,6 +94,7 @@ class GrpcWebApp:
             return
         text = content_type.startswith("application/grpc-web-text")
         writer = _Writer(send, content_type, text)
+        body = RequestBody(receive)
         try:
             if scope["method"] != "POST":
                 raise PrismError(grpc.StatusCode.UNIMPLEMENTED, "gRPC-Web calls use POST", http_status=405)
@@ -109,7 +110,7 @@ class GrpcWebApp:
                 )
 
             async def decode() -> Message:
-                payload = parse_request(await read_body(receive, self.max_body), text)
+                payload = parse_request(await body.read(self.max_body), text)
                 try:
                     return method.request_type.FromString(payload)
                 except DecodeError:
@@ -124,6 +125,8 @@ class GrpcWebApp:
             response = await self.pipeline.unary(method, decode, headers, "grpc-web", peer)
             await writer.finish([response], None)
         except Exception as exc:
+            if not writer.started:
+                await body.drain(self.max_body)
             await writer.finish([], status_of(exc))
 
 

@@ -26,7 +26,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from app.methods import Method
 from app.pipeline import SESSION_HEADER, Decode, Pipeline, status_of
 from app.transports import json_codec
-from app.transports.asgi_util import Receive, Scope, Send, header_map, read_body, respond, respond_error
+from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map, respond, respond_error
 from prism.errors import PrismError, invalid_argument, unsupported_media_type
 
 log = logging.getLogger("prism.rest")
@@ -86,6 +86,7 @@ class RestRouter:
         except UnicodeDecodeError:
             path = urllib.parse.quote(scope["path"])
         metadata = header_map(scope)
+        body = RequestBody(receive)
         try:
             peer = self.pipeline.asgi_peer(scope)
             try:
@@ -100,18 +101,17 @@ class RestRouter:
                 query = [(k, v) for k, v in query if k != SESSION_QUERY]
 
             async def decode() -> Message:
-                return await self._decode(method, path_params, query, metadata, receive)
+                return await self._decode(method, path_params, query, metadata, body)
 
             if method.server_streaming:
                 await self._stream(method, decode, metadata, peer, scope, receive, send)
                 return
             response = await self.pipeline.unary(method, decode, metadata, "rest", peer)
-        except PrismError as error:
-            allow = [(b"allow", ", ".join(error.allowed).encode())] if error.allowed else []
-            await respond_error(send, error, allow)
-            return
         except Exception as exc:
-            await respond_error(send, status_of(exc))
+            error = status_of(exc)
+            allow = [(b"allow", ", ".join(error.allowed).encode())] if error.allowed else []
+            await body.drain(self.max_body)
+            await respond_error(send, error, allow)
             return
         await respond(send, 200, json_codec.to_json(response))
 
@@ -121,7 +121,7 @@ class RestRouter:
         raw_params: dict[str, str],
         query: list[tuple[str, str]],
         metadata: dict[str, str],
-        receive: Receive,
+        body: RequestBody,
     ) -> Message:
         rule = method.http
         assert rule is not None
@@ -137,10 +137,10 @@ class RestRouter:
         if query:
             raise invalid_argument(query[0][0], f"unknown parameter: {method.name} takes its fields in the body")
         _check_content_type(metadata.get("content-type", ""))
-        body = json_codec.parse_body(await read_body(receive, self.max_body))
+        data = json_codec.parse_body(await body.read(self.max_body))
         if rule.body != "*":
-            body = {descriptor.fields_by_name[rule.body].json_name: body}
-        return json_codec.parse_message(json_codec.merge(body, fields), method.request_type)
+            data = {descriptor.fields_by_name[rule.body].json_name: data}
+        return json_codec.parse_message(json_codec.merge(data, fields), method.request_type)
 
     async def _stream(
         self,

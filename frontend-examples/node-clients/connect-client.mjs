@@ -1,13 +1,15 @@
 // Connect-ES clients against a running Prism gateway: `node connect-client.mjs <scenario>`.
 //   TRANSPORT=grpc-web  createGrpcWebTransport, HTTP/1.1, BASE_URL = the HTTP port
 //   TRANSPORT=grpc      createGrpcTransport, HTTP/2, BASE_URL = the native gRPC port
+//   TRANSPORT=connect   createConnectTransport, JSON over HTTP/1.1, BASE_URL = the HTTP port
+//   TRANSPORT=connect-proto  the same with binary protobuf
 // It imports the code protoc-gen-es generated from proto/ (GEN_DIR, default ./dist; README.md)
 // and prints what it observed as one JSON object: tests/test_js_clients.py judges it.
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
+import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 
 const { TRANSPORT = "grpc-web", BASE_URL = "http://127.0.0.1:8080", GEN_DIR = "dist" } = process.env;
 const SESSION_HEADER = "x-prism-session";
@@ -18,10 +20,13 @@ const { KeyValueService } = await load("prism/v1/keyvalue_pb.js");
 const { PubSubService } = await load("prism/v1/pubsub_pb.js");
 const { BadRequestSchema } = await load("google/rpc/error_details_pb.js");
 
-const transport =
-  TRANSPORT === "grpc"
-    ? createGrpcTransport({ baseUrl: BASE_URL })
-    : createGrpcWebTransport({ baseUrl: BASE_URL, httpVersion: "1.1" });
+const transports = {
+  grpc: () => createGrpcTransport({ baseUrl: BASE_URL }),
+  "grpc-web": () => createGrpcWebTransport({ baseUrl: BASE_URL, httpVersion: "1.1" }),
+  connect: () => createConnectTransport({ baseUrl: BASE_URL, httpVersion: "1.1" }),
+  "connect-proto": () => createConnectTransport({ baseUrl: BASE_URL, httpVersion: "1.1", useBinaryFormat: true }),
+};
+const transport = transports[TRANSPORT]();
 const sessions = createClient(SessionService, transport);
 const kv = createClient(KeyValueService, transport);
 const pubsub = createClient(PubSubService, transport);
