@@ -305,3 +305,70 @@ class GrpcWebClient:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+class ConnectClient:
+    """The Connect protocol: unary POSTs of JSON or binary, server streams as enveloped
+    messages ending with an end-of-stream envelope."""
+
+    def __init__(self, base_url: str, binary: bool = False, headers: dict[str, str] | None = None) -> None:
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=10, headers=headers)
+        self.binary = binary
+        self.name = "connect-proto" if binary else "connect"
+
+    def _headers(self, token: str, stream: bool) -> dict[str, str]:
+        codec = "proto" if self.binary else "json"
+        content_type = f"application/connect+{codec}" if stream else f"application/{codec}"
+        headers = {"content-type": content_type, "connect-protocol-version": "1"}
+        if token:
+            headers["x-prism-session"] = token
+        return headers
+
+    def _encode(self, message: Message) -> bytes:
+        return message.SerializeToString() if self.binary else json.dumps(json_format.MessageToDict(message)).encode()
+
+    def _decode(self, rpc: str, payload: bytes) -> Message:
+        if self.binary:
+            return METHODS[rpc].response_type.FromString(payload)
+        return json_format.ParseDict(json.loads(payload), METHODS[rpc].response_type())
+
+    @staticmethod
+    def _error(body: dict[str, Any], http_status: int | None) -> CallError:
+        violations: list[str] = []
+        for detail in body.get("details", []):
+            if detail.get("type") == "google.rpc.BadRequest":
+                value = detail["value"]
+                bad = error_details_pb2.BadRequest.FromString(base64.b64decode(value + "=" * (-len(value) % 4)))
+                violations.extend(v.field for v in bad.field_violations)
+        return CallError(body["code"].upper(), body.get("message", ""), http_status, body, tuple(violations))
+
+    async def call(self, rpc: str, request: Message, token: str = "") -> Message:
+        response = await self.http.post(rpc, content=self._encode(request), headers=self._headers(token, False))
+        if response.status_code != 200:
+            raise self._error(response.json(), response.status_code)
+        return self._decode(rpc, response.content)
+
+    async def stream(self, rpc: str, request: Message, token: str = "") -> AsyncIterator[Message]:
+        payload = self._encode(request)
+        body = struct.pack(">BI", 0, len(payload)) + payload
+        async with self.http.stream("POST", rpc, content=body, headers=self._headers(token, True), timeout=None) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise self._error(response.json(), response.status_code)
+            source = b""
+            async for chunk in response.aiter_raw():
+                source += chunk
+                while len(source) >= 5:
+                    flags, length = struct.unpack(">BI", source[:5])
+                    if len(source) < 5 + length:
+                        break
+                    frame, source = source[5 : 5 + length], source[5 + length :]
+                    if flags & 0x02:
+                        end = json.loads(frame)
+                        if "error" in end:
+                            raise self._error(end["error"], 200)
+                        return
+                    yield self._decode(rpc, frame)
+
+    async def close(self) -> None:
+        await self.http.aclose()

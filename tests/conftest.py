@@ -6,13 +6,15 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from prism.v1 import session_pb2
-from tests.clients import GrpcClient, GrpcWebClient, RestClient
+from tests.clients import ConnectClient, GrpcClient, GrpcWebClient, RestClient
 from tests.gateway_process import GatewayProcess, start_gateway
 
 SERVERS = ("hypercorn", "granian")
-TRANSPORTS = ("grpc", "rest", "rest-h2c", "grpc-web", "grpc-web-text")
+# "grpc-http": native gRPC on the HTTP port, through the ASGI app (servers with HTTP/2 trailers).
+TRANSPORTS = ("grpc", "grpc-http", "rest", "rest-h2c", "grpc-web", "grpc-web-text", "connect", "connect-proto")
+TRAILERS_SERVERS = frozenset({"hypercorn"})
 
-Client = GrpcClient | RestClient | GrpcWebClient
+Client = GrpcClient | RestClient | GrpcWebClient | ConnectClient
 
 
 @pytest.fixture(scope="session", params=SERVERS)
@@ -34,6 +36,11 @@ def hypercorn_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
 def make_client(transport: str, gateway: GatewayProcess) -> Client:
     if transport == "grpc":
         return GrpcClient(gateway.grpc_target)
+    if transport == "grpc-http":
+        assert gateway.server in TRAILERS_SERVERS, "deselected by pytest_collection_modifyitems"
+        return GrpcClient(f"127.0.0.1:{gateway.http_port}")
+    if transport.startswith("connect"):
+        return ConnectClient(gateway.base_url, binary=transport == "connect-proto")
     if transport == "rest":
         return RestClient(gateway.base_url)
     if transport == "rest-h2c":
@@ -74,3 +81,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
     if report.skipped and os.environ.get("PRISM_REQUIRE_BACKENDS") == "1":
         report.outcome = "failed"
         report.longrepr = f"skipped under PRISM_REQUIRE_BACKENDS=1: {report.longrepr}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Native gRPC on the HTTP port runs only under servers with HTTP/2 trailers; the others'
+    clear refusal is tested in tests/test_grpc_asgi.py."""
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("transport") == "grpc-http" and params.get("gateway", "hypercorn") not in TRAILERS_SERVERS:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

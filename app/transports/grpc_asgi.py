@@ -1,0 +1,176 @@
+"""Native gRPC through the ASGI app: ``application/grpc[+proto]`` over HTTP/2 with trailers.
+
+An HTTP/2 server that offers the ASGI ``http.response.trailers`` extension (Hypercorn, pyvoy)
+carries everything gRPC needs, so the same method table and pipeline serve native gRPC clients
+on the HTTP port as well, without grpc.aio's per-call cost:
+
+    request   HEADERS (:path /<service>/<method>, grpc-timeout, grpc-encoding, metadata)
+              DATA    5-byte frames (flag: compressed; length) — one message for unary and
+                      server-streaming methods
+    response  HEADERS (:status 200, content-type application/grpc, grpc-accept-encoding)
+              DATA    one frame per response message
+              HEADERS (trailers) grpc-status, grpc-message, grpc-status-details-bin
+
+Errors before the first message are still sent as headers then trailers, so every client reads
+the status from the trailers. ``send`` waits on HTTP/2 flow control, so a slow reader slows the
+stream instead of growing a buffer. A reset stream (``http.disconnect``) cancels the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import struct
+import zlib
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from app.methods import Method
+from app.pipeline import Pipeline, status_of
+from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map
+from app.transports.grpc_web import trailer_fields
+from prism.errors import PrismError, invalid_argument, too_large
+
+TRAILERS = "http.response.trailers"
+COMPRESSED = 0x01
+_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+_UNIT_SECONDS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+RESPONSE_HEADERS = [(b"content-type", b"application/grpc"), (b"grpc-accept-encoding", b"identity,gzip")]
+
+
+def supports_trailers(scope: Scope) -> bool:
+    return TRAILERS in scope.get("extensions", {}) and scope.get("http_version") == "2"
+
+
+def deadline_seconds(value: str) -> float:
+    """A grpc-timeout header (``100m``, ``5S``) in seconds."""
+    found = _TIMEOUT.match(value.strip())
+    if found is None:
+        raise invalid_argument("grpc-timeout", f"{value!r} is not a gRPC timeout (1 to 8 digits and a unit)")
+    return int(found.group(1)) * _UNIT_SECONDS[found.group(2)]
+
+
+def one_message(body: bytes, encoding: str, limit: int) -> bytes:
+    """The single message of a unary or server-streaming request body."""
+    if len(body) < 5:
+        what = "no request message" if not body else f"a truncated frame ({len(body)} bytes)"
+        raise invalid_argument("request", f"{what}: the call needs exactly one message")
+    flag, length = struct.unpack(">BI", body[:5])
+    if len(body) < 5 + length:
+        raise invalid_argument("request", f"a truncated frame: {length} bytes announced, {len(body) - 5} sent")
+    if len(body) > 5 + length:
+        raise invalid_argument("request", "more than one request message; the call takes exactly one")
+    payload = body[5:]
+    if flag & COMPRESSED:
+        if encoding != "gzip":
+            raise PrismError(
+                grpc.StatusCode.UNIMPLEMENTED, f"grpc-encoding {encoding!r} is not supported; use identity or gzip"
+            )
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            payload = inflater.decompress(payload, limit + 1)
+        except zlib.error:
+            raise invalid_argument("request", "not valid gzip data") from None
+        if len(payload) > limit:
+            raise too_large("decompressed request message", len(payload), limit)
+    return payload
+
+
+class GrpcAsgiApp:
+    def __init__(self, methods: list[Method], pipeline: Pipeline, max_body: int) -> None:
+        self.methods = {m.path: m for m in methods}
+        self.pipeline = pipeline
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream = _Stream(send)
+        body = RequestBody(receive)
+        error: PrismError | None = None
+        task = asyncio.current_task()
+        watcher: asyncio.Task[None] | None = None
+        try:
+            headers = header_map(scope)
+            peer = self.pipeline.asgi_peer(scope)
+            method = self.methods.get(scope["path"])
+            if method is None:
+                unknown = PrismError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {scope['path']}")
+                await self.pipeline.refuse_unknown(unknown, headers, peer)
+            if method.client_streaming:
+                raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.path} is not implemented yet")
+            timeout = headers.get("grpc-timeout")
+            bound = asyncio.timeout(deadline_seconds(timeout)) if timeout else contextlib.nullcontext()
+
+            async def decode() -> Message:
+                nonlocal watcher
+                raw = await body.read(self.max_body + 5)
+                payload = one_message(raw, headers.get("grpc-encoding", "identity"), self.max_body)
+                watcher = asyncio.create_task(_cancel_on_reset(receive, task))  # the body is read
+                try:
+                    return method.request_type.FromString(payload)
+                except DecodeError:
+                    raise invalid_argument(
+                        "request", f"not a valid {method.request_type.DESCRIPTOR.full_name} message"
+                    ) from None
+
+            try:
+                async with bound:
+                    if method.server_streaming:
+                        responses = await self.pipeline.stream(method, decode, headers, "grpc", peer)
+                        await stream.send_all(responses)
+                    else:
+                        response = await self.pipeline.unary(method, decode, headers, "grpc", peer)
+                        await stream.send_message(response)
+            except TimeoutError:
+                raise PrismError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within grpc-timeout {timeout}") from None
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.done():
+                raise
+            return  # the client reset the stream: nobody to answer
+        except Exception as exc:
+            error = status_of(exc)
+            await body.drain(self.max_body)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        await stream.finish(error)
+
+
+async def _cancel_on_reset(receive: Receive, task: asyncio.Task[object] | None) -> None:
+    """Cancel the call when the client resets the stream (or the connection goes)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if task is not None:
+        task.cancel()
+
+
+class _Stream:
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def _start(self) -> None:
+        self.started = True
+        await self.send({"type": "http.response.start", "status": 200, "headers": RESPONSE_HEADERS, "trailers": True})
+
+    async def send_message(self, message: Message) -> None:
+        if not self.started:
+            await self._start()
+        payload = message.SerializeToString()
+        frame = struct.pack(">BI", 0, len(payload)) + payload
+        await self.send({"type": "http.response.body", "body": frame, "more_body": True})
+
+    async def send_all(self, responses: AsyncIterator[Message]) -> None:
+        try:
+            async for response in responses:
+                await self.send_message(response)
+        finally:
+            await responses.aclose()  # type: ignore[attr-defined]
+
+    async def finish(self, error: PrismError | None) -> None:
+        if not self.started:
+            await self._start()
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self.send({"type": TRAILERS, "headers": trailer_fields(error), "more_trailers": False})
