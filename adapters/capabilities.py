@@ -6,13 +6,18 @@ from enum import StrEnum
 
 
 class Capability(StrEnum):
+    # Any pattern
+    DURABLE = "durable"  # acknowledged writes survive a restart of the gateway and of the backend server
+    SHARED = "shared"  # several gateway processes see the same data (not a copy each)
     # KeyValue
     TTL = "ttl"
     ETAG = "etag"
     CREATE_ONLY = "create_only"
     SCAN = "scan"
-    DURABLE = "durable"  # acknowledged writes survive a restart of the gateway and of the backend server
-    SHARED = "shared"  # several gateway processes see the same data
     # PubSub
     WILDCARDS = "wildcards"
     QUEUE_GROUPS = "queue_groups"
+    # Queue
+    SEEK_TIMESTAMP = "seek_timestamp"  # Seek to the first message published at or after a time
+    DEAD_LETTER = "dead_letter"  # max_delivery_attempts and a dead-letter topic
+    IDEMPOTENT_PUBLISH = "idempotent_publish"  # a retried Publish with the same token is stored once

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
+from adapters.backends import Connection
+
 T = TypeVar("T")
 Job = tuple[asyncio.Future[Any], Callable[[sqlite3.Connection], Any]]
 _STOP = object()
@@ -54,7 +56,10 @@ def _execute_when_unlocked(connection: sqlite3.Connection, pragma: str) -> None:
         delay = min(delay * 2, 0.1)
 
 
-class SqliteWorker:
+class SqliteWorker(Connection):
+    """The connection of a SQLite backend instance (every pattern's adapter on that file runs
+    its statements here) and of the SQLite session store."""
+
     def __init__(self, path: pathlib.Path, pragmas: Iterable[str] = ()) -> None:
         self.path = path
         self.pragmas = tuple(pragmas)
@@ -117,6 +122,10 @@ class SqliteWorker:
         future: asyncio.Future[T] = self._loop.create_future()
         self._jobs.put((future, call))
         return future
+
+    async def ping(self) -> None:
+        """The file still opens and answers: a statement through the whole batch path."""
+        await self.run(lambda connection: connection.execute("SELECT 1").fetchall())
 
     async def close(self) -> None:
         if self._thread is not None:

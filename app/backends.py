@@ -1,89 +1,97 @@
-"""Backend instances named in the server configuration, created and closed with the gateway."""
+"""Backend instances named in the server configuration, created and closed with the gateway.
+
+Each instance opens its type's one connection, then builds on it the adapter of every access
+pattern its type serves (the registry says which: ``adapters/registry.py``). Nothing here
+knows a backend type by name.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from adapters.backends import Adapter, BackendSettings, BackendType, Connection, Environment
 from adapters.keyvalue.base import KeyValueAdapter
-from adapters.keyvalue.memory import MemoryKeyValue
-from adapters.keyvalue.sqlite import SqliteKeyValue
 from adapters.pubsub.base import PubSubAdapter
-from adapters.pubsub.memory import MemoryPubSub
-from app.settings import Backend, Settings
-from prism.errors import failed_precondition
+from adapters.registry import lookup
+from app.settings import Settings
+from prism.errors import PrismError, failed_precondition
 from prism.v1 import config_pb2
 
-BACKEND_TYPES = {
-    "memory": config_pb2.BACKEND_TYPE_MEMORY,
-    "sqlite": config_pb2.BACKEND_TYPE_SQLITE,
-    "postgres": config_pb2.BACKEND_TYPE_POSTGRES,
-    "redis": config_pb2.BACKEND_TYPE_REDIS,
-}
 
+@dataclass
+class Instance:
+    """One configured backend: its settings, its type, its connection and its adapters."""
 
-# Which backend types an access pattern can run on (the adapters that exist).
-PATTERN_BACKENDS: dict[str, frozenset[str]] = {
-    "KEY_VALUE": frozenset({"memory", "sqlite", "postgres", "redis"}),
-    "PUBSUB": frozenset({"memory"}),
-}
+    name: str
+    settings: BackendSettings
+    kind: BackendType[Any, Any]
+    connection: Connection
+    adapters: dict[str, Adapter] = field(default_factory=dict)  # pattern → adapter
 
 
 class Backends:
-    """Adapters per backend instance and access pattern, built lazily from the settings."""
+    """Every backend instance of the settings, and their adapters per access pattern."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.keyvalue: dict[str, KeyValueAdapter] = {}
-        self.pubsub: dict[str, PubSubAdapter] = {}
+        self.instances: dict[str, Instance] = {}
         self.started = False
 
-    def _build_keyvalue(self, spec: Backend) -> KeyValueAdapter:
-        network = {
-            "pool_size": spec.pool_size,
-            "connect_timeout": spec.connect_timeout,
-            "command_timeout": spec.command_timeout,
-        }
-        if spec.type == "sqlite":
-            return SqliteKeyValue(self.settings.data_dir / spec.path)
-        if spec.type == "postgres":
-            from adapters.keyvalue.postgres import PostgresKeyValue  # drivers load only when configured
-
-            return PostgresKeyValue(spec.dsn, **network)
-        if spec.type == "redis":
-            from adapters.keyvalue.redis import RedisKeyValue
-
-            return RedisKeyValue(spec.url, **network)
-        return MemoryKeyValue()
-
-    def _build_pubsub(self, spec: Backend) -> PubSubAdapter:
-        if spec.type == "memory":
-            return MemoryPubSub(buffer_size=self.settings.limits.stream_buffer)
-        raise ValueError(f"backend type {spec.type!r} cannot serve PUBSUB")
+    def serves(self, name: str, pattern: str) -> bool:
+        """Whether backend ``name``'s type has an adapter for ``pattern`` (running or not)."""
+        return pattern in lookup(self.settings.backends[name].type).patterns
 
     async def start(self) -> None:
-        """Every declared backend, for every pattern its type serves (inline configs may use any)."""
+        """Open every declared backend and build the adapter of every pattern its type serves
+        (inline configs may use any). On failure what was opened stays listed, for ``close``."""
         for name, spec in self.settings.backends.items():
-            if spec.type in PATTERN_BACKENDS["KEY_VALUE"]:
-                adapter = self._build_keyvalue(spec)
+            kind = lookup(spec.type)
+            environment = Environment(name, self.settings.data_dir, self.settings.limits.stream_buffer)
+            instance = Instance(name, spec, kind, kind.connect(spec, environment))
+            await instance.connection.start()
+            self.instances[name] = instance
+            for pattern, build in kind.adapters.items():
+                adapter = build(instance.connection, environment)
                 await adapter.start()
-                self.keyvalue[name] = adapter
-            if spec.type in PATTERN_BACKENDS["PUBSUB"]:
-                broker = self._build_pubsub(spec)
-                await broker.start()
-                self.pubsub[name] = broker
+                instance.adapters[pattern] = adapter
         self.started = True
 
     async def close(self) -> None:
+        """Adapters first (they use the connection), then each connection."""
         self.started = False
-        for adapter in [*self.keyvalue.values(), *self.pubsub.values()]:
-            await adapter.close()
+        for instance in self.instances.values():
+            for adapter in instance.adapters.values():
+                await adapter.close()
+            await instance.connection.close()
+
+    async def probe(self, name: str, seconds: float) -> str | None:
+        """None when backend ``name`` answers a trivial request within ``seconds``, else why
+        not, in a few words."""
+        try:
+            await asyncio.wait_for(self.instances[name].connection.ping(), seconds)
+        except TimeoutError:
+            return f"no answer within {seconds:g}s"
+        except PrismError as exc:
+            return exc.message
+        except Exception as exc:  # a driver error the connection did not map: still "down"
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def adapters(self, pattern: str) -> dict[str, Adapter]:
+        """The running adapters of ``pattern``, by backend name."""
+        return {name: i.adapters[pattern] for name, i in self.instances.items() if pattern in i.adapters}
+
+    def adapter(self, pattern: str, config: config_pb2.ClientConfig) -> Adapter:
+        """The adapter a session's configuration uses (FAILED_PRECONDITION if none runs)."""
+        try:
+            return self.instances[config.backend.instance].adapters[pattern]
+        except KeyError:
+            raise failed_precondition(f"backend {config.backend.instance!r} serves no {pattern}") from None
 
     def for_keyvalue(self, config: config_pb2.ClientConfig) -> KeyValueAdapter:
-        try:
-            return self.keyvalue[config.backend.instance]
-        except KeyError:
-            raise failed_precondition(f"backend {config.backend.instance!r} serves no KEY_VALUE") from None
+        return cast(KeyValueAdapter, self.adapter("KEY_VALUE", config))
 
     def for_pubsub(self, config: config_pb2.ClientConfig) -> PubSubAdapter:
-        try:
-            return self.pubsub[config.backend.instance]
-        except KeyError:
-            raise failed_precondition(f"backend {config.backend.instance!r} serves no PUBSUB") from None
+        return cast(PubSubAdapter, self.adapter("PUBSUB", config))

@@ -8,7 +8,7 @@ import re
 import grpc
 
 from adapters.capabilities import Capability
-from app.backends import BACKEND_TYPES, PATTERN_BACKENDS, Backends
+from app.backends import Backends
 from app.methods import ANY_NAMESPACE
 from app.pipeline import Call
 from app.policy import Authorizer
@@ -18,7 +18,14 @@ from prism.errors import PrismError, invalid_argument, not_found
 from prism.v1 import config_pb2
 
 _NAME = re.compile(NAME)
-_TYPE_NAMES = {number: name for name, number in BACKEND_TYPES.items()}
+PROBE_SECONDS = 2.0  # a registration waits this long at most for its backend to answer
+
+
+def proto_type(backend_type: str) -> config_pb2.BackendType.ValueType:
+    """The contract's number for a backend type; BACKEND_TYPE_UNSPECIFIED for a type the
+    contract does not name (a plugin's), which clients then select by instance name."""
+    name = f"BACKEND_TYPE_{backend_type.upper()}"
+    return config_pb2.BackendType.Value(name) if name in config_pb2.BackendType.keys() else config_pb2.BACKEND_TYPE_UNSPECIFIED
 
 
 def from_settings(named: NamedConfig, settings: Settings) -> config_pb2.ClientConfig:
@@ -26,7 +33,7 @@ def from_settings(named: NamedConfig, settings: Settings) -> config_pb2.ClientCo
         name=named.name,
         version="1",
         pattern=config_pb2.AccessPattern.Value(f"ACCESS_PATTERN_{named.pattern}"),
-        backend=config_pb2.BackendConfig(type=BACKEND_TYPES[settings.backends[named.backend].type], instance=named.backend),
+        backend=config_pb2.BackendConfig(type=proto_type(settings.backends[named.backend].type), instance=named.backend),
         consistency=config_pb2.ConsistencyConfig(level=config_pb2.ConsistencyLevel.Value(f"CONSISTENCY_LEVEL_{named.consistency}")),
         namespace=named.namespace,
     )
@@ -86,9 +93,8 @@ class ConfigRegistry:
         pattern = config_pb2.AccessPattern.Name(config.pattern).removeprefix("ACCESS_PATTERN_")
         instance = self._instance(config, refuse)
         if instance is not None and config.pattern:
-            spec = self.settings.backends[instance]
-            if spec.type not in PATTERN_BACKENDS.get(pattern, frozenset()):
-                refuse("backend.type", f"a {spec.type} backend cannot serve {pattern}")
+            if not self.backends.serves(instance, pattern):
+                refuse("backend.type", f"a {self.settings.backends[instance].type} backend cannot serve {pattern}")
             else:
                 await self._check_backend(config, pattern, instance, refuse)
         if config.namespace not in self.settings.known_namespaces:
@@ -119,7 +125,7 @@ class ConfigRegistry:
             if backend.instance not in self.settings.backends:
                 refuse("backend.instance", f"no backend named {backend.instance!r}")
                 return None
-            spec_type = BACKEND_TYPES[self.settings.backends[backend.instance].type]
+            spec_type = proto_type(self.settings.backends[backend.instance].type)
             if backend.type and backend.type != spec_type:
                 refuse("backend.type", f"backend {backend.instance!r} is {config_pb2.BackendType.Name(spec_type)}")
                 return None
@@ -128,16 +134,15 @@ class ConfigRegistry:
         if not backend.type:
             refuse("backend.type", "is required (or backend.instance)")
             return None
-        wanted = _TYPE_NAMES.get(backend.type)
         for name, spec in sorted(self.settings.backends.items()):
-            if spec.type == wanted:
+            if proto_type(spec.type) == backend.type:
                 backend.instance = name
                 return name
         refuse("backend.type", f"no {config_pb2.BackendType.Name(backend.type)} backend is configured")
         return None
 
     async def _check_backend(self, config: config_pb2.ClientConfig, pattern: str, instance: str, refuse) -> None:  # type: ignore[no-untyped-def]
-        adapter = self.backends.keyvalue.get(instance) if pattern == "KEY_VALUE" else self.backends.pubsub.get(instance)
+        adapter = self.backends.adapters(pattern).get(instance)
         if adapter is None:
             refuse("backend.instance", f"backend {instance!r} is not running")
             return
@@ -147,11 +152,8 @@ class ConfigRegistry:
                 refuse("backend.options.requires", f"unknown capability {need!r}")
             elif Capability(need) not in adapter.capabilities:
                 refuse("backend.options.requires", f"backend {instance!r} lacks {need}")
-        if pattern == "KEY_VALUE":
-            try:
-                await adapter.exists("\x00probe", "probe")  # type: ignore[union-attr]
-            except PrismError as exc:
-                refuse("backend.instance", f"backend {instance!r} unreachable: {exc.message}")
+        if (down := await self.backends.probe(instance, PROBE_SECONDS)) is not None:
+            refuse("backend.instance", f"backend {instance!r} unreachable: {down}")
 
     async def validated(self, config: config_pb2.ClientConfig) -> config_pb2.ClientConfig:
         """The config completed, or INVALID_ARGUMENT naming the first bad field."""

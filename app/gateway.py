@@ -7,15 +7,19 @@ with the embedded gRPC server, so HTTP and gRPC share one event loop and one ser
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+from typing import Any
 
 import grpc
 
+from adapters.capabilities import Capability
 from app.audit import AuditLog
 from app.auth.authenticator import Authenticator
 from app.auth.mtls import grpc_server_credentials
 from app.backends import Backends
 from app.configs import ConfigRegistry, ConfigService
+from app.health import HealthMonitor
 from app.methods import Method, all_methods, bind
 from app.pipeline import Pipeline
 from app.policy import Authorizer
@@ -27,6 +31,7 @@ from app.services.session import SessionService
 from app.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
 from app.settings import Settings
 from app.transports.grpc_native import start_grpc_server
+from prism.v1 import config_pb2
 
 log = logging.getLogger("prism")
 
@@ -35,20 +40,27 @@ class Gateway:
     def __init__(self, settings: Settings, *, workers: int = 1) -> None:
         self.settings = settings
         self.workers = workers
+        methods = all_methods()
         self.backends = Backends(settings)
+        self.health = HealthMonitor(
+            self.backends,
+            _service_patterns(methods),
+            interval=settings.health.interval_seconds,
+            timeout=settings.health.timeout_seconds,
+        )
         self.sessions = _session_store(settings, shared=workers > 1)
         self.authenticator = Authenticator(settings.auth)
         self.audit = AuditLog(settings.audit.sink)
         authorizer = Authorizer(settings.policies)
         configs = ConfigRegistry(settings, self.backends, self.sessions)
         self.methods: list[Method] = bind(
-            all_methods(),
+            methods,
             [
                 SessionService(self.sessions, configs),
                 ConfigService(configs, authorizer),
                 KeyValueService(self.backends, settings.limits, settings.signing_key()),
                 PubSubService(self.backends, settings.limits, self.sessions),
-                HealthService(self.backends),
+                HealthService(self.health),
                 MetricsService(),
                 PluginInfoService(self.backends),
             ],
@@ -69,20 +81,13 @@ class Gateway:
             log.warning(
                 "no authentication configured: dev mode, loopback only, every caller is 'anonymous'"
             )
-        if self.workers > 1:
-            per_process = sorted(n for n, b in self.settings.backends.items() if b.type == "memory")
-            if per_process:
-                log.warning(
-                    "backends %s are in-process: with %d workers each worker has its own copy "
-                    "(a message published on one worker reaches only that worker's subscribers)",
-                    per_process,
-                    self.workers,
-                )
         try:
             self.audit.start()
             await self.authenticator.start()
             await self.sessions.start()
             await self.backends.start()
+            self._warn_per_process()
+            await self.health.start()
             self.grpc_server = await start_grpc_server(
                 self.methods,
                 self.pipeline,
@@ -90,10 +95,28 @@ class Gateway:
                 max_message_bytes=self.settings.limits.max_request_bytes,
                 reuse_port=self.workers > 1,  # each worker binds the same gRPC port
                 credentials=self._grpc_credentials(),
+                **self._grpc_health(),
             )
         except BaseException:
             await self.close()  # no half-started worker: its threads would keep the process alive
             raise
+
+    def _warn_per_process(self) -> None:
+        """Backends whose adapters do not declare ``shared`` keep a copy per worker process."""
+        if self.workers == 1:
+            return
+        per_process = sorted(
+            name
+            for name, instance in self.backends.instances.items()
+            if any(Capability.SHARED not in adapter.capabilities for adapter in instance.adapters.values())
+        )
+        if per_process:
+            log.warning(
+                "backends %s are in-process: with %d workers each worker has its own copy "
+                "(a message published on one worker reaches only that worker's subscribers)",
+                per_process,
+                self.workers,
+            )
 
     def _grpc_credentials(self) -> grpc.ServerCredentials | None:
         """TLS with the HTTP port's certificate; with mTLS configured, client certificates required."""
@@ -106,14 +129,30 @@ class Gateway:
             return grpc_server_credentials(key, chain, auth.mtls.ca_file)
         return grpc.ssl_server_credentials([(key, chain)])
 
+    def _grpc_health(self) -> dict[str, Any]:
+        """grpc.health.v1 kept in step with the health monitor.
+        TRANSITIONAL: until start_grpc_server takes ``watch_health``; then pass it directly."""
+        if "watch_health" in inspect.signature(start_grpc_server).parameters:
+            return {"watch_health": self.health.serve_grpc}
+        return {}
+
     async def close(self) -> None:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=2)
             self.grpc_server = None
+        await self.health.close()
         await self.backends.close()
         await self.sessions.close_store()
         await self.authenticator.close()
         await asyncio.to_thread(self.audit.close)
+
+
+def _service_patterns(methods: list[Method]) -> dict[str, str | None]:
+    """Each service's access pattern ("KEY_VALUE"), None for the others (sessions, configs)."""
+    return {
+        m.service: config_pb2.AccessPattern.Name(m.pattern).removeprefix("ACCESS_PATTERN_") if m.pattern else None
+        for m in methods
+    }
 
 
 def _session_store(settings: Settings, *, shared: bool) -> SessionStore:

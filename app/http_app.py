@@ -1,7 +1,10 @@
 """The ASGI application on the HTTP port.
 
     CORS ─► dispatch ─┬─ content-type application/grpc-web*  → GrpcWebApp
-                      ├─ content-type application/grpc       → 415 (native gRPC: the gRPC port)
+                      ├─ a method's path, Connect content type → ConnectApp (application/json,
+                      │                                         /proto, /connect+json, +proto)
+                      ├─ content-type application/grpc       → GrpcAsgiApp on HTTP/2 with trailers,
+                      │                                         else 415 (use the gRPC port)
                       ├─ FastAPI's own paths                  → FastAPI (/docs, /openapi.json,
                       │                                         /metrics, /healthz, /readyz, lifespan)
                       └─ everything else                      → RestRouter (REST + SSE; NOT_FOUND)
@@ -30,6 +33,8 @@ from starlette.middleware.cors import CORSMiddleware
 from app.gateway import Gateway
 from app.settings import Settings
 from app.transports.asgi_util import ASGIApp, Receive, Scope, Send, respond_error
+from app.transports.connect import ConnectApp, is_connect
+from app.transports.grpc_asgi import GrpcAsgiApp, supports_trailers
 from app.transports.grpc_web import CONTENT_TYPES, GrpcWebApp, trailer_fields
 from app.transports.openapi import build_openapi
 from app.transports.rest import RestRouter
@@ -74,13 +79,18 @@ def create_app(settings: Settings) -> ASGIApp:
 
     @api.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
-        ready = gateway.backends.started and gateway.grpc_server is not None
-        return JSONResponse({"status": "ok" if ready else "starting"}, status_code=200 if ready else 503)
+        """The health monitor's last round (never waits on a backend): 503 while starting or
+        while a required backend is down; an optional one down shows as "degraded"."""
+        health, started = gateway.health.current, gateway.grpc_server is not None
+        body = health.to_json() if started else {**health.to_json(), "status": "starting"}
+        return JSONResponse(body, status_code=200 if started and health.ready else 503)
 
     max_body = settings.limits.max_request_bytes
     _error_model(api)
     dispatch = Dispatch(
+        grpc=GrpcAsgiApp(gateway.methods, gateway.pipeline, max_body),
         grpc_web=GrpcWebApp(gateway.methods, gateway.pipeline, max_body),
+        connect=ConnectApp(gateway.methods, gateway.pipeline, max_body),
         rest=RestRouter(gateway.methods, gateway.pipeline, max_body, settings.limits.sse_ping_seconds),
         fallback=api,
         fallback_paths={route.path for route in api.routes if isinstance(route, APIRoute)},
@@ -111,21 +121,37 @@ class Dispatch:
     """Routes by content type and path; every answer, even to a route nobody serves, comes in
     the one error model."""
 
-    def __init__(self, grpc_web: ASGIApp, rest: ASGIApp, fallback: ASGIApp, fallback_paths: set[str]) -> None:
-        self.grpc_web, self.rest, self.fallback = grpc_web, rest, fallback
+    def __init__(
+        self,
+        grpc: ASGIApp,
+        grpc_web: ASGIApp,
+        connect: ConnectApp,
+        rest: ASGIApp,
+        fallback: ASGIApp,
+        fallback_paths: set[str],
+    ) -> None:
+        self.grpc, self.grpc_web, self.connect, self.rest, self.fallback = grpc, grpc_web, connect, rest, fallback
         self.fallback_paths = frozenset(fallback_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.fallback(scope, receive, send)
         for name, value in scope["headers"]:
-            if name == b"content-type" and value.startswith(b"application/grpc"):
+            if name != b"content-type":
+                continue
+            if value.startswith(b"application/grpc"):
                 if value.startswith(b"application/grpc-web"):
                     return await self.grpc_web(scope, receive, send)
+                if supports_trailers(scope):
+                    return await self.grpc(scope, receive, send)
                 error = unsupported_media_type(
-                    value.decode("latin-1"), *CONTENT_TYPES, "native gRPC on the gRPC port"
+                    value.decode("latin-1"),
+                    *CONTENT_TYPES,
+                    "native gRPC on the gRPC port (on this port it needs HTTP/2 with trailers: --server hypercorn)",
                 )
                 return await respond_error(send, error, trailer_fields(error))
+            if self.connect.serves(scope["path"]) and is_connect(value):
+                return await self.connect(scope, receive, send)
         if scope["path"] in self.fallback_paths:
             return await self.fallback(scope, receive, send)
         await self.rest(scope, receive, send)  # REST and SSE, and NOT_FOUND for any other path

@@ -3,17 +3,21 @@ at start-up. With no file at all the gateway runs on the embedded default (SQLit
 pub/sub) on loopback.
 
 Environment variables override the file: ``PRISM_HTTP__PORT=9000`` sets ``http.port``
-(double underscore separates levels).
+(double underscore separates levels); one that names no setting is a warning naming it.
+Each backend entry is validated by its type's own settings model (``adapters/registry.py``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import pathlib
 import secrets
 import time
-from typing import Any, Literal
+import types
+import typing
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -21,10 +25,17 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyNetwork,
+    PlainValidator,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from adapters.backends import BackendSettings
+from adapters.registry import UnknownBackendType, backend_settings, lookup
+
+log = logging.getLogger("prism.settings")
 
 NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
@@ -60,35 +71,18 @@ class TLS(Strict):
     keyfile: pathlib.Path
 
 
-class Backend(Strict):
-    """A backend instance. ``type`` picks the adapter module; the rest are its settings."""
-
-    type: Literal["memory", "sqlite", "postgres", "redis"]
-    path: str = "prism.db"  # sqlite: relative to data_dir
-    dsn: str = "postgresql://postgres@127.0.0.1:5432/test"  # postgres
-    url: str = "redis://127.0.0.1:6379/0"  # redis
-    pool_size: int = Field(default=10, gt=0, le=1000)  # postgres, redis: connections per worker
-    connect_timeout: float = Field(default=2.0, gt=0)  # postgres, redis: seconds
-    command_timeout: float = Field(default=5.0, gt=0)  # postgres, redis: seconds per call
-
-    @model_validator(mode="after")
-    def _settings_of_its_type(self) -> Backend:
-        allowed = BACKEND_SETTINGS[self.type]
-        if stray := sorted(self.model_fields_set - allowed - {"type"}):
-            raise ValueError(
-                f"{', '.join(stray)}: not a setting of a {self.type} backend "
-                f"(its settings: {', '.join(sorted(allowed)) or 'none'})"
-            )
-        return self
+# A backend entry: the settings model of its ``type``, found in the backend registry (built-in
+# types in adapters/backends/, plugins by entry point), so each type declares its own keys.
+Backend = Annotated[SerializeAsAny[BackendSettings], PlainValidator(backend_settings)]
 
 
-_NETWORK = {"pool_size", "connect_timeout", "command_timeout"}
-BACKEND_SETTINGS: dict[str, set[str]] = {
-    "memory": set(),
-    "sqlite": {"path"},
-    "postgres": {"dsn", *_NETWORK},
-    "redis": {"url", *_NETWORK},
-}
+class HealthChecks(Strict):
+    """How the gateway watches its backends (``app/health.py``): every ``interval_seconds``
+    each backend is asked a trivial request, and counts as down when it fails or takes longer
+    than ``timeout_seconds``."""
+
+    interval_seconds: float = Field(default=1.0, gt=0)
+    timeout_seconds: float = Field(default=2.0, gt=0)
 
 
 class NamedCache(Strict):
@@ -222,8 +216,8 @@ class Audit(Strict):
     sink: str | None = None  # None: off; "-": stderr; else a file path
 
 
-def _default_backends() -> dict[str, Backend]:
-    return {"sqlite": Backend(type="sqlite"), "memory": Backend(type="memory")}
+def _default_backends() -> dict[str, BackendSettings]:
+    return {"sqlite": backend_settings({"type": "sqlite"}), "memory": backend_settings({"type": "memory"})}
 
 
 def _default_configs() -> list[NamedConfig]:
@@ -253,6 +247,7 @@ class Settings(Strict):
     policies: list[Policy] = []
     max_rate_limit_rps: float = Field(default=100_000.0, gt=0)  # cap for client-config rate limits
     audit: Audit = Audit()
+    health: HealthChecks = HealthChecks()
 
     @field_validator("configs")
     @classmethod
@@ -324,17 +319,67 @@ class SettingsError(Exception):
 PROCESS_VARIABLES = frozenset({"PRISM_CONFIG", "PRISM_REQUIRE_BACKENDS", "PRISM_WORKERS", "PRISM_SERVER"})
 
 
-def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for name, value in environ.items():
-        if not name.startswith("PRISM_") or name in PROCESS_VARIABLES:
-            continue
-        path = name[len("PRISM_"):].lower().split("__")
-        node = overrides
+def _env_overrides(environ: dict[str, str], data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings tree the ``PRISM_*`` variables spell. A variable that names no setting
+    (a typo, or one meant for another program) is logged as a warning naming it and left out:
+    the environment is shared, and a stray variable must not stop the gateway. ``data``, the
+    file's settings, tells which type's keys a backend entry has."""
+    paths = {
+        name: name[len("PRISM_"):].lower().split("__")
+        for name in sorted(environ)
+        if name.startswith("PRISM_") and name not in PROCESS_VARIABLES
+    }
+    merged = _merge(data or {}, _tree(paths, environ))
+    unknown = {name for name, path in paths.items() if not _names_a_setting(Settings, path, merged)}
+    for name in sorted(unknown - _WARNED):
+        _WARNED.add(name)
+        log.warning("%s: no setting %s; the variable is ignored", name, ".".join(paths[name]))
+    return _tree({name: path for name, path in paths.items() if name not in unknown}, environ)
+
+
+def _tree(paths: dict[str, list[str]], environ: dict[str, str]) -> dict[str, Any]:
+    """The nested settings the variables spell (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for name, path in paths.items():
+        node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(value) if value else value
-    return overrides
+        node[path[-1]] = yaml.safe_load(environ[name]) if environ[name] else environ[name]
+    return tree
+
+
+_WARNED: set[str] = set()  # each unknown variable is reported once per process, not per load
+
+
+def _names_a_setting(model: type[BaseModel], path: list[str], tree: Any) -> bool:
+    """Whether ``path`` leads to a field of ``model`` (``tree``: the settings so far, for the
+    type of a backend entry)."""
+    field = model.model_fields.get(path[0])
+    if field is None:
+        return False
+    below = tree.get(path[0]) if isinstance(tree, dict) else None
+    return len(path) == 1 or _value_has(field.annotation, path[1:], below)
+
+
+def _value_has(annotation: Any, path: list[str], tree: Any) -> bool:
+    """Whether a value of type ``annotation`` has the setting ``path``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _value_has(args[0], path, tree)
+    if origin in (typing.Union, types.UnionType):
+        return any(_value_has(arg, path, tree) for arg in args if arg is not type(None))
+    if origin is dict:  # any key; the value's type decides what lies below it
+        below = tree.get(path[0]) if isinstance(tree, dict) else None
+        return len(path) == 1 or _value_has(args[1], path[1:], below)
+    if isinstance(annotation, type) and issubclass(annotation, BackendSettings):
+        kind = tree.get("type") if isinstance(tree, dict) else None
+        try:
+            annotation = lookup(str(kind)).settings
+        except UnknownBackendType:
+            return True  # validation names the type as the problem
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return _names_a_setting(annotation, path, tree)
+    return False  # a scalar or a list has no keys below it
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -359,7 +404,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str,
         if not isinstance(data, dict):
             raise SettingsError(f"{path}: the top level must be a mapping")
     try:
-        return Settings.model_validate(_merge(data, _env_overrides(environ)))
+        return Settings.model_validate(_merge(data, _env_overrides(environ, data)))
     except ValidationError as exc:
         problems = [_problem(err) for err in exc.errors()]
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems)) from exc

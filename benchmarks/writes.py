@@ -36,12 +36,12 @@ async def _measure(backend: str, data_dir: pathlib.Path) -> list[dict[str, Any]]
     from app.backends import Backends
     from app.configs import from_settings
     from app.services.keyvalue import KeyValueService
-    from app.settings import Backend, Limits, NamedConfig, Settings
+    from app.settings import Limits, NamedConfig, Settings
     from prism.v1 import keyvalue_pb2 as kv
 
     settings = Settings(
         data_dir=data_dir,
-        backends={backend: Backend(**BACKENDS[backend])},
+        backends={backend: BACKENDS[backend]},
         configs=[NamedConfig(name="kv", pattern="KEY_VALUE", backend=backend, namespace=NAMESPACE)],
     )
     backends = Backends(settings)

@@ -12,6 +12,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from adapters.backends.postgres import PostgresPool, PostgresSettings
+from adapters.backends.redis import RedisClient, RedisSettings
 from adapters.keyvalue.postgres import PostgresKeyValue
 from adapters.keyvalue.redis import RedisKeyValue, expiry_key, index_key
 from tests.servers import POSTGRES_DSN, REDIS_URL, purge_namespaces, unreachable
@@ -20,7 +22,9 @@ from tests.servers import POSTGRES_DSN, REDIS_URL, purge_namespaces, unreachable
 async def test_postgres_sweep_deletes_expired_rows_only() -> None:
     if reason := unreachable(POSTGRES_DSN):
         pytest.skip(reason)
-    store, namespace = PostgresKeyValue(POSTGRES_DSN), f"sweep-{uuid.uuid4().hex[:8]}"
+    pool, namespace = PostgresPool(PostgresSettings(dsn=POSTGRES_DSN)), f"sweep-{uuid.uuid4().hex[:8]}"
+    await pool.start()
+    store = PostgresKeyValue(pool)
     await store.start()
     admin = await asyncpg.connect(POSTGRES_DSN)
     try:
@@ -35,13 +39,16 @@ async def test_postgres_sweep_deletes_expired_rows_only() -> None:
     finally:
         await admin.close()
         await store.close()
+        await pool.close()
         await purge_namespaces(["postgres"], [namespace])
 
 
 async def test_redis_indexes_forget_expired_keys() -> None:
     if reason := unreachable(REDIS_URL):
         pytest.skip(reason)
-    store, namespace = RedisKeyValue(REDIS_URL), f"sweep-{uuid.uuid4().hex[:8]}"
+    connection, namespace = RedisClient(RedisSettings(url=REDIS_URL)), f"sweep-{uuid.uuid4().hex[:8]}"
+    await connection.start()
+    store = RedisKeyValue(connection)
     await store.start()
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
@@ -61,4 +68,5 @@ async def test_redis_indexes_forget_expired_keys() -> None:
     finally:
         await client.aclose()
         await store.close()
+        await connection.close()
         await purge_namespaces(["redis"], [namespace])

@@ -1,7 +1,9 @@
 """The KeyValue adapter contract.
 
-Every backend implements the five required operations; batch reads and ``exists`` have
-default implementations built from them, which a backend replaces when its store does better.
+Every backend implements the four required operations (``get``, ``write``, ``remove``,
+``scan``); ``set``/``replace`` (a :class:`Write` from keyword arguments), ``delete``, batch reads
+and ``exists`` have default implementations built from them, which a backend replaces when its
+store does better. An adapter runs on its backend instance's connection, which it never closes.
 Adapters report failures as :class:`prism.errors.PrismError` (``etag_mismatch``,
 ``already_exists``, ``unavailable``) so no driver exception crosses the contract.
 """
@@ -13,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypedDict, Unpack
 
 import grpc
 
@@ -56,8 +58,41 @@ def already_exists(key: str) -> PrismError:
     return PrismError(grpc.StatusCode.ALREADY_EXISTS, f"key {key!r} already exists (if_absent)")
 
 
+def check_conditions(key: str, current: Record | None, *, if_match: str = "", if_absent: bool = False) -> None:
+    """The refusals of the contract, for a store that reads the live record ``current`` and
+    writes in one atomic step (an in-process one): ``etag_mismatch`` or ``already_exists``."""
+    if if_match and (current is None or current.etag != if_match):
+        raise etag_mismatch(key)
+    if if_absent and current is not None:
+        raise already_exists(key)
+
+
 def unavailable(backend: str, exc: BaseException) -> PrismError:
     return PrismError(grpc.StatusCode.UNAVAILABLE, f"{backend} backend unavailable: {type(exc).__name__}")
+
+
+class WriteOptions(TypedDict, total=False):
+    """The conditions and expiry of a write, as keyword arguments of ``set``."""
+
+    expires_at: float | None  # unix seconds; None never expires
+    if_match: str  # refuse with ``etag_mismatch`` unless the live record has this ETag
+    if_absent: bool  # refuse with ``already_exists`` when a live record exists
+
+
+class ReplaceOptions(WriteOptions, total=False):
+    previous_prefix: bytes | None  # report the replaced value when it starts with this
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One write as the service asks for it. The keyword arguments of ``set`` and ``replace``
+    become this one value, so each backend implements one short signature."""
+
+    value: bytes
+    expires_at: float | None = None
+    if_match: str = ""
+    if_absent: bool = False
+    previous_prefix: bytes | None = None
 
 
 class KeyValueAdapter(ABC):
@@ -69,28 +104,18 @@ class KeyValueAdapter(ABC):
         self.clock = clock
 
     async def start(self) -> None:
-        """Open connections and create the schema; called once before the first call."""
+        """Create the schema on the backend's connection; called once before the first call."""
 
     async def close(self) -> None:
-        """Release everything ``start`` opened."""
+        """Release what ``start`` made (never the shared connection: its backend closes it)."""
 
     @abstractmethod
     async def get(self, namespace: str, key: str) -> Record | None: ...
 
     @abstractmethod
-    async def replace(
-        self,
-        namespace: str,
-        key: str,
-        value: bytes,
-        *,
-        expires_at: float | None = None,
-        if_match: str = "",
-        if_absent: bool = False,
-        previous_prefix: bytes | None = None,
-    ) -> tuple[str, bytes | None]:
-        """Store ``value``: (its new ETag, the live value it replaced if that starts with
-        ``previous_prefix``, else None).
+    async def write(self, namespace: str, key: str, write: Write) -> tuple[str, bytes | None]:
+        """Store ``write.value``: (its new ETag, the live value it replaced if that starts with
+        ``write.previous_prefix``, else None).
 
         ``if_match`` refuses with ``etag_mismatch`` unless the live record has that ETag;
         ``if_absent`` refuses with ``already_exists`` when a live record exists. The checks, the
@@ -99,18 +124,15 @@ class KeyValueAdapter(ABC):
         it must remove, without reading every key first.
         """
 
-    async def set(
-        self,
-        namespace: str,
-        key: str,
-        value: bytes,
-        *,
-        expires_at: float | None = None,
-        if_match: str = "",
-        if_absent: bool = False,
-    ) -> str:
-        """``replace`` without looking at the replaced value; the new ETag."""
-        etag, _ = await self.replace(namespace, key, value, expires_at=expires_at, if_match=if_match, if_absent=if_absent)
+    async def replace(
+        self, namespace: str, key: str, value: bytes, **options: Unpack[ReplaceOptions]
+    ) -> tuple[str, bytes | None]:
+        """``write`` with the write's fields as keyword arguments."""
+        return await self.write(namespace, key, Write(value, **options))
+
+    async def set(self, namespace: str, key: str, value: bytes, **options: Unpack[WriteOptions]) -> str:
+        """``write`` without looking at the replaced value; the new ETag."""
+        etag, _ = await self.write(namespace, key, Write(value, **options))
         return etag
 
     @abstractmethod

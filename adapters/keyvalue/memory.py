@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 
 from adapters.capabilities import Capability
-from adapters.keyvalue.base import KeyValueAdapter, Record, already_exists, etag_mismatch, new_etag, reported
+from adapters.keyvalue.base import KeyValueAdapter, Record, Write, check_conditions, new_etag, reported
 
 
 class MemoryKeyValue(KeyValueAdapter):
@@ -31,35 +31,21 @@ class MemoryKeyValue(KeyValueAdapter):
     async def get(self, namespace: str, key: str) -> Record | None:
         return self._live(namespace, key)
 
-    async def replace(
-        self,
-        namespace: str,
-        key: str,
-        value: bytes,
-        *,
-        expires_at: float | None = None,
-        if_match: str = "",
-        if_absent: bool = False,
-        previous_prefix: bytes | None = None,
-    ) -> tuple[str, bytes | None]:
+    async def write(self, namespace: str, key: str, write: Write) -> tuple[str, bytes | None]:
         current = self._live(namespace, key)
-        if if_match and (current is None or current.etag != if_match):
-            raise etag_mismatch(key)
-        if if_absent and current is not None:
-            raise already_exists(key)
+        check_conditions(key, current, if_match=write.if_match, if_absent=write.if_absent)
         records = self._records.setdefault(namespace, {})
         if current is None:
             bisect.insort(self._sorted_keys.setdefault(namespace, []), key)
         etag = new_etag()
-        records[key] = Record(bytes(value), etag, expires_at)
-        return etag, reported(current.value if current else None, previous_prefix)
+        records[key] = Record(bytes(write.value), etag, write.expires_at)
+        return etag, reported(current.value if current else None, write.previous_prefix)
 
     async def remove(
         self, namespace: str, key: str, *, if_match: str = "", previous_prefix: bytes | None = None
     ) -> tuple[bool, bytes | None]:
         current = self._live(namespace, key)
-        if if_match and (current is None or current.etag != if_match):
-            raise etag_mismatch(key)
+        check_conditions(key, current, if_match=if_match)
         if current is None:
             return False, None
         self._remove(namespace, key)

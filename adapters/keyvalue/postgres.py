@@ -9,9 +9,8 @@ Every conditional write is one statement, so the check and the write are atomic 
 explicit transaction. The schema is created or migrated at start-up under a transaction-scoped
 advisory lock, so gateway processes starting together take turns.
 
-Failures to reach the server (refused, reset, shutting down, starting up, too many clients,
-timeouts) become UNAVAILABLE within ``connect_timeout`` / ``command_timeout``; the pool drops
-broken connections and opens new ones on the next call, so it recovers without a restart.
+Statements run on the backend instance's pool (``adapters/backends/postgres.py``), which maps
+every driver failure at its boundary: the server not answering is UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -19,24 +18,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import urllib.parse
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import grpc
 
 from adapters.capabilities import Capability
 from adapters.keyvalue.base import (
     KeyValueAdapter,
     Record,
+    Write,
     already_exists,
     etag_mismatch,
     new_etag,
     prefix_end,
-    unavailable,
 )
-from prism.errors import PrismError, internal
+from prism.errors import PrismError
+
+if TYPE_CHECKING:  # the backend module imports this one to declare its adapters
+    from adapters.backends.postgres import PostgresPool
 
 log = logging.getLogger("prism.adapters.postgres")
 
@@ -74,23 +74,6 @@ def _reported(prefix: bytes | None) -> str:
         return "NULL::bytea"
     return f"CASE WHEN substring(value from 1 for {len(prefix)}) = decode('{prefix.hex()}', 'hex') THEN value END"
 
-# SQLSTATE classes that mean "the server cannot serve now": connection exception,
-# insufficient resources (too many connections), operator intervention (shutdown, starting up).
-UNAVAILABLE_CLASSES = ("08", "53", "57")
-
-
-def _where(dsn: str) -> str:
-    """host:port/database of a DSN, without credentials, for messages."""
-    parts = urllib.parse.urlsplit(dsn)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
-
-
-def _is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError)):
-        return True
-    return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] in UNAVAILABLE_CLASSES
-
-
 class PostgresKeyValue(KeyValueAdapter):
     capabilities = frozenset(
         {
@@ -103,45 +86,15 @@ class PostgresKeyValue(KeyValueAdapter):
         }
     )
 
-    def __init__(
-        self,
-        dsn: str,
-        *,
-        pool_size: int = 10,
-        connect_timeout: float = 2.0,
-        command_timeout: float = 5.0,
-        sweep_interval: float = 60.0,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, pool: PostgresPool, *, sweep_interval: float = 60.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.dsn = dsn
-        self.pool_size = pool_size
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
+        self.pool = pool  # the backend's, shared with its other patterns
         self.sweep_interval = sweep_interval
-        self._pool: asyncpg.Pool | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=1,
-                max_size=self.pool_size,
-                timeout=self.connect_timeout,
-                command_timeout=self.command_timeout,
-                server_settings={"application_name": "prism"},
-            )
-            async with self._pool.acquire(timeout=self.connect_timeout) as con:
-                await migrate(con)
-        except Exception as exc:
-            await self.close()
-            if _is_unavailable(exc):
-                raise PrismError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"postgres backend at {_where(self.dsn)} unreachable at start-up: {type(exc).__name__}: {exc}",
-                ) from exc
-            raise
+        async with self.pool.connection() as con:
+            await migrate(con)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="prism-postgres-kv-sweeper")
 
     async def close(self) -> None:
@@ -150,52 +103,9 @@ class PostgresKeyValue(KeyValueAdapter):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            try:
-                await asyncio.wait_for(pool.close(), self.command_timeout)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                pool.terminate()
-
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection, with every driver failure mapped at the boundary."""
-        if self._pool is None:
-            raise RuntimeError("PostgresKeyValue used before start()")
-        pool = self._pool
-        try:
-            con = await pool.acquire(timeout=self.command_timeout)
-            try:
-                yield con
-            except asyncpg.InternalClientError:
-                # The protocol lost track of the connection's state (seen when the server
-                # terminates it mid-call): never hand that connection out again.
-                con.terminate()
-                raise
-            finally:
-                await self._release(pool, con)
-        except PrismError:
-            raise
-        except Exception as exc:
-            if _is_unavailable(exc):
-                raise unavailable("postgres", exc) from exc
-            if isinstance(exc, asyncpg.PostgresError):
-                log.exception("postgres statement failed")
-                raise internal() from exc
-            raise
-
-    @staticmethod
-    async def _release(pool: asyncpg.Pool, con: asyncpg.Connection) -> None:
-        """Return ``con`` to the pool. A failure here (resetting a connection the server is
-        closing) must not replace the statement's own outcome: the pool has already terminated
-        that connection, and a committed write stays acknowledged."""
-        try:
-            await pool.release(con)
-        except Exception as exc:
-            log.debug("postgres connection dropped on release: %s: %s", type(exc).__name__, exc)
 
     async def _fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
-        async with self._connection() as con:
+        async with self.pool.connection() as con:
             return await con.fetchrow(sql, *args)
 
     async def get(self, namespace: str, key: str) -> Record | None:
@@ -212,27 +122,17 @@ class PostgresKeyValue(KeyValueAdapter):
         )
         return row is not None
 
-    async def replace(
-        self,
-        namespace: str,
-        key: str,
-        value: bytes,
-        *,
-        expires_at: float | None = None,
-        if_match: str = "",
-        if_absent: bool = False,
-        previous_prefix: bytes | None = None,
-    ) -> tuple[str, bytes | None]:
+    async def write(self, namespace: str, key: str, write: Write) -> tuple[str, bytes | None]:
         etag, now = new_etag(), self.clock()
-        args: list[object] = [namespace.encode(), key.encode(), value, etag, expires_at, now]
+        args: list[object] = [namespace.encode(), key.encode(), write.value, etag, write.expires_at, now]
         # The replaced value, read in the same statement as the write, from its snapshot. (Not
         # FOR UPDATE: the CTE runs when RETURNING first reads it, after the write, and would skip
         # the row this statement just changed.) A writer committing in between makes this the
         # value before theirs: its chunks, already dropped by them, are dropped again, and theirs
         # are left as unreachable garbage, as the KeyValue service allows.
-        reading = previous_prefix is not None and not if_absent  # if_absent replaces nothing live
+        reading = write.previous_prefix is not None and not write.if_absent  # if_absent replaces nothing live
         old = (
-            f"WITH old AS (SELECT {_reported(previous_prefix)} AS previous FROM prism_kv "
+            f"WITH old AS (SELECT {_reported(write.previous_prefix)} AS previous FROM prism_kv "
             f"WHERE namespace=$1 AND key=$2 AND {live(6)}) "
             if reading
             else ""
@@ -243,14 +143,14 @@ class PostgresKeyValue(KeyValueAdapter):
             "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value, etag=excluded.etag, "
             "expires_at=excluded.expires_at"
         )
-        if if_match:
+        if write.if_match:
             # Compare-and-set in one statement: only the live row with that ETag changes.
             sql = (
                 f"{old}UPDATE prism_kv SET value=$3, etag=$4, expires_at=$5 "
                 f"WHERE namespace=$1 AND key=$2 AND etag=$7 AND {live(6)} {returning}"
             )
-            args.append(if_match)
-        elif if_absent:
+            args.append(write.if_match)
+        elif write.if_absent:
             # Create-only: the conflict branch may replace an expired row only; a live one makes
             # the statement return nothing.
             sql = f"{upsert} WHERE prism_kv.expires_at <= $6 {returning}"
@@ -260,7 +160,7 @@ class PostgresKeyValue(KeyValueAdapter):
             sql, args = f"{upsert} {returning}", args[:5]
         row = await self._fetchrow(sql, *args)
         if row is None:
-            raise etag_mismatch(key) if if_match else already_exists(key)
+            raise etag_mismatch(key) if write.if_match else already_exists(key)
         return etag, row[0]
 
     async def remove(
@@ -299,14 +199,14 @@ class PostgresKeyValue(KeyValueAdapter):
         if end is not None:
             sql += "AND key < $5 "
             args.append(end)
-        async with self._connection() as con:
+        async with self.pool.connection() as con:
             rows = await con.fetch(sql + "ORDER BY key LIMIT $4", *args)
         return [(r[0].decode(), Record(r[1], r[2], r[3])) for r in rows]
 
     async def get_many(self, namespace: str, keys: Sequence[str]) -> list[Record | None]:
         if not keys:
             return []
-        async with self._connection() as con:
+        async with self.pool.connection() as con:
             rows = await con.fetch(
                 f"SELECT key, value, etag, expires_at FROM prism_kv "
                 f"WHERE namespace=$1 AND key = ANY($2::bytea[]) AND {live(3)}",
@@ -317,7 +217,7 @@ class PostgresKeyValue(KeyValueAdapter):
 
     async def sweep(self) -> int:
         """Delete up to a batch of expired rows (reads already ignore them); returns how many."""
-        async with self._connection() as con:
+        async with self.pool.connection() as con:
             result = await con.execute(
                 "DELETE FROM prism_kv WHERE (namespace, key) IN ("
                 "  SELECT namespace, key FROM prism_kv WHERE expires_at <= $1"

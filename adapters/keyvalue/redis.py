@@ -18,29 +18,31 @@ Not DURABLE: what Redis keeps across its own restart depends on its persistence 
 keep nothing on disk), so an acknowledged write may be lost. SHARED: every gateway process
 connected to the server sees the same data.
 
-Connection failures and timeouts become UNAVAILABLE at once (no client-side retries, short
-socket timeouts); the pool replaces broken connections on the next call.
+Commands run on the backend instance's client (``adapters/backends/redis.py``): connection
+failures and timeouts become UNAVAILABLE at once (no client-side retries, short socket
+timeouts); the pool replaces broken connections on the next call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import redis.asyncio as aioredis
+from typing import TYPE_CHECKING, Any
 
 from adapters.capabilities import Capability
 from adapters.keyvalue.base import (
     KeyValueAdapter,
     Record,
+    Write,
     already_exists,
     etag_mismatch,
     new_etag,
     prefix_end,
 )
-from adapters.redis_connection import connect, mapped_errors
 
-WHAT = "redis backend"
+if TYPE_CHECKING:  # the backend module imports this one to declare its adapters
+    import redis.asyncio as aioredis
+
+    from adapters.backends.redis import RedisClient
 
 # Drop up to 32 expired members from both indexes (KEYS[2], KEYS[3]). Redis expires a key once
 # its PEXPIREAT time is strictly in the past, so a score below TIME is an expired key.
@@ -151,57 +153,29 @@ class RedisKeyValue(KeyValueAdapter):
         {Capability.TTL, Capability.ETAG, Capability.CREATE_ONLY, Capability.SCAN, Capability.SHARED}
     )
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        pool_size: int = 10,
-        connect_timeout: float = 2.0,
-        command_timeout: float = 5.0,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, client: RedisClient, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.url = url
-        self.pool_size = pool_size
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
-        self._redis: aioredis.Redis | None = None
+        self.client = client  # the backend's, shared with its other patterns
 
     async def start(self) -> None:
-        self._redis = await connect(
-            self.url,
-            pool_size=self.pool_size,
-            connect_timeout=self.connect_timeout,
-            command_timeout=self.command_timeout,
-            what="redis backend",
-        )
-        self._set = self._redis.register_script(SET)
-        self._delete = self._redis.register_script(DELETE)
-        self._forget = self._redis.register_script(FORGET)
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            client, self._redis = self._redis, None
-            await client.aclose(close_connection_pool=True)
-
-    @property
-    def redis(self) -> aioredis.Redis:
-        if self._redis is None:
-            raise RuntimeError("RedisKeyValue used before start()")
-        return self._redis
+        """Binds the scripts to the started client; redis-py reloads them after a restart."""
+        self.redis: aioredis.Redis = self.client.redis
+        self._set = self.redis.register_script(SET)
+        self._delete = self.redis.register_script(DELETE)
+        self._forget = self.redis.register_script(FORGET)
 
     async def get(self, namespace: str, key: str) -> Record | None:
-        with mapped_errors(WHAT):
+        with self.client.errors():
             return _record(await self.redis.hmget(record_key(namespace, key), FIELDS))
 
     async def exists(self, namespace: str, key: str) -> bool:
-        with mapped_errors(WHAT):
+        with self.client.errors():
             return bool(await self.redis.exists(record_key(namespace, key)))
 
     async def get_many(self, namespace: str, keys: Sequence[str]) -> list[Record | None]:
         if not keys:
             return []
-        with mapped_errors(WHAT):
+        with self.client.errors():
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.hmget(record_key(namespace, key), FIELDS)
@@ -211,21 +185,12 @@ class RedisKeyValue(KeyValueAdapter):
     def _keys(self, namespace: str, key: str) -> list[bytes]:
         return [record_key(namespace, key), index_key(namespace), expiry_key(namespace)]
 
-    async def replace(
-        self,
-        namespace: str,
-        key: str,
-        value: bytes,
-        *,
-        expires_at: float | None = None,
-        if_match: str = "",
-        if_absent: bool = False,
-        previous_prefix: bytes | None = None,
-    ) -> tuple[str, bytes | None]:
+    async def write(self, namespace: str, key: str, write: Write) -> tuple[str, bytes | None]:
         etag = new_etag()
-        expiry = b"" if expires_at is None else str(int(expires_at * 1000)).encode()
-        args = [value, etag, expiry, if_match, b"1" if if_absent else b"", key.encode(), *_asking(previous_prefix)]
-        with mapped_errors(WHAT):
+        expiry = b"" if write.expires_at is None else str(int(write.expires_at * 1000)).encode()
+        condition = [write.if_match, b"1" if write.if_absent else b""]
+        args = [write.value, etag, expiry, *condition, key.encode(), *_asking(write.previous_prefix)]
+        with self.client.errors():
             outcome = await self._set(keys=self._keys(namespace, key), args=args)
         if outcome == b"ABORTED":
             raise etag_mismatch(key)
@@ -237,7 +202,7 @@ class RedisKeyValue(KeyValueAdapter):
         self, namespace: str, key: str, *, if_match: str = "", previous_prefix: bytes | None = None
     ) -> tuple[bool, bytes | None]:
         args = [if_match, key.encode(), *_asking(previous_prefix)]
-        with mapped_errors(WHAT):
+        with self.client.errors():
             outcome = await self._delete(keys=self._keys(namespace, key), args=args)
         if outcome == -1:
             raise etag_mismatch(key)
@@ -252,7 +217,7 @@ class RedisKeyValue(KeyValueAdapter):
         upper = b"(" + end if end is not None else b"+"
         index = index_key(namespace)
         found: list[tuple[str, Record]] = []
-        with mapped_errors(WHAT):
+        with self.client.errors():
             while len(found) < limit:
                 wanted = limit - len(found)
                 members: list[bytes] = await self.redis.zrangebylex(index, lower, upper, start=0, num=wanted)

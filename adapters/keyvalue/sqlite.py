@@ -1,20 +1,21 @@
 """SQLite KeyValue store: the embedded default, one file under the data directory.
 
-Statements run on a :class:`SqliteWorker` thread, so the event loop never waits on disk. WAL
-mode and a busy timeout let several gateway worker processes share the file.
+Statements run on the backend's :class:`SqliteWorker` thread (``adapters/backends/sqlite.py``
+opens it, with WAL mode and a busy timeout so several gateway worker processes share the
+file), so the event loop never waits on disk.
 """
 
 from __future__ import annotations
 
-import pathlib
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from adapters.capabilities import Capability
 from adapters.keyvalue.base import (
     KeyValueAdapter,
     Record,
+    Write,
     already_exists,
     etag_mismatch,
     new_etag,
@@ -74,18 +75,12 @@ class SqliteKeyValue(KeyValueAdapter):
         }
     )
 
-    def __init__(self, path: str | pathlib.Path, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, worker: SqliteWorker, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.worker = SqliteWorker(
-            pathlib.Path(path), ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000"]
-        )
+        self.worker = worker  # the backend's connection, shared with its other patterns
 
     async def start(self) -> None:
-        await self.worker.start()
         await self._rows(SCHEMA)
-
-    async def close(self) -> None:
-        await self.worker.close()
 
     async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """``job`` on the worker thread. The file being locked, full or unreadable is UNAVAILABLE;
@@ -112,42 +107,35 @@ class SqliteKeyValue(KeyValueAdapter):
         )
         return Record(row[0], row[1], row[2]) if row else None
 
-    async def replace(
-        self,
-        namespace: str,
-        key: str,
-        value: bytes,
-        *,
-        expires_at: float | None = None,
-        if_match: str = "",
-        if_absent: bool = False,
-        previous_prefix: bytes | None = None,
-    ) -> tuple[str, bytes | None]:
+    async def write(self, namespace: str, key: str, write: Write) -> tuple[str, bytes | None]:
         etag, now = new_etag(), self.clock()
-        if if_match:
+        if write.if_match:
             # Compare-and-set in one statement: only the live row with that ETag changes.
-            write = (
+            statement = (
                 f"UPDATE prism_kv SET value=?, etag=?, expires_at=? "
                 f"WHERE namespace=? AND key=? AND etag=? AND {LIVE} RETURNING 1",
-                (value, etag, expires_at, namespace, key, if_match, now),
+                (write.value, etag, write.expires_at, namespace, key, write.if_match, now),
             )
         else:
             # An expired row counts as absent: the conflict clause may only overwrite it.
-            guard = "WHERE prism_kv.expires_at IS NOT NULL AND prism_kv.expires_at <= ?" if if_absent else ""
-            params: tuple[object, ...] = (namespace, key, value, etag, expires_at)
-            write = (
+            guard = "WHERE prism_kv.expires_at IS NOT NULL AND prism_kv.expires_at <= ?" if write.if_absent else ""
+            params: tuple[object, ...] = (namespace, key, write.value, etag, write.expires_at)
+            statement = (
                 "INSERT INTO prism_kv (namespace, key, value, etag, expires_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (namespace, key) DO UPDATE SET value=excluded.value, etag=excluded.etag, "
                 f"expires_at=excluded.expires_at {guard} RETURNING 1",
-                (*params, now) if if_absent else params,
+                (*params, now) if write.if_absent else params,
             )
-        if previous_prefix is None:
-            written, previous = bool(await self._rows(write[0], *write[1])), None
+        if write.previous_prefix is None:
+            written, previous = bool(await self._rows(statement[0], *statement[1])), None
         else:
-            read = (f"SELECT {_reported(previous_prefix)} FROM prism_kv WHERE namespace=? AND key=? AND {LIVE}", (namespace, key, now))
-            written, previous = await self._run(lambda connection: _read_then_write(connection, read, write))
+            read = (
+                f"SELECT {_reported(write.previous_prefix)} FROM prism_kv WHERE namespace=? AND key=? AND {LIVE}",
+                (namespace, key, now),
+            )
+            written, previous = await self._run(lambda connection: _read_then_write(connection, read, statement))
         if not written:
-            raise etag_mismatch(key) if if_match else already_exists(key)
+            raise etag_mismatch(key) if write.if_match else already_exists(key)
         return etag, previous
 
     async def remove(

@@ -8,6 +8,7 @@ from typing import ClassVar
 from prometheus_client import generate_latest
 
 from app.backends import Backends
+from app.health import HealthMonitor
 from app.methods import Scope, global_scope
 from app.pipeline import Call
 from prism.v1 import plugin_pb2
@@ -19,18 +20,20 @@ except PackageNotFoundError:  # running from a source tree without install
 
 
 class HealthService:
+    """Readiness as the health monitor last saw it (the same source as /readyz and
+    grpc.health.v1): answering never waits on a backend."""
+
     SERVICE = "prism.v1.HealthService"
 
-    def __init__(self, backends: Backends) -> None:
-        self.backends = backends
+    def __init__(self, monitor: HealthMonitor) -> None:
+        self.monitor = monitor
 
     async def Live(self, request: plugin_pb2.LiveRequest, call: Call) -> plugin_pb2.LiveResponse:
         return plugin_pb2.LiveResponse(live=True)
 
     async def Ready(self, request: plugin_pb2.ReadyRequest, call: Call) -> plugin_pb2.ReadyResponse:
-        checks = {f"keyvalue/{name}": "ok" for name in self.backends.keyvalue}
-        checks.update({f"pubsub/{name}": "ok" for name in self.backends.pubsub})
-        return plugin_pb2.ReadyResponse(ready=self.backends.started, checks=checks)
+        health = self.monitor.current
+        return plugin_pb2.ReadyResponse(ready=health.ready, checks=health.checks())
 
 
 class MetricsService:
@@ -52,12 +55,9 @@ class PluginInfoService:
 
     async def GetInfo(self, request: plugin_pb2.InfoRequest, call: Call) -> plugin_pb2.InfoResponse:
         response = plugin_pb2.InfoResponse(name="prism-gateway", version=VERSION, role=plugin_pb2.PLUGIN_ROLE_GATEWAY)
-        for pattern, adapters in (("KEY_VALUE", self.backends.keyvalue), ("PUBSUB", self.backends.pubsub)):
-            for name, adapter in sorted(adapters.items()):
+        for name, instance in sorted(self.backends.instances.items()):
+            for pattern, adapter in sorted(instance.adapters.items()):
                 response.backends.add(
-                    name=name,
-                    pattern=pattern,
-                    type=type(adapter).__name__,
-                    capabilities=sorted(adapter.capabilities),
+                    name=name, pattern=pattern, type=instance.kind.name, capabilities=sorted(adapter.capabilities)
                 )
         return response

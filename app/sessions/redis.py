@@ -27,7 +27,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from adapters.redis_connection import connect, mapped_errors
+from adapters.backends.redis import RedisClient, RedisSettings
 from app.sessions.base import EXPIRED_KEPT_SECONDS, SessionRecord, SessionStore, roles_of, roles_text
 from prism.errors import PrismError
 from prism.v1 import config_pb2
@@ -78,10 +78,8 @@ class RedisSessionStore(SessionStore):
     ) -> None:
         super().__init__(**lifecycle)
         self.url, self.prefix = split_prefix(url)
-        self.pool_size = pool_size
-        self.connect_timeout = connect_timeout
-        self.command_timeout = command_timeout
-        self._redis: aioredis.Redis | None = None
+        network = {"pool_size": pool_size, "connect_timeout": connect_timeout, "command_timeout": command_timeout}
+        self.client = RedisClient(RedisSettings(url=self.url, **network), WHAT)
 
     def session_key(self, digest: str) -> str:
         return f"{self.prefix}s:{digest}"
@@ -94,26 +92,16 @@ class RedisSessionStore(SessionStore):
         return f"{self.prefix}configs"
 
     async def start(self) -> None:
-        self._redis = await connect(
-            self.url,
-            pool_size=self.pool_size,
-            connect_timeout=self.connect_timeout,
-            command_timeout=self.command_timeout,
-            what="session store",
-        )
-        self._touch_script = self._redis.register_script(TOUCH)
+        await self.client.start()
+        self._touch_script = self.redis.register_script(TOUCH)
 
     async def close_store(self) -> None:
         await super().close_store()
-        if self._redis is not None:
-            client, self._redis = self._redis, None
-            await client.aclose(close_connection_pool=True)
+        await self.client.close()
 
     @property
     def redis(self) -> aioredis.Redis:
-        if self._redis is None:
-            raise RuntimeError("RedisSessionStore used before start()")
-        return self._redis
+        return self.client.redis
 
     async def _insert(self, r: SessionRecord) -> None:
         now = self.clock()
@@ -127,7 +115,7 @@ class RedisSessionStore(SessionStore):
             "r": roles_text(r.roles),
         }
         remembered = r.created_at + self.max_lifetime + EXPIRED_KEPT_SECONDS - now
-        with mapped_errors(WHAT):
+        with self.client.errors():
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self.session_key(r.digest), mapping=fields)
                 pipe.pexpire(self.session_key(r.digest), _ms(r.expires_at - now))
@@ -135,7 +123,7 @@ class RedisSessionStore(SessionStore):
                 await pipe.execute()
 
     async def _load(self, digest: str) -> SessionRecord | None:
-        with mapped_errors(WHAT):
+        with self.client.errors():
             i, u, c, t, last, e, r = await self.redis.hmget(self.session_key(digest), FIELDS)
         if i is None or c is None or r is None:
             return None
@@ -146,37 +134,37 @@ class RedisSessionStore(SessionStore):
 
     async def _touch(self, r: SessionRecord) -> bool:
         ttl = _ms(r.expires_at - self.clock())
-        with mapped_errors(WHAT):
+        with self.client.errors():
             found = await self._touch_script(
                 keys=[self.session_key(r.digest)], args=[repr(r.last_activity_at), repr(r.expires_at), ttl]
             )
         return found == 1
 
     async def _delete(self, digest: str) -> None:
-        with mapped_errors(WHAT):
+        with self.client.errors():
             await self.redis.delete(self.session_key(digest), self.marker_key(digest))
 
     async def _sweep(self, expired_before: float) -> None:
         """Nothing to do: Redis expires both keys itself."""
 
     async def _missing(self, digest: str, now: float) -> PrismError | None:
-        with mapped_errors(WHAT):
+        with self.client.errors():
             created_at = await self.redis.get(self.marker_key(digest))
         # Which deadline Redis expired the hash at is gone with it: before the absolute deadline
         # it can only have been the idle one; after it, it is reported as the maximum lifetime.
         return None if created_at is None else self.expired(float(created_at), now)
 
     async def register_config(self, name: str, config: bytes) -> bool:
-        with mapped_errors(WHAT):
+        with self.client.errors():
             return bool(await self.redis.hsetnx(self.configs_key, name, config))
 
     async def registered_config(self, name: str) -> bytes | None:
-        with mapped_errors(WHAT):
+        with self.client.errors():
             found: bytes | None = await self.redis.hget(self.configs_key, name)
         return found
 
     async def registered_configs(self) -> list[bytes]:
-        with mapped_errors(WHAT):
+        with self.client.errors():
             found: dict[bytes, bytes] = await self.redis.hgetall(self.configs_key)
         return [config for _, config in sorted(found.items())]
 
@@ -185,29 +173,29 @@ class RedisSessionStore(SessionStore):
 
     async def stream_opened(self, stream_id: str, session_id: str) -> None:
         # Expires with the longest a session lives, should the serving worker die first.
-        with mapped_errors(WHAT):
+        with self.client.errors():
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(self.stream_key(stream_id), mapping={"s": session_id, "e": 0})
                 pipe.pexpire(self.stream_key(stream_id), _ms(self.max_lifetime))
                 await pipe.execute()
 
     async def stream_closed(self, stream_id: str) -> None:
-        with mapped_errors(WHAT):
+        with self.client.errors():
             await self.redis.delete(self.stream_key(stream_id))
 
     async def stream_owner(self, stream_id: str) -> str | None:
-        with mapped_errors(WHAT):
+        with self.client.errors():
             owner = await self.redis.hget(self.stream_key(stream_id), "s")
         return None if owner is None else owner.decode()
 
     async def request_stream_end(self, stream_id: str) -> None:
-        with mapped_errors(WHAT):  # only while it is open: never a key without its expiry
+        with self.client.errors():  # only while it is open: never a key without its expiry
             await self.redis.eval(MARK_END, 1, self.stream_key(stream_id))
 
     async def ends_requested(self, stream_ids: list[str]) -> list[str]:
         if not stream_ids:
             return []
-        with mapped_errors(WHAT):
+        with self.client.errors():
             async with self.redis.pipeline(transaction=False) as pipe:
                 for stream_id in stream_ids:
                     pipe.hget(self.stream_key(stream_id), "e")

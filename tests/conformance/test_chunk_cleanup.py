@@ -20,17 +20,17 @@ from adapters.keyvalue.base import KeyValueAdapter
 from app.backends import Backends
 from app.configs import from_settings
 from app.services.keyvalue import KeyValueService, _chunk_namespace
-from app.settings import Backend, Limits, NamedConfig, Settings
+from app.settings import Limits, NamedConfig, Settings
 from prism.errors import PrismError
 from prism.v1 import keyvalue_pb2 as kv
 from tests.conformance.test_keyvalue import require
 from tests.servers import POSTGRES_DSN, REDIS_URL, purge_namespaces
 
 BACKENDS = {
-    "memory": Backend(type="memory"),
-    "sqlite": Backend(type="sqlite", path="chunks.db"),
-    "postgres": Backend(type="postgres", dsn=POSTGRES_DSN),
-    "redis": Backend(type="redis", url=REDIS_URL),
+    "memory": {"type": "memory"},
+    "sqlite": {"type": "sqlite", "path": "chunks.db"},
+    "postgres": {"type": "postgres", "dsn": POSTGRES_DSN},
+    "redis": {"type": "redis", "url": REDIS_URL},
 }
 MATRIX = ("KeyValue", {b: b for b in BACKENDS})  # tests/conformance/conftest.py
 NAMESPACE = f"chunks-{uuid.uuid4().hex[:8]}"
@@ -73,7 +73,7 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Any, purge_afterward
     service = KeyValueService(backends, Limits(max_value_bytes=64 * CHUNK, chunk_bytes=CHUNK), b"k" * 32)
     call = SimpleNamespace(config=from_settings(settings.configs[0], settings), method=SimpleNamespace(name="Set"))
     try:
-        yield Harness(service, backends.keyvalue[request.param], call)
+        yield Harness(service, backends.for_keyvalue(call.config), call)
     finally:
         await backends.close()
 

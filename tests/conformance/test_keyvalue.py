@@ -384,12 +384,14 @@ async def test_batch_set_applies_good_entries_and_reports_bad_ones(store: Store)
 
 
 @pytest.mark.case("batches")
-async def test_batch_set_with_a_malformed_entry_is_refused_whole(store: Store) -> None:
-    """An entry missing a REQUIRED field makes the request itself invalid: nothing applies."""
+async def test_batch_set_entry_without_a_key_fails_on_its_own(store: Store) -> None:
+    """The contract: each entry succeeds or fails on its own, a missing REQUIRED key included."""
     entries = [kv.SetRequest(key=store.k("one"), value=b"1"), kv.SetRequest(value=b"no key")]
-    error = await store.refused("BatchSet", kv.BatchSetRequest(entries=entries))
-    assert (error.code, error.message) == ("INVALID_ARGUMENT", "entries[1].key: is required")
-    assert not await store.exists(store.k("one"))
+    response = await store.call("BatchSet", kv.BatchSetRequest(entries=entries))
+    applied, refused = response.results
+    assert applied.status.code == 0 and applied.etag
+    assert (refused.status.code, refused.status.message) == (3, "entries[1].key: must not be empty")
+    assert await store.exists(store.k("one"))
 
 
 @pytest.mark.case("batches")
