@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import hmac
 import json
 import logging
 import secrets
@@ -20,6 +17,7 @@ from google.protobuf.message import Message
 from adapters.keyvalue.base import KeyValueAdapter, Record, already_exists, etag_mismatch
 from app.backends import Backends
 from app.pipeline import Call
+from app.services.cursors import Cursors
 from app.services.idempotency import Idempotency
 from app.services.read_cache import ReadCache
 from app.settings import Limits
@@ -129,7 +127,7 @@ class KeyValueService:
     def __init__(self, backends: Backends, limits: Limits, token_key: bytes) -> None:
         self.backends = backends
         self.limits = limits
-        self.page_tokens = PageTokens(token_key)
+        self.cursors = Cursors(token_key)
         self.cache = ReadCache()
         self.idempotency = Idempotency()
 
@@ -368,7 +366,8 @@ class KeyValueService:
         if request.page_size < 0:
             raise invalid_argument("pageSize", "must not be negative")
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        start_after = self.page_tokens.decode(request.page_token, namespace, request.prefix)
+        query = {"scan": request.prefix}
+        start_after = self.cursors.redeem(request.page_token, namespace, query) if request.page_token else ""
         found = await store.scan(namespace, request.prefix, start_after, limit + 1)
         response = kv.ScanResponse()
         for key, record in found[:limit]:
@@ -377,43 +376,5 @@ class KeyValueService:
             elif (resolved := await self._resolve(store, namespace, key, record)) is not None:
                 response.items.add(key=key, etag=resolved.etag, value=resolved.value)
         if len(found) > limit:
-            response.next_page_token = self.page_tokens.encode(found[limit - 1][0], namespace, request.prefix)
+            response.next_page_token = self.cursors.issue(namespace, query, found[limit - 1][0])
         return response
-
-
-class PageTokens:
-    """Scan cursors: opaque, signed, and bound to the namespace and prefix they came from."""
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-
-    def _sign(self, namespace: str, payload: bytes) -> bytes:
-        return hmac.new(self.key, namespace.encode() + b"\x00" + payload, hashlib.sha256).digest()[:16]
-
-    def encode(self, last_key: str, namespace: str, prefix: str) -> str:
-        payload = json.dumps([prefix, last_key]).encode()
-        return f"{_b64(payload)}.{_b64(self._sign(namespace, payload))}"
-
-    def decode(self, token: str, namespace: str, prefix: str) -> str:
-        if not token:
-            return ""
-        try:
-            encoded, signature = token.split(".")
-            payload = _unb64(encoded)
-            valid = hmac.compare_digest(_unb64(signature), self._sign(namespace, payload))
-            token_prefix, last_key = json.loads(payload) if valid else (None, None)
-        except (ValueError, TypeError, binascii.Error):
-            valid = False
-        if not valid or not isinstance(last_key, str):
-            raise invalid_argument("pageToken", "is not a token this gateway issued for this namespace")
-        if token_prefix != prefix:
-            raise invalid_argument("pageToken", "belongs to a scan with a different prefix")
-        return last_key
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
