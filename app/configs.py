@@ -90,6 +90,13 @@ class ConfigRegistry:
             refuse("name", f"{config.name!r} is not a name (lower-case letters, digits, '_.-', at most 63)")
         if config.pattern == config_pb2.ACCESS_PATTERN_UNSPECIFIED:
             refuse("pattern", "is required")
+        # Enum numbers the contract does not define arrive intact (proto3 keeps them).
+        if config.pattern not in config_pb2.AccessPattern.values():
+            refuse("pattern", f"{config.pattern} is not an access pattern")
+            return found
+        if config.backend.type not in config_pb2.BackendType.values():
+            refuse("backend.type", f"{config.backend.type} is not a backend type")
+            return found
         pattern = config_pb2.AccessPattern.Name(config.pattern).removeprefix("ACCESS_PATTERN_")
         instance = self._instance(config, refuse)
         if instance is not None and config.pattern:

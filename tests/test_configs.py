@@ -45,6 +45,9 @@ BAD = [
     ({**GOOD, "rateLimit": {"requestsPerSecond": 5000, "burst": 5}}, "rateLimit.requestsPerSecond", "above the server's cap"),
     ({**GOOD, "name": "Bad Name"}, "name", "is not a name"),
     ({**GOOD, "pattern": "ACCESS_PATTERN_UNSPECIFIED"}, "pattern", "is required"),
+    # Numbers the contract does not define: legal on the wire, refused by name (once a 500).
+    ({**GOOD, "pattern": 99}, "pattern", "99 is not an access pattern"),
+    ({**GOOD, "backend": {"type": -58800}}, "backend.type", "-58800 is not a backend type"),
 ]
 
 
