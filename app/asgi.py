@@ -13,3 +13,7 @@ if os.environ.get("PRISM_SERVER") == "hypercorn" and settings.auth is not None a
     hypercorn_tls.install()  # client certificates reach the app as the ASGI TLS extension
 
 app = create_app(settings)
+if os.environ.get("PRISM_SERVER") == "pyvoy":
+    from app.pyvoy_receive import SettledReceive
+
+    app = SettledReceive(app)  # receive() waits for the disconnect once the body is read

@@ -1,5 +1,5 @@
-"""``prism serve``: the HTTP port (Hypercorn or Granian) and the embedded gRPC port, one process
-per worker. Options become ``PRISM_*`` variables so every worker process reads the same
+"""``prism serve``: the HTTP port (Granian, Hypercorn or pyvoy) and the embedded gRPC port, one
+process per worker. Options become ``PRISM_*`` variables so every worker process reads the same
 settings; the settings are validated here first, so a bad configuration exits at once with
 the key that is wrong."""
 
@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import ssl
+import subprocess
 import sys
+import time
 
-from app.settings import SettingsError, load_settings
+from app.settings import Settings, SettingsError, load_settings
 
-SERVERS = ("hypercorn", "granian")
+SERVERS = ("hypercorn", "granian", "pyvoy")
 DEFAULT_SERVER = "granian"  # by measurement: see README, Performance
 
 
@@ -95,6 +98,8 @@ def serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
         ).serve()
         return 0
+    if args.server == "pyvoy":
+        return _serve_pyvoy(args, settings)
     from hypercorn.config import Config
     from hypercorn.run import run
 
@@ -116,6 +121,43 @@ def serve(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"prism: failed to start: {exc}", file=sys.stderr)
         return 1
+
+
+# Envoy at "info" lists its extensions at start-up: one step quieter than the gateway.
+PYVOY_LOG_LEVELS = {"debug": "info", "info": "warning", "warning": "warning", "error": "error", "critical": "critical"}
+
+
+def _serve_pyvoy(args: argparse.Namespace, settings: Settings) -> int:
+    """pyvoy (Envoy with the app as a dynamic module: HTTP/1.1, HTTP/2 with trailers, TLS,
+    client certificates) runs one Python process; ``--workers N`` runs N of them on the same
+    port, which Envoy opens with SO_REUSEPORT so the kernel spreads connections over them."""
+    http, tls = settings.http, settings.tls
+    command = [
+        sys.executable, "-c", "from pyvoy._cli import main; main()", "app.asgi:app",
+        "--address", http.host, "--port", str(http.port),
+        "--log-level", PYVOY_LOG_LEVELS.get(args.log_level.lower(), "warning"),
+    ]  # fmt: skip
+    if tls:
+        command += ["--tls-cert", str(tls.certfile), "--tls-key", str(tls.keyfile), "--tls-disable-http3"]
+        mtls = settings.auth.mtls if settings.auth is not None else None
+        if mtls is not None:  # optional, as on Hypercorn: API keys and tokens still connect
+            command += ["--tls-ca-cert", str(mtls.ca_file), "--no-tls-require-client-certificate"]
+    workers = [subprocess.Popen(command) for _ in range(args.workers)]
+
+    def forward(signum: int, _: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    try:  # until a signal stops them all, or one worker ends (it failed): then the others too
+        while all(worker.poll() is None for worker in workers):
+            time.sleep(0.2)
+    finally:
+        forward(signal.SIGTERM, None)
+    codes = [worker.wait() for worker in workers]
+    return max(codes, key=abs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,10 @@ from prism.v1 import session_pb2
 from tests.clients import ConnectClient, GrpcClient, GrpcWebClient, RestClient
 from tests.gateway_process import GatewayProcess, start_gateway
 
-SERVERS = ("hypercorn", "granian")
+SERVERS = ("hypercorn", "granian", "pyvoy")
 # "grpc-http": native gRPC on the HTTP port, through the ASGI app (servers with HTTP/2 trailers).
 TRANSPORTS = ("grpc", "grpc-http", "rest", "rest-h2c", "grpc-web", "grpc-web-text", "connect", "connect-proto")
-TRAILERS_SERVERS = frozenset({"hypercorn"})
+TRAILERS_SERVERS = frozenset({"hypercorn", "pyvoy"})
 
 Client = GrpcClient | RestClient | GrpcWebClient | ConnectClient
 

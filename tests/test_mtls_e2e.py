@@ -149,13 +149,18 @@ class Direct:
         return GrpcClient(self.gateway.grpc_target, credentials=credentials)
 
 
-@pytest.fixture(scope="module")
-async def direct(tmp_path_factory: pytest.TempPathFactory, authorities: Authorities) -> AsyncIterator[Direct]:
-    tmp = tmp_path_factory.mktemp("mtls-direct")
+@pytest.fixture(scope="module", params=["hypercorn", "pyvoy"])
+async def direct(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, authorities: Authorities
+) -> AsyncIterator[Direct]:
+    """The servers that verify client certificates themselves: Hypercorn (the chain reaches
+    the app through app/hypercorn_tls.py) and pyvoy (Envoy verifies it; the subject reaches
+    the app in the ASGI TLS extension)."""
+    tmp = tmp_path_factory.mktemp(f"mtls-direct-{request.param}")
     config = gateway_config(tmp, authorities, forwarded=False)
 
     def start() -> GatewayProcess:
-        gateway = start_gateway(tmp, "hypercorn", config_yaml=config, wait=False)
+        gateway = start_gateway(tmp, request.param, config_yaml=config, wait=False)
         wait_ready(gateway, verify=client_context(authorities, tmp, None))
         return gateway
 

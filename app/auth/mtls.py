@@ -103,10 +103,14 @@ def _first(auth_context: Mapping[str, Iterable[bytes]], key: str) -> str | None:
 
 def subject_name(certificate: x509.Certificate) -> str:
     """The subject's CN, else its RFC 4514 string (a certificate may have no CN)."""
-    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return _identity_of(certificate.subject)
+
+
+def _identity_of(subject: x509.Name) -> str:
+    names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if names and isinstance(names[0].value, str) and names[0].value:
         return names[0].value
-    return certificate.subject.rfc4514_string()
+    return subject.rfc4514_string()
 
 
 def _key_usage_allows_signing(_policy: Policy, _cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
@@ -185,9 +189,16 @@ class ClientCertificates:
             raise unauthenticated("client certificate refused by the TLS layer")
         # A list of PEM strings (extension 0.2); a proposed revision sends one string.
         chain = tls.get("client_cert_chain")
-        if not chain:
+        if chain:
+            return self.verify_chain(chain)
+        # pyvoy sends only the subject, of a certificate Envoy verified against ca_file itself.
+        name = tls.get("client_cert_name")
+        if not name:
             return None
-        return self.verify_chain(chain)
+        try:
+            return _identity_of(x509.Name.from_rfc4514_string(name))
+        except ValueError:
+            raise unauthenticated("client certificate subject unreadable") from None
 
     def _forwarded_chain(self, scope: Mapping[str, Any], value: str) -> str:
         assert self._forwarded is not None

@@ -91,6 +91,7 @@ class GrpcAsgiApp:
         error: PrismError | None = None
         task = asyncio.current_task()
         watcher: asyncio.Task[None] | None = None
+        finished = asyncio.Event()
         try:
             headers = header_map(scope)
             peer = self.pipeline.asgi_peer(scope)
@@ -107,7 +108,10 @@ class GrpcAsgiApp:
                 nonlocal watcher
                 raw = await body.read(self.max_body + 5)
                 payload = one_message(raw, headers.get("grpc-encoding", "identity"), self.max_body)
-                watcher = asyncio.create_task(_cancel_on_reset(receive, task))  # the body is read
+                if method.server_streaming:  # the body is read: what comes next is a reset
+                    watcher = asyncio.create_task(_cancel_on_reset(receive, task, finished))
+                    _WATCHERS.add(watcher)
+                    watcher.add_done_callback(_WATCHERS.discard)
                 try:
                     return method.request_type.FromString(payload)
                 except DecodeError:
@@ -132,17 +136,21 @@ class GrpcAsgiApp:
         except Exception as exc:
             error = status_of(exc)
             await body.drain(self.max_body)
-        finally:
-            if watcher is not None:
-                watcher.cancel()
+        finished.set()  # from here on a disconnect is the normal end of the exchange
         await stream.finish(error)
 
 
-async def _cancel_on_reset(receive: Receive, task: asyncio.Task[object] | None) -> None:
+# Reset watchers of open streams. A watcher is never cancelled while it waits in receive()
+# (pyvoy logs a failed callback when a pending receive is cancelled); the server's
+# http.disconnect, sent when the stream closes either way, ends it.
+_WATCHERS: set[asyncio.Task[None]] = set()
+
+
+async def _cancel_on_reset(receive: Receive, task: asyncio.Task[object] | None, finished: asyncio.Event) -> None:
     """Cancel the call when the client resets the stream (or the connection goes)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    if task is not None:
+    if task is not None and not finished.is_set():
         task.cancel()
 
 
