@@ -7,9 +7,7 @@ with the embedded gRPC server, so HTTP and gRPC share one event loop and one ser
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from typing import Any
 
 import grpc
 
@@ -95,7 +93,7 @@ class Gateway:
                 max_message_bytes=self.settings.limits.max_request_bytes,
                 reuse_port=self.workers > 1,  # each worker binds the same gRPC port
                 credentials=self._grpc_credentials(),
-                **self._grpc_health(),
+                watch_health=self.health.serve_grpc,
             )
         except BaseException:
             await self.close()  # no half-started worker: its threads would keep the process alive
@@ -128,13 +126,6 @@ class Gateway:
         if auth is not None and auth.mtls is not None:
             return grpc_server_credentials(key, chain, auth.mtls.ca_file)
         return grpc.ssl_server_credentials([(key, chain)])
-
-    def _grpc_health(self) -> dict[str, Any]:
-        """grpc.health.v1 kept in step with the health monitor.
-        TRANSITIONAL: until start_grpc_server takes ``watch_health``; then pass it directly."""
-        if "watch_health" in inspect.signature(start_grpc_server).parameters:
-            return {"watch_health": self.health.serve_grpc}
-        return {}
 
     async def close(self) -> None:
         if self.grpc_server is not None:

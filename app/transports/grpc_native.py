@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NamedTuple, NoReturn
 
 import grpc
@@ -207,8 +207,10 @@ async def start_grpc_server(
     max_message_bytes: int,
     reuse_port: bool,
     credentials: grpc.ServerCredentials | None = None,
+    watch_health: Callable[[health.aio.HealthServicer, list[str]], Awaitable[None]] | None = None,
 ) -> grpc.aio.Server:
-    """Create, bind and start the server on the running loop (it must run where it is created)."""
+    """Create, bind and start the server on the running loop (it must run where it is created).
+    ``watch_health`` keeps grpc.health.v1 in step with the gateway's health monitor."""
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -231,5 +233,7 @@ async def start_grpc_server(
     await server.start()
     for name in ["", *services]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if watch_health is not None:  # statuses now and on every change
+        await watch_health(health_servicer, services)
     log.info("gRPC listening on %s", address)
     return server
