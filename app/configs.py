@@ -97,6 +97,9 @@ class ConfigRegistry:
         if config.backend.type not in config_pb2.BackendType.values():
             refuse("backend.type", f"{config.backend.type} is not a backend type")
             return found
+        if config.consistency.level not in config_pb2.ConsistencyLevel.values():
+            refuse("consistency.level", f"{config.consistency.level} is not a consistency level")
+            return found
         pattern = config_pb2.AccessPattern.Name(config.pattern).removeprefix("ACCESS_PATTERN_")
         instance = self._instance(config, refuse)
         if instance is not None and config.pattern:

@@ -48,6 +48,7 @@ BAD = [
     # Numbers the contract does not define: legal on the wire, refused by name (once a 500).
     ({**GOOD, "pattern": 99}, "pattern", "99 is not an access pattern"),
     ({**GOOD, "backend": {"type": -58800}}, "backend.type", "-58800 is not a backend type"),
+    ({**GOOD, "consistency": {"level": 42}}, "consistency.level", "42 is not a consistency level"),
 ]
 
 

@@ -10,7 +10,7 @@ so exactly one caller wins, whichever process it reached:
                                    └─ pending past its lease (the winner died): take it over
 
 A failed apply removes the claim, so a retry applies afresh; a token reused with another request
-is INVALID_ARGUMENT. Any KeyValue adapter can hold the records (they expire after the window).
+is ALREADY_EXISTS (409). Any KeyValue adapter can hold the records (they expire after the window).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import grpc
 from google.protobuf.message import Message
 
 from adapters.keyvalue.base import KeyValueAdapter
-from prism.errors import PrismError, invalid_argument
+from prism.errors import PrismError
 
 WINDOW_SECONDS = 24 * 3600  # how long a token is remembered
 LEASE_SECONDS = 30.0  # how long a claim holds before another caller may take it over
@@ -81,8 +81,12 @@ class Idempotency:
             if record is None:
                 continue  # removed by a failed winner meanwhile: claim again
             entry = json.loads(record.value)
-            if entry["request"] != fingerprint:
-                raise invalid_argument("idempotencyToken", "reused with a different request")
+            if entry["request"] != fingerprint:  # 409: the token is taken, by another request
+                raise PrismError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    "idempotencyToken: already used by a different request",
+                    field="idempotencyToken",
+                )
             if entry.get("state", "done") == "done":  # records written before claims had no state
                 return base64.b64decode(entry["response"])
             if entry["lease_until"] < now:  # the winner died mid-call: take its claim over

@@ -137,9 +137,10 @@ class RestRouter:
         if query:
             raise invalid_argument(query[0][0], f"unknown parameter: {method.name} takes its fields in the body")
         _check_content_type(metadata.get("content-type", ""))
-        data = json_codec.parse_body(await body.read(self.max_body))
-        if rule.body != "*":
-            data = {descriptor.fields_by_name[rule.body].json_name: data}
+        raw = await body.read(self.max_body)
+        data = json_codec.parse_body(raw)
+        if rule.body != "*":  # the body is one field: no body leaves it unset, "{}" sets it empty
+            data = {descriptor.fields_by_name[rule.body].json_name: data} if raw.strip() else {}
         return json_codec.parse_message(json_codec.merge(data, fields), method.request_type)
 
     async def _stream(

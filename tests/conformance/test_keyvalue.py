@@ -718,7 +718,7 @@ async def test_token_reused_with_a_different_request_is_refused(store: Store) ->
         kv.SetRequest(key=store.k("other"), value=b"v1", idempotency_token=token),
     ]:
         error = await store.refused("Set", request)
-        assert error.code == "INVALID_ARGUMENT"
+        assert error.code == "ALREADY_EXISTS"  # HTTP 409: the token is taken by another request
         assert error.message.startswith("idempotencyToken:")
     got = await store.get(store.k("i"))
     assert (got.value, got.etag) == (b"v1", etag)
