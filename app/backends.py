@@ -14,6 +14,7 @@ from typing import Any, cast
 from adapters.backends import Adapter, BackendSettings, BackendType, Connection, Environment
 from adapters.keyvalue.base import KeyValueAdapter
 from adapters.pubsub.base import PubSubAdapter
+from adapters.queue.base import QueueAdapter
 from adapters.registry import lookup
 from app.settings import Settings
 from prism.errors import PrismError, failed_precondition
@@ -95,3 +96,6 @@ class Backends:
 
     def for_pubsub(self, config: config_pb2.ClientConfig) -> PubSubAdapter:
         return cast(PubSubAdapter, self.adapter("PUBSUB", config))
+
+    def for_queue(self, config: config_pb2.ClientConfig) -> QueueAdapter:
+        return cast(QueueAdapter, self.adapter("QUEUE", config))

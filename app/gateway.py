@@ -25,6 +25,7 @@ from app.ratelimit import RateLimiter
 from app.services.keyvalue import KeyValueService
 from app.services.plugin import HealthService, MetricsService, PluginInfoService
 from app.services.pubsub import PubSubService
+from app.services.queue import QueueService
 from app.services.session import SessionService
 from app.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
 from app.settings import Settings
@@ -58,6 +59,7 @@ class Gateway:
                 ConfigService(configs, authorizer),
                 KeyValueService(self.backends, settings.limits, settings.signing_key()),
                 PubSubService(self.backends, settings.limits, self.sessions),
+                QueueService(self.backends.for_queue, settings.limits),
                 HealthService(self.health),
                 MetricsService(),
                 PluginInfoService(self.backends),

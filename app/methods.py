@@ -68,7 +68,11 @@ class HttpRule:
             if capture:
                 name, _, segment = capture.partition("=")
                 fields.append(name)
-                parts.append(f"(?P<{name}>.+)" if segment == "**" else f"(?P<{name}>[^/]+)")
+                # A one-segment variable that ends a template without a verb never takes a
+                # ":verb": "/v1/topics/x:publish" is the publish route, not topic "x:publish".
+                last = template.endswith("{" + capture + "}")
+                one_segment = "[^/:]+" if last else "[^/]+"
+                parts.append(f"(?P<{name}>.+)" if segment == "**" else f"(?P<{name}>{one_segment})")
         pattern = "".join(parts)
         return cls(verb, template, body, re.compile(f"^{pattern}$"), tuple(fields))
 

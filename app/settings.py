@@ -225,6 +225,7 @@ def _default_configs() -> list[NamedConfig]:
         NamedConfig(name="kv", pattern="KEY_VALUE", backend="sqlite"),
         NamedConfig(name="kv-memory", pattern="KEY_VALUE", backend="memory"),
         NamedConfig(name="events", pattern="PUBSUB", backend="memory"),
+        NamedConfig(name="queue", pattern="QUEUE", backend="sqlite"),
     ]
 
 

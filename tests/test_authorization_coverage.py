@@ -36,7 +36,11 @@ REQUESTS: dict[str, Message] = {
     ),
 }
 # The session each access pattern's methods are called in.
-SESSION_CONFIGS = {config_pb2.ACCESS_PATTERN_KEY_VALUE: "kv", config_pb2.ACCESS_PATTERN_PUBSUB: "events"}
+SESSION_CONFIGS = {
+    config_pb2.ACCESS_PATTERN_KEY_VALUE: "kv",
+    config_pb2.ACCESS_PATTERN_PUBSUB: "events",
+    config_pb2.ACCESS_PATTERN_QUEUE: "queue",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +48,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
     config = f"""
 backends:
   mem: {{type: memory}}
+  lite: {{type: sqlite}}
 configs:
   - {{name: kv, pattern: KEY_VALUE, backend: mem, namespace: locked}}
   - {{name: events, pattern: PUBSUB, backend: mem, namespace: locked}}
+  - {{name: queue, pattern: QUEUE, backend: lite, namespace: locked}}
 namespaces:
   - {{name: locked}}
 auth:

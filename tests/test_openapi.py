@@ -382,7 +382,12 @@ def test_required_fields(doc: dict[str, Any]) -> None:
     assert "topic" not in body["content"]["application/json"]["schema"]["properties"]
     query = {p["name"]: p for p in doc["paths"]["/v1/topics/{topic}:subscribe"]["get"]["parameters"]}
     assert query["consumerGroup"]["required"] is True
-    assert query["consumerGroup"]["schema"] == {"type": "string", "minLength": 1}
+    assert query["consumerGroup"]["schema"] == {
+        "type": "string",
+        "minLength": 1,
+        "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,248}$",  # app/services/queue.py check_name
+        "description": "1 to 249 of A-Z a-z 0-9 . _ -, starting with a letter or digit.",
+    }
 
 
 def test_not_set_reads_as_null(doc: dict[str, Any]) -> None:

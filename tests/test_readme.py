@@ -33,7 +33,7 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 def test_readme_examples_run_as_written(tmp_path: pathlib.Path) -> None:
     blocks = try_it_blocks()
-    assert len(blocks) == 5  # curl, gRPC via reflection, gRPC-Web binary and text, SSE
+    assert len(blocks) == 6  # curl, gRPC via reflection, gRPC-Web binary and text, SSE, Queue
     gateway = start_gateway(tmp_path, "hypercorn")
     try:
         script = "set -eu\n" + "\n".join(blocks).replace("127.0.0.1:8080", f"127.0.0.1:{gateway.http_port}")
@@ -55,6 +55,10 @@ def test_readme_examples_run_as_written(tmp_path: pathlib.Path) -> None:
     assert out.count("h   e   l   l   o 032 020") == 2  # GetResponse, binary and -text
     assert '"subject":"orders.created","data":"eyJpZCI6IDF9"' in out  # SSE delivery
     assert "event: message" in out
+    assert '{"messageId":"1-0","partition":1,"offset":"0"}' in out  # Queue publish
+    assert '"payload":"eyJpZCI6IDF9","partitionKey":"customer-42","headers":{},"deliveryAttempt":1' in out
+    assert '{"acknowledged":1}' in out
+    assert '{"partition":1,"lowOffset":"0","highOffset":"1","committedOffset":"1","lag":"0"}' in out
 
 
 # --- the samples agree with each other -------------------------------------------------------
@@ -106,12 +110,14 @@ from adapters.keyvalue.memory import MemoryKeyValue
 from adapters.keyvalue.postgres import PostgresKeyValue
 from adapters.keyvalue.redis import RedisKeyValue
 from adapters.keyvalue.sqlite import SqliteKeyValue
+from adapters.queue.sqlite import SqliteQueue
 
 DECLARED = {
     ("KeyValue", "memory"): MemoryKeyValue.capabilities,
     ("KeyValue", "sqlite"): SqliteKeyValue.capabilities,
     ("KeyValue", "postgres"): PostgresKeyValue.capabilities,
     ("KeyValue", "redis"): RedisKeyValue.capabilities,
+    ("Queue", "sqlite"): SqliteQueue.capabilities,
 }
 CAPABILITIES = {c.value for c in Capability}
 

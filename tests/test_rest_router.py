@@ -10,6 +10,7 @@ import pytest
 
 from app.methods import all_methods
 from app.transports.rest import RestRouter
+from prism.errors import PrismError
 
 ROUTER = RestRouter(all_methods(), None, 1 << 20, 15.0)  # type: ignore[arg-type]  # matching needs no pipeline
 
@@ -33,3 +34,13 @@ def test_each_route_is_matched_by_its_template(method) -> None:
     assert matched is method
     # Path parameters come back still percent-encoded: decoding them belongs to reading the request.
     assert {k: urllib.parse.unquote(v) for k, v in params.items()} == values
+
+
+@pytest.mark.parametrize("verb", ["GET", "PUT", "DELETE"])
+def test_a_verb_route_is_not_a_one_segment_variable(verb: str) -> None:
+    """"/v1/topics/x:publish" is the publish route (POST), never GetTopicInfo of "x:publish"."""
+    with pytest.raises(PrismError) as refused:
+        ROUTER.match(verb, "/v1/topics/x:publish")
+    assert refused.value.http_status == 405 and refused.value.allowed == ["POST"]
+    method, params = ROUTER.match("GET", "/v1/topics/orders")
+    assert method.name == "GetTopicInfo" and params == {"topic": "orders"}

@@ -36,13 +36,6 @@ SESSION_HEADER = "x-prism-session"
 
 # RPCs with a route but no implementation yet (UNIMPLEMENTED / 501): their operations are left out.
 UNIMPLEMENTED = (
-    "QueueService_Publish",
-    "QueueService_PublishBatch",
-    "QueueService_Subscribe",
-    "QueueService_Acknowledge",
-    "QueueService_Commit",
-    "QueueService_Seek",
-    "QueueService_GetTopicInfo",
     "ReaderService_Read",
     "ReaderService_Query",
     "ReaderService_Count",
@@ -54,10 +47,17 @@ UNIMPLEMENTED = (
 # the document says so in words, and a refusal of a schema-valid one (400 naming the violation,
 # as ValidateConfig reports it) is what these two operations may answer besides the usual.
 CHECKED_BY_THE_SERVER = ("SessionService_CreateSession", "ConfigService_RegisterConfig")
+# An offset is checked against the partition's offsets, which no static document knows: one
+# beyond them is OUT_OF_RANGE (400).
+CHECKED_AGAINST_OFFSETS = ("QueueService_Commit", "QueueService_Seek")
+# Streams whose first event waits for a message: schemathesis reads one event of a stream, and a
+# Queue subscription to an empty topic has none (its headers and pings come, its first event
+# never does), so the call would only time out. PubSub's first event confirms the subscription.
+SILENT_STREAMS = ("QueueService_Subscribe",)
 POSITIVE_STATUSES = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]  # schemathesis' default
 
 # Which named configuration a data service's session needs; everything else gets a KeyValue one.
-SESSION_CONFIG_BY_TAG = {"PubSubService": "events"}
+SESSION_CONFIG_BY_TAG = {"PubSubService": "events", "QueueService": "queue"}
 
 CONFIG: dict[str, Any] = {
     "seed": SEED,
@@ -81,7 +81,7 @@ CONFIG: dict[str, Any] = {
     "continue-on-failure": True,
     "operations": [
         {
-            "include-operation-id": list(CHECKED_BY_THE_SERVER),
+            "include-operation-id": [*CHECKED_BY_THE_SERVER, *CHECKED_AGAINST_OFFSETS],
             "checks": {"positive_data_acceptance": {"expected-statuses": [*POSITIVE_STATUSES, "400"]}},
         }
     ],
@@ -137,12 +137,12 @@ def test_schemathesis(own_gateway: GatewayProcess, page_tokens: None) -> None:
     config = schemathesis.Config.from_dict({**CONFIG, "base-url": base_url})
     # The document this gateway serves (the committed one, as test_openapi.py checks).
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", config=config)
-    schema = schema.exclude(operation_id=list(UNIMPLEMENTED))
+    schema = schema.exclude(operation_id=[*UNIMPLEMENTED, *SILENT_STREAMS])
     expected = {
         f"{verb.upper()} {path}"
         for path, item in schema.raw_schema["paths"].items()
         for verb, op in item.items()
-        if op["operationId"] not in UNIMPLEMENTED
+        if op["operationId"] not in (*UNIMPLEMENTED, *SILENT_STREAMS)
     }
 
     @schema.auth(refresh_interval=None)

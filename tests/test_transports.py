@@ -81,10 +81,10 @@ async def kv_scenario(client, prefix: str) -> list[tuple]:
     out.append(("get-missing", await outcome(KV + "Get", kv.GetRequest(key=f"{prefix}a"))))
     out.append(("no-session", await outcome(KV + "Get", kv.GetRequest(key=f"{prefix}b"), "")))
     out.append(("wrong-pattern", await outcome(KV + "Get", kv.GetRequest(key=f"{prefix}b"), events_token)))
-    from prism.v1 import queue_pb2
+    from prism.v1 import reader_pb2
 
-    queue_request = queue_pb2.GetTopicInfoRequest(topic="t")
-    out.append(("unimplemented", await outcome("/prism.v1.QueueService/GetTopicInfo", queue_request, events_token)))
+    reader_request = reader_pb2.CountRequest(collection="t")
+    out.append(("unimplemented", await outcome("/prism.v1.ReaderService/Count", reader_request, events_token)))
     return out
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 
 from adapters.backends import BackendSettings, BackendType, Environment
 from adapters.keyvalue.sqlite import SqliteKeyValue
+from adapters.queue.sqlite import SqliteQueue
 from adapters.sqlite_worker import SqliteWorker
 
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000")
@@ -26,5 +27,8 @@ BACKEND = BackendType(
     name="sqlite",
     settings=SqliteSettings,
     connect=connect,
-    adapters={"KEY_VALUE": lambda worker, environment: SqliteKeyValue(worker)},
+    adapters={
+        "KEY_VALUE": lambda worker, environment: SqliteKeyValue(worker),
+        "QUEUE": lambda worker, environment: SqliteQueue(worker),
+    },
 )

@@ -35,8 +35,10 @@ from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
 from adapters.pubsub.subjects import MAX_SUBJECT_LENGTH
+from adapters.queue.base import NAME as QUEUE_NAME
 from app.methods import Method
 from app.pipeline import PUBLIC_SERVICES
+from app.services import queue as queue_service
 from app.services.keyvalue import MAX_KEY_BYTES, MAX_TTL_SECONDS
 from app.settings import Limits
 
@@ -195,6 +197,63 @@ _CONFIG_CHECKED = (
     "serves the pattern, ...): a configuration ValidateConfig refuses is INVALID_ARGUMENT naming "
     "its first violation."
 )
+# app/services/queue.py: check_name, _entry, _options, _message_ids, Commit, Seek
+_QUEUE_NAME = {
+    "pattern": QUEUE_NAME.pattern,
+    "description": "1 to 249 of A-Z a-z 0-9 . _ -, starting with a letter or digit.",
+}
+_QUEUE_NAME_OR_EMPTY = {**_QUEUE_NAME, "pattern": f"^(?:{QUEUE_NAME.pattern[1:-1]})?$"}
+for _message in (
+    "QueuePublishRequest", "PublishBatchRequest", "QueueSubscribeRequest", "AcknowledgeRequest",
+    "CommitRequest", "SeekRequest", "GetTopicInfoRequest",
+):
+    CONSTRAINTS[f"prism.v1.{_message}.topic"] = _QUEUE_NAME
+for _message in ("QueueSubscribeRequest", "AcknowledgeRequest", "CommitRequest", "SeekRequest"):
+    CONSTRAINTS[f"prism.v1.{_message}.consumer_group"] = _QUEUE_NAME
+for _field in ("CommitRequest.partition", "CommitRequest.offset", "SeekRequest.partition", "SeekRequest.offset"):
+    CONSTRAINTS[f"prism.v1.{_field}"] = {"minimum": 0}
+CONSTRAINTS |= {
+    "prism.v1.GetTopicInfoRequest.consumer_group": _QUEUE_NAME_OR_EMPTY,
+    "prism.v1.QueueSubscribeRequest.dead_letter_topic": {
+        **_QUEUE_NAME_OR_EMPTY,
+        "description": "Required with maxDeliveryAttempts (and the other way round); not the topic itself.",
+    },
+    "prism.v1.QueueSubscribeRequest.ack_deadline": {
+        "pattern": queue_service.ACK_DEADLINE_PATTERN,
+        "description": (
+            f"Between {queue_service.MIN_ACK_DEADLINE:g}s and {queue_service.MAX_ACK_DEADLINE:g}s; "
+            f"unset: {queue_service.DEFAULT_ACK_DEADLINE:g}s."
+        ),
+    },
+    "prism.v1.QueueSubscribeRequest.max_in_flight": {"minimum": 0, "maximum": Limits().stream_buffer},
+    "prism.v1.QueueSubscribeRequest.max_delivery_attempts": {
+        "minimum": 0,
+        "description": "0: redeliver without limit; more: deadLetterTopic is required too.",
+    },
+    "prism.v1.QueueEntry.partition_key": {
+        "maxLength": queue_service.MAX_KEY_BYTES,
+        "description": f"At most {queue_service.MAX_KEY_BYTES} bytes in UTF-8.",
+    },
+    "prism.v1.QueueEntry.idempotency_token": {"maxLength": queue_service.MAX_TOKEN_CHARS},
+    "prism.v1.QueueEntry.headers": {
+        "maxProperties": queue_service.MAX_HEADERS,
+        "propertyNames": {"pattern": queue_service.HEADER_NAME.pattern},
+        "additionalProperties": {"type": "string", "pattern": "^[^\\r\\n\\u0000]*$"},
+    },
+    "prism.v1.PublishBatchRequest.entries": {"maxItems": _MAX_BATCH},
+    "prism.v1.AcknowledgeRequest.message_ids": {
+        "maxItems": _MAX_BATCH,
+        "items": {"minLength": 1, "maxLength": queue_service.MAX_MESSAGE_ID_CHARS},
+    },
+    "prism.v1.SeekRequest.position": {"not": {"enum": ["START_POSITION_UNSPECIFIED", 0]}},
+    "prism.v1.SeekRequest": {
+        "anyOf": [
+            {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+            for name in ("offset", "timestamp", "position")
+        ],
+        "description": "One of offset, timestamp or position.",
+    },
+}
 CONSTRAINTS["prism.v1.RegisterConfigRequest.config"] = {"description": _CONFIG_CHECKED}
 CONSTRAINTS["prism.v1.CreateSessionRequest.config"] = {"description": _CONFIG_CHECKED}
 

@@ -15,6 +15,7 @@ An EventSource cannot set headers, so streams also take the session token as the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from prism.errors import PrismError, invalid_argument, unsupported_media_type
 log = logging.getLogger("prism.rest")
 
 SESSION_QUERY = "prism_session"
+HEAD_WAIT_SECONDS = 0.5
 
 
 def _segment(path: str) -> str:
@@ -154,13 +156,24 @@ class RestRouter:
         send: Send,
     ) -> None:
         responses = await self.pipeline.stream(method, decode, metadata, "sse", peer)
-        # Pull the first response before answering, so a refused call gets its HTTP status.
+        # Wait a moment for the first response before answering: a call its service refuses at
+        # once (a bad pattern) then gets its HTTP status. A stream with nothing to send yet
+        # (an empty queue) is answered after HEAD_WAIT_SECONDS all the same, and pinged.
+        first = asyncio.ensure_future(anext(responses))
         try:
-            head = await anext(responses)
+            await asyncio.wait_for(asyncio.shield(first), HEAD_WAIT_SECONDS)
+        except TimeoutError:
+            pass
         except StopAsyncIteration:
-            head = None
+            pass
+        except BaseException:
+            if first.done():
+                await responses.aclose()  # type: ignore[attr-defined]
+                raise  # refused before anything was sent: the error response
+            first.cancel()
+            raise
         events = EventSourceResponse(
-            _events(head, responses),
+            _events(first, responses),
             ping=self.ping_seconds,
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
@@ -193,9 +206,13 @@ def _plain_string(method: Method, name: str) -> bool:
     return field is not None and field.type == field.TYPE_STRING and not field.is_repeated
 
 
-async def _events(head: Message | None, responses: AsyncIterator[Message]) -> AsyncIterator[Any]:
+async def _events(first: asyncio.Future[Message], responses: AsyncIterator[Message]) -> AsyncIterator[Any]:
     count = 0
     try:
+        try:
+            head: Message | None = await first
+        except StopAsyncIteration:
+            head = None
         if head is not None:
             count += 1
             yield ServerSentEvent(data=json_codec.to_json(head).decode(), event="message", id=str(count))
@@ -206,4 +223,6 @@ async def _events(head: Message | None, responses: AsyncIterator[Message]) -> As
     except Exception as exc:
         yield ServerSentEvent(data=status_of(exc).to_json().decode(), event="error")
     finally:
+        first.cancel()  # the client left before the first response: stop waiting for it
+        await asyncio.gather(first, return_exceptions=True)
         await responses.aclose()  # type: ignore[attr-defined]

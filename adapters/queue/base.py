@@ -1,0 +1,295 @@
+"""The Queue adapter contract: durable, partitioned topics read by consumer groups, with
+at-least-once delivery acknowledged per message.
+
+    publish ──► topic (a fixed number of partitions; a partition key always picks the same one)
+                  │   each partition: offsets 0, 1, 2 … in publish order
+                  ▼
+    group ───► per partition, a position (the committed offset: every message below it is done)
+                  │   and per message at or above it: acknowledged, or leased to one consumer
+                  │   until a deadline, with the number of deliveries so far
+                  ▼
+    consumers of the group ──► each message leased to one of them at a time
+
+Every backend gives these the same meaning; ``tests/conformance/test_queue_adapter.py`` checks
+them against an adapter directly (the contract a remote plugin adapter must pass too), and
+``tests/conformance/test_queue.py`` through the gateway's transports.
+
+1. **Publish.** A message gets the next offset of the partition its key maps to; an empty key
+   means any partition. ``publish`` reports each entry on its own (:class:`Published` or the
+   :class:`~prism.errors.PrismError` refusing it); a backend outage fails the whole call.
+   A returned :class:`Published` is stored (``durable``: across a restart). An entry carrying an
+   idempotency token that the topic has already stored is not stored again: its first
+   :class:`Published` comes back (the same token with another entry is ``token_reused``).
+2. **Groups.** Every group gets every message; within a group each message goes to one
+   consumer at a time. A group that has no position on a partition yet begins at the partition's
+   high offset (``LATEST``, and ``COMMITTED``) or its low offset (``EARLIEST``); a group that has
+   one continues from it, whatever a consumer asks (moving it is ``seek``).
+3. **Leases.** A delivery leases the message to the consumer until ``ack_deadline`` from now;
+   ``delivery_attempt`` is 1 + the group's earlier deliveries of it. An acknowledged message is
+   never delivered to the group again (unless a ``seek`` or backward ``commit`` replays it). A
+   lease that runs out, a negative acknowledgement, or its consumer closing (at once, not after
+   the deadline) makes the message deliverable again. Acknowledging a message moves the group's
+   position over the acknowledged messages at its head. Acknowledgements and leases live in
+   the backend, so any process may acknowledge what another process's consumer delivered.
+4. **Order.** A group receives the messages of one partition key in publish order, one at a
+   time: a message is not delivered while an earlier message with its key is leased or waiting
+   for redelivery — across the group's consumers and across redeliveries. Keys are the unit of
+   order and messages without a key have none, so parallelism comes from many keys.
+5. **Flow.** A consumer holds at most ``max_in_flight`` live leases; it buffers only what it
+   has leased, so its buffer is bounded by ``max_in_flight``.
+6. **Dead letters** (capability ``dead_letter``). With ``max_delivery_attempts`` N, a message
+   delivered N times without acknowledgement is, instead of an N+1th delivery, appended to
+   ``dead_letter_topic`` (same payload, key and headers, plus ``DEAD_LETTER_HEADERS``, the
+   reason in ``prism-dead-letter-reason``) and counts as acknowledged for the group.
+7. **Commit** sets a group's position on a partition: messages below it are done; messages at
+   or above it not yet acknowledged are delivered (so a backward commit replays). **Seek** sets
+   it too, to an offset, the first message published at or after a time (capability
+   ``seek_timestamp``), the low or high offset, or the committed one, and forgets the group's
+   acknowledgements and leases from there: everything from the new position is delivered again.
+8. **Topic info**: per partition, the low and high offsets (high: the offset the next message
+   will get) and, for a group, its position (``committed_offset``; -1 when it has none) and
+   lag (high − position; high − low without a position).
+
+Names arrive checked (``NAME``), so adapters need not quote or escape them. Topics exist once
+something is published to them or a consumer joins them. Adapters report failures as
+:class:`~prism.errors.PrismError`, so no driver exception crosses the contract:
+``unknown_topic`` (NOT_FOUND: ``commit``, ``seek``, ``topic_info`` on a topic that does not
+exist), ``no_partition`` (NOT_FOUND), ``offset_out_of_range`` (OUT_OF_RANGE), ``token_reused``
+(ALREADY_EXISTS), ``unavailable`` (UNAVAILABLE: the backend cannot be reached). A capability the
+adapter does not declare is refused by the service before the adapter is called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import ClassVar
+
+import grpc
+
+from adapters.capabilities import Capability
+from prism.errors import PrismError
+
+# Topic and group names: Kafka's topic alphabet and length, starting with a letter or digit, so
+# every backend can use them as they are (a NATS adapter maps the dots of stream names).
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,248}$")
+
+# Headers a dead-lettered copy carries (the rest are the original message's).
+DEAD_LETTER_REASON = "prism-dead-letter-reason"
+DEAD_LETTER_HEADERS = (
+    DEAD_LETTER_REASON,
+    "prism-dead-letter-topic",  # where it came from
+    "prism-dead-letter-group",  # the group that failed it
+    "prism-dead-letter-message-id",
+    "prism-dead-letter-partition",
+    "prism-dead-letter-offset",
+    "prism-dead-letter-attempts",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One message to publish."""
+
+    payload: bytes
+    partition_key: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    idempotency_token: str = ""
+
+    def fingerprint(self) -> bytes:
+        """What a retry with the same idempotency token must repeat exactly."""
+        text = json.dumps([self.partition_key, sorted(self.headers.items())]).encode()
+        return hashlib.sha256(len(text).to_bytes(8, "big") + text + self.payload).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    message_id: str  # unique within the topic; opaque to clients
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    message_id: str
+    topic: str
+    partition: int
+    offset: int
+    payload: bytes
+    partition_key: str
+    headers: Mapping[str, str]
+    delivery_attempt: int  # 1 on the first delivery to the group
+    published_ns: int  # unix nanoseconds
+
+
+class Start(StrEnum):
+    """Where a new group begins (``ConsumeOptions``), or a ``seek`` target."""
+
+    EARLIEST = "earliest"  # the low offset
+    LATEST = "latest"  # the high offset: only messages published from now on
+    COMMITTED = "committed"  # the group's position; a group without one: LATEST
+
+
+@dataclass(frozen=True, slots=True)
+class AtOffset:
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class AtTime:
+    """The first message published at or after this time (unix nanoseconds, within int64:
+    ``at_time`` clamps); the high offset when there is none."""
+
+    unix_ns: int
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def at_time(unix_ns: int) -> AtTime:
+    """Any time, as an AtTime: one beyond int64 nanoseconds (before 1678, after 2262) is
+    clamped, which finds the same message."""
+    return AtTime(min(max(unix_ns, INT64_MIN), INT64_MAX))
+
+
+SeekTarget = AtOffset | AtTime | Start
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeOptions:
+    group: str
+    start: Start = Start.COMMITTED
+    ack_deadline: float = 30.0  # seconds a delivery stays leased without an acknowledgement
+    max_in_flight: int = 100  # live leases this consumer may hold
+    max_delivery_attempts: int = 0  # 0: redeliver for ever; else dead-letter after this many
+    dead_letter_topic: str = ""  # required with max_delivery_attempts
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    partition: int
+    low_offset: int
+    high_offset: int  # the offset the next message will get
+    committed_offset: int  # the group's position; -1: none (or no group asked)
+    lag: int
+
+
+class Consumer(ABC, AsyncIterator[Delivery]):
+    """One member of a consumer group on one topic, until closed."""
+
+    id: str
+
+    def __aiter__(self) -> Consumer:
+        return self
+
+    @abstractmethod
+    async def __anext__(self) -> Delivery:
+        """The next delivery leased to this consumer, waiting as long as it takes;
+        StopAsyncIteration once closed."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Leave the group: a pending ``__anext__`` ends, and every unacknowledged delivery
+        of this consumer is deliverable to the group again at once. Idempotent."""
+
+
+class QueueAdapter(ABC):
+    """Partitioned topics and consumer groups, isolated by namespace."""
+
+    capabilities: ClassVar[frozenset[Capability]]
+
+    async def start(self) -> None:
+        """Create the schema on the backend's connection; called once before the first call."""
+
+    async def close(self) -> None:
+        """End every open consumer; release what ``start`` made (never the shared connection)."""
+
+    @abstractmethod
+    async def publish(self, namespace: str, topic: str, entries: Sequence[Entry]) -> list[Published | PrismError]:
+        """Store the entries in order, creating the topic if needed; one result per entry."""
+
+    async def publish_one(self, namespace: str, topic: str, entry: Entry) -> Published:
+        (result,) = await self.publish(namespace, topic, [entry])
+        if isinstance(result, PrismError):
+            raise result
+        return result
+
+    @abstractmethod
+    async def consume(self, namespace: str, topic: str, options: ConsumeOptions) -> Consumer:
+        """Join ``options.group`` on the topic (creating both if needed); once this returns,
+        the group has a position on every partition."""
+
+    @abstractmethod
+    async def acknowledge(self, namespace: str, topic: str, group: str, message_ids: Sequence[str]) -> int:
+        """Mark delivered messages done for the group; how many of ``message_ids`` were
+        delivered and not yet acknowledged (others, unknown ids included, are ignored)."""
+
+    @abstractmethod
+    async def negative_acknowledge(self, namespace: str, topic: str, group: str, message_ids: Sequence[str]) -> int:
+        """End the leases of delivered, unacknowledged messages now, so they are delivered
+        again (to any consumer of the group, with the next attempt number); how many."""
+
+    @abstractmethod
+    async def commit(self, namespace: str, topic: str, group: str, partition: int, offset: int) -> None:
+        """Set the group's position on the partition (low ≤ offset ≤ high)."""
+
+    @abstractmethod
+    async def seek(self, namespace: str, topic: str, group: str, partition: int, target: SeekTarget) -> int:
+        """Move the group's position on the partition to ``target`` and replay from there;
+        the new position."""
+
+    @abstractmethod
+    async def topic_info(self, namespace: str, topic: str, group: str = "") -> list[PartitionInfo]:
+        """Every partition of the topic, in order; positions and lag of ``group`` if given."""
+
+
+def message_id(partition: int, offset: int) -> str:
+    """The message id of adapters whose messages are addressed by partition and offset."""
+    return f"{partition}-{offset}"
+
+
+def parse_message_id(text: str) -> tuple[int, int] | None:
+    """(partition, offset) of a ``message_id``; None for any other string."""
+    partition, _, offset = text.partition("-")
+    if not (partition.isdigit() and offset.isdigit() and partition.isascii() and offset.isascii()):
+        return None
+    parsed = int(partition), int(offset)
+    return parsed if max(parsed) <= INT64_MAX else None
+
+
+def unknown_topic(topic: str) -> PrismError:
+    return PrismError(grpc.StatusCode.NOT_FOUND, f"topic {topic!r} not found (nothing was published to it)")
+
+
+def no_partition(topic: str, partition: int, partitions: int) -> PrismError:
+    return PrismError(
+        grpc.StatusCode.NOT_FOUND,
+        f"partition: topic {topic!r} has partitions 0 to {partitions - 1}, not {partition}",
+        field="partition",
+    )
+
+
+def offset_out_of_range(partition: int, offset: int, low: int, high: int) -> PrismError:
+    return PrismError(
+        grpc.StatusCode.OUT_OF_RANGE,
+        f"offset: {offset} is outside partition {partition}'s offsets {low} to {high}",
+        field="offset",
+    )
+
+
+def token_reused() -> PrismError:
+    """409, as KeyValue answers it: the token is taken, by another entry."""
+    return PrismError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "idempotencyToken: already used by a different entry on this topic",
+        field="idempotencyToken",
+    )
+
+
+def unavailable(backend: str, exc: BaseException) -> PrismError:
+    return PrismError(grpc.StatusCode.UNAVAILABLE, f"{backend} backend unavailable: {type(exc).__name__}")

@@ -1,0 +1,687 @@
+"""SQLite Queue: the embedded default, in the backend's SQLite file.
+
+    prism_queue_topics      topic → its partition count (fixed when the topic is created)
+    prism_queue_partitions  partition → high offset (the next it assigns), last publish time
+    prism_queue_messages    messages by (partition, seq = offset); idempotency tokens unique per topic
+    prism_queue_groups      a group's position on each partition
+    prism_queue_deliveries  a group's delivered messages at or above its position: attempts,
+                            lease deadline and holder, acknowledged
+
+Every change is one transaction (``BEGIN IMMEDIATE``) on the backend's :class:`SqliteWorker`
+thread, and every lease, acknowledgement and position lives in the file that all gateway
+worker processes share: an Acknowledge, Commit or Seek may reach any of them, whichever serves
+the Subscribe stream.
+
+Waking consumers: a change made in this process wakes its consumers of that topic at once. A
+change another process made is noticed by polling ``PRAGMA data_version`` (it moves when another
+connection commits) every ``poll_seconds`` (50 ms) while consumers are open — one tiny statement
+per process, not a query per consumer: SQLite has no notification across processes. A consumer
+waiting for a lease to run out sleeps until that deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import sqlite3
+import time
+import uuid
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from adapters.capabilities import Capability
+from adapters.queue.base import (
+    DEAD_LETTER_HEADERS,
+    AtOffset,
+    AtTime,
+    ConsumeOptions,
+    Consumer,
+    Delivery,
+    Entry,
+    PartitionInfo,
+    Published,
+    QueueAdapter,
+    SeekTarget,
+    Start,
+    message_id,
+    no_partition,
+    offset_out_of_range,
+    parse_message_id,
+    token_reused,
+    unavailable,
+    unknown_topic,
+)
+from adapters.sqlite_worker import SqliteWorker
+from prism.errors import PrismError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS prism_queue_topics (
+        namespace TEXT NOT NULL, topic TEXT NOT NULL, partitions INTEGER NOT NULL,
+        PRIMARY KEY (namespace, topic)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS prism_queue_partitions (
+        namespace TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,
+        high INTEGER NOT NULL, last_ns INTEGER NOT NULL,
+        PRIMARY KEY (namespace, topic, partition)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS prism_queue_messages (
+        namespace TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, seq INTEGER NOT NULL,
+        key TEXT NOT NULL, headers TEXT NOT NULL, payload BLOB NOT NULL, published_ns INTEGER NOT NULL,
+        token TEXT, fingerprint BLOB,
+        PRIMARY KEY (namespace, topic, partition, seq))""",
+    """CREATE UNIQUE INDEX IF NOT EXISTS prism_queue_tokens
+        ON prism_queue_messages (namespace, topic, token) WHERE token IS NOT NULL""",
+    """CREATE INDEX IF NOT EXISTS prism_queue_times
+        ON prism_queue_messages (namespace, topic, partition, published_ns)""",
+    """CREATE TABLE IF NOT EXISTS prism_queue_groups (
+        namespace TEXT NOT NULL, topic TEXT NOT NULL, grp TEXT NOT NULL, partition INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        PRIMARY KEY (namespace, topic, grp, partition)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS prism_queue_deliveries (
+        namespace TEXT NOT NULL, topic TEXT NOT NULL, grp TEXT NOT NULL, partition INTEGER NOT NULL,
+        seq INTEGER NOT NULL, attempts INTEGER NOT NULL, deadline_ns INTEGER NOT NULL,
+        consumer TEXT NOT NULL, acked INTEGER NOT NULL,
+        PRIMARY KEY (namespace, topic, grp, partition, seq)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS prism_queue_holders ON prism_queue_deliveries (consumer) WHERE acked = 0",
+)
+
+# How far past its position a group looks for deliverable messages on a partition, per claim:
+# the bound on one claim's work. Messages behind a key that is waiting (leased, or at the head
+# of a long run of one key) count, so a partition's first LOOKAHEAD unacknowledged messages are
+# the ones that can be delivered.
+LOOKAHEAD = 1000
+T = TypeVar("T")
+
+
+# --- Statements, run on the worker thread inside one transaction ------------------------------
+
+
+def _transaction(connection: sqlite3.Connection, job: Callable[..., T], args: tuple[Any, ...], write: bool) -> T:
+    connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        result = job(connection, *args)
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:  # never leave the shared connection inside a transaction
+            connection.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _create_schema(connection: sqlite3.Connection) -> None:
+    for statement in SCHEMA:
+        connection.execute(statement)
+
+
+def _partition_count(c: sqlite3.Connection, ns: str, topic: str) -> int | None:
+    row = c.execute("SELECT partitions FROM prism_queue_topics WHERE namespace=? AND topic=?", (ns, topic)).fetchone()
+    return row[0] if row else None
+
+
+def _ensure_topic(c: sqlite3.Connection, ns: str, topic: str, partitions: int) -> int:
+    if (found := _partition_count(c, ns, topic)) is not None:
+        return found
+    c.execute("INSERT INTO prism_queue_topics (namespace, topic, partitions) VALUES (?, ?, ?)", (ns, topic, partitions))
+    c.executemany(
+        "INSERT INTO prism_queue_partitions (namespace, topic, partition, high, last_ns) VALUES (?, ?, ?, 0, 0)",
+        [(ns, topic, p) for p in range(partitions)],
+    )
+    return partitions
+
+
+def _existing_partition(c: sqlite3.Connection, ns: str, topic: str, partition: int) -> None:
+    partitions = _partition_count(c, ns, topic)
+    if partitions is None:
+        raise unknown_topic(topic)
+    if not 0 <= partition < partitions:
+        raise no_partition(topic, partition, partitions)
+
+
+def _bounds(c: sqlite3.Connection, ns: str, topic: str, partition: int) -> tuple[int, int]:
+    (high,) = c.execute(
+        "SELECT high FROM prism_queue_partitions WHERE namespace=? AND topic=? AND partition=?", (ns, topic, partition)
+    ).fetchone()
+    (low,) = c.execute(
+        "SELECT min(seq) FROM prism_queue_messages WHERE namespace=? AND topic=? AND partition=?", (ns, topic, partition)
+    ).fetchone()
+    return (high if low is None else low), high
+
+
+def _partition_for(key: str, partitions: int, spread: Iterator[int]) -> int:
+    """A key's partition is fixed (CRC-32: the same in every process); no key: round robin."""
+    return (zlib.crc32(key.encode()) if key else next(spread)) % partitions
+
+
+def _append(c: sqlite3.Connection, ns: str, topic: str, partition: int, entry: Entry, now_ns: int) -> Published:
+    # Publish times strictly increase within a partition, so a seek by time is an index lookup.
+    seq, published_ns = c.execute(
+        "UPDATE prism_queue_partitions SET high = high + 1, last_ns = max(last_ns + 1, ?) "
+        "WHERE namespace=? AND topic=? AND partition=? RETURNING high - 1, last_ns",
+        (now_ns, ns, topic, partition),
+    ).fetchone()
+    token = entry.idempotency_token or None
+    c.execute(
+        "INSERT INTO prism_queue_messages (namespace, topic, partition, seq, key, headers, payload, published_ns, "
+        "token, fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            ns, topic, partition, seq, entry.partition_key, json.dumps(dict(entry.headers)), entry.payload,
+            published_ns, token, entry.fingerprint() if token else None,
+        ),
+    )
+    return Published(message_id(partition, seq), partition, seq)
+
+
+def _publish(
+    c: sqlite3.Connection, ns: str, topic: str, entries: Sequence[Entry], partitions: int, spread: Iterator[int]
+) -> list[Published | PrismError]:
+    partitions = _ensure_topic(c, ns, topic, partitions)
+    now = time.time_ns()
+    results: list[Published | PrismError] = []
+    for entry in entries:
+        if entry.idempotency_token:
+            stored = c.execute(
+                "SELECT partition, seq, fingerprint FROM prism_queue_messages WHERE namespace=? AND topic=? AND token=?",
+                (ns, topic, entry.idempotency_token),
+            ).fetchone()
+            if stored is not None:
+                same = stored[2] == entry.fingerprint()
+                results.append(Published(message_id(stored[0], stored[1]), stored[0], stored[1]) if same else token_reused())
+                continue
+        partition = _partition_for(entry.partition_key, partitions, spread)
+        results.append(_append(c, ns, topic, partition, entry, now))
+    return results
+
+
+def _position(c: sqlite3.Connection, ns: str, topic: str, group: str, partition: int) -> int | None:
+    row = c.execute(
+        "SELECT position FROM prism_queue_groups WHERE namespace=? AND topic=? AND grp=? AND partition=?",
+        (ns, topic, group, partition),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _set_position(c: sqlite3.Connection, ns: str, topic: str, group: str, partition: int, position: int) -> None:
+    c.execute(
+        "INSERT INTO prism_queue_groups (namespace, topic, grp, partition, position) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (namespace, topic, grp, partition) DO UPDATE SET position = excluded.position",
+        (ns, topic, group, partition, position),
+    )
+
+
+def _ensure_position(c: sqlite3.Connection, ns: str, topic: str, group: str, partition: int, start: Start) -> int:
+    position = _position(c, ns, topic, group, partition)
+    if position is None:
+        low, high = _bounds(c, ns, topic, partition)
+        position = low if start is Start.EARLIEST else high
+        _set_position(c, ns, topic, group, partition, position)
+    return position
+
+
+def _join(c: sqlite3.Connection, ns: str, topic: str, group: str, start: Start, partitions: int) -> None:
+    for partition in range(_ensure_topic(c, ns, topic, partitions)):
+        _ensure_position(c, ns, topic, group, partition, start)
+
+
+ADVANCE_CHUNK = 512
+
+
+def _advance(c: sqlite3.Connection, ns: str, topic: str, group: str, partition: int) -> None:
+    """Move the group's position over the acknowledged messages at its head, forgetting them."""
+    start = position = _position(c, ns, topic, group, partition)
+    if position is None:
+        return
+    while True:
+        acked = c.execute(
+            "SELECT seq FROM prism_queue_deliveries WHERE namespace=? AND topic=? AND grp=? AND partition=? "
+            "AND seq >= ? AND acked = 1 ORDER BY seq LIMIT ?",
+            (ns, topic, group, partition, position, ADVANCE_CHUNK),
+        ).fetchall()
+        for (seq,) in acked:
+            if seq != position:
+                break
+            position += 1
+        else:
+            if len(acked) == ADVANCE_CHUNK:
+                continue
+        break
+    if position != start:
+        c.execute(
+            "DELETE FROM prism_queue_deliveries WHERE namespace=? AND topic=? AND grp=? AND partition=? AND seq < ?",
+            (ns, topic, group, partition, position),
+        )
+        _set_position(c, ns, topic, group, partition, position)
+
+
+@dataclass(slots=True)
+class Claim:
+    deliveries: list[tuple[Delivery, int]]  # with each one's lease deadline (unix ns)
+    held: set[tuple[int, int]]  # (partition, offset) of every unacknowledged lease of the consumer before
+    wake_at: int | None  # when a lease that holds something back runs out (unix ns)
+    dead_lettered: bool
+
+
+def _earliest(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _claim(
+    c: sqlite3.Connection,
+    ns: str,
+    topic: str,
+    options: ConsumeOptions,
+    consumer: str,
+    limit: int,
+    first: int,
+    partitions: int,
+    spread: Iterator[int],
+) -> Claim:
+    """Lease up to ``limit`` deliverable messages to ``consumer`` (its in-flight bound allowing),
+    dead-lettering those out of attempts on the way."""
+    now = time.time_ns()
+    held = c.execute(
+        "SELECT partition, seq, deadline_ns FROM prism_queue_deliveries WHERE consumer=? AND acked=0", (consumer,)
+    ).fetchall()
+    live = [deadline for _, _, deadline in held if deadline > now]
+    claim = Claim([], {(p, s) for p, s, _ in held}, min(live, default=None), False)
+    room = min(limit, options.max_in_flight - len(live))
+    count = _partition_count(c, ns, topic) or 0
+    deadline = now + int(options.ack_deadline * 1e9)
+    for i in range(count):
+        if room <= 0:
+            break
+        partition = (first + i) % count
+        taken, wake_at, dead = _claim_partition(c, ns, topic, options, consumer, partition, room, now, deadline, partitions, spread)
+        claim.deliveries += taken
+        claim.wake_at = _earliest(claim.wake_at, wake_at)
+        claim.dead_lettered |= dead
+        room -= len(taken)
+    return claim
+
+
+def _claim_partition(
+    c: sqlite3.Connection,
+    ns: str,
+    topic: str,
+    options: ConsumeOptions,
+    consumer: str,
+    partition: int,
+    room: int,
+    now: int,
+    deadline: int,
+    partitions: int,
+    spread: Iterator[int],
+) -> tuple[list[tuple[Delivery, int]], int | None, bool]:
+    group = options.group
+    position = _ensure_position(c, ns, topic, group, partition, options.start)
+    rows = c.execute(
+        "SELECT m.seq, m.key, d.attempts, d.deadline_ns FROM prism_queue_messages m "
+        "LEFT JOIN prism_queue_deliveries d ON d.namespace = m.namespace AND d.topic = m.topic AND d.grp = ? "
+        "AND d.partition = m.partition AND d.seq = m.seq "
+        "WHERE m.namespace = ? AND m.topic = ? AND m.partition = ? AND m.seq >= ? AND (d.acked IS NULL OR d.acked = 0) "
+        "ORDER BY m.seq LIMIT ?",
+        (group, ns, topic, partition, position, LOOKAHEAD),
+    ).fetchall()
+    waiting: set[str] = set()  # keys with an earlier message leased or about to be
+    chosen: list[tuple[int, int]] = []  # (seq, attempt)
+    dead: list[tuple[int, int]] = []  # (seq, attempts so far)
+    wake_at: int | None = None
+    for seq, key, attempts, lease_end in rows:
+        if attempts is not None and lease_end > now:
+            wake_at = _earliest(wake_at, lease_end)
+            if key:
+                waiting.add(key)
+            continue
+        if key and key in waiting:
+            continue
+        attempts = attempts or 0
+        if options.max_delivery_attempts and attempts >= options.max_delivery_attempts:
+            dead.append((seq, attempts))  # done for the group: the key's next message may follow
+            continue
+        if key:
+            waiting.add(key)
+        chosen.append((seq, attempts + 1))
+        if len(chosen) >= room:
+            break
+    for seq, attempts in dead:
+        _dead_letter(c, ns, topic, options, partition, seq, attempts, now, partitions, spread)
+    c.executemany(
+        "INSERT INTO prism_queue_deliveries (namespace, topic, grp, partition, seq, attempts, deadline_ns, consumer, acked) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0) ON CONFLICT (namespace, topic, grp, partition, seq) DO UPDATE SET "
+        "attempts = excluded.attempts, deadline_ns = excluded.deadline_ns, consumer = excluded.consumer, acked = 0",
+        [(ns, topic, group, partition, seq, attempt, deadline, consumer) for seq, attempt in chosen],
+    )
+    if dead:
+        _advance(c, ns, topic, group, partition)
+    if not chosen:
+        return [], wake_at, bool(dead)
+    attempt_of = dict(chosen)
+    marks = ",".join("?" * len(chosen))
+    found = c.execute(
+        f"SELECT seq, key, headers, payload, published_ns FROM prism_queue_messages "
+        f"WHERE namespace=? AND topic=? AND partition=? AND seq IN ({marks}) ORDER BY seq",
+        (ns, topic, partition, *attempt_of),
+    ).fetchall()
+    taken = [
+        (
+            Delivery(message_id(partition, seq), topic, partition, seq, payload, key, json.loads(headers), attempt_of[seq], published),
+            deadline,
+        )
+        for seq, key, headers, payload, published in found
+    ]
+    return taken, wake_at, bool(dead)
+
+
+def _dead_letter(
+    c: sqlite3.Connection,
+    ns: str,
+    topic: str,
+    options: ConsumeOptions,
+    partition: int,
+    seq: int,
+    attempts: int,
+    now: int,
+    partitions: int,
+    spread: Iterator[int],
+) -> None:
+    key, headers, payload = c.execute(
+        "SELECT key, headers, payload FROM prism_queue_messages WHERE namespace=? AND topic=? AND partition=? AND seq=?",
+        (ns, topic, partition, seq),
+    ).fetchone()
+    reason = f"not acknowledged after {attempts} deliveries (max_delivery_attempts {options.max_delivery_attempts})"
+    values = (reason, topic, options.group, message_id(partition, seq), str(partition), str(seq), str(attempts))
+    copy = Entry(payload, key, {**json.loads(headers), **dict(zip(DEAD_LETTER_HEADERS, values, strict=True))})
+    target = options.dead_letter_topic
+    _append(c, ns, target, _partition_for(key, _ensure_topic(c, ns, target, partitions), spread), copy, now)
+    c.execute(
+        "INSERT INTO prism_queue_deliveries (namespace, topic, grp, partition, seq, attempts, deadline_ns, consumer, acked) "
+        "VALUES (?, ?, ?, ?, ?, ?, 0, '', 1) ON CONFLICT (namespace, topic, grp, partition, seq) DO UPDATE SET acked = 1",
+        (ns, topic, options.group, partition, seq, attempts),
+    )
+
+
+def _settle(c: sqlite3.Connection, ns: str, topic: str, group: str, ids: Sequence[str], acknowledge: bool) -> int:
+    """Acknowledge (or end the leases of) delivered, unacknowledged messages; how many."""
+    change = "acked = 1" if acknowledge else "deadline_ns = 0, consumer = ''"
+    statement = (
+        f"UPDATE prism_queue_deliveries SET {change} "
+        "WHERE namespace=? AND topic=? AND grp=? AND partition=? AND seq=? AND acked = 0"
+    )
+    settled: set[tuple[int, int]] = set()
+    for parsed in {parse_message_id(i) for i in ids}:
+        if parsed is not None and c.execute(statement, (ns, topic, group, *parsed)).rowcount:
+            settled.add(parsed)
+    if acknowledge:
+        for partition in {p for p, _ in settled}:
+            _advance(c, ns, topic, group, partition)
+    return len(settled)
+
+
+def _release(c: sqlite3.Connection, consumer: str, handed_out: frozenset[tuple[int, int]]) -> None:
+    """A closing consumer's leases end now. Those it never handed out do not count as attempts."""
+    held = c.execute(
+        "SELECT namespace, topic, grp, partition, seq FROM prism_queue_deliveries WHERE consumer=? AND acked=0",
+        (consumer,),
+    ).fetchall()
+    for ns, topic, group, partition, seq in held:
+        undo = 0 if (partition, seq) in handed_out else 1
+        c.execute(
+            "UPDATE prism_queue_deliveries SET attempts = max(attempts - ?, 0), deadline_ns = 0, consumer = '' "
+            "WHERE namespace=? AND topic=? AND grp=? AND partition=? AND seq=?",
+            (undo, ns, topic, group, partition, seq),
+        )
+
+
+def _commit(c: sqlite3.Connection, ns: str, topic: str, group: str, partition: int, offset: int) -> None:
+    _existing_partition(c, ns, topic, partition)
+    low, high = _bounds(c, ns, topic, partition)
+    if not low <= offset <= high:
+        raise offset_out_of_range(partition, offset, low, high)
+    _set_position(c, ns, topic, group, partition, offset)
+    c.execute(
+        "DELETE FROM prism_queue_deliveries WHERE namespace=? AND topic=? AND grp=? AND partition=? AND seq < ?",
+        (ns, topic, group, partition, offset),
+    )
+    _advance(c, ns, topic, group, partition)
+
+
+def _seek(c: sqlite3.Connection, ns: str, topic: str, group: str, partition: int, target: SeekTarget) -> int:
+    _existing_partition(c, ns, topic, partition)
+    low, high = _bounds(c, ns, topic, partition)
+    if isinstance(target, AtOffset):
+        if not low <= target.offset <= high:
+            raise offset_out_of_range(partition, target.offset, low, high)
+        offset = target.offset
+    elif isinstance(target, AtTime):
+        row = c.execute(
+            "SELECT seq FROM prism_queue_messages WHERE namespace=? AND topic=? AND partition=? AND published_ns >= ? "
+            "ORDER BY published_ns LIMIT 1",
+            (ns, topic, partition, target.unix_ns),
+        ).fetchone()
+        offset = high if row is None else row[0]
+    elif target is Start.EARLIEST:
+        offset = low
+    elif target is Start.LATEST:
+        offset = high
+    else:
+        committed = _position(c, ns, topic, group, partition)
+        offset = high if committed is None else committed
+    _set_position(c, ns, topic, group, partition, offset)
+    c.execute(
+        "DELETE FROM prism_queue_deliveries WHERE namespace=? AND topic=? AND grp=? AND partition=?",
+        (ns, topic, group, partition),
+    )
+    return offset
+
+
+def _topic_info(c: sqlite3.Connection, ns: str, topic: str, group: str) -> list[PartitionInfo]:
+    partitions = _partition_count(c, ns, topic)
+    if partitions is None:
+        raise unknown_topic(topic)
+    found = []
+    for partition in range(partitions):
+        low, high = _bounds(c, ns, topic, partition)
+        committed = _position(c, ns, topic, group, partition) if group else None
+        if committed is None:
+            found.append(PartitionInfo(partition, low, high, -1, high - low if group else 0))
+        else:
+            found.append(PartitionInfo(partition, low, high, committed, high - committed))
+    return found
+
+
+def _data_version(c: sqlite3.Connection) -> int:
+    return c.execute("PRAGMA data_version").fetchone()[0]
+
+
+# --- The adapter --------------------------------------------------------------------------------
+
+
+class SqliteQueue(QueueAdapter):
+    capabilities = frozenset(
+        {
+            Capability.DURABLE,
+            Capability.SHARED,
+            Capability.SEEK_TIMESTAMP,
+            Capability.DEAD_LETTER,
+            Capability.IDEMPOTENT_PUBLISH,
+        }
+    )
+
+    def __init__(self, worker: SqliteWorker, *, partitions: int = 4, poll_seconds: float = 0.05) -> None:
+        self.worker = worker  # the backend's connection, shared with its other patterns
+        self.partitions = partitions  # of each topic this adapter creates
+        self.poll_seconds = poll_seconds
+        self._spread = itertools.count()  # round robin over partitions for messages without a key
+        self._consumers: dict[tuple[str, str], set[SqliteConsumer]] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._run(_create_schema)
+
+    async def close(self) -> None:
+        for consumer in [c for group in self._consumers.values() for c in group]:
+            await consumer.close()
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+
+    async def _run(self, job: Callable[..., T], *args: Any, write: bool = True) -> T:
+        """``job(connection, *args)`` in one transaction on the worker thread. The file being
+        locked, full or unreadable is UNAVAILABLE; any other driver error is a bug here."""
+        try:
+            return await self.worker.run(lambda connection: _transaction(connection, job, args, write))
+        except sqlite3.OperationalError as exc:
+            raise unavailable("sqlite", exc) from exc
+
+    # Consumers of this process, woken by changes made here or (through the poller) elsewhere.
+
+    def _wake(self, namespace: str, topic: str) -> None:
+        for consumer in self._consumers.get((namespace, topic), ()):
+            consumer.wake()
+
+    def _register(self, consumer: SqliteConsumer) -> None:
+        self._consumers.setdefault((consumer.namespace, consumer.topic), set()).add(consumer)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="sqlite-queue-poller")
+
+    def _unregister(self, consumer: SqliteConsumer) -> None:
+        key = (consumer.namespace, consumer.topic)
+        members = self._consumers.get(key, set())
+        members.discard(consumer)
+        if not members:
+            self._consumers.pop(key, None)
+
+    async def _poll(self) -> None:
+        """While consumers are open: wake them all when another process committed a change."""
+        version = None
+        while self._consumers:
+            try:
+                current = await self.worker.run(_data_version)
+            except sqlite3.Error as exc:  # the next round tries again; claims report the outage
+                log.warning("sqlite queue: cannot poll for changes: %s", exc)
+                current = version
+            if current != version:  # the first round too: a change may predate it
+                for members in list(self._consumers.values()):
+                    for consumer in members:
+                        consumer.wake()
+            version = current
+            await asyncio.sleep(self.poll_seconds)
+
+    # The contract.
+
+    async def publish(self, namespace: str, topic: str, entries: Sequence[Entry]) -> list[Published | PrismError]:
+        results = await self._run(_publish, namespace, topic, list(entries), self.partitions, self._spread)
+        self._wake(namespace, topic)
+        return results
+
+    async def consume(self, namespace: str, topic: str, options: ConsumeOptions) -> Consumer:
+        await self._run(_join, namespace, topic, options.group, options.start, self.partitions)
+        consumer = SqliteConsumer(self, namespace, topic, options)
+        self._register(consumer)
+        return consumer
+
+    async def acknowledge(self, namespace: str, topic: str, group: str, message_ids: Sequence[str]) -> int:
+        count = await self._run(_settle, namespace, topic, group, list(message_ids), True)
+        if count:  # frees in-flight room, and the next message of each key
+            self._wake(namespace, topic)
+        return count
+
+    async def negative_acknowledge(self, namespace: str, topic: str, group: str, message_ids: Sequence[str]) -> int:
+        count = await self._run(_settle, namespace, topic, group, list(message_ids), False)
+        if count:
+            self._wake(namespace, topic)
+        return count
+
+    async def commit(self, namespace: str, topic: str, group: str, partition: int, offset: int) -> None:
+        await self._run(_commit, namespace, topic, group, partition, offset)
+        self._wake(namespace, topic)
+
+    async def seek(self, namespace: str, topic: str, group: str, partition: int, target: SeekTarget) -> int:
+        offset = await self._run(_seek, namespace, topic, group, partition, target)
+        self._wake(namespace, topic)
+        return offset
+
+    async def topic_info(self, namespace: str, topic: str, group: str = "") -> list[PartitionInfo]:
+        return await self._run(_topic_info, namespace, topic, group, write=False)
+
+
+class SqliteConsumer(Consumer):
+    """Claims leases only when its buffer is empty and the stream asks for more, so a slow
+    reader holds at most ``max_in_flight`` messages and leases nothing beyond them.
+
+    A claim runs as its own task: a caller that stops waiting for ``__anext__`` (a timeout,
+    a cancelled stream) never strands leased messages between the file and the buffer."""
+
+    def __init__(self, queue: SqliteQueue, namespace: str, topic: str, options: ConsumeOptions) -> None:
+        self.id = uuid.uuid4().hex
+        self.queue, self.namespace, self.topic, self.options = queue, namespace, topic, options
+        self._buffer: deque[tuple[Delivery, int]] = deque()
+        self._handed_out: set[tuple[int, int]] = set()  # leases still held that __anext__ returned
+        self._turn = itertools.count()  # which partition a claim looks at first
+        self._woken = asyncio.Event()
+        self._claiming: asyncio.Task[int | None] | None = None
+        self._closed = False
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def __anext__(self) -> Delivery:
+        while not self._closed:
+            now = time.time_ns()
+            while self._buffer:
+                delivery, lease_end = self._buffer.popleft()
+                if lease_end > now:  # else its lease ran out while it waited here: maybe redelivered
+                    self._handed_out.add((delivery.partition, delivery.offset))
+                    return delivery
+            self._woken.clear()  # before claiming, so a change during the claim is not missed
+            if self._claiming is None or self._claiming.done():
+                self._claiming = asyncio.create_task(self._claim())
+                self._claiming.add_done_callback(_retrieve)
+            wake_at = await asyncio.shield(self._claiming)
+            if self._buffer or self._closed:
+                continue
+            timeout = None if wake_at is None else max(0.0, (wake_at - time.time_ns()) / 1e9)
+            try:
+                await asyncio.wait_for(self._woken.wait(), timeout)
+            except TimeoutError:
+                pass
+        raise StopAsyncIteration
+
+    async def _claim(self) -> int | None:
+        """Lease what this consumer may take into its buffer; when to look again at the latest."""
+        if self._closed:
+            return None
+        queue, options = self.queue, self.options
+        claim = await queue._run(
+            _claim, self.namespace, self.topic, options, self.id, options.max_in_flight,
+            next(self._turn), queue.partitions, queue._spread,
+        )
+        self._handed_out &= claim.held
+        self._buffer.extend(claim.deliveries)
+        if claim.dead_lettered:
+            queue._wake(self.namespace, options.dead_letter_topic)
+        return claim.wake_at
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._woken.set()
+        try:
+            if self._claiming is not None:  # a claim under way lands first, so its leases are released too
+                await asyncio.gather(self._claiming, return_exceptions=True)
+            self._buffer.clear()
+            await self.queue._run(_release, self.id, frozenset(self._handed_out))
+        finally:
+            self.queue._unregister(self)
+        self.queue._wake(self.namespace, self.topic)  # the group's other consumers take them over
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a claim's failure seen: the ``__anext__`` awaiting it raises it, or none is left."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,302 @@
+"""QueueService: requests checked here (names, sizes, options, capabilities), delivery by any
+Queue adapter (``adapters/queue/base.py`` says what every backend guarantees).
+
+Each RPC maps to one adapter call. Subscribe is a consumer of the session's namespace for as
+long as the stream is open: the client leaving, or its session ending, closes the consumer,
+and its unacknowledged deliveries go straight back to the group. Acknowledge, Commit and Seek
+name the group and the message ids, not the stream, so any worker process may serve them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable
+
+from adapters.capabilities import Capability
+from adapters.queue.base import (
+    NAME,
+    AtOffset,
+    ConsumeOptions,
+    Delivery,
+    Entry,
+    Published,
+    QueueAdapter,
+    SeekTarget,
+    Start,
+    at_time,
+)
+from app.pipeline import Call
+from app.settings import Limits
+from prism.errors import PrismError, failed_precondition, invalid_argument, too_large
+from prism.v1 import config_pb2
+from prism.v1 import queue_pb2 as q
+
+# The adapter behind a session's configuration (``Backends.for_queue``).
+QueueAdapters = Callable[[config_pb2.ClientConfig], QueueAdapter]
+
+MAX_KEY_BYTES = 1024
+MAX_TOKEN_CHARS = 256
+MAX_MESSAGE_ID_CHARS = 256
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 64 * 1024  # names and values of one entry together
+# Header names every backend carries as they are (NATS headers are HTTP-like: no ':' or space).
+HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$")
+DEFAULT_ACK_DEADLINE, MIN_ACK_DEADLINE, MAX_ACK_DEADLINE = 30.0, 0.1, 3600.0
+# The same range as the JSON mapping spells a Duration, for the OpenAPI document.
+ACK_DEADLINE_PATTERN = (
+    r"^(?:0\.[1-9][0-9]{0,8}|[1-9][0-9]{0,2}(?:\.[0-9]{1,9})?|[12][0-9]{3}(?:\.[0-9]{1,9})?"
+    r"|3[0-5][0-9]{2}(?:\.[0-9]{1,9})?|3600(?:\.0{1,9})?)s$"
+)
+DEFAULT_MAX_IN_FLIGHT = 100
+START = {
+    q.START_POSITION_UNSPECIFIED: Start.COMMITTED,
+    q.START_POSITION_COMMITTED: Start.COMMITTED,
+    q.START_POSITION_EARLIEST: Start.EARLIEST,
+    q.START_POSITION_LATEST: Start.LATEST,
+}
+
+
+def check_name(name: str, field: str) -> str:
+    if not NAME.fullmatch(name):
+        raise invalid_argument(field, "must be 1 to 249 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
+    return name
+
+
+def _prefixed(error: PrismError, prefix: str) -> PrismError:
+    """An adapter's refusal of an entry as its place in the request names it
+    (``entries[2].idempotencyToken``)."""
+    if error.field is None:
+        return error
+    return PrismError(error.code, prefix + error.message, field=prefix + error.field)
+
+
+def _message(delivery: Delivery) -> q.QueueMessage:
+    message = q.QueueMessage(
+        message_id=delivery.message_id,
+        topic=delivery.topic,
+        partition=delivery.partition,
+        offset=delivery.offset,
+        payload=delivery.payload,
+        partition_key=delivery.partition_key,
+        headers=delivery.headers,
+        delivery_attempt=delivery.delivery_attempt,
+    )
+    message.published_at.FromNanoseconds(delivery.published_ns)
+    return message
+
+
+class QueueService:
+    SERVICE = "prism.v1.QueueService"
+
+    def __init__(self, queues: QueueAdapters, limits: Limits) -> None:
+        self.queues = queues
+        self.limits = limits
+
+    def _queue(self, call: Call) -> tuple[QueueAdapter, str]:
+        return self.queues(call.config), call.config.namespace
+
+    @staticmethod
+    def _require(queue: QueueAdapter, capability: Capability, call: Call, field: str) -> None:
+        if capability not in queue.capabilities:
+            raise failed_precondition(
+                f"{field}: backend {call.config.backend.instance!r} lacks {capability.value}"
+            )
+
+    def _entry(self, queue: QueueAdapter, call: Call, entry: q.QueueEntry, at: str) -> Entry:
+        """The entry as the adapter takes it; refusals name the field as ``at`` + its name."""
+        if len(entry.payload) > self.limits.max_value_bytes:
+            raise too_large(f"{at}payload", len(entry.payload), self.limits.max_value_bytes)
+        if len(entry.partition_key.encode()) > MAX_KEY_BYTES:
+            raise invalid_argument(f"{at}partitionKey", f"longer than {MAX_KEY_BYTES} bytes")
+        if len(entry.headers) > MAX_HEADERS:
+            raise invalid_argument(f"{at}headers", f"{len(entry.headers)} headers, above the maximum of {MAX_HEADERS}")
+        size = 0
+        for name, value in sorted(entry.headers.items()):
+            if not HEADER_NAME.fullmatch(name):
+                raise invalid_argument(f"{at}headers[{name}]", "a header name is 1 to 256 of A-Z a-z 0-9 . _ -")
+            if any(c in value for c in "\r\n\x00"):
+                raise invalid_argument(f"{at}headers[{name}]", "a header value cannot hold CR, LF or NUL")
+            size += len(name) + len(value.encode())
+        if size > MAX_HEADER_BYTES:
+            raise invalid_argument(f"{at}headers", f"{size} bytes, above the maximum of {MAX_HEADER_BYTES}")
+        if entry.idempotency_token:
+            if len(entry.idempotency_token) > MAX_TOKEN_CHARS:
+                raise invalid_argument(f"{at}idempotencyToken", f"longer than {MAX_TOKEN_CHARS} characters")
+            self._require(queue, Capability.IDEMPOTENT_PUBLISH, call, f"{at}idempotencyToken")
+        return Entry(entry.payload, entry.partition_key, dict(entry.headers), entry.idempotency_token)
+
+    async def Publish(self, request: q.QueuePublishRequest, call: Call) -> q.QueuePublishResponse:
+        queue, namespace = self._queue(call)
+        topic = check_name(request.topic, "topic")
+        entry = self._entry(queue, call, request.entry, "entry.")
+        try:
+            published = await queue.publish_one(namespace, topic, entry)
+        except PrismError as exc:
+            raise _prefixed(exc, "entry.") from None
+        return q.QueuePublishResponse(
+            message_id=published.message_id, partition=published.partition, offset=published.offset
+        )
+
+    async def PublishBatch(self, request: q.PublishBatchRequest, call: Call) -> q.PublishBatchResponse:
+        """One result per entry, in order; an entry refused (bad field, reused token) fails on
+        its own and the others are stored. A backend outage fails the call."""
+        queue, namespace = self._queue(call)
+        topic = check_name(request.topic, "topic")
+        if len(request.entries) > self.limits.max_batch_keys:
+            raise invalid_argument(
+                "entries", f"{len(request.entries)} entries, above the maximum of {self.limits.max_batch_keys}"
+            )
+        outcomes: list[Published | PrismError | None] = []
+        valid: list[Entry] = []
+        for i, raw in enumerate(request.entries):
+            try:
+                valid.append(self._entry(queue, call, raw, f"entries[{i}]."))
+                outcomes.append(None)
+            except PrismError as exc:
+                outcomes.append(exc)
+        stored = iter(await queue.publish(namespace, topic, valid) if valid else [])
+        response = q.PublishBatchResponse()
+        for i, outcome in enumerate(outcomes):
+            if outcome is None:
+                outcome = next(stored)
+                if isinstance(outcome, PrismError):
+                    outcome = _prefixed(outcome, f"entries[{i}].")
+            result = response.results.add()
+            if isinstance(outcome, PrismError):
+                result.status.CopyFrom(outcome.to_status())
+            else:
+                result.message_id, result.partition, result.offset = (
+                    outcome.message_id, outcome.partition, outcome.offset
+                )
+        return response
+
+    def _options(self, queue: QueueAdapter, call: Call, request: q.QueueSubscribeRequest) -> ConsumeOptions:
+        ack_deadline = DEFAULT_ACK_DEADLINE
+        if request.HasField("ack_deadline"):
+            ack_deadline = request.ack_deadline.ToNanoseconds() / 1e9
+            if not MIN_ACK_DEADLINE <= ack_deadline <= MAX_ACK_DEADLINE:
+                raise invalid_argument(
+                    "ackDeadline", f"must be between {MIN_ACK_DEADLINE:g}s and {MAX_ACK_DEADLINE:g}s"
+                )
+        cap = self.limits.stream_buffer
+        max_in_flight = request.max_in_flight or min(DEFAULT_MAX_IN_FLIGHT, cap)
+        if not 0 < max_in_flight <= cap:
+            raise invalid_argument("maxInFlight", f"must be between 1 and {cap} (0: {min(DEFAULT_MAX_IN_FLIGHT, cap)})")
+        if request.start not in START:
+            raise invalid_argument("start", f"unknown start position {request.start}")
+        attempts, dead_letter_topic = request.max_delivery_attempts, request.dead_letter_topic
+        if attempts < 0:
+            raise invalid_argument("maxDeliveryAttempts", "must not be negative (0: redeliver without limit)")
+        if attempts and not dead_letter_topic:
+            raise invalid_argument("deadLetterTopic", "is required with maxDeliveryAttempts")
+        if dead_letter_topic and not attempts:
+            raise invalid_argument("maxDeliveryAttempts", "is required with deadLetterTopic")
+        if dead_letter_topic:
+            check_name(dead_letter_topic, "deadLetterTopic")
+            if dead_letter_topic == request.topic:
+                raise invalid_argument("deadLetterTopic", "must differ from the topic")
+            self._require(queue, Capability.DEAD_LETTER, call, "maxDeliveryAttempts")
+        return ConsumeOptions(
+            group=check_name(request.consumer_group, "consumerGroup"),
+            start=START[request.start],
+            ack_deadline=ack_deadline,
+            max_in_flight=max_in_flight,
+            max_delivery_attempts=attempts,
+            dead_letter_topic=dead_letter_topic,
+        )
+
+    async def Subscribe(self, request: q.QueueSubscribeRequest, call: Call) -> AsyncIterator[q.QueueMessage]:
+        queue, namespace = self._queue(call)
+        topic = check_name(request.topic, "topic")
+        options = self._options(queue, call, request)
+        assert call.session is not None
+        consumer = await queue.consume(namespace, topic, options)
+        ended_by: list[PrismError] = []  # the session's status, when closing or expiring it ended this
+
+        async def end(status: PrismError | None) -> None:
+            if status is not None:
+                ended_by.append(status)
+            await consumer.close()
+
+        call.session.hold_stream(consumer.id, end)
+        try:
+            async for delivery in consumer:
+                yield _message(delivery)
+            if ended_by:  # not a clean end: the client must open a new session
+                raise ended_by[0]
+        finally:
+            call.session.release_stream(consumer.id)
+            # Even when the client's cancellation is what ends this: the group gets its
+            # unacknowledged messages back now, not after their deadlines.
+            await asyncio.shield(consumer.close())
+
+    def _message_ids(self, ids: list[str]) -> list[str]:
+        if len(ids) > self.limits.max_batch_keys:
+            raise invalid_argument("messageIds", f"{len(ids)} ids, above the maximum of {self.limits.max_batch_keys}")
+        for i, message_id in enumerate(ids):
+            if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
+                raise invalid_argument(f"messageIds[{i}]", f"must be 1 to {MAX_MESSAGE_ID_CHARS} characters")
+        return ids
+
+    async def Acknowledge(self, request: q.AcknowledgeRequest, call: Call) -> q.AcknowledgeResponse:
+        """``acknowledged``: how many of the ids were delivered to the group and not yet
+        acknowledged; unknown or already acknowledged ids are no error (a retry is harmless)."""
+        queue, namespace = self._queue(call)
+        topic = check_name(request.topic, "topic")
+        group = check_name(request.consumer_group, "consumerGroup")
+        count = await queue.acknowledge(namespace, topic, group, self._message_ids(list(request.message_ids)))
+        return q.AcknowledgeResponse(acknowledged=count)
+
+    @staticmethod
+    def _partition(partition: int) -> int:
+        if partition < 0:
+            raise invalid_argument("partition", "must not be negative")
+        return partition
+
+    async def Commit(self, request: q.CommitRequest, call: Call) -> q.CommitResponse:
+        queue, namespace = self._queue(call)
+        topic = check_name(request.topic, "topic")
+        group = check_name(request.consumer_group, "consumerGroup")
+        if request.offset < 0:
+            raise invalid_argument("offset", "must not be negative")
+        await queue.commit(namespace, topic, group, self._partition(request.partition), request.offset)
+        return q.CommitResponse()
+
+    async def Seek(self, request: q.SeekRequest, call: Call) -> q.SeekResponse:
+        queue, namespace = self._queue(call)
+        topic = check_name(request.topic, "topic")
+        group = check_name(request.consumer_group, "consumerGroup")
+        partition = self._partition(request.partition)
+        target: SeekTarget
+        match request.WhichOneof("target"):
+            case "offset":
+                if request.offset < 0:
+                    raise invalid_argument("offset", "must not be negative")
+                target = AtOffset(request.offset)
+            case "timestamp":
+                self._require(queue, Capability.SEEK_TIMESTAMP, call, "timestamp")
+                target = at_time(request.timestamp.ToNanoseconds())
+            case "position":
+                if request.position not in START or request.position == q.START_POSITION_UNSPECIFIED:
+                    raise invalid_argument("position", "must be EARLIEST, LATEST or COMMITTED")
+                target = START[request.position]
+            case _:
+                raise invalid_argument("target", "one of offset, timestamp or position is required")
+        offset = await queue.seek(namespace, topic, group, partition, target)
+        return q.SeekResponse(offset=offset)
+
+    async def GetTopicInfo(self, request: q.GetTopicInfoRequest, call: Call) -> q.GetTopicInfoResponse:
+        queue, namespace = self._queue(call)
+        topic = check_name(request.topic, "topic")
+        group = check_name(request.consumer_group, "consumerGroup") if request.consumer_group else ""
+        response = q.GetTopicInfoResponse(topic=topic)
+        for info in await queue.topic_info(namespace, topic, group):
+            response.partitions.add(
+                partition=info.partition,
+                low_offset=info.low_offset,
+                high_offset=info.high_offset,
+                committed_offset=info.committed_offset,
+                lag=info.lag,
+            )
+        return response
