@@ -192,7 +192,9 @@ def run(
     machine_busy = (busy1 - busy0) / max(1, total1 - total0) * cores  # in cores
     loader_cpu = usage.ru_utime + usage.ru_stime
     result: dict[str, object] = {
-        "command": " ".join([*command[:-3], url]),  # without the temporary log path
+        # Without the temporary log path, and temporary files named as $BENCH_TMP/...: results
+        # name no path of the machine that ran them.
+        "command": re.sub(r"\S*/prism-bench-[^/\s]+/", "$BENCH_TMP/", " ".join([*command[:-3], url])),
         "rps": round(succeeded / stats["duration_s"], 1) if stats.get("duration_s") else None,
         **latency_summary(durations),
         "requests": int(stats.get("done", 0)),
