@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Info, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -41,10 +41,13 @@ from app.transports.rest import RestRouter
 from prism.errors import HTTP_STATUS, PrismError, unsupported_media_type
 
 GRPC_WEB_HEADERS = ["grpc-status", "grpc-message", "grpc-status-details-bin"]
+# Which worker process answered a scrape: each worker serves its own figures.
+WORKER = Info("prism_worker", "The gateway worker process that answered this scrape")
 
 
 def create_app(settings: Settings) -> ASGIApp:
     gateway = Gateway(settings, workers=int(os.environ.get("PRISM_WORKERS", "1")))
+    WORKER.info({"pid": str(os.getpid())})
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -1,7 +1,7 @@
 """pyvoy as the HTTP server: several worker processes on one port, and TLS.
 
-Each worker is its own process and gateway; /metrics answers the process's own figures, so a
-worker's ``process_start_time_seconds`` tells which one served a connection.
+Each worker is its own process and gateway; /metrics answers the process's own figures, and
+``prism_worker_info`` names the process that served a connection.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import httpx
 
 from tests.gateway_process import start_gateway
 
-START_TIME = re.compile(r"^process_start_time_seconds (\S+)$", re.MULTILINE)
+WORKER_PID = re.compile(r'^prism_worker_info\{pid="(\d+)"\} 1\.0$', re.MULTILINE)
 
 
 async def test_connections_spread_over_the_workers(tmp_path: pathlib.Path) -> None:
@@ -23,7 +23,7 @@ async def test_connections_spread_over_the_workers(tmp_path: pathlib.Path) -> No
 
         async def worker_of_a_new_connection() -> str:
             async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as http:
-                found = START_TIME.search((await http.get("/metrics")).text)
+                found = WORKER_PID.search((await http.get("/metrics")).text)
                 assert found is not None
                 return found.group(1)
 

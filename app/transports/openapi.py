@@ -117,8 +117,11 @@ _TIMESTAMP_IN = rf"^{_DATE}T{_TIME}(?:\.[0-9]{{1,9}})?(?:Z|[+-](?:[01][0-9]|2[0-
 _FIELD_PATH = r"[a-z][a-zA-Z0-9]*(?:\.[a-z][a-zA-Z0-9]*)*"
 _FIELD_MASK = rf"^(?:{_FIELD_PATH}(?:,{_FIELD_PATH})*)?$"
 
-# A decimal number the JSON mapping reads from a string, e.g. "1.5", "-2e3".
-_DECIMAL = r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$"
+# A decimal number the JSON mapping reads from a string, e.g. "1.5", "-2e3", bounded so that it
+# is finite: at most 200 integer digits and a positive exponent of two digits for a double (below
+# 1e300), 29 and one for a float (below 1e38, inside float32's range). Smaller ones underflow.
+_DECIMAL = r"^-?(?:0|[1-9][0-9]{0,199})(?:\.[0-9]+)?(?:[eE](?:-[0-9]+|\+?[0-9]{1,2}))?$"
+_DECIMAL_FLOAT = r"^-?(?:0|[1-9][0-9]{0,28})(?:\.[0-9]+)?(?:[eE](?:-[0-9]+|\+?[0-9]))?$"
 _NON_FINITE = ["NaN", "Infinity", "-Infinity"]
 _FLOAT32_MAX = 3.4028234663852886e38
 
@@ -314,7 +317,7 @@ def scalar_schema(field_type: int, role: str, bounds: tuple[int, int] | None = N
             number.update(minimum=-_FLOAT32_MAX, maximum=_FLOAT32_MAX)
         alternatives = [number, {"type": "string", "enum": _NON_FINITE}]
         if role != OUT:
-            alternatives.append({"type": "string", "pattern": _DECIMAL})
+            alternatives.append({"type": "string", "pattern": _DECIMAL if field_type == F.TYPE_DOUBLE else _DECIMAL_FLOAT})
         return {"anyOf": alternatives}
     if field_type == F.TYPE_BOOL:
         return {"type": "boolean"}
