@@ -215,7 +215,10 @@ TABLES: dict[str, Table] = {
 
 
 def table(name: str, rows: list[Row], old: dict[str, Row] | None, old_label: str) -> str:
-    spec = TABLES[name]
+    return render(TABLES[name], rows, old, old_label)
+
+
+def render(spec: Table, rows: list[Row], old: dict[str, Row] | None, old_label: str) -> str:
     headers = [c.header for c in spec.columns]
     if old is not None:
         for c in spec.compare:
@@ -294,7 +297,16 @@ def _goal(goal: str, measured: str, met: bool, missed_by: str) -> Row:
 # --- the document ----------------------------------------------------------------------------
 
 # Document order (the run order differs: memory runs last, after sections 6-7).
-SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory", "backends", "auth", "writes"]
+SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory", "backends", "auth", "writes", "grpc-paths"]
+
+
+def _renderer(name: str) -> Callable[[dict[str, Any], dict[str, Row] | None, str], list[str]] | None:
+    """Sections that render their own tables (imported here, not at the top: they import this module)."""
+    if name == "grpc-paths":
+        from benchmarks import grpc_paths
+
+        return grpc_paths.markdown
+    return None
 
 
 def markdown(result: dict[str, Any], old: dict[str, Any] | None) -> str:
@@ -307,7 +319,7 @@ def markdown(result: dict[str, Any], old: dict[str, Any] | None) -> str:
         old_label = old["meta"].get("label") or old["meta"]["git"]["short"]
         old_rows = {}
         for section in old.get("sections", {}).values():
-            for row in [*section.get("rows", []), *section.get("saturation", [])]:
+            for row in [*section.get("rows", []), *section.get("saturation", []), *section.get("latency_rows", [])]:
                 old_rows[row["id"]] = row
     title = "Prism benchmarks" + (f" — {meta['label']}" if meta.get("label") else "")
     out = [
@@ -351,6 +363,9 @@ def markdown(result: dict[str, Any], old: dict[str, Any] | None) -> str:
         out += [f"## {number}. {section.get('title', name)}", ""]
         if "error" in section:
             out += [f"**Section failed**: `{section['error']}`", ""]
+            continue
+        if (own := _renderer(name)) is not None:
+            out += [*own(section, old_rows, old_label), ""]
             continue
         if name in ("latency", "backends"):
             out += [f"### Open loop at {meta['durations']['rate']:g} calls/s", ""]

@@ -1,7 +1,7 @@
 """Run the benchmark sections side by side and write benchmarks/results/latest.{md,json} plus a
 dated copy. ``make bench`` runs this; see benchmarks/README.md.
 
-    python -m benchmarks.run [--quick] [--only grpc,rest,latency,backends,auth,streams,writes,memory]
+    python -m benchmarks.run [--quick] [--only grpc,rest,latency,backends,auth,streams,writes,grpc-paths,memory]
                              [--label before] [--compare benchmarks/results/before.json]
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 from benchmarks import (
     auth_cost,
     backends,
+    grpc_paths,
     grpc_throughput,
     latency,
     memory,
@@ -47,6 +48,7 @@ SECTIONS = {
     "auth": auth_cost.run,  # issue 4: the cost of authentication per request
     "streams": streams.run,
     "writes": writes.run,  # the KeyValue service's write path, in process
+    "grpc-paths": grpc_paths.run,  # issue 10: native gRPC through the ASGI app vs the grpc.aio port
     "memory": memory.run,  # last: it reports the servers of every section before it
 }
 RESULTS = ROOT / "benchmarks" / "results"

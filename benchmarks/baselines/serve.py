@@ -1,6 +1,7 @@
 """Serve a baseline ASGI app the way ``prism serve`` serves the gateway (app/cli.py): one
 worker, uvloop, HTTP/1.1 + h2c; Hypercorn in-process with keep_alive_max_requests raised,
-Granian with HTTPModes.auto.
+Granian with HTTPModes.auto, pyvoy (its launcher and Envoy, uvloop, one worker thread) as
+``prism serve --server pyvoy`` starts it.
 
     python -m benchmarks.baselines.serve --server granian --port 8081 benchmarks.baselines.raw_asgi:app
 """
@@ -14,11 +15,17 @@ import sys
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("app", help="module:attribute of the ASGI app")
-    parser.add_argument("--server", choices=("hypercorn", "granian"), required=True)
+    parser.add_argument("--server", choices=("hypercorn", "granian", "pyvoy"), required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
+    if args.server == "pyvoy":
+        from pyvoy._cli import main as pyvoy_main
+
+        sys.argv = ["pyvoy", args.app, "--address", args.host, "--port", str(args.port), "--log-level", "warning"]
+        pyvoy_main()
+        return 0
     if args.server == "granian":
         from granian import Granian
         from granian.constants import HTTPModes, Interfaces, Loops
