@@ -9,6 +9,7 @@ into a failure.
 from __future__ import annotations
 
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
+NATS_URL = "nats://127.0.0.1:4222"
 
 
 def unreachable(url: str) -> str | None:
@@ -92,6 +94,15 @@ REDIS = Server(
         "--logfile", "/var/log/redis/ci.log",
     ],
 )
+NATS = Server(
+    "nats",
+    NATS_URL,
+    stop_command=["start-stop-daemon", "--stop", "--oknodo", "--retry", "10", "--exec", "/usr/sbin/nats-server"],
+    start_command=[
+        "start-stop-daemon", "--start", "--oknodo", "--background", "--exec", "/usr/sbin/nats-server", "--",
+        "-a", "127.0.0.1", "-p", "4222", "-js", "-sd", "/var/lib/nats-server", "-l", "/var/log/nats-server.log",
+    ],
+)
 
 
 def _idempotency_namespace(namespace: str) -> str:
@@ -102,6 +113,13 @@ def _idempotency_namespace(namespace: str) -> str:
 def _chunk_namespace(namespace: str) -> str:
     # Where the KeyValue service keeps the chunks of a namespace's large values.
     return f"\x00chunks\x00{namespace}"
+
+
+# The Queue adapter's tables (adapters/queue/postgres.py), each with a namespace column.
+POSTGRES_QUEUE_TABLES = (
+    "prism_queue_deliveries", "prism_queue_groups", "prism_queue_tokens",
+    "prism_queue_messages", "prism_queue_partitions", "prism_queue_topics",
+)
 
 
 async def purge_namespaces(backends: list[str], namespaces: list[str]) -> None:
@@ -115,12 +133,16 @@ async def purge_namespaces(backends: list[str], namespaces: list[str]) -> None:
             await con.execute(
                 "DELETE FROM prism_kv WHERE namespace = ANY($1::bytea[])", [ns.encode() for ns in every]
             )
+            for table in POSTGRES_QUEUE_TABLES:  # there once a gateway has started the Queue adapter
+                if await con.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+                    await con.execute(f"DELETE FROM {table} WHERE namespace = ANY($1::text[])", namespaces)
         finally:
             await con.close()
     if "redis" in backends:
         import redis.asyncio as aioredis
 
         from adapters.keyvalue.redis import expiry_key, index_key, record_key
+        from adapters.queue.redis import namespace_prefix
 
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
@@ -129,5 +151,44 @@ async def purge_namespaces(backends: list[str], namespaces: list[str]) -> None:
                 for i in range(0, len(members), 500):
                     await client.delete(*(record_key(ns, m.decode()) for m in members[i : i + 500]))
                 await client.delete(index_key(ns), expiry_key(ns))
+            for ns in namespaces:  # the Queue adapter's topics (adapters/queue/redis.py)
+                prefix = namespace_prefix(ns)
+                pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix) + b"*"
+                async for key in client.scan_iter(match=pattern, count=500):
+                    await client.delete(key)
         finally:
             await client.aclose()
+    if "nats" in backends:
+        await _purge_nats(namespaces)
+
+
+async def _purge_nats(namespaces: list[str], prefix: str = "PRISMQ") -> None:
+    """Delete the Queue streams of ``namespaces`` (adapters/queue/nats.py names them) and the
+    records their groups left in the adapter's key-value buckets."""
+    import json
+
+    import nats
+    import nats.js.errors
+
+    from adapters.queue.nats import namespace_streams
+
+    starts = tuple(start for ns in namespaces for start in namespace_streams(prefix, ns))
+    nc = await nats.connect(NATS_URL, connect_timeout=5, allow_reconnect=False)
+    try:
+        js, names, offset = nc.jetstream(), [], 0
+        while True:
+            page = json.loads((await nc.request("$JS.API.STREAM.NAMES", json.dumps({"offset": offset}).encode())).data)
+            found = page.get("streams") or []
+            names += [n for n in found if n.startswith(starts)]
+            offset += len(found)
+            if not found or offset >= page.get("total", 0):
+                break
+        for name in names:
+            await js.delete_stream(name)
+            for bucket in (f"{prefix}-heads", f"{prefix}-acks"):
+                try:
+                    await js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{name}.>")
+                except nats.js.errors.NotFoundError:
+                    pass
+    finally:
+        await nc.close()

@@ -110,6 +110,9 @@ from adapters.keyvalue.memory import MemoryKeyValue
 from adapters.keyvalue.postgres import PostgresKeyValue
 from adapters.keyvalue.redis import RedisKeyValue
 from adapters.keyvalue.sqlite import SqliteKeyValue
+from adapters.queue.nats import NatsQueue
+from adapters.queue.postgres import PostgresQueue
+from adapters.queue.redis import RedisQueue
 from adapters.queue.sqlite import SqliteQueue
 
 DECLARED = {
@@ -118,6 +121,9 @@ DECLARED = {
     ("KeyValue", "postgres"): PostgresKeyValue.capabilities,
     ("KeyValue", "redis"): RedisKeyValue.capabilities,
     ("Queue", "sqlite"): SqliteQueue.capabilities,
+    ("Queue", "redis"): RedisQueue.capabilities,
+    ("Queue", "postgres"): PostgresQueue.capabilities,
+    ("Queue", "nats"): NatsQueue.capabilities,
 }
 CAPABILITIES = {c.value for c in Capability}
 

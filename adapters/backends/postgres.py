@@ -22,6 +22,7 @@ from adapters.backends import BackendType, Environment, NetworkSettings
 from adapters.backends import Connection as BackendConnection
 from adapters.keyvalue.base import unavailable
 from adapters.keyvalue.postgres import PostgresKeyValue
+from adapters.queue.postgres import PostgresQueue
 from prism.errors import PrismError, internal
 
 log = logging.getLogger("prism.adapters.postgres")
@@ -135,5 +136,8 @@ BACKEND = BackendType(
     name="postgres",
     settings=PostgresSettings,
     connect=connect,
-    adapters={"KEY_VALUE": lambda pool, environment: PostgresKeyValue(pool)},
+    adapters={
+        "KEY_VALUE": lambda pool, environment: PostgresKeyValue(pool),
+        "QUEUE": lambda pool, environment: PostgresQueue(pool),
+    },
 )

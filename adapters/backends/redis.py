@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 
 from adapters.backends import BackendType, Connection, Environment, NetworkSettings
 from adapters.keyvalue.redis import RedisKeyValue
+from adapters.queue.redis import RedisQueue
 from prism.errors import PrismError, internal
 
 log = logging.getLogger("prism.redis")
@@ -103,5 +104,8 @@ BACKEND = BackendType(
     name="redis",
     settings=RedisSettings,
     connect=connect,
-    adapters={"KEY_VALUE": lambda client, environment: RedisKeyValue(client)},
+    adapters={
+        "KEY_VALUE": lambda client, environment: RedisKeyValue(client),
+        "QUEUE": lambda client, environment: RedisQueue(client),
+    },
 )

@@ -24,6 +24,9 @@ from typing import Any
 import grpc
 import pytest
 
+from adapters.backends.nats import NatsConnection, NatsSettings
+from adapters.backends.postgres import PostgresPool, PostgresSettings
+from adapters.backends.redis import RedisClient, RedisSettings
 from adapters.backends.sqlite import PRAGMAS
 from adapters.capabilities import Capability
 from adapters.queue.base import (
@@ -39,9 +42,13 @@ from adapters.queue.base import (
     Start,
     at_time,
 )
+from adapters.queue.nats import NatsQueue
+from adapters.queue.postgres import PostgresQueue
+from adapters.queue.redis import RedisQueue
 from adapters.queue.sqlite import SqliteQueue
 from adapters.sqlite_worker import SqliteWorker
 from prism.errors import PrismError
+from tests.servers import NATS_URL, POSTGRES_DSN, REDIS_URL, purge_namespaces, unreachable
 
 WAIT = 10.0  # seconds; bound on every wait for something that must happen
 QUIET = 0.4  # seconds a consumer is watched to show that nothing is delivered
@@ -74,8 +81,96 @@ class SqliteSite:
             await self.close(adapter)
 
 
+class PostgresSite:
+    """The PostgreSQL database; every ``open()`` is its own pool (as each gateway process has)
+    and adapter on it. Closing the last deletes the namespaces the suite's topics used."""
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        if why := unreachable(POSTGRES_DSN):
+            pytest.skip(why)
+        self.opened: list[tuple[PostgresQueue, PostgresPool]] = []
+
+    async def open(self) -> QueueAdapter:
+        pool = PostgresPool(PostgresSettings(dsn=POSTGRES_DSN, pool_size=4))
+        await pool.start()
+        adapter = PostgresQueue(pool, partitions=4, poll_seconds=60)  # woken by notifications alone
+        await adapter.start()
+        self.opened.append((adapter, pool))
+        return adapter
+
+    async def close(self, adapter: QueueAdapter) -> None:
+        for opened in [o for o in self.opened if o[0] is adapter]:
+            self.opened.remove(opened)
+            await opened[0].close()
+            await opened[1].close()
+
+    async def close_all(self) -> None:
+        for adapter, _ in list(self.opened):
+            await self.close(adapter)
+        await purge_namespaces(["postgres"], sorted(NAMESPACES))
+
+
+class NatsSite:
+    """The NATS server; every ``open()`` is its own connection and adapter on it (as each
+    gateway process has). Closing the last deletes the streams of the suite's namespaces."""
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        if why := unreachable(NATS_URL):
+            pytest.skip(why)
+        self.opened: list[tuple[NatsQueue, NatsConnection]] = []
+
+    async def open(self) -> QueueAdapter:
+        connection = NatsConnection(NatsSettings(url=NATS_URL))
+        await connection.start()
+        adapter = NatsQueue(connection)
+        await adapter.start()
+        self.opened.append((adapter, connection))
+        return adapter
+
+    async def close(self, adapter: QueueAdapter) -> None:
+        for opened in [o for o in self.opened if o[0] is adapter]:
+            self.opened.remove(opened)
+            await opened[0].close()
+            await opened[1].close()
+
+    async def close_all(self) -> None:
+        for adapter, _ in list(self.opened):
+            await self.close(adapter)
+        await purge_namespaces(["nats"], sorted(NAMESPACES))
+
+
+class RedisSite:
+    """The Redis server; every ``open()`` is its own client (pool) and adapter on it (as each
+    gateway process has). Closing the last deletes the keys of the suite's namespaces."""
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        if why := unreachable(REDIS_URL):
+            pytest.skip(why)
+        self.opened: list[tuple[RedisQueue, RedisClient]] = []
+
+    async def open(self) -> QueueAdapter:
+        client = RedisClient(RedisSettings(url=REDIS_URL, pool_size=4))
+        await client.start()
+        adapter = RedisQueue(client, partitions=4)
+        await adapter.start()
+        self.opened.append((adapter, client))
+        return adapter
+
+    async def close(self, adapter: QueueAdapter) -> None:
+        for opened in [o for o in self.opened if o[0] is adapter]:
+            self.opened.remove(opened)
+            await opened[0].close()
+            await opened[1].close()
+
+    async def close_all(self) -> None:
+        for adapter, _ in list(self.opened):
+            await self.close(adapter)
+        await purge_namespaces(["redis"], sorted(NAMESPACES))
+
+
 # backend → its Site, made from a temporary directory of the test.
-SITES: dict[str, Callable[[pathlib.Path], Any]] = {"sqlite": SqliteSite}
+SITES: dict[str, Callable[[pathlib.Path], Any]] = {"sqlite": SqliteSite, "postgres": PostgresSite, "nats": NatsSite, "redis": RedisSite}
+NAMESPACES: set[str] = set()  # every namespace a Topic used, for sites that must delete them
 
 
 @pytest.fixture(params=list(SITES))
@@ -91,6 +186,7 @@ class Topic:
     def __init__(self, queue: QueueAdapter, namespace: str | None = None, name: str | None = None) -> None:
         self.queue = queue
         self.ns = namespace or f"n{uuid.uuid4().hex[:10]}"
+        NAMESPACES.add(self.ns)
         self.name = name or f"t{uuid.uuid4().hex[:10]}"
         self.consumers: list[Consumer] = []
 
