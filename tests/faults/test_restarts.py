@@ -90,7 +90,7 @@ async def test_server_restart(faults_gateway: GatewayProcess, backend: str) -> N
         )
         probe = Probe(client, session.token)  # type: ignore[attr-defined]
         info = await client.call("/prism.v1.PluginInfoService/GetInfo", plugin_pb2.InfoRequest())
-        (entry,) = [b for b in info.backends if b.name == backend]  # type: ignore[attr-defined]
+        (entry,) = [b for b in info.backends if b.name == backend and b.pattern == "KEY_VALUE"]  # type: ignore[attr-defined]
         durable = "durable" in entry.capabilities
 
         acknowledged: dict[str, bytes] = {}
