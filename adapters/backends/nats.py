@@ -107,10 +107,10 @@ class NatsConnection(Connection):
             await js.account_info()
         except (*UNAVAILABLE_ERRORS, jerr.APIError) as exc:
             await client.close()
+            why = f"no answer within {settings.connect_timeout:g}s" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             raise PrismError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"backend {self.name!r}: nats at {where(settings.url)} unreachable (or without JetStream) "
-                f"at start-up: {type(exc).__name__}: {exc}",
+                f"backend {self.name!r}: nats at {where(settings.url)} unreachable (or without JetStream) at start-up: {why}",
             ) from exc
         self._nc, self._js = client, js
 

@@ -14,7 +14,7 @@ record per (group, key) in a JetStream key-value bucket that keeps each key's me
               or waiting for redelivery) or "D s" (done up to s): a delivered message of a key is
               handed out only when it is the key's head, else the consumer holds it (sending
               in-progress acks) until an acknowledgement makes it the head
-    counts ─► bucket <prefix>-acks (memory, 10 minutes): keyless messages acknowledged above the
+    counts ─► bucket <prefix>-acks (10 minutes): keyless messages acknowledged above the
               ack floor, so a repeated Acknowledge counts 0; deliveries given back unseen
     wake-up ► core subject prismq-ev.<stream>: acknowledgements, negative acknowledgements and new
               generations, so the group's consumers in every process react at once
@@ -22,6 +22,12 @@ record per (group, key) in a JetStream key-value bucket that keeps each key's me
 A message id is ``0-<offset>``: any process acknowledges it by stream sequence, on the group's
 consumer (an ack subject ``$JS.ACK.<stream>.<consumer>.…`` names the sequence, so any connection
 may send it). Records carry the generation they belong to, so what a Seek left behind is ignored.
+
+A consumer pulls (pull requests of PULL_EXPIRES) only while ``__anext__`` waits and it has
+room; besides its leases it holds at most ``max_in_flight`` messages waiting for their key's head
+(beyond that, and when its key stays blocked, it gives them back for a while). Dead letters are
+the adapter's: a delivery past ``max_delivery_attempts`` is copied to the dead-letter topic (with
+a ``Nats-Msg-Id``, so a retried copy is stored once), then acknowledged.
 
 What JetStream does not give, and how it shows here:
 
@@ -31,8 +37,12 @@ What JetStream does not give, and how it shows here:
   everything from the offset, as a Seek does.
 - An idempotency token is remembered for the stream's duplicate window (``dedup_window``).
 - Acknowledgement counts of keyless messages acknowledged above the floor are exact for 10
-  minutes (or until the NATS server restarts); JetStream itself never redelivers them.
-- Per-key order needs no JetStream feature beyond 2.9 (direct get with ``next_by_subj``).
+  minutes; JetStream itself never redelivers them.
+- A pull request cannot be withdrawn, and a 2.9 server miscounts a redelivery it first meant for
+  a request nobody listens to any more: a closing consumer's deliveries come back once its
+  requests have expired (within PULL_EXPIRES), not at the very moment it closes.
+- Keyed messages cost round trips to the bucket (about five per message, delivery and
+  acknowledgement together); keyless ones two. Nothing here needs JetStream beyond 2.9.
 """
 
 from __future__ import annotations
@@ -55,9 +65,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import nats.errors as nerr
 import nats.js.errors as jerr
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from adapters.capabilities import Capability
@@ -306,11 +317,11 @@ class NatsQueue(QueueAdapter):
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
-    def nc(self):  # type: ignore[no-untyped-def]
+    def nc(self) -> Client:
         return self.connection.nc
 
     @property
-    def js(self):  # type: ignore[no-untyped-def]
+    def js(self) -> JetStreamContext:
         return self.connection.js
 
     @property
@@ -326,7 +337,7 @@ class NatsQueue(QueueAdapter):
     async def start(self) -> None:
         with self.connection.errors():
             self._heads = await self._bucket(self.buckets[0], HEADS_TTL, api.StorageType.FILE)
-            self._acks = await self._bucket(self.buckets[1], ACKS_TTL, api.StorageType.MEMORY)
+            self._acks = await self._bucket(self.buckets[1], ACKS_TTL, api.StorageType.FILE)
 
     async def _bucket(self, name: str, ttl: float, storage: api.StorageType) -> KeyValue:
         try:
@@ -478,7 +489,9 @@ class NatsQueue(QueueAdapter):
                 return None
             try:
                 return await self.js.consumer_info(stream, name)
-            except jerr.NotFoundError:
+            # TypeError: a NATS 2.9 server may answer for a consumer being deleted with an empty
+            # info, which the client cannot read
+            except (jerr.NotFoundError, TypeError):
                 self._current.pop(key, None)  # replaced by a later generation, or gone
         return None
 
@@ -505,6 +518,10 @@ class NatsQueue(QueueAdapter):
         if not names:
             return None
         latest = max(names, key=_generation)
+        for superseded in names:  # left by a Commit or Seek interrupted between create and delete
+            if superseded != latest:
+                with contextlib.suppress(jerr.NotFoundError):
+                    await self.js.delete_consumer(stream, superseded)
         self._current[(stream, group)] = latest
         return latest
 
@@ -711,20 +728,33 @@ class NatsQueue(QueueAdapter):
         return f"{stream}.{group_name(group)}.{token}"
 
     async def _read(self, bucket: KeyValue, key: str) -> tuple[bytes | None, int]:
-        try:
-            entry = await bucket.get(key)
-        except jerr.NotFoundError:
-            return None, 0
-        return entry.value, entry.revision or 0
+        for attempt in range(2):
+            try:
+                entry = await bucket.get(key)
+            except jerr.NotFoundError:
+                return None, 0
+            except (nerr.NoRespondersError, jerr.NoStreamResponseError):  # the bucket is gone
+                if attempt:
+                    raise
+                await self.start()
+                continue
+            return entry.value, entry.revision or 0
+        raise AssertionError("unreachable")
 
     async def _write(self, bucket: KeyValue, key: str, value: bytes, revision: int) -> int:
         """Compare-and-set: the record's new revision; 0 when someone changed it since ``revision``."""
-        try:
-            if revision:
-                return await bucket.update(key, value, last=revision)
-            return await bucket.create(key, value)
-        except jerr.KeyWrongLastSequenceError:
-            return 0
+        for attempt in range(2):
+            try:
+                if revision:
+                    return await bucket.update(key, value, last=revision)
+                return await bucket.create(key, value)
+            except jerr.KeyWrongLastSequenceError:
+                return 0
+            except (nerr.NoRespondersError, jerr.NoStreamResponseError):  # the bucket is gone: again
+                if attempt:
+                    raise
+                await self.start()
+        raise AssertionError("unreachable")
 
     @staticmethod
     def head_state(value: bytes | None, binding: Binding) -> tuple[str, int]:
@@ -904,8 +934,9 @@ class NatsConsumer(Consumer):
     async def _request(self, now: float) -> None:
         """Ask the server for as many deliveries as there is room for."""
         for name, request in list(self._requests.items()):
-            if request.expires + 1.0 < now:  # its status never came (a reconnection)
+            if request.expires + 1.0 < now:  # no status came: a reconnection, or its consumer is gone
                 await self._end(name)
+                self._events.put_nowait(("binding", None))
         outstanding = sum(r.remaining for r in self._requests.values())
         room = self.options.max_in_flight - len(self._leases) - len(self._buffer) - outstanding
         if room <= 0:
@@ -919,6 +950,9 @@ class NatsConsumer(Consumer):
         request = self._requests[name] = Request(self.binding.consumer, batch, now + PULL_EXPIRES)
         inbox = f"{self._inbox}.{name}"
         request.subscription = await nc.subscribe(inbox, cb=functools.partial(self._on_delivery, name))
+        if name not in self._requests:  # the group moved to another generation meanwhile
+            await request.subscription.unsubscribe()
+            return
         await nc.publish(
             f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{request.consumer}",
             json.dumps({"batch": batch, "expires": int(PULL_EXPIRES * 1e9)}).encode(),
@@ -946,14 +980,18 @@ class NatsConsumer(Consumer):
                     await self._on_group_notice(item)
                 elif kind == "recheck":
                     await self._recheck(None)
+                elif kind == "binding":
+                    await self._find_binding()
                 elif kind == "rebind":
                     binding, done = item
                     self._rebind(binding)
                     done.set_result(None)
             except PrismError as exc:
                 log.warning("nats queue consumer %s: %s", self.id[:8], exc.message)
-            except (nerr.Error, OSError, ValueError, KeyError) as exc:
+            except (nerr.Error, OSError) as exc:  # the server is away: the next notice or tick tries again
                 log.warning("nats queue consumer %s: %s: %s", self.id[:8], type(exc).__name__, exc)
+            except Exception:  # a bug, or an answer the client cannot read: never the end of the pump
+                log.exception("nats queue consumer %s: handling %s failed", self.id[:8], kind)
             self._changed.set()
 
     async def _on_message(self, name: str, msg: Msg) -> None:
@@ -981,7 +1019,7 @@ class NatsConsumer(Consumer):
         self.queue._remember_token(self.stream, pulled.seq, pulled.token)
         try:
             await self._place(pulled)
-        except (PrismError, nerr.Error, OSError):
+        except Exception:
             self._unsorted.append(pulled)  # judged again at the next tick
             raise
 
@@ -1051,20 +1089,21 @@ class NatsConsumer(Consumer):
         for pulled in unsorted:
             try:
                 await self._place(pulled)
-            except (PrismError, nerr.Error, OSError):
+            except Exception:
                 self._unsorted.append(pulled)
                 raise
         for token in list(self._held if tokens is None else tokens):
             waiting = self._held.get(token, [])
             while waiting:
-                verdict = await self._judge(waiting[0])
+                pulled = waiting[0]
+                verdict = await self._judge(pulled)
                 if verdict is HOLD:
                     break
-                pulled = waiting.pop(0)
                 if verdict is DONE:
                     await self.queue._publish_quietly(pulled.msg.reply, b"+ACK")
                 else:
                     await self._deliverable(pulled)
+                waiting.pop(0)  # only now: a failure above leaves it held, judged again later
             if not waiting:
                 self._held.pop(token, None)
 
@@ -1132,31 +1171,35 @@ class NatsConsumer(Consumer):
     async def _keep(self) -> None:
         next_tick = 0.0
         while not self._closed:
-            now = time.monotonic()
-            ack_wait = self.binding.ack_wait
-            tick = min(max(ack_wait / 3, 0.05), 5.0)
-            due = now + (min(tick, PROBE_SECONDS) if self._held_count else tick)
-            for seq, lease in list(self._leases.items()):
-                if lease.deadline <= now:  # its lease ran out: deliverable again at once
-                    del self._leases[seq]
-                    await self.queue._publish_quietly(lease.pulled.msg.reply, b"-NAK")
-                    self._changed.set()
-                else:
-                    due = min(due, lease.deadline)
-            if now >= next_tick:
-                next_tick = now + tick
-                waiting = [*self._buffer, *self._unsorted, *(p for held in self._held.values() for p in held)]
-                waiting += [
-                    lease.pulled for lease in self._leases.values() if lease.pulled.touched + ack_wait - 2 * tick < lease.deadline
-                ]
-                for pulled in waiting:
-                    await self.queue._publish_quietly(pulled.msg.reply, b"+WPI")
-                    pulled.touched = now
-                if self._held or self._unsorted:
-                    self._events.put_nowait(("recheck", None))
-                self._changed.set()  # a waiting __anext__ may re-request
-            if self._held_count:
-                self._changed.set()  # … or probe for a redelivered head
+            try:
+                now = time.monotonic()
+                ack_wait = self.binding.ack_wait
+                tick = min(max(ack_wait / 3, 0.05), 5.0)
+                due = now + (min(tick, PROBE_SECONDS) if self._held_count else tick)
+                for seq, lease in list(self._leases.items()):
+                    if lease.deadline <= now:  # its lease ran out: deliverable again at once
+                        del self._leases[seq]
+                        await self.queue._publish_quietly(lease.pulled.msg.reply, b"-NAK")
+                        self._changed.set()
+                    else:
+                        due = min(due, lease.deadline)
+                if now >= next_tick:
+                    next_tick = now + tick
+                    waiting = [*self._buffer, *self._unsorted, *(p for held in self._held.values() for p in held)]
+                    waiting += [
+                        lease.pulled for lease in self._leases.values() if lease.pulled.touched + ack_wait - 2 * tick < lease.deadline
+                    ]
+                    for pulled in waiting:
+                        await self.queue._publish_quietly(pulled.msg.reply, b"+WPI")
+                        pulled.touched = now
+                    if self._held or self._unsorted:
+                        self._events.put_nowait(("recheck", None))
+                    self._changed.set()  # a waiting __anext__ may re-request
+                if self._held_count:
+                    self._changed.set()  # … or probe for a redelivered head
+            except Exception:  # never the end of the keeper: leases must still run out
+                log.exception("nats queue consumer %s: keeping leases failed", self.id[:8])
+                due = time.monotonic() + 0.5
             self._keeper_wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._keeper_wake.wait(), max(0.0, due - time.monotonic()))
