@@ -24,13 +24,17 @@ Locks, taken always in this order so that no two transactions wait for each othe
 2. Idempotency tokens of a publish, inserted in token order (``ON CONFLICT DO NOTHING`` waits
    for a concurrent publish of the same token and then reads what it stored).
 3. Partition rows of a topic, locked in partition order while a publish (or a claim's dead
-   letters) takes offsets; a partition's messages commit in offset order.
+   letters) takes offsets; a partition's messages commit in offset order. A publish to one
+   partition of a topic the adapter knows, without tokens, is a single statement.
+
+Lease deadlines and publish times are the gateway's clock (unix ns), as on SQLite: gateways
+sharing a database must keep their clocks in step (NTP), well within the shortest ack deadline.
 
 Waking consumers: every change commits a ``NOTIFY prism_queue`` naming its namespace and
 topic. Each adapter holds one connection of its own (not from the pool) that LISTENs and wakes
 its consumers of that topic; its own changes wake them directly. That connection is opened when
-the first consumer joins and reopened after it is lost (a server restart); once listening
-again every consumer looks, for what was published meanwhile. A consumer also looks when a
+the first consumer joins, kept until the adapter closes, and reopened after it is lost (a server
+restart); once listening again every consumer looks, for what was published meanwhile. A consumer also looks when a
 lease it saw runs out, and every ``poll_seconds`` (5 s) whatever happens: a slow fallback, not
 the way messages normally arrive.
 """
@@ -130,6 +134,7 @@ MIGRATIONS = [
 # (as the SQLite adapter): the bound on one claim's work.
 LOOKAHEAD = 1000
 INT32_MAX = 2**31 - 1
+KNOWN_TOPICS = 10_000  # partition counts remembered per adapter (then forgotten all at once)
 
 GROUP = "namespace = $1 AND topic = $2 AND grp = $3 AND partition = $4"  # a group's rows on a partition
 
@@ -208,6 +213,7 @@ class PostgresQueue(QueueAdapter):
         self.id = uuid.uuid4().hex  # names this adapter's notifications, so it skips its own
         self._spread = itertools.count()  # round robin over partitions for messages without a key
         self._consumers: dict[tuple[str, str], set[PostgresConsumer]] = {}
+        self._known: dict[tuple[str, str], int] = {}  # (namespace, topic) → partitions, for publishing
         self._listener: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -287,11 +293,12 @@ class PostgresQueue(QueueAdapter):
                 self._wake_all()  # what changed while nobody listened
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), self.poll_seconds)
+                        async with asyncio.timeout(self.poll_seconds):  # not wait_for: see __anext__
+                            await lost.wait()
                     if not lost.is_set():  # a connection the OS has not reported dead yet
                         await con.fetchval("SELECT 1")
                 log.warning("postgres queue: notification connection lost; reconnecting")
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # whatever ended the connection, open another: this task must live on
                 log.warning("postgres queue: cannot listen for changes (%s: %s); retrying", type(exc).__name__, exc)
             finally:
                 if con is not None:
@@ -301,12 +308,19 @@ class PostgresQueue(QueueAdapter):
 
     # --- Statements, on a connection inside a transaction ------------------------------------
 
+    def _remember(self, ns: str, topic: str, partitions: int) -> None:
+        """A topic's partition count, fixed at its creation, for the publish fast path."""
+        if len(self._known) >= KNOWN_TOPICS:
+            self._known.clear()
+        self._known[(ns, topic)] = partitions
+
     @staticmethod
     async def _partition_count(con: asyncpg.Connection, ns: str, topic: str) -> int | None:
         return await con.fetchval("SELECT partitions FROM prism_queue_topics WHERE namespace=$1 AND topic=$2", ns, topic)
 
     async def _ensure_topic(self, con: asyncpg.Connection, ns: str, topic: str) -> int:
         if (found := await self._partition_count(con, ns, topic)) is not None:
+            self._remember(ns, topic, found)
             return found
         created = await con.fetchval(
             "INSERT INTO prism_queue_topics (namespace, topic, partitions) VALUES ($1, $2, $3) "
@@ -496,7 +510,6 @@ class PostgresQueue(QueueAdapter):
         live = [deadline for _, _, deadline in held if deadline > now]
         claim = Claim([], {(p, s) for p, s, _ in held}, min(live, default=None))
         room = options.max_in_flight - len(live)
-        deadline = now + int(options.ack_deadline * 1e9)
         group = options.group
         dead: list[_Dead] = []
         for i in range(partitions):
@@ -539,6 +552,7 @@ class PostgresQueue(QueueAdapter):
                 if len(chosen) >= room:
                     break
             if chosen:
+                deadline = time.time_ns() + int(options.ack_deadline * 1e9)  # from now, not the claim's start
                 leased = await con.fetch(
                     "WITH leased AS (INSERT INTO prism_queue_deliveries AS d "
                     "(namespace, topic, grp, partition, seq, attempts, deadline_ns, consumer, acked) "
@@ -614,16 +628,16 @@ class PostgresQueue(QueueAdapter):
             position = await self._lock_position(con, ns, topic, group, partition, wait=True)
             if position is None:
                 continue
+            # Each settled message frees in-flight room, and the next message of its key: notify
+            # (once per transaction: the server folds repeats).
             settled = await con.fetch(
-                f"UPDATE prism_queue_deliveries SET {change} WHERE {GROUP} AND seq = ANY($5::bigint[]) AND NOT acked "
-                "RETURNING seq",
-                ns, topic, group, partition, sorted(offsets),
+                f"WITH settled AS (UPDATE prism_queue_deliveries SET {change} WHERE {GROUP} "
+                "AND seq = ANY($5::bigint[]) AND NOT acked RETURNING seq) SELECT seq, pg_notify($6, $7) FROM settled",
+                ns, topic, group, partition, sorted(offsets), CHANNEL, self._payload(ns, topic),
             )
             count += len(settled)
             if acknowledge and any(r[0] == position for r in settled):  # else the head stays
                 await self._advance(con, ns, topic, group, partition, position)
-        if count:  # frees in-flight room, and the next message of each key
-            await self._notify(con, ns, topic)
         return count
 
     async def _release(self, con: asyncpg.Connection, consumer: str, handed_out: frozenset[tuple[int, int]]) -> None:
@@ -683,10 +697,43 @@ class PostgresQueue(QueueAdapter):
     # --- The contract ---------------------------------------------------------------------------
 
     async def publish(self, namespace: str, topic: str, entries: Sequence[Entry]) -> list[Published | PrismError]:
-        async with self._transaction() as con:
-            results = await self._publish(con, namespace, topic, list(entries))
+        entries = list(entries)
+        results: list[Published | PrismError] | None = await self._publish_fast(namespace, topic, entries)
+        if results is None:
+            async with self._transaction() as con:
+                results = await self._publish(con, namespace, topic, entries)
         self._wake(namespace, topic)
         return results
+
+    async def _publish_fast(self, ns: str, topic: str, entries: list[Entry]) -> list[Published | PrismError] | None:
+        """The common publish — a topic this adapter has seen, entries without tokens, all on
+        one partition (a single entry always is) — as one statement, so one round trip; None
+        when it is not that case (or the topic has gone), for the general path."""
+        partitions = self._known.get((ns, topic))
+        if partitions is None or not entries or any(e.idempotency_token for e in entries):
+            return None
+        placed = {_partition_for(e.partition_key, partitions, self._spread) for e in entries}
+        if len(placed) != 1:
+            return None
+        (partition,) = placed
+        async with self.pool.connection() as con:
+            first = await con.fetchrow(
+                "WITH taken AS (UPDATE prism_queue_partitions SET high = high + $4, "
+                "last_ns = greatest(last_ns + 1, $5) + $4 - 1 WHERE namespace=$1 AND topic=$2 AND partition=$3 "
+                "RETURNING high - $4 AS seq, last_ns - $4 + 1 AS published_ns), "
+                "stored AS (INSERT INTO prism_queue_messages (namespace, topic, partition, seq, key, headers, payload, "
+                "published_ns) SELECT $1, $2, $3, taken.seq + u.i - 1, u.key, u.headers, u.payload, "
+                "taken.published_ns + u.i - 1 FROM taken, unnest($6::bytea[], $7::text[], $8::bytea[]) "
+                "WITH ORDINALITY AS u(key, headers, payload, i)) "
+                "SELECT taken.seq, pg_notify($9, $10) FROM taken",
+                ns, topic, partition, len(entries), time.time_ns(),
+                [e.partition_key.encode() for e in entries], [json.dumps(dict(e.headers)) for e in entries],
+                [e.payload for e in entries], CHANNEL, self._payload(ns, topic),
+            )
+        if first is None:  # the topic is gone (deleted under us): the general path makes it again
+            self._known.pop((ns, topic), None)
+            return None
+        return [Published(message_id(partition, seq), partition, seq) for seq in range(first[0], first[0] + len(entries))]
 
     async def consume(self, namespace: str, topic: str, options: ConsumeOptions) -> Consumer:
         async with self._transaction() as con:
@@ -777,8 +824,11 @@ class PostgresConsumer(Consumer):
             wait = await asyncio.shield(self._claiming)
             if self._buffer or self._closed:
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that comes as the event is set, and this loop would then run on after its reader left.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._woken.wait()
         raise StopAsyncIteration
 
     async def _claim(self) -> float:
