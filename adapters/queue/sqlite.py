@@ -22,6 +22,7 @@ waiting for a lease to run out sleeps until that deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -645,10 +646,11 @@ class SqliteConsumer(Consumer):
             if self._buffer or self._closed:
                 continue
             timeout = None if wake_at is None else max(0.0, (wake_at - time.time_ns()) / 1e9)
-            try:
-                await asyncio.wait_for(self._woken.wait(), timeout)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that comes as the event is set, and this loop would then run on after its reader left.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._woken.wait()
         raise StopAsyncIteration
 
     async def _claim(self) -> int | None:
