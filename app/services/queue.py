@@ -3,7 +3,7 @@ Queue adapter (``adapters/queue/base.py`` says what every backend guarantees).
 
 Each RPC maps to one adapter call. Subscribe is a consumer of the session's namespace for as
 long as the stream is open: the client leaving, or its session ending, closes the consumer,
-and its unacknowledged deliveries go straight back to the group. Acknowledge, Commit and Seek
+and its unacknowledged deliveries go straight back to the group. Acknowledge, Nack, Commit and Seek
 name the group and the message ids, not the stream, so any worker process may serve them.
 """
 
@@ -247,6 +247,16 @@ class QueueService:
         group = check_name(request.consumer_group, "consumerGroup")
         count = await queue.acknowledge(namespace, topic, group, self._message_ids(list(request.message_ids)))
         return q.AcknowledgeResponse(acknowledged=count)
+
+    async def Nack(self, request: q.NackRequest, call: Call) -> q.NackResponse:
+        """``nacked``: how many of the ids were delivered to the group and not yet
+        acknowledged; each is deliverable again now, with the next delivery attempt (counting
+        toward ``maxDeliveryAttempts``). Unknown or acknowledged ids are no error."""
+        queue, namespace = self._queue(call)
+        topic = check_name(request.topic, "topic")
+        group = check_name(request.consumer_group, "consumerGroup")
+        ids = self._message_ids(list(request.message_ids))
+        return q.NackResponse(nacked=await queue.negative_acknowledge(namespace, topic, group, ids))
 
     @staticmethod
     def _partition(partition: int) -> int:

@@ -208,10 +208,10 @@ _QUEUE_NAME = {
 _QUEUE_NAME_OR_EMPTY = {**_QUEUE_NAME, "pattern": f"^(?:{QUEUE_NAME.pattern[1:-1]})?$"}
 for _message in (
     "QueuePublishRequest", "PublishBatchRequest", "QueueSubscribeRequest", "AcknowledgeRequest",
-    "CommitRequest", "SeekRequest", "GetTopicInfoRequest",
+    "NackRequest", "CommitRequest", "SeekRequest", "GetTopicInfoRequest",
 ):
     CONSTRAINTS[f"prism.v1.{_message}.topic"] = _QUEUE_NAME
-for _message in ("QueueSubscribeRequest", "AcknowledgeRequest", "CommitRequest", "SeekRequest"):
+for _message in ("QueueSubscribeRequest", "AcknowledgeRequest", "NackRequest", "CommitRequest", "SeekRequest"):
     CONSTRAINTS[f"prism.v1.{_message}.consumer_group"] = _QUEUE_NAME
 for _field in ("CommitRequest.partition", "CommitRequest.offset", "SeekRequest.partition", "SeekRequest.offset"):
     CONSTRAINTS[f"prism.v1.{_field}"] = {"minimum": 0}
@@ -244,9 +244,12 @@ CONSTRAINTS |= {
         "additionalProperties": {"type": "string", "pattern": "^[^\\r\\n\\u0000]*$"},
     },
     "prism.v1.PublishBatchRequest.entries": {"maxItems": _MAX_BATCH},
-    "prism.v1.AcknowledgeRequest.message_ids": {
-        "maxItems": _MAX_BATCH,
-        "items": {"minLength": 1, "maxLength": queue_service.MAX_MESSAGE_ID_CHARS},
+    **{
+        f"prism.v1.{_message}.message_ids": {
+            "maxItems": _MAX_BATCH,
+            "items": {"minLength": 1, "maxLength": queue_service.MAX_MESSAGE_ID_CHARS},
+        }
+        for _message in ("AcknowledgeRequest", "NackRequest")
     },
     "prism.v1.SeekRequest.position": {"not": {"enum": ["START_POSITION_UNSPECIFIED", 0]}},
     "prism.v1.SeekRequest": {
@@ -848,7 +851,13 @@ def _event_data(schema: Schema) -> Schema:
 
 def _sse_event(message: Schema) -> Schema:
     """One server-sent event as a client parses it: its type, id and JSON data."""
-    common = {"id": {"type": "string"}, "retry": {"type": "integer"}}
+    common = {
+        "id": {
+            "type": "string",
+            "description": "The response's messageId where it has one (acknowledge by it), else its position in the stream from 1.",
+        },
+        "retry": {"type": "integer"},
+    }
     return {
         "description": "One server-sent event.",
         "oneOf": [

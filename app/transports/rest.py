@@ -4,7 +4,7 @@ A plain ASGI app, generic over the method table: the route, path parameters, que
 parameters and body of each call come from the annotation, never from code written per RPC.
 Unary RPCs answer JSON; server-streaming RPCs answer ``text/event-stream``:
 
-    id: 1\nevent: message\ndata: {...response as JSON...}\n\n   one per response
+    id: 1\nevent: message\ndata: {...response as JSON...}\n\n   one per response (id: its message id, if any)
     event: end\ndata: {}\n\n                                       when the stream completes
     event: error\ndata: {"code","message","details"}\n\n           when it fails
     : ping                                                       keep-alive comments
@@ -206,6 +206,14 @@ def _plain_string(method: Method, name: str) -> bool:
     return field is not None and field.type == field.TYPE_STRING and not field.is_repeated
 
 
+def _event(response: Message, count: int) -> ServerSentEvent:
+    """A response as an SSE event. Its id is the message's ``message_id`` where it has one, so
+    a browser acknowledges ``event.lastEventId`` and a reconnect's ``Last-Event-ID`` names a
+    message; else the response's position in the stream."""
+    event_id = getattr(response, "message_id", "") or str(count)
+    return ServerSentEvent(data=json_codec.to_json(response).decode(), event="message", id=event_id)
+
+
 async def _events(first: asyncio.Future[Message], responses: AsyncIterator[Message]) -> AsyncIterator[Any]:
     count = 0
     try:
@@ -215,10 +223,10 @@ async def _events(first: asyncio.Future[Message], responses: AsyncIterator[Messa
             head = None
         if head is not None:
             count += 1
-            yield ServerSentEvent(data=json_codec.to_json(head).decode(), event="message", id=str(count))
+            yield _event(head, count)
             async for response in responses:
                 count += 1
-                yield ServerSentEvent(data=json_codec.to_json(response).decode(), event="message", id=str(count))
+                yield _event(response, count)
         yield ServerSentEvent(data="{}", event="end")
     except Exception as exc:
         yield ServerSentEvent(data=status_of(exc).to_json().decode(), event="error")

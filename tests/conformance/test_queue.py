@@ -460,6 +460,34 @@ async def test_acknowledge_over_rest_by_message_id(topic: Topic, queue_gateway: 
     assert (await topic.partition(message.partition, "g")).lag == 0
 
 
+@pytest.mark.case("at-least-once")
+async def test_nack_gives_a_message_back_at_once_with_the_next_attempt(topic: Topic, queue_gateway: GatewayProcess) -> None:
+    """A negative acknowledgement (gRPC, then REST by message id) ends the lease now, not at
+    the 30 s deadline; a nack after the acknowledgement counts nothing."""
+    subscriber = topic.subscribe("g", start=q.START_POSITION_EARLIEST, ack_deadline=seconds(30))
+    await topic.publish(b"m", key="k")
+    first = await subscriber.next()
+    started = time.monotonic()
+    nack = q.NackRequest(topic=topic.name, consumer_group="g", message_ids=[first.message_id, "no-such-id"])
+    assert (await topic.call("Nack", nack)).nacked == 1
+    second = await subscriber.next()
+    assert (second.message_id, second.delivery_attempt) == (first.message_id, 2)
+    async with httpx.AsyncClient(base_url=queue_gateway.base_url, timeout=WAIT) as http:
+        response = await http.post(
+            f"/v1/topics/{topic.name}:nack",
+            json={"consumerGroup": "g", "messageIds": [second.message_id]},
+            headers={"x-prism-session": topic.token},
+        )
+        assert response.status_code == 200, response.text
+        assert response.json() == {"nacked": 1}
+        third = await subscriber.next()
+        assert (third.message_id, third.delivery_attempt) == (first.message_id, 3)
+        assert time.monotonic() - started < 10, "not after the 30 s deadline"
+        assert await topic.ack("g", third) == 1
+        assert (await topic.call("Nack", nack)).nacked == 0, "an acknowledged message is not given back"
+    await subscriber.nothing()
+
+
 @pytest.mark.case("disconnect")
 async def test_a_leaving_subscriber_s_messages_go_to_the_group_at_once(topic: Topic) -> None:
     leaving = topic.subscribe("g", start=q.START_POSITION_EARLIEST, ack_deadline=seconds(30), max_in_flight=2)
@@ -501,9 +529,9 @@ async def test_sse_reconnect_with_last_event_id_resumes_the_group(topic: Topic, 
 
     async with httpx.AsyncClient(base_url=queue_gateway.base_url, timeout=WAIT) as http:
         first = await asyncio.wait_for(events(http, 3), WAIT)
-        assert all(event_id for event_id, _ in first), "every event carries an id"
-        by_payload = {base64.b64decode(data["payload"]): data for _, data in first}
-        assert await topic.ack("browser", q.QueuePublishResponse(message_id=by_payload[b"0"]["messageId"])) == 1
+        assert all(event_id == data["messageId"] for event_id, data in first), "an event's id is its message id"
+        by_payload = {base64.b64decode(data["payload"]): event_id for event_id, data in first}
+        assert await topic.ack("browser", q.QueuePublishResponse(message_id=by_payload[b"0"])) == 1
         await topic.publish(b"3")
         resumed = await asyncio.wait_for(events(http, 3, last_event_id=first[-1][0]), WAIT)
     again = {base64.b64decode(data["payload"]): data["deliveryAttempt"] for _, data in resumed}
@@ -732,6 +760,9 @@ async def test_a_bad_subscription_is_refused_naming_the_field(topic: Topic, opti
         ("Acknowledge", q.AcknowledgeRequest(topic="t", consumer_group="g", message_ids=["ok", ""]), "messageIds[1]"),
         ("Acknowledge", q.AcknowledgeRequest(topic="t", consumer_group="g"), "messageIds"),
         ("Acknowledge", q.AcknowledgeRequest(topic="t", message_ids=["x"]), "consumerGroup"),
+        ("Nack", q.NackRequest(topic="t", consumer_group="g", message_ids=["x" * 257]), "messageIds[0]"),
+        ("Nack", q.NackRequest(topic="t", consumer_group="g"), "messageIds"),
+        ("Nack", q.NackRequest(topic="bad topic", consumer_group="g", message_ids=["x"]), "topic"),
         ("Commit", q.CommitRequest(topic="t", consumer_group="g", offset=-1), "offset"),
         ("Commit", q.CommitRequest(topic="t", consumer_group="g", partition=-1), "partition"),
         ("Seek", q.SeekRequest(topic="t", consumer_group="g"), "target"),

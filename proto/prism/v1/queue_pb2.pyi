@@ -153,6 +153,22 @@ class AcknowledgeResponse(_message.Message):
     acknowledged: int
     def __init__(self, acknowledged: _Optional[int] = ...) -> None: ...
 
+class NackRequest(_message.Message):
+    __slots__ = ("topic", "consumer_group", "message_ids")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_GROUP_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    consumer_group: str
+    message_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, topic: _Optional[str] = ..., consumer_group: _Optional[str] = ..., message_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NackResponse(_message.Message):
+    __slots__ = ("nacked",)
+    NACKED_FIELD_NUMBER: _ClassVar[int]
+    nacked: int
+    def __init__(self, nacked: _Optional[int] = ...) -> None: ...
+
 class CommitRequest(_message.Message):
     __slots__ = ("topic", "consumer_group", "partition", "offset")
     TOPIC_FIELD_NUMBER: _ClassVar[int]

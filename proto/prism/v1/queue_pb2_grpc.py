@@ -56,6 +56,11 @@ class QueueServiceStub:
                 request_serializer=prism_dot_v1_dot_queue__pb2.AcknowledgeRequest.SerializeToString,
                 response_deserializer=prism_dot_v1_dot_queue__pb2.AcknowledgeResponse.FromString,
                 _registered_method=True)
+        self.Nack = channel.unary_unary(
+                '/prism.v1.QueueService/Nack',
+                request_serializer=prism_dot_v1_dot_queue__pb2.NackRequest.SerializeToString,
+                response_deserializer=prism_dot_v1_dot_queue__pb2.NackResponse.FromString,
+                _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/prism.v1.QueueService/Commit',
                 request_serializer=prism_dot_v1_dot_queue__pb2.CommitRequest.SerializeToString,
@@ -105,6 +110,14 @@ class QueueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Nack(self, request, context):
+        """Gives messages back to the consumer group now, to be delivered again (with the next
+        delivery attempt), instead of waiting for their ack deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Commit(self, request, context):
         """Commits a consumer group's offset on one partition.
         """
@@ -147,6 +160,11 @@ def add_QueueServiceServicer_to_server(servicer, server):
                     servicer.Acknowledge,
                     request_deserializer=prism_dot_v1_dot_queue__pb2.AcknowledgeRequest.FromString,
                     response_serializer=prism_dot_v1_dot_queue__pb2.AcknowledgeResponse.SerializeToString,
+            ),
+            'Nack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Nack,
+                    request_deserializer=prism_dot_v1_dot_queue__pb2.NackRequest.FromString,
+                    response_serializer=prism_dot_v1_dot_queue__pb2.NackResponse.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
@@ -274,6 +292,33 @@ class QueueService:
             '/prism.v1.QueueService/Acknowledge',
             prism_dot_v1_dot_queue__pb2.AcknowledgeRequest.SerializeToString,
             prism_dot_v1_dot_queue__pb2.AcknowledgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Nack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prism.v1.QueueService/Nack',
+            prism_dot_v1_dot_queue__pb2.NackRequest.SerializeToString,
+            prism_dot_v1_dot_queue__pb2.NackResponse.FromString,
             options,
             channel_credentials,
             insecure,
