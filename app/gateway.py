@@ -30,6 +30,7 @@ from app.services.session import SessionService
 from app.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
 from app.settings import Settings
 from app.transports.grpc_native import start_grpc_server
+from app.transports.grpc_standard import StandardServices
 from prism.v1 import config_pb2
 
 log = logging.getLogger("prism")
@@ -75,6 +76,9 @@ class Gateway:
             self.methods,
         )
         self.grpc_server: grpc.aio.Server | None = None
+        # Reflection and grpc.health.v1, for every path that serves native gRPC.
+        self.services = sorted({m.service for m in self.methods})
+        self.standard = StandardServices(self.services)
 
     async def start(self) -> None:
         if self.settings.dev_mode:
@@ -88,14 +92,15 @@ class Gateway:
             await self.backends.start()
             self._warn_per_process()
             await self.health.start()
+            await self.health.serve_grpc(self.standard.health, self.services)
             self.grpc_server = await start_grpc_server(
                 self.methods,
                 self.pipeline,
+                self.standard,
                 address=f"{self.settings.grpc.host}:{self.settings.grpc.port}",
                 max_message_bytes=self.settings.limits.max_request_bytes,
                 reuse_port=self.workers > 1,  # each worker binds the same gRPC port
                 credentials=self._grpc_credentials(),
-                watch_health=self.health.serve_grpc,
             )
         except BaseException:
             await self.close()  # no half-started worker: its threads would keep the process alive

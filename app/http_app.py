@@ -91,7 +91,7 @@ def create_app(settings: Settings) -> ASGIApp:
     max_body = settings.limits.max_request_bytes
     _error_model(api)
     dispatch = Dispatch(
-        grpc=GrpcAsgiApp(gateway.methods, gateway.pipeline, max_body),
+        grpc=GrpcAsgiApp(gateway.methods, gateway.pipeline, gateway.standard, max_body),
         grpc_web=GrpcWebApp(gateway.methods, gateway.pipeline, max_body),
         connect=ConnectApp(gateway.methods, gateway.pipeline, max_body),
         rest=RestRouter(gateway.methods, gateway.pipeline, max_body, settings.limits.sse_ping_seconds),

@@ -13,6 +13,11 @@
 
 Transports pass a ``decode`` callable rather than a message, so nobody without credentials
 learns about the API, and no request body is read for a caller already refused.
+
+Client-streaming and bidirectional methods enter through ``Pipeline.stream_in`` with an
+iterator of requests instead: the call is admitted once when it opens, before a request is
+read (credentials, session, pattern, authorization, limits: the steps that judge the call),
+and each request is checked as the method reads it (the steps that judge a message).
 """
 
 from __future__ import annotations
@@ -64,7 +69,9 @@ class Call:
 
 
 # One check on an authenticated call and its decoded request; raises PrismError to refuse.
-Step = Callable[[Call, Message], Awaitable[None]]
+# A call step gets None for the request when a client-streaming call opens.
+Step = Callable[[Call, Message | None], Awaitable[None]]
+Requests = AsyncIterator[Message]
 
 
 def check_required(message: Message, required: Mapping[str, tuple[str, ...]], prefix: str = "") -> None:
@@ -99,7 +106,11 @@ def policy_gaps(methods: list[Method]) -> list[str]:
     return [
         m.path
         for m in methods
-        if m.handler is not None and m.service not in PUBLIC_SERVICES and not m.requires_session and m.scope is None
+        if m.handler is not None
+        and m.service not in PUBLIC_SERVICES
+        and not m.requires_session
+        # A scope reads the request; a client stream is authorized before its first one.
+        and (m.scope is None or m.client_streaming)
     ]
 NOBODY = Identity(name="anonymous", roles=frozenset(), method="anonymous")
 
@@ -125,8 +136,10 @@ class Pipeline:
         if gaps := policy_gaps(methods):
             raise ValueError(f"methods without an authorization scope: {', '.join(gaps)}")
         # After authentication and decoding, in this order; tracing, metrics and PII masking
-        # take their places in this list.
-        self.steps: list[Step] = [self._check_request, self._check_pattern, self._authorize, self._rate_limit]
+        # take their places in these lists. Message steps judge one request; call steps the
+        # call as a whole (once per call, also for a stream of requests).
+        self.message_steps: list[Step] = [self._check_request]
+        self.call_steps: list[Step] = [self._check_pattern, self._authorize, self._rate_limit]
 
     def asgi_peer(self, scope: Mapping[str, Any]) -> str | None:
         """The verified client-certificate identity of an HTTP request, for ``peer``."""
@@ -177,14 +190,16 @@ class Pipeline:
 
     async def admit(self, call: Call, request: Message) -> None:
         """The checks that need the request, in order: the steps folded at start-up."""
-        for step in self.steps:
+        for step in self.message_steps:
+            await step(call, request)
+        for step in self.call_steps:
             await step(call, request)
 
-    async def _check_request(self, call: Call, request: Message) -> None:
-        if call.method.required_fields:
+    async def _check_request(self, call: Call, request: Message | None) -> None:
+        if call.method.required_fields and request is not None:
             check_required(request, call.method.required_fields)
 
-    async def _check_pattern(self, call: Call, request: Message) -> None:
+    async def _check_pattern(self, call: Call, request: Message | None) -> None:
         method = call.method
         if call.session is None or not method.pattern:
             return
@@ -197,7 +212,7 @@ class Pipeline:
                 f"{config_pb2.AccessPattern.Name(method.pattern)}"
             )
 
-    async def _authorize(self, call: Call, request: Message) -> None:
+    async def _authorize(self, call: Call, request: Message | None) -> None:
         """Every method but the public probes, by one rule: the operation in the namespace the
         call touches — its session's, or the one its scope resolves from the request."""
         method = call.method
@@ -216,7 +231,7 @@ class Pipeline:
             return
         self.authorizer.check(call.identity, call.operation, namespace)
 
-    async def _rate_limit(self, call: Call, request: Message) -> None:
+    async def _rate_limit(self, call: Call, request: Message | None) -> None:
         if call.session is not None:
             self._limit(call.session.config)
 
@@ -281,6 +296,40 @@ class Pipeline:
             self._record(call, method, transport, "OK", event="stream-open")
         return self._guarded(call, method.handler(request, call))  # type: ignore[arg-type]
 
+    async def stream_in(
+        self, method: Method, requests: Requests, metadata: Mapping[str, str], transport: str, peer: str | None = None
+    ) -> AsyncIterator[Message]:
+        """A client-streaming or bidirectional call: admitted when it opens, before a request is
+        read, so a refusal comes before the first response; ``requests`` (which raises
+        PrismError for a request it cannot decode) is checked message by message as the
+        method reads it. A client-streaming method's one response is the stream's only one."""
+        call: Call | None = None
+        try:
+            call = await self.begin(method, metadata, transport, peer)
+            for step in self.call_steps:
+                await step(call, None)
+        except PrismError as error:
+            if self.audit.enabled:
+                self._record(call, method, transport, error.code.name)
+            raise
+        if self.audit.enabled:
+            self._record(call, method, transport, "OK", event="stream-open")
+        checked = self._checked(call, requests)
+        if method.server_streaming:
+            responses: AsyncIterator[Message] = method.handler(checked, call)  # type: ignore[assignment,misc]
+        else:
+            responses = _one(method.handler(checked, call))  # type: ignore[arg-type,misc]
+        return self._guarded(call, responses)
+
+    async def _checked(self, call: Call, requests: Requests) -> AsyncIterator[Message]:
+        try:
+            async for request in requests:
+                for step in self.message_steps:
+                    await step(call, request)
+                yield request
+        finally:
+            await requests.aclose()  # type: ignore[attr-defined]
+
     async def _guarded(self, call: Call, responses: AsyncIterator[Message]) -> AsyncIterator[Message]:
         outcome = "OK"
         try:
@@ -297,6 +346,10 @@ class Pipeline:
             await responses.aclose()  # type: ignore[attr-defined]
             if self.audit.enabled:
                 self._record(call, call.method, call.transport, outcome, event="stream-close")
+
+
+async def _one(response: Awaitable[Message]) -> AsyncIterator[Message]:
+    yield await response
 
 
 def status_of(exc: BaseException) -> PrismError:

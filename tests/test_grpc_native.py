@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import h2.config
 import h2.connection
 import h2.events
@@ -432,11 +433,19 @@ async def test_one_request_message_still_answers(hypercorn_gateway: GatewayProce
 REFLECTION_V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 
 
-async def test_grpcurl_style_listing_through_reflection_v1(hypercorn_gateway: GatewayProcess) -> None:
+@pytest.fixture(params=["grpc-port", "http-port"])
+def native_target(request: pytest.FixtureRequest, hypercorn_gateway: GatewayProcess) -> str:
+    """Both paths that serve native gRPC: the grpc.aio port, and the ASGI app on the HTTP port."""
+    if request.param == "grpc-port":
+        return hypercorn_gateway.grpc_target
+    return f"127.0.0.1:{hypercorn_gateway.http_port}"
+
+
+async def test_grpcurl_style_listing_through_reflection_v1(native_target: str) -> None:
     """One reflection stream, like grpcurl's: list the services, fetch the file declaring
     KeyValueService (and the files it imports), resolve a method from them. The v1 request and
     response messages are v1alpha's bytes: the two protos differ only in their package."""
-    async with grpc.aio.insecure_channel(hypercorn_gateway.grpc_target) as channel:
+    async with grpc.aio.insecure_channel(native_target) as channel:
         stub = channel.stream_stream(
             REFLECTION_V1,
             request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
@@ -475,3 +484,20 @@ async def test_grpcurl_style_listing_through_reflection_v1(hypercorn_gateway: Ga
     assert method.output_type.full_name == "prism.v1.GetResponse"
     v1 = pool.FindServiceByName("grpc.reflection.v1.ServerReflection").FindMethodByName("ServerReflectionInfo")
     assert v1.input_type.full_name == "grpc.reflection.v1.ServerReflectionRequest"
+
+
+async def test_grpc_health_v1_check_and_watch(native_target: str) -> None:
+    """grpc.health.v1 as grpcio's stub calls it, on both paths: the server ("") and each
+    Prism service SERVING, an unknown service NOT_FOUND, and Watch streaming the status."""
+    async with grpc.aio.insecure_channel(native_target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "prism.v1.KeyValueService", "prism.v1.QueueService"):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()

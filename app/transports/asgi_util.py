@@ -29,18 +29,19 @@ class RequestBody:
     client still writing gets EPIPE instead of the refusal: so the body is drained, chunk by
     chunk into nothing, up to the size a call may have."""
 
-    __slots__ = ("done", "receive")
+    __slots__ = ("disconnected", "done", "receive")
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
         self.done = False
+        self.disconnected = False  # the client went away before the body ended
 
     async def read(self, limit: int) -> bytes:
         """The whole body, refusing (413) as soon as it passes ``limit``."""
         chunks: list[bytes] = []
         size = 0
         while True:
-            chunk = await self._next()
+            chunk = await self.next_chunk()
             size += len(chunk)
             if size > limit:
                 self.done = True  # the server closes the connection: nothing more to read
@@ -54,14 +55,15 @@ class RequestBody:
         size = 0
         try:
             while not self.done and size <= limit:
-                size += len(await self._next())
+                size += len(await self.next_chunk())
         except PrismError:  # the client went away: nothing to drain
             self.done = True
 
-    async def _next(self) -> bytes:
+    async def next_chunk(self) -> bytes:
+        """The next piece of the body as it arrives; CANCELLED if the client goes away."""
         message = await self.receive()
         if message["type"] == "http.disconnect":
-            self.done = True
+            self.done = self.disconnected = True
             raise PrismError.cancelled()
         if not message.get("more_body", False):
             self.done = True

@@ -6,14 +6,15 @@ on the HTTP port as well, without grpc.aio's per-call cost:
 
     request   HEADERS (:path /<service>/<method>, grpc-timeout, grpc-encoding, metadata)
               DATA    5-byte frames (flag: compressed; length) — one message for unary and
-                      server-streaming methods
+                      server-streaming methods, any number for client-streaming and bidi
     response  HEADERS (:status 200, content-type application/grpc, grpc-accept-encoding)
               DATA    one frame per response message
               HEADERS (trailers) grpc-status, grpc-message, grpc-status-details-bin
 
 Errors before the first message are still sent as headers then trailers, so every client reads
 the status from the trailers. ``send`` waits on HTTP/2 flow control, so a slow reader slows the
-stream instead of growing a buffer. A reset stream (``http.disconnect``) cancels the call.
+stream instead of growing a buffer; a request stream is parsed as the method reads it, so a
+fast writer waits on flow control too. A reset stream (``http.disconnect``) cancels the call.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from google.protobuf.message import DecodeError, Message
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map
+from app.transports.grpc_standard import StandardServices
 from app.transports.grpc_web import trailer_fields
 from prism.errors import PrismError, invalid_argument, too_large
 
@@ -63,7 +65,31 @@ def one_message(body: bytes, encoding: str, limit: int) -> bytes:
         raise invalid_argument("request", f"a truncated frame: {length} bytes announced, {len(body) - 5} sent")
     if len(body) > 5 + length:
         raise invalid_argument("request", "more than one request message; the call takes exactly one")
-    payload = body[5:]
+    return _payload(flag, body[5:], encoding, limit)
+
+
+async def messages(body: RequestBody, encoding: str, limit: int) -> AsyncIterator[bytes]:
+    """The messages of a request stream, each as soon as its frame is whole; at most one
+    message and one received chunk are held."""
+    buffer = bytearray()
+    while True:
+        while len(buffer) >= 5:
+            flag, length = struct.unpack_from(">BI", buffer)
+            if length > limit:
+                raise too_large("request message", length, limit)
+            if len(buffer) < 5 + length:
+                break
+            payload = bytes(buffer[5 : 5 + length])
+            del buffer[: 5 + length]
+            yield _payload(flag, payload, encoding, limit)
+        if body.done:
+            break
+        buffer += await body.next_chunk()
+    if buffer:
+        raise invalid_argument("request", f"the request stream ended inside a frame ({len(buffer)} bytes)")
+
+
+def _payload(flag: int, payload: bytes, encoding: str, limit: int) -> bytes:
     if flag & COMPRESSED:
         if encoding != "gzip":
             raise PrismError(
@@ -80,8 +106,9 @@ def one_message(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 class GrpcAsgiApp:
-    def __init__(self, methods: list[Method], pipeline: Pipeline, max_body: int) -> None:
+    def __init__(self, methods: list[Method], pipeline: Pipeline, standard: StandardServices, max_body: int) -> None:
         self.methods = {m.path: m for m in methods}
+        self.standard = standard.asgi_methods()  # public, outside the pipeline
         self.pipeline = pipeline
         self.max_body = max_body
 
@@ -95,33 +122,49 @@ class GrpcAsgiApp:
         try:
             headers = header_map(scope)
             peer = self.pipeline.asgi_peer(scope)
-            method = self.methods.get(scope["path"])
+            method, public = self.standard.get(scope["path"], (self.methods.get(scope["path"]), None))
             if method is None:
                 unknown = PrismError(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {scope['path']}")
                 await self.pipeline.refuse_unknown(unknown, headers, peer)
-            if method.client_streaming:
-                raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.path} is not implemented yet")
             timeout = headers.get("grpc-timeout")
             bound = asyncio.timeout(deadline_seconds(timeout)) if timeout else contextlib.nullcontext()
+            encoding = headers.get("grpc-encoding", "identity")
 
-            async def decode() -> Message:
+            def watch_for_reset() -> None:
+                """Once the body has ended, what comes next is a reset: it cancels the call."""
                 nonlocal watcher
-                raw = await body.read(self.max_body + 5)
-                payload = one_message(raw, headers.get("grpc-encoding", "identity"), self.max_body)
-                if method.server_streaming:  # the body is read: what comes next is a reset
-                    watcher = asyncio.create_task(_cancel_on_reset(receive, task, finished))
-                    _WATCHERS.add(watcher)
-                    watcher.add_done_callback(_WATCHERS.discard)
+                if method.unary:
+                    return
+                watcher = asyncio.create_task(_cancel_on_reset(receive, task, finished))
+                _WATCHERS.add(watcher)
+                watcher.add_done_callback(_WATCHERS.discard)
+
+            def parse(payload: bytes, at: str) -> Message:
                 try:
                     return method.request_type.FromString(payload)
                 except DecodeError:
-                    raise invalid_argument(
-                        "request", f"not a valid {method.request_type.DESCRIPTOR.full_name} message"
-                    ) from None
+                    raise invalid_argument(at, f"not a valid {method.request_type.DESCRIPTOR.full_name} message") from None
+
+            async def decode() -> Message:
+                payload = one_message(await body.read(self.max_body + 5), encoding, self.max_body)
+                watch_for_reset()
+                return parse(payload, "request")
+
+            async def requests() -> AsyncIterator[Message]:
+                index = 0
+                async for payload in messages(body, encoding, self.max_body):
+                    yield parse(payload, f"request[{index}]")
+                    index += 1
+                watch_for_reset()
 
             try:
                 async with bound:
-                    if method.server_streaming:
+                    if public is not None:
+                        await stream.send_all(public(requests()))
+                    elif method.client_streaming:
+                        responses = await self.pipeline.stream_in(method, requests(), headers, "grpc", peer)
+                        await stream.send_all(responses)
+                    elif method.server_streaming:
                         responses = await self.pipeline.stream(method, decode, headers, "grpc", peer)
                         await stream.send_all(responses)
                     else:
@@ -134,6 +177,8 @@ class GrpcAsgiApp:
                 raise
             return  # the client reset the stream: nobody to answer
         except Exception as exc:
+            if body.disconnected:
+                return  # the client reset the stream while sending: nobody to answer
             error = status_of(exc)
             await body.drain(self.max_body)
         finished.set()  # from here on a disconnect is the normal end of the exchange

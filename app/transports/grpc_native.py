@@ -19,24 +19,22 @@ cyclic GC frees, which a refused call's few allocations rarely trigger: that tra
 hold no request bytes. (A unary-unary handler's frame held its whole request there.)
 
 Server reflection (``grpc.reflection.v1`` and ``v1alpha``) and the standard
-``grpc.health.v1`` service are registered beside Prism's services.
+``grpc.health.v1`` service (``grpc_standard.py``) are registered beside Prism's services.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple, NoReturn
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from app.methods import Method
 from app.pipeline import Decode, Pipeline, status_of
+from app.transports.grpc_standard import StandardServices
 from prism.errors import invalid_argument
 
 log = logging.getLogger("prism.grpc")
@@ -109,11 +107,29 @@ def _unary(method: Method, pipeline: Pipeline) -> Callable[..., object]:
     return handle
 
 
-def _server_stream(method: Method, pipeline: Pipeline) -> Callable[..., AsyncIterator[bytes]]:
+async def _read_all(method: Method, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+    """A client stream's requests, parsed as the method reads them."""
+    name = method.request_type.DESCRIPTOR.full_name
+    index = 0
+    while (data := await context.read()) is not grpc.aio.EOF:
+        try:
+            yield method.request_type.FromString(data)
+        except DecodeError:
+            raise invalid_argument(f"request[{index}]", f"not a valid {name} message") from None
+        index += 1
+
+
+def _streaming(method: Method, pipeline: Pipeline) -> Callable[..., AsyncIterator[bytes]]:
+    """Every method with a stream on either side. A client that goes away cancels the handler
+    (grpc.aio cancels its task): how a Subscribe ends, and a Transaction learns to roll back."""
+
     async def handle(requests: Requests, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         try:
-            peer = pipeline.grpc_peer(context)
-            responses = await pipeline.stream(method, _decoder(method, context), _metadata(context), "grpc", peer)
+            peer, metadata = pipeline.grpc_peer(context), _metadata(context)
+            if method.client_streaming:
+                responses = await pipeline.stream_in(method, _read_all(method, context), metadata, "grpc", peer)
+            else:
+                responses = await pipeline.stream(method, _decoder(method, context), metadata, "grpc", peer)
         except Exception as exc:
             _Status.of(exc).set(context)
             return
@@ -128,27 +144,12 @@ def _server_stream(method: Method, pipeline: Pipeline) -> Callable[..., AsyncIte
     return handle
 
 
-def _client_stream_unsupported(method: Method, pipeline: Pipeline) -> Callable[..., object]:
-    async def handle(requests: Requests, context: grpc.aio.ServicerContext) -> None:
-        try:
-            # Credentials and session first, as for every method; no request is read.
-            await pipeline.begin(method, _metadata(context), "grpc", pipeline.grpc_peer(context))
-        except Exception as exc:
-            _Status.of(exc).set(context)
-            return
-        _Status(grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet", ()).set(context)
-
-    return handle
-
-
 def generic_handlers(methods: list[Method], pipeline: Pipeline) -> list[grpc.GenericRpcHandler]:
     per_service: dict[str, dict[str, grpc.RpcMethodHandler]] = defaultdict(dict)
     for method in methods:
         # No (de)serializers: handlers read and return bytes.
-        if method.client_streaming:
-            handler = grpc.stream_stream_rpc_method_handler(_client_stream_unsupported(method, pipeline))
-        elif method.server_streaming:
-            handler = grpc.stream_stream_rpc_method_handler(_server_stream(method, pipeline))
+        if method.client_streaming or method.server_streaming:
+            handler = grpc.stream_stream_rpc_method_handler(_streaming(method, pipeline))
         else:
             # stream-unary, not stream-stream: the response and the status go in one batch.
             handler = grpc.stream_unary_rpc_method_handler(_unary(method, pipeline))
@@ -156,61 +157,17 @@ def generic_handlers(methods: list[Method], pipeline: Pipeline) -> list[grpc.Gen
     return [grpc.method_handlers_generic_handler(name, table) for name, table in sorted(per_service.items())]
 
 
-# grpcurl, Postman and Kreya ask for grpc.reflection.v1 first; grpcio-reflection ships only
-# v1alpha. The two protos differ only in their package, so the v1alpha servicer answers v1
-# calls too, and the v1 file (v1alpha's renamed) is in the pool for clients that describe it.
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-
-
-def _register_reflection_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
-    try:
-        pool.FindServiceByName(REFLECTION_V1)
-        return  # already there (a grpcio-reflection that ships v1)
-    except KeyError:
-        pass
-    alpha, v1 = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
-    file = descriptor_pb2.FileDescriptorProto()
-    reflection_pb2.DESCRIPTOR.CopyToProto(file)
-    file.name, file.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
-    file.options.Clear()
-    file.options.java_package = "io.grpc.reflection.v1"
-    file.options.java_outer_classname = "ServerReflectionProto"
-    file.options.java_multiple_files = True
-    file.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
-    for message in file.message_type:
-        for field in message.field:
-            if field.HasField("type_name"):
-                field.type_name = field.type_name.replace(alpha, v1, 1)
-    for rpc in file.service[0].method:
-        rpc.input_type = rpc.input_type.replace(alpha, v1, 1)
-        rpc.output_type = rpc.output_type.replace(alpha, v1, 1)
-    pool.Add(file)
-
-
-def _add_reflection(server: grpc.aio.Server, services: list[str]) -> None:
-    _register_reflection_v1_descriptor(descriptor_pool.Default())
-    servicer = reflection.aio.ReflectionServicer([*services, REFLECTION_V1, reflection.SERVICE_NAME])
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    v1 = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1})])
-
-
 async def start_grpc_server(
     methods: list[Method],
     pipeline: Pipeline,
+    standard: StandardServices,
     *,
     address: str,
     max_message_bytes: int,
     reuse_port: bool,
     credentials: grpc.ServerCredentials | None = None,
-    watch_health: Callable[[health.aio.HealthServicer, list[str]], Awaitable[None]] | None = None,
 ) -> grpc.aio.Server:
-    """Create, bind and start the server on the running loop (it must run where it is created).
-    ``watch_health`` keeps grpc.health.v1 in step with the gateway's health monitor."""
+    """Create, bind and start the server on the running loop (it must run where it is created)."""
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -219,10 +176,7 @@ async def start_grpc_server(
         ]
     )
     server.add_generic_rpc_handlers(generic_handlers(methods, pipeline))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = sorted({m.service for m in methods})
-    _add_reflection(server, [*services, health.SERVICE_NAME])
+    standard.add_to(server)
     try:
         if credentials is None:
             server.add_insecure_port(address)
@@ -231,9 +185,5 @@ async def start_grpc_server(
     except RuntimeError as exc:
         raise OSError(f"gRPC could not bind {address} (is the port taken?)") from exc
     await server.start()
-    for name in ["", *services]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if watch_health is not None:  # statuses now and on every change
-        await watch_health(health_servicer, services)
     log.info("gRPC listening on %s", address)
     return server
