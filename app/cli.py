@@ -18,6 +18,7 @@ from app.settings import Settings, SettingsError, load_settings
 
 SERVERS = ("hypercorn", "granian", "pyvoy")
 DEFAULT_SERVER = "granian"  # by measurement: see README, Performance
+TRAILER_SERVERS = ("pyvoy", "hypercorn")  # HTTP/2 trailers, so native gRPC through the ASGI app
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,11 +67,20 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("prism: --workers must be at least 1", file=sys.stderr)
         return 2
-    http = settings.http
+    http, grpc_port = settings.http, settings.grpc
     tls = settings.tls
+    grpc_server = grpc_port.server
+    if grpc_server == "asgi" and args.server not in TRAILER_SERVERS:
+        print(
+            f"prism: grpc.server asgi needs an HTTP server with HTTP/2 trailers ({', '.join(TRAILER_SERVERS)}), "
+            f"not {args.server}: use --server pyvoy, or grpc.server grpc.aio",
+            file=sys.stderr,
+        )
+        return 2
     print(
         f"prism: HTTP on {'https' if tls else 'http'}://{http.host}:{http.port} ({args.server}), "
-        f"gRPC on {settings.grpc.host}:{settings.grpc.port}, workers={args.workers}",
+        f"gRPC on {grpc_port.host}:{grpc_port.port} ({grpc_server if grpc_server == 'grpc.aio' else args.server}), "
+        f"workers={args.workers}",
         file=sys.stderr,
     )
     mtls = settings.auth.mtls if settings.auth is not None else None
@@ -106,6 +116,8 @@ def serve(args: argparse.Namespace) -> int:
     config = Config()
     config.application_path = "app.asgi:app"
     config.bind = [f"{http.host}:{http.port}"]
+    if grpc_server == "asgi":
+        config.bind.append(f"{grpc_port.host}:{grpc_port.port}")
     config.workers = 0 if args.workers == 1 else args.workers  # 0 = serve in this process
     config.worker_class = "uvloop"
     config.keep_alive_max_requests = 2**31  # Hypercorn's default closes h2 connections after 1000
@@ -129,20 +141,29 @@ PYVOY_LOG_LEVELS = {"debug": "info", "info": "warning", "warning": "warning", "e
 
 def _serve_pyvoy(args: argparse.Namespace, settings: Settings) -> int:
     """pyvoy (Envoy with the app as a dynamic module: HTTP/1.1, HTTP/2 with trailers, TLS,
-    client certificates) runs one Python process; ``--workers N`` runs N of them on the same
-    port, which Envoy opens with SO_REUSEPORT so the kernel spreads connections over them."""
-    http, tls = settings.http, settings.tls
-    command = [
-        sys.executable, "-c", "from pyvoy._cli import main; main()", "app.asgi:app",
-        "--address", http.host, "--port", str(http.port),
-        "--log-level", PYVOY_LOG_LEVELS.get(args.log_level.lower(), "warning"),
-    ]  # fmt: skip
-    if tls:
-        command += ["--tls-cert", str(tls.certfile), "--tls-key", str(tls.keyfile), "--tls-disable-http3"]
-        mtls = settings.auth.mtls if settings.auth is not None else None
-        if mtls is not None:  # optional, as on Hypercorn: API keys and tokens still connect
-            command += ["--tls-ca-cert", str(mtls.ca_file), "--no-tls-require-client-certificate"]
-    workers = [subprocess.Popen(command) for _ in range(args.workers)]
+    client certificates) runs one Python process per port; ``--workers N`` runs N of them on
+    each port, which Envoy opens with SO_REUSEPORT so the kernel spreads connections over them.
+    With grpc.server asgi the gRPC port gets N processes of its own: in-process backends are then
+    per process, as with workers, which the gateway warns about."""
+    tls = settings.tls
+    listeners = [settings.http]
+    if settings.grpc.server == "asgi":
+        listeners.append(settings.grpc)
+        os.environ["PRISM_WORKERS"] = str(args.workers * len(listeners))
+    commands = []
+    for listener in listeners:
+        command = [
+            sys.executable, "-c", "from pyvoy._cli import main; main()", "app.asgi:app",
+            "--address", listener.host, "--port", str(listener.port),
+            "--log-level", PYVOY_LOG_LEVELS.get(args.log_level.lower(), "warning"),
+        ]  # fmt: skip
+        if tls:
+            command += ["--tls-cert", str(tls.certfile), "--tls-key", str(tls.keyfile), "--tls-disable-http3"]
+            mtls = settings.auth.mtls if settings.auth is not None else None
+            if mtls is not None:  # optional, as on Hypercorn: API keys and tokens still connect
+                command += ["--tls-ca-cert", str(mtls.ca_file), "--no-tls-require-client-certificate"]
+        commands.append(command)
+    workers = [subprocess.Popen(command) for command in commands for _ in range(args.workers)]
 
     def forward(signum: int, _: object) -> None:
         for worker in workers:

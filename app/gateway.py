@@ -76,6 +76,7 @@ class Gateway:
             self.methods,
         )
         self.grpc_server: grpc.aio.Server | None = None
+        self.started = False
         # Reflection and grpc.health.v1, for every path that serves native gRPC.
         self.services = sorted({m.service for m in self.methods})
         self.standard = StandardServices(self.services)
@@ -93,6 +94,9 @@ class Gateway:
             self._warn_per_process()
             await self.health.start()
             await self.health.serve_grpc(self.standard.health, self.services)
+            if self.settings.grpc.server == "asgi":  # the ASGI server listens on the gRPC port too
+                self.started = True
+                return
             self.grpc_server = await start_grpc_server(
                 self.methods,
                 self.pipeline,
@@ -102,6 +106,7 @@ class Gateway:
                 reuse_port=self.workers > 1,  # each worker binds the same gRPC port
                 credentials=self._grpc_credentials(),
             )
+            self.started = True
         except BaseException:
             await self.close()  # no half-started worker: its threads would keep the process alive
             raise

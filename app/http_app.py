@@ -84,7 +84,7 @@ def create_app(settings: Settings) -> ASGIApp:
     async def readyz() -> JSONResponse:
         """The health monitor's last round (never waits on a backend): 503 while starting or
         while a required backend is down; an optional one down shows as "degraded"."""
-        health, started = gateway.health.current, gateway.grpc_server is not None
+        health, started = gateway.health.current, gateway.started
         body = health.to_json() if started else {**health.to_json(), "status": "starting"}
         return JSONResponse(body, status_code=200 if started and health.ready else 503)
 

@@ -64,6 +64,10 @@ class HttpListener(Listener):
 
 class GrpcListener(Listener):
     port: int = Field(default=8980, ge=0, le=65535)
+    # What serves the native gRPC port: the embedded grpc.aio server, or the ASGI server that
+    # serves the HTTP port (it needs HTTP/2 trailers: pyvoy or Hypercorn). README, Performance,
+    # says which is faster where and why grpc.aio stays the default.
+    server: Literal["grpc.aio", "asgi"] = "grpc.aio"
 
 
 class TLS(Strict):

@@ -218,3 +218,34 @@ async def test_workers_share_sessions_and_sqlite(tmp_path: pathlib.Path, server:
         assert len(_children(gateway.process.pid)) >= 2, "expected one child process per worker"
     finally:
         gateway.stop()
+
+
+def test_grpc_port_on_the_asgi_server_needs_trailers(tmp_path: pathlib.Path) -> None:
+    result = run_serve("--server", "granian", "--data-dir", str(tmp_path), env={"PRISM_GRPC__SERVER": "asgi"})
+    assert result.returncode == 2
+    assert "grpc.server asgi needs an HTTP server with HTTP/2 trailers" in result.stderr
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "pyvoy"])
+async def test_the_asgi_server_can_serve_the_grpc_port(tmp_path: pathlib.Path, server: str) -> None:
+    """grpc.server asgi: no grpc.aio; the ASGI server answers the gRPC port (HTTP there too, so
+    /healthz answers). A session made over REST on the HTTP port works over gRPC on the gRPC
+    port — under pyvoy another process, so the session store is the shared one."""
+    gateway = start_gateway(tmp_path, server, env={"PRISM_GRPC__SERVER": "asgi"})
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            assert (await http.get(f"http://127.0.0.1:{gateway.grpc_port}/healthz")).status_code == 200
+        rest, client = RestClient(gateway.base_url), GrpcClient(gateway.grpc_target)
+        try:
+            token = await open_session(rest, "kv")
+            await client.call(KV + "Set", kv.SetRequest(key="on-asgi", value=b"v"), token)
+            got = await client.call(KV + "Get", kv.GetRequest(key="on-asgi"), token)
+        finally:
+            await rest.close()
+            await client.close()
+        assert got.value == b"v"
+        async with grpc.aio.insecure_channel(gateway.grpc_target) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gateway.stop()
