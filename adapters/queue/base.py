@@ -61,14 +61,20 @@ adapter does not declare is refused by the service before the adapter is called.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import itertools
 import json
 import re
+import time
+import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import grpc
 
@@ -196,6 +202,98 @@ class Consumer(ABC, AsyncIterator[Delivery]):
     async def close(self) -> None:
         """Leave the group: a pending ``__anext__`` ends, and every unacknowledged delivery
         of this consumer is deliverable to the group again at once. Idempotent."""
+
+
+class Leased(NamedTuple):
+    """A delivery in a consumer's buffer, with when its lease ends (``time.monotonic()``) and
+    what the backend needs to give it back unsent."""
+
+    delivery: Delivery
+    lease_end: float
+    ref: object = None
+
+
+class LeasingConsumer(Consumer):
+    """Claims leases only when its buffer is empty and the stream asks for more, so a slow
+    reader holds at most ``max_in_flight`` messages and leases nothing beyond them.
+
+    A claim runs as its own task: a caller that stops waiting for ``__anext__`` (a timeout,
+    a cancelled stream) never strands leased messages between the backend and the buffer.
+    A backend says how to claim (``_claim``) and how to give leases back (``_release``);
+    its adapter calls :meth:`wake` when something may have become deliverable."""
+
+    def __init__(self, options: ConsumeOptions) -> None:
+        self.id = uuid.uuid4().hex
+        self.options = options
+        self._buffer: deque[Leased] = deque()
+        self._handed_out: set[tuple[int, int]] = set()  # (partition, offset) of leases __anext__ returned
+        self._turn = itertools.count()  # which partition a claim looks at first
+        self._woken = asyncio.Event()
+        self._claiming: asyncio.Task[float | None] | None = None
+        self._closed = False
+
+    @abstractmethod
+    async def _claim(self) -> float | None:
+        """Lease what this consumer may take into ``_buffer``; seconds until looking again if
+        nothing wakes it (None: only a wake-up can change anything)."""
+
+    @abstractmethod
+    async def _release(self, unsent: list[Leased]) -> None:
+        """Give back the leases of this consumer: those handed out and not acknowledged
+        (``_handed_out``) and ``unsent``, which never left the buffer."""
+
+    async def _leave(self) -> None:
+        """Unregister from the adapter's wake-ups; runs last on close, even after a failure."""
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def __anext__(self) -> Delivery:
+        while not self._closed:
+            now = time.monotonic()
+            while self._buffer:
+                leased = self._buffer.popleft()
+                if leased.lease_end > now:  # else its lease ran out while it waited here: maybe redelivered
+                    self._handed_out.add((leased.delivery.partition, leased.delivery.offset))
+                    return leased.delivery
+            self._woken.clear()  # before claiming, so a change during the claim is not missed
+            if self._claiming is None or self._claiming.done():
+                self._claiming = asyncio.create_task(self._claim())
+                self._claiming.add_done_callback(_retrieve)
+            wait = await asyncio.shield(self._claiming)
+            if self._buffer or self._closed:
+                continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that comes as the event is set, and this loop would then run on after its reader left.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._woken.wait()
+        raise StopAsyncIteration
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._woken.set()
+        try:
+            if self._claiming is not None:  # a claim under way lands first, so its leases are released too
+                await asyncio.gather(self._claiming, return_exceptions=True)
+            unsent = list(self._buffer)
+            self._buffer.clear()
+            await self._release(unsent)
+        finally:
+            await self._leave()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a claim's failure seen: the ``__anext__`` awaiting it raises it, or none is left."""
+    if not task.cancelled():
+        task.exception()
+
+
+def monotonic_of(unix_ns: int) -> float:
+    """A wall-clock time (a lease end stored in a database) on the ``time.monotonic()`` clock."""
+    return time.monotonic() + (unix_ns - time.time_ns()) / 1e9
 
 
 class QueueAdapter(ABC):

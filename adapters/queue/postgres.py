@@ -49,7 +49,7 @@ import logging
 import time
 import uuid
 import zlib
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,12 +66,15 @@ from adapters.queue.base import (
     Consumer,
     Delivery,
     Entry,
+    Leased,
+    LeasingConsumer,
     PartitionInfo,
     Published,
     QueueAdapter,
     SeekTarget,
     Start,
     message_id,
+    monotonic_of,
     no_partition,
     offset_out_of_range,
     parse_message_id,
@@ -788,85 +791,34 @@ class PostgresQueue(QueueAdapter):
         return found
 
 
-class PostgresConsumer(Consumer):
-    """Claims leases only when its buffer is empty and the stream asks for more, so a slow
-    reader holds at most ``max_in_flight`` messages and leases nothing beyond them.
-
-    A claim runs as its own task: a caller that stops waiting for ``__anext__`` (a timeout,
-    a cancelled stream) never strands leased messages between the database and the buffer."""
-
+class PostgresConsumer(LeasingConsumer):
     def __init__(self, queue: PostgresQueue, namespace: str, topic: str, options: ConsumeOptions, partitions: int) -> None:
-        self.id = uuid.uuid4().hex
-        self.queue, self.namespace, self.topic, self.options = queue, namespace, topic, options
+        super().__init__(options)
+        self.queue, self.namespace, self.topic = queue, namespace, topic
         self.partitions = partitions  # fixed when the topic was created
-        self._buffer: deque[tuple[Delivery, int]] = deque()
-        self._handed_out: set[tuple[int, int]] = set()  # leases still held that __anext__ returned
-        self._turn = itertools.count()  # which partition a claim looks at first
-        self._woken = asyncio.Event()
-        self._claiming: asyncio.Task[float] | None = None
-        self._closed = False
 
-    def wake(self) -> None:
-        self._woken.set()
-
-    async def __anext__(self) -> Delivery:
-        while not self._closed:
-            now = time.time_ns()
-            while self._buffer:
-                delivery, lease_end = self._buffer.popleft()
-                if lease_end > now:  # else its lease ran out while it waited here: maybe redelivered
-                    self._handed_out.add((delivery.partition, delivery.offset))
-                    return delivery
-            self._woken.clear()  # before claiming, so a change during the claim is not missed
-            if self._claiming is None or self._claiming.done():
-                self._claiming = asyncio.create_task(self._claim())
-                self._claiming.add_done_callback(_retrieve)
-            wait = await asyncio.shield(self._claiming)
-            if self._buffer or self._closed:
-                continue
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
-            # that comes as the event is set, and this loop would then run on after its reader left.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._woken.wait()
-        raise StopAsyncIteration
-
-    async def _claim(self) -> float:
-        """Lease what this consumer may take into its buffer; how long to wait (seconds) before
-        looking again if nothing wakes it."""
+    async def _claim(self) -> float | None:
         queue, options = self.queue, self.options
         if self._closed:
             return 0.0
         async with queue._transaction() as con:
             claim = await queue._claim(con, self.namespace, self.topic, options, self.id, next(self._turn), self.partitions)
         self._handed_out &= claim.held
-        self._buffer.extend(claim.deliveries)
+        self._buffer.extend(Leased(delivery, monotonic_of(lease_end)) for delivery, lease_end in claim.deliveries)
         if claim.dead_lettered:
             queue._wake(self.namespace, options.dead_letter_topic)
-        wait = queue.poll_seconds
+        wait = queue.poll_seconds  # a missed notification costs at most this long
         if claim.wake_at is not None:
             wait = min(wait, max(0.0, (claim.wake_at - time.time_ns()) / 1e9))
         if claim.busy:
             wait = min(wait, queue.busy_retry)
         return wait
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._woken.set()
-        try:
-            if self._claiming is not None:  # a claim under way lands first, so its leases are released too
-                await asyncio.gather(self._claiming, return_exceptions=True)
-            self._buffer.clear()
-            async with self.queue._transaction() as con:
-                await self.queue._release(con, self.id, frozenset(self._handed_out))
-        finally:
-            self.queue._unregister(self)
+    async def _release(self, unsent: list[Leased]) -> None:
+        # The database knows every lease of this consumer, unsent ones too.
+        async with self.queue._transaction() as con:
+            await self.queue._release(con, self.id, frozenset(self._handed_out))
         self.queue._wake(self.namespace, self.topic)  # the group's other consumers take them over
 
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a claim's failure seen: the ``__anext__`` awaiting it raises it, or none is left."""
-    if not task.cancelled():
-        task.exception()
+    async def _leave(self) -> None:
+        self.queue._unregister(self)

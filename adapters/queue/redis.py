@@ -59,12 +59,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import time
-import uuid
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +81,8 @@ from adapters.queue.base import (
     Consumer,
     Delivery,
     Entry,
+    Leased,
+    LeasingConsumer,
     PartitionInfo,
     Published,
     QueueAdapter,
@@ -795,52 +794,16 @@ class RedisQueue(QueueAdapter):
         return found
 
 
-class RedisConsumer(Consumer):
-    """Claims leases only when its buffer is empty and the stream asks for more, so a slow
-    reader holds at most ``max_in_flight`` messages and leases nothing beyond them.
-
-    A claim runs as its own task: a caller that stops waiting for ``__anext__`` (a timeout,
-    a cancelled stream) never strands leased messages between Redis and the buffer."""
-
+class RedisConsumer(LeasingConsumer):
     def __init__(self, queue: RedisQueue, namespace: str, topic: str, options: ConsumeOptions) -> None:
-        self.id = uuid.uuid4().hex
-        self.queue, self.namespace, self.topic, self.options = queue, namespace, topic, options
+        super().__init__(options)
+        self.queue, self.namespace, self.topic = queue, namespace, topic
         self.key = topic_key(namespace, topic)
         self.channel = self.key + b":wake"
         self._dead_key = topic_key(namespace, options.dead_letter_topic) if options.dead_letter_topic else None
         self._deadline_ms = min(max(round(options.ack_deadline * 1000), 1), LEASE_MS)
-        self._buffer: deque[tuple[Delivery, bytes, float]] = deque()  # with entry id, lease end (monotonic)
-        self._turn = itertools.count()  # which partition a claim looks at first
-        self._woken = asyncio.Event()
-        self._claiming: asyncio.Task[float | None] | None = None
-        self._closed = False
-
-    def wake(self) -> None:
-        self._woken.set()
-
-    async def __anext__(self) -> Delivery:
-        while not self._closed:
-            now = time.monotonic()
-            while self._buffer:
-                delivery, _, lease_end = self._buffer.popleft()
-                if lease_end > now:  # else its lease ran out while it waited here: maybe redelivered
-                    return delivery
-            self._woken.clear()  # before claiming, so a change during the claim is not missed
-            if self._claiming is None or self._claiming.done():
-                self._claiming = asyncio.create_task(self._claim())
-                self._claiming.add_done_callback(_retrieve)
-            wake_in = await asyncio.shield(self._claiming)
-            if self._buffer or self._closed:
-                continue
-            try:
-                await asyncio.wait_for(self._woken.wait(), wake_in)
-            except TimeoutError:
-                pass
-        raise StopAsyncIteration
 
     async def _claim(self) -> float | None:
-        """Lease what this consumer may take into its buffer; seconds until a lease that
-        matters runs out (None: only a notification will change anything)."""
         if self._closed:
             return None
         options = self.options
@@ -856,28 +819,16 @@ class RedisConsumer(Consumer):
             taken, wake_in = await self.queue._claim(keys=keys, args=args)
         lease_end = started + self._deadline_ms / 1000
         for partition, entry_id, fields, attempt in taken:
-            self._buffer.append((_delivery(self.topic, partition, entry_id, fields, attempt), entry_id, lease_end))
+            self._buffer.append(Leased(_delivery(self.topic, partition, entry_id, fields, attempt), lease_end, entry_id))
         return None if wake_in < 0 else wake_in / 1000 + WAKE_SLACK
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._woken.set()
-        queue = self.queue
-        try:
-            if self._claiming is not None:  # a claim under way lands first, so its leases are released too
-                await asyncio.gather(self._claiming, return_exceptions=True)
-            unsent = [f"{d.partition} {entry_id.decode()}" for d, entry_id, _ in self._buffer]
-            self._buffer.clear()
-            with queue.client.errors():
-                await queue._release(keys=[self.key], args=[self.options.group, self.id, *unsent])
-        finally:
-            queue._consumers.discard(self)
-            await queue.wakeups.leave(self.channel, self)
+    async def _release(self, unsent: list[Leased]) -> None:
+        # Redis releases what this consumer holds in the group's pending list, and the unsent
+        # entries named here.
+        names = [f"{leased.delivery.partition} {leased.ref.decode()}" for leased in unsent]  # type: ignore[union-attr]
+        with self.queue.client.errors():
+            await self.queue._release(keys=[self.key], args=[self.options.group, self.id, *names])
 
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a claim's failure seen: the ``__anext__`` awaiting it raises it, or none is left."""
-    if not task.cancelled():
-        task.exception()
+    async def _leave(self) -> None:
+        self.queue._consumers.discard(self)
+        await self.queue.wakeups.leave(self.channel, self)

@@ -22,15 +22,12 @@ waiting for a lease to run out sleeps until that deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
 import sqlite3
 import time
-import uuid
 import zlib
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -44,12 +41,15 @@ from adapters.queue.base import (
     Consumer,
     Delivery,
     Entry,
+    Leased,
+    LeasingConsumer,
     PartitionInfo,
     Published,
     QueueAdapter,
     SeekTarget,
     Start,
     message_id,
+    monotonic_of,
     no_partition,
     offset_out_of_range,
     parse_message_id,
@@ -610,51 +610,12 @@ class SqliteQueue(QueueAdapter):
         return await self._run(_topic_info, namespace, topic, group, write=False)
 
 
-class SqliteConsumer(Consumer):
-    """Claims leases only when its buffer is empty and the stream asks for more, so a slow
-    reader holds at most ``max_in_flight`` messages and leases nothing beyond them.
-
-    A claim runs as its own task: a caller that stops waiting for ``__anext__`` (a timeout,
-    a cancelled stream) never strands leased messages between the file and the buffer."""
-
+class SqliteConsumer(LeasingConsumer):
     def __init__(self, queue: SqliteQueue, namespace: str, topic: str, options: ConsumeOptions) -> None:
-        self.id = uuid.uuid4().hex
-        self.queue, self.namespace, self.topic, self.options = queue, namespace, topic, options
-        self._buffer: deque[tuple[Delivery, int]] = deque()
-        self._handed_out: set[tuple[int, int]] = set()  # leases still held that __anext__ returned
-        self._turn = itertools.count()  # which partition a claim looks at first
-        self._woken = asyncio.Event()
-        self._claiming: asyncio.Task[int | None] | None = None
-        self._closed = False
+        super().__init__(options)
+        self.queue, self.namespace, self.topic = queue, namespace, topic
 
-    def wake(self) -> None:
-        self._woken.set()
-
-    async def __anext__(self) -> Delivery:
-        while not self._closed:
-            now = time.time_ns()
-            while self._buffer:
-                delivery, lease_end = self._buffer.popleft()
-                if lease_end > now:  # else its lease ran out while it waited here: maybe redelivered
-                    self._handed_out.add((delivery.partition, delivery.offset))
-                    return delivery
-            self._woken.clear()  # before claiming, so a change during the claim is not missed
-            if self._claiming is None or self._claiming.done():
-                self._claiming = asyncio.create_task(self._claim())
-                self._claiming.add_done_callback(_retrieve)
-            wake_at = await asyncio.shield(self._claiming)
-            if self._buffer or self._closed:
-                continue
-            timeout = None if wake_at is None else max(0.0, (wake_at - time.time_ns()) / 1e9)
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
-            # that comes as the event is set, and this loop would then run on after its reader left.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._woken.wait()
-        raise StopAsyncIteration
-
-    async def _claim(self) -> int | None:
-        """Lease what this consumer may take into its buffer; when to look again at the latest."""
+    async def _claim(self) -> float | None:
         if self._closed:
             return None
         queue, options = self.queue, self.options
@@ -663,27 +624,15 @@ class SqliteConsumer(Consumer):
             next(self._turn), queue.partitions, queue._spread,
         )
         self._handed_out &= claim.held
-        self._buffer.extend(claim.deliveries)
+        self._buffer.extend(Leased(delivery, monotonic_of(lease_end)) for delivery, lease_end in claim.deliveries)
         if claim.dead_lettered:
             queue._wake(self.namespace, options.dead_letter_topic)
-        return claim.wake_at
+        return None if claim.wake_at is None else max(0.0, (claim.wake_at - time.time_ns()) / 1e9)
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._woken.set()
-        try:
-            if self._claiming is not None:  # a claim under way lands first, so its leases are released too
-                await asyncio.gather(self._claiming, return_exceptions=True)
-            self._buffer.clear()
-            await self.queue._run(_release, self.id, frozenset(self._handed_out))
-        finally:
-            self.queue._unregister(self)
+    async def _release(self, unsent: list[Leased]) -> None:
+        # The file knows every lease of this consumer, unsent ones too.
+        await self.queue._run(_release, self.id, frozenset(self._handed_out))
         self.queue._wake(self.namespace, self.topic)  # the group's other consumers take them over
 
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a claim's failure seen: the ``__anext__`` awaiting it raises it, or none is left."""
-    if not task.cancelled():
-        task.exception()
+    async def _leave(self) -> None:
+        self.queue._unregister(self)
