@@ -1,4 +1,5 @@
-"""KeyValue adapters: one module per backend, all implementing :class:`KeyValueAdapter`."""
+"""KeyValue adapters: one module per backend, all implementing :class:`KeyValueAdapter`, and
+``chunked.py``, the decorator that stores large values in chunks over any of them."""
 
 from adapters.keyvalue.base import KeyValueAdapter, Record
 

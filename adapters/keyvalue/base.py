@@ -1,9 +1,10 @@
 """The KeyValue adapter contract.
 
 Every backend implements the four required operations (``get``, ``write``, ``remove``,
-``scan``); ``set``/``replace`` (a :class:`Write` from keyword arguments), ``delete``, batch reads
-and ``exists`` have default implementations built from them, which a backend replaces when its
-store does better. An adapter runs on its backend instance's connection, which it never closes.
+``scan``); ``set``/``replace`` (a :class:`Write` from keyword arguments), ``delete``, batch
+reads, ``exists`` and ``scan_keys`` have default implementations built from them, which a
+backend (or a decorator: ``chunked.py``) replaces when it does better. An adapter runs on its
+backend instance's connection, which it never closes.
 Adapters report failures as :class:`prism.errors.PrismError` (``etag_mismatch``,
 ``already_exists``, ``unavailable``) so no driver exception crosses the contract.
 """
@@ -120,7 +121,7 @@ class KeyValueAdapter(ABC):
         ``if_match`` refuses with ``etag_mismatch`` unless the live record has that ETag;
         ``if_absent`` refuses with ``already_exists`` when a live record exists. The checks, the
         write and reading the replaced value are one atomic step, in one round trip: the
-        KeyValue service learns this way whether a write replaced a chunked value whose chunks
+        chunked decorator learns this way whether a write replaced a chunked value whose chunks
         it must remove, without reading every key first.
         """
 
@@ -153,6 +154,13 @@ class KeyValueAdapter(ABC):
     ) -> list[tuple[str, Record]]:
         """Live records whose key starts with ``prefix`` (literally), after ``start_after``,
         in key order (by UTF-8 bytes), at most ``limit``."""
+
+    async def scan_keys(
+        self, namespace: str, prefix: str, start_after: str, limit: int
+    ) -> list[tuple[str, str]]:
+        """(key, ETag) of what ``scan`` finds: for listing keys without the values, which a
+        decorator may have to assemble (chunked) and a store may not need to send."""
+        return [(key, record.etag) for key, record in await self.scan(namespace, prefix, start_after, limit)]
 
     async def exists(self, namespace: str, key: str) -> bool:
         return await self.get(namespace, key) is not None

@@ -1,22 +1,23 @@
-"""KeyValueService: validation, TTL, idempotency and batching over any KeyValue adapter."""
+"""KeyValueService: validation, TTL, idempotency and batching over any KeyValue adapter.
+
+Values of any size up to ``limits.max_value_bytes``: the service uses each backend's adapter
+through the chunked decorator (``adapters/keyvalue/chunked.py``), which stores the large ones.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import json
-import logging
-import secrets
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from adapters.keyvalue.base import KeyValueAdapter, Record, already_exists, etag_mismatch
+from adapters.capabilities import Capability
+from adapters.keyvalue.base import KeyValueAdapter, Record
+from adapters.keyvalue.chunked import ChunkedKeyValue
 from app.backends import Backends
 from app.pipeline import Call
+from app.services.capabilities import require
 from app.services.cursors import Cursors
 from app.services.idempotency import Idempotency
 from app.services.read_cache import ReadCache
@@ -27,9 +28,16 @@ from prism.v1 import keyvalue_pb2 as kv
 MAX_KEY_BYTES = 1024
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+# Request fields that need a capability of the backend. An idempotency token is claimed with a
+# create-only write and settled with a conditional one (app/services/idempotency.py).
+NEEDS: dict[str, tuple[Capability, ...]] = {
+    "ttl": (Capability.TTL,),
+    "if_match": (Capability.ETAG,),
+    "if_absent": (Capability.CREATE_ONLY,),
+    "idempotency_token": (Capability.CREATE_ONLY, Capability.ETAG),
+}
 
 R = TypeVar("R", bound=Message)
-log = logging.getLogger(__name__)
 
 
 def check_key(key: str, field: str = "key") -> str:
@@ -38,6 +46,13 @@ def check_key(key: str, field: str = "key") -> str:
     if len(key.encode()) > MAX_KEY_BYTES:
         raise invalid_argument(field, f"longer than {MAX_KEY_BYTES} bytes")
     return key
+
+
+def _capable(store: KeyValueAdapter, call: Call, request: Message, prefix: str = "") -> None:
+    """FAILED_PRECONDITION for the first field set in ``request`` that the backend cannot honour."""
+    for field, _ in request.ListFields():
+        for capability in NEEDS.get(field.name, ()):
+            require(store, capability, call, prefix + field.json_name)
 
 
 def _remaining(record: Record, now: float, into: Message) -> None:
@@ -50,77 +65,6 @@ def _idempotency_namespace(namespace: str) -> str:
     return f"\x00idempotency\x00{namespace}"
 
 
-# --- Large values ----------------------------------------------------------------------------
-#
-# A value above ``limits.chunk_bytes`` is stored as chunks in a hidden namespace, under
-# key + NUL + a fresh version id + NUL + index, and only then is a small manifest (MARKER +
-# JSON: version, size, chunk count, sha256) written at the key itself, in one adapter ``set``:
-# that write is the commit point, so if_match / if_absent / TTL / ETag are the manifest's, and
-# a reader sees either the whole old value or the whole new one. Every other value is stored as
-# is, except one that happens to start with MARKER or ESCAPE, which is stored behind ESCAPE.
-# Data written before chunking existed is untagged and reads back unchanged; only a stored value
-# that already began with one of these two 17-byte sequences (NUL, 0xFF, "prism-…") would be
-# misread — such values must be rewritten through this gateway version to migrate.
-MARKER = b"\x00\xffprism-chunked1\x00"
-ESCAPE = b"\x00\xffprism-literal1\x00"
-CHUNK_GRACE_SECONDS = 300  # chunks of an expiring value outlive its manifest by this much
-READ_ATTEMPTS = 4  # a reader chasing concurrent overwrites gives up (UNAVAILABLE) after this
-GET_MANY_BATCH = 256
-
-
-def _chunk_namespace(namespace: str) -> str:
-    return f"\x00chunks\x00{namespace}"  # reserved like the idempotency namespace
-
-
-def _chunk_key(key: str, version: str, index: int) -> str:
-    return f"{key}\x00{version}\x00{index}"
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    version: str
-    size: int
-    chunks: int
-    sha256: str
-
-    def encode(self) -> bytes:
-        fields = {"version": self.version, "size": self.size, "chunks": self.chunks, "sha256": self.sha256}
-        return MARKER + json.dumps(fields, sort_keys=True).encode()
-
-    def keys(self, key: str) -> list[str]:
-        return [_chunk_key(key, self.version, i) for i in range(self.chunks)]
-
-
-def _encode_small(value: bytes) -> bytes:
-    return ESCAPE + value if value.startswith((MARKER, ESCAPE)) else value
-
-
-def _decode_stored(value: bytes) -> bytes | Manifest:
-    """A stored value as the client's bytes, or the manifest of a chunked value."""
-    if value.startswith(ESCAPE):
-        return value[len(ESCAPE):]
-    if not value.startswith(MARKER):
-        return value
-    try:
-        fields = json.loads(value[len(MARKER):])
-        manifest = Manifest(
-            str(fields["version"]), int(fields["size"]), int(fields["chunks"]), str(fields["sha256"])
-        )
-    except (ValueError, TypeError, KeyError) as exc:
-        raise PrismError(grpc.StatusCode.DATA_LOSS, "a chunked value's manifest is unreadable") from exc
-    return manifest
-
-
-def _manifest_of(stored: bytes | None) -> Manifest | None:
-    if stored is None or not stored.startswith(MARKER):
-        return None
-    try:
-        decoded = _decode_stored(stored)
-    except PrismError:
-        return None
-    return decoded if isinstance(decoded, Manifest) else None
-
-
 class KeyValueService:
     SERVICE = "prism.v1.KeyValueService"
 
@@ -130,9 +74,14 @@ class KeyValueService:
         self.cursors = Cursors(token_key)
         self.cache = ReadCache()
         self.idempotency = Idempotency()
+        self._chunked: dict[KeyValueAdapter, KeyValueAdapter] = {}  # backend adapter → decorated
 
     def _store(self, call: Call) -> tuple[KeyValueAdapter, str]:
-        return self.backends.for_keyvalue(call.config), call.config.namespace
+        adapter = self.backends.for_keyvalue(call.config)
+        store = self._chunked.get(adapter)
+        if store is None:
+            store = self._chunked[adapter] = ChunkedKeyValue(adapter, self.limits.chunk_bytes)
+        return store, call.config.namespace
 
     def _expiry(self, store: KeyValueAdapter, request: kv.SetRequest, field: str) -> float | None:
         if not request.HasField("ttl"):
@@ -161,7 +110,7 @@ class KeyValueService:
         key = check_key(request.key)
         record = self.cache.lookup(call.config, key)
         if record is None:
-            record = await self._resolve(store, namespace, key, await store.get(namespace, key))
+            record = await store.get(namespace, key)
             if record is not None:
                 self.cache.store(call.config, key, record)
         if record is None:
@@ -170,117 +119,20 @@ class KeyValueService:
         _remaining(record, store.clock(), response)
         return response
 
-    async def _resolve(
-        self, store: KeyValueAdapter, namespace: str, key: str, record: Record | None
-    ) -> Record | None:
-        """The stored record with the client's value: unescaped, or reassembled from chunks.
-
-        A chunked value whose chunks are missing or fail the digest is re-read: a concurrent
-        overwrite removes the old chunks right after its manifest lands, so the key then holds
-        a newer value. The same manifest failing twice is DATA_LOSS; never a partial value."""
-        failures_of_same = 0
-        for _ in range(READ_ATTEMPTS):
-            if record is None:
-                return None
-            decoded = _decode_stored(record.value)
-            if not isinstance(decoded, Manifest):
-                return replace(record, value=decoded)
-            value = await self._assemble(store, namespace, key, decoded)
-            if value is not None:
-                return replace(record, value=value)
-            again = await store.get(namespace, key)
-            if again is not None and again.value == record.value:
-                failures_of_same += 1
-                if failures_of_same > 1:
-                    raise PrismError(
-                        grpc.StatusCode.DATA_LOSS,
-                        f"key {key!r}: chunks of the stored value are missing or corrupt",
-                    )
-            record = again
-        raise PrismError(grpc.StatusCode.UNAVAILABLE, f"key {key!r}: overwritten while being read; retry")
-
-    async def _assemble(self, store: KeyValueAdapter, namespace: str, key: str, manifest: Manifest) -> bytes | None:
-        keys = manifest.keys(key)
-        chunks: list[Record | None] = []
-        for i in range(0, len(keys), GET_MANY_BATCH):
-            chunks += await store.get_many(_chunk_namespace(namespace), keys[i : i + GET_MANY_BATCH])
-        if any(chunk is None for chunk in chunks):
-            return None
-        value = b"".join(chunk.value for chunk in chunks)  # type: ignore[union-attr]
-        if len(value) != manifest.size or hashlib.sha256(value).hexdigest() != manifest.sha256:
-            return None
-        return value
-
-    async def _drop_chunks(self, store: KeyValueAdapter, namespace: str, key: str, manifest: Manifest) -> None:
-        """Best effort: chunks left behind (a failed delete, a crash, a lost race between two
-        writers) are unreachable garbage — no manifest names their version — never wrong data."""
-        results = await asyncio.gather(
-            *(store.delete(_chunk_namespace(namespace), k) for k in manifest.keys(key)), return_exceptions=True
-        )
-        if errors := [r for r in results if isinstance(r, BaseException)]:
-            log.warning("left %d chunks of %r behind: %s", len(errors), key, errors[0])
-
     async def _set(self, store: KeyValueAdapter, namespace: str, request: kv.SetRequest, prefix: str = "") -> str:
         key = check_key(request.key, prefix + "key")
-        value = request.value
-        if len(value) > self.limits.max_value_bytes:
-            raise too_large(f"{prefix}value", len(value), self.limits.max_value_bytes)
+        if len(request.value) > self.limits.max_value_bytes:
+            raise too_large(f"{prefix}value", len(request.value), self.limits.max_value_bytes)
         if request.if_match and request.if_absent:
             raise invalid_argument(prefix + "ifAbsent", "cannot be combined with ifMatch")
         expires_at = self._expiry(store, request, prefix + "ttl")
-        new: Manifest | None = None
-        if len(value) <= self.limits.chunk_bytes:
-            stored = _encode_small(value)
-        else:
-            # Refuse early what the manifest write would refuse, before writing any chunk.
-            old = await store.get(namespace, key)
-            if request.if_absent and old is not None:
-                raise already_exists(key)
-            if request.if_match and (old is None or old.etag != request.if_match):
-                raise etag_mismatch(key)
-            new = await self._write_chunks(store, namespace, key, value, expires_at)
-            stored = new.encode()
-        try:
-            # The replaced value comes back only if it is a manifest: its chunks go next.
-            etag, replaced = await store.replace(
-                namespace, key, stored,
-                expires_at=expires_at, if_match=request.if_match, if_absent=request.if_absent, previous_prefix=MARKER,
-            )
-        except BaseException:
-            if new is not None:
-                await asyncio.shield(self._drop_chunks(store, namespace, key, new))
-            raise
-        if (previous := _manifest_of(replaced)) is not None:
-            await self._drop_chunks(store, namespace, key, previous)
-        return etag
-
-    async def _write_chunks(
-        self, store: KeyValueAdapter, namespace: str, key: str, value: bytes, expires_at: float | None
-    ) -> Manifest:
-        size = self.limits.chunk_bytes
-        pieces: Sequence[bytes] = [value[i : i + size] for i in range(0, len(value), size)]
-        manifest = Manifest(secrets.token_hex(16), len(value), len(pieces), hashlib.sha256(value).hexdigest())
-        chunk_expiry = None if expires_at is None else expires_at + CHUNK_GRACE_SECONDS
-        try:
-            await asyncio.gather(
-                *(
-                    store.set(_chunk_namespace(namespace), k, piece, expires_at=chunk_expiry)
-                    for k, piece in zip(manifest.keys(key), pieces, strict=True)
-                )
-            )
-        except BaseException:
-            await asyncio.shield(self._drop_chunks(store, namespace, key, manifest))
-            raise
-        return manifest
-
-    async def _delete(self, store: KeyValueAdapter, namespace: str, key: str, if_match: str = "") -> bool:
-        existed, removed = await store.remove(namespace, key, if_match=if_match, previous_prefix=MARKER)
-        if (previous := _manifest_of(removed)) is not None:
-            await self._drop_chunks(store, namespace, key, previous)
-        return existed
+        return await store.set(
+            namespace, key, request.value, expires_at=expires_at, if_match=request.if_match, if_absent=request.if_absent
+        )
 
     async def Set(self, request: kv.SetRequest, call: Call) -> kv.SetResponse:
         store, namespace = self._store(call)
+        _capable(store, call, request)
         self.cache.invalidate(call.config, request.key)
 
         async def apply() -> kv.SetResponse:
@@ -293,12 +145,12 @@ class KeyValueService:
 
     async def Delete(self, request: kv.DeleteRequest, call: Call) -> kv.DeleteResponse:
         store, namespace = self._store(call)
+        _capable(store, call, request)
         self.cache.invalidate(call.config, request.key)
         check_key(request.key)
 
         async def apply() -> kv.DeleteResponse:
-            existed = await self._delete(store, namespace, request.key, request.if_match)
-            return kv.DeleteResponse(existed=existed)
+            return kv.DeleteResponse(existed=await store.delete(namespace, request.key, if_match=request.if_match))
 
         try:
             return await self._once(call, request, kv.DeleteResponse, apply)
@@ -318,8 +170,7 @@ class KeyValueService:
         self._check_batch(len(request.keys), "keys")
         for i, key in enumerate(request.keys):
             check_key(key, f"keys[{i}]")
-        stored = await store.get_many(namespace, list(request.keys))
-        records = [await self._resolve(store, namespace, k, r) for k, r in zip(request.keys, stored, strict=True)]
+        records = await store.get_many(namespace, list(request.keys))
         now = store.clock()
         response = kv.BatchGetResponse()
         for key, record in zip(request.keys, records, strict=True):
@@ -340,6 +191,7 @@ class KeyValueService:
         for i, entry in enumerate(request.entries):
             result = response.results.add(key=entry.key)
             try:
+                _capable(store, call, entry, f"entries[{i}].")
                 result.etag = await self._set(store, namespace, entry, f"entries[{i}].")
             except PrismError as exc:
                 result.status.CopyFrom(exc.to_status())
@@ -354,7 +206,7 @@ class KeyValueService:
         for i, key in enumerate(request.keys):
             result = response.results.add(key=key)
             try:
-                result.existed = await self._delete(store, namespace, check_key(key, f"keys[{i}]"))
+                result.existed = await store.delete(namespace, check_key(key, f"keys[{i}]"))
             except PrismError as exc:
                 result.status.CopyFrom(exc.to_status())
             finally:
@@ -363,18 +215,20 @@ class KeyValueService:
 
     async def Scan(self, request: kv.ScanRequest, call: Call) -> kv.ScanResponse:
         store, namespace = self._store(call)
+        require(store, Capability.SCAN, call, "prefix")
         if request.page_size < 0:
             raise invalid_argument("pageSize", "must not be negative")
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         query = {"scan": request.prefix}
         start_after = self.cursors.redeem(request.page_token, namespace, query) if request.page_token else ""
-        found = await store.scan(namespace, request.prefix, start_after, limit + 1)
         response = kv.ScanResponse()
-        for key, record in found[:limit]:
-            if request.keys_only:
-                response.items.add(key=key, etag=record.etag)
-            elif (resolved := await self._resolve(store, namespace, key, record)) is not None:
-                response.items.add(key=key, etag=resolved.etag, value=resolved.value)
+        found: list[tuple[str, str]] | list[tuple[str, Record]]
+        if request.keys_only:  # no values read: a chunked one is not assembled to be dropped
+            found = await store.scan_keys(namespace, request.prefix, start_after, limit + 1)
+            response.items.extend(kv.ScanItem(key=key, etag=etag) for key, etag in found[:limit])
+        else:
+            found = await store.scan(namespace, request.prefix, start_after, limit + 1)
+            response.items.extend(kv.ScanItem(key=k, etag=r.etag, value=r.value) for k, r in found[:limit])
         if len(found) > limit:
             response.next_page_token = self.cursors.issue(namespace, query, found[limit - 1][0])
         return response

@@ -11,9 +11,10 @@ from adapters.pubsub.base import Subscription
 from adapters.pubsub.subjects import parse_pattern, parse_subject
 from app.backends import Backends
 from app.pipeline import Call
+from app.services.capabilities import require
 from app.sessions import SessionStore
 from app.settings import Limits
-from prism.errors import PrismError, failed_precondition, not_found, too_large
+from prism.errors import PrismError, not_found, too_large
 from prism.v1 import pubsub_pb2 as ps
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ class PubSubService:
     ) -> AsyncIterator[ps.PubSubSubscribeResponse]:
         pattern = parse_pattern(request.subject)
         broker = self.backends.for_pubsub(call.config)
-        if request.queue_group and Capability.QUEUE_GROUPS not in broker.capabilities:
-            raise failed_precondition(f"backend {call.config.backend.instance!r} lacks queue_groups")
+        if request.queue_group:
+            require(broker, Capability.QUEUE_GROUPS, call, "queueGroup")
         assert call.session is not None
         subscription = await broker.subscribe(call.config.namespace, pattern, request.queue_group)
         ended_by: list[PrismError] = []  # the session's status, when closing or expiring it ended this

@@ -27,8 +27,9 @@ from adapters.queue.base import (
     at_time,
 )
 from app.pipeline import Call
+from app.services.capabilities import require
 from app.settings import Limits
-from prism.errors import PrismError, failed_precondition, invalid_argument, too_large
+from prism.errors import PrismError, invalid_argument, too_large
 from prism.v1 import config_pb2
 from prism.v1 import queue_pb2 as q
 
@@ -96,13 +97,6 @@ class QueueService:
     def _queue(self, call: Call) -> tuple[QueueAdapter, str]:
         return self.queues(call.config), call.config.namespace
 
-    @staticmethod
-    def _require(queue: QueueAdapter, capability: Capability, call: Call, field: str) -> None:
-        if capability not in queue.capabilities:
-            raise failed_precondition(
-                f"{field}: backend {call.config.backend.instance!r} lacks {capability.value}"
-            )
-
     def _entry(self, queue: QueueAdapter, call: Call, entry: q.QueueEntry, at: str) -> Entry:
         """The entry as the adapter takes it; refusals name the field as ``at`` + its name."""
         if len(entry.payload) > self.limits.max_value_bytes:
@@ -123,7 +117,7 @@ class QueueService:
         if entry.idempotency_token:
             if len(entry.idempotency_token) > MAX_TOKEN_CHARS:
                 raise invalid_argument(f"{at}idempotencyToken", f"longer than {MAX_TOKEN_CHARS} characters")
-            self._require(queue, Capability.IDEMPOTENT_PUBLISH, call, f"{at}idempotencyToken")
+            require(queue, Capability.IDEMPOTENT_PUBLISH, call, f"{at}idempotencyToken")
         return Entry(entry.payload, entry.partition_key, dict(entry.headers), entry.idempotency_token)
 
     async def Publish(self, request: q.QueuePublishRequest, call: Call) -> q.QueuePublishResponse:
@@ -196,7 +190,7 @@ class QueueService:
             check_name(dead_letter_topic, "deadLetterTopic")
             if dead_letter_topic == request.topic:
                 raise invalid_argument("deadLetterTopic", "must differ from the topic")
-            self._require(queue, Capability.DEAD_LETTER, call, "maxDeliveryAttempts")
+            require(queue, Capability.DEAD_LETTER, call, "maxDeliveryAttempts")
         return ConsumeOptions(
             group=check_name(request.consumer_group, "consumerGroup"),
             start=START[request.start],
@@ -285,7 +279,7 @@ class QueueService:
                     raise invalid_argument("offset", "must not be negative")
                 target = AtOffset(request.offset)
             case "timestamp":
-                self._require(queue, Capability.SEEK_TIMESTAMP, call, "timestamp")
+                require(queue, Capability.SEEK_TIMESTAMP, call, "timestamp")
                 target = at_time(request.timestamp.ToNanoseconds())
             case "position":
                 if request.position not in START or request.position == q.START_POSITION_UNSPECIFIED:

@@ -1,7 +1,8 @@
 """Large KeyValue values: above ``limits.chunk_bytes`` a value is stored in chunks and
 reassembled transparently, up to ``limits.max_value_bytes``; a partially written chunked value
 is never visible. Run against every backend through the public API of a real gateway, like
-tests/conformance/test_keyvalue.py (whose configs, sessions and skipping rules it reuses).
+tests/conformance/test_keyvalue.py (whose configs, sessions and skipping rules it reuses). The
+chunks themselves, which no client call can see, are checked in test_keyvalue_adapter.py.
 
 Most cases use a gateway with small limits (64 KiB max, 4 KiB chunks) so that many-chunk values
 stay fast; the 5 MiB round trips use the default limits (16 MiB max, 1 MiB chunks).
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from app.services.keyvalue import ESCAPE, MARKER
+from adapters.keyvalue.chunked import ESCAPE, MARKER
 from prism.v1 import keyvalue_pb2 as kv
 from tests.clients import CallError
 from tests.conformance.test_keyvalue import (
