@@ -111,7 +111,7 @@ def _idempotency_namespace(namespace: str) -> str:
 
 
 def _chunk_namespace(namespace: str) -> str:
-    # Where the KeyValue service keeps the chunks of a namespace's large values.
+    # Where adapters/keyvalue/chunked.py keeps the chunks of a namespace's large values.
     return f"\x00chunks\x00{namespace}"
 
 
