@@ -6,13 +6,17 @@ the key that is wrong."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 
 from app.settings import Settings, SettingsError, load_settings
 
@@ -57,6 +61,22 @@ def _export(args: argparse.Namespace) -> None:
     os.environ["PRISM_SERVER"] = args.server  # app.asgi adapts to the server in each worker
 
 
+@contextlib.contextmanager
+def _metrics_dir(processes: int) -> Iterator[None]:
+    """With several worker processes, one directory where each writes its metrics, so any
+    worker's /metrics adds all of them up (app/metrics.py); removed when they have stopped. Set
+    before anything here imports prometheus-client: it picks its value store at import."""
+    if processes == 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # or a supervisor's own
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="prism-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def serve(args: argparse.Namespace) -> int:
     _export(args)
     try:
@@ -83,6 +103,13 @@ def serve(args: argparse.Namespace) -> int:
         f"workers={args.workers}",
         file=sys.stderr,
     )
+    pyvoy_ports = 2 if args.server == "pyvoy" and grpc_server == "asgi" else 1
+    with _metrics_dir(args.workers * pyvoy_ports):
+        return _run(args, settings)
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    http, grpc_port, tls = settings.http, settings.grpc, settings.tls
     mtls = settings.auth.mtls if settings.auth is not None else None
     if args.server == "granian":
         if mtls is not None and tls is not None and mtls.forwarded is None:
@@ -116,7 +143,7 @@ def serve(args: argparse.Namespace) -> int:
     config = Config()
     config.application_path = "app.asgi:app"
     config.bind = [f"{http.host}:{http.port}"]
-    if grpc_server == "asgi":
+    if grpc_port.server == "asgi":
         config.bind.append(f"{grpc_port.host}:{grpc_port.port}")
     config.workers = 0 if args.workers == 1 else args.workers  # 0 = serve in this process
     config.worker_class = "uvloop"

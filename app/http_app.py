@@ -16,6 +16,7 @@ good at — docs, the lifespan — and the OpenAPI document comes from the proto
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 from collections.abc import AsyncIterator
@@ -26,10 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
-from prometheus_client import CONTENT_TYPE_LATEST, Info, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from app import metrics
 from app.gateway import Gateway
 from app.settings import Settings
 from app.transports.asgi_util import ASGIApp, Receive, Scope, Send, respond_error
@@ -41,13 +42,11 @@ from app.transports.rest import RestRouter
 from prism.errors import HTTP_STATUS, PrismError, unsupported_media_type
 
 GRPC_WEB_HEADERS = ["grpc-status", "grpc-message", "grpc-status-details-bin"]
-# Which worker process answered a scrape: each worker serves its own figures.
-WORKER = Info("prism_worker", "The gateway worker process that answered this scrape")
 
 
 def create_app(settings: Settings) -> ASGIApp:
     gateway = Gateway(settings, workers=int(os.environ.get("PRISM_WORKERS", "1")))
-    WORKER.info({"pid": str(os.getpid())})
+    metrics.WORKER.info({"pid": str(os.getpid())})
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -73,8 +72,9 @@ def create_app(settings: Settings) -> ASGIApp:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="Prism API")
 
     @api.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def scrape() -> Response:
+        # Every worker's files are read with several workers: off the event loop.
+        return Response(await asyncio.to_thread(metrics.exposition), media_type=metrics.CONTENT_TYPE)
 
     @api.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -22,7 +22,9 @@ and each request is checked as the method reads it (the steps that judge a messa
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -31,6 +33,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from app import metrics
 from app.audit import AuditLog
 from app.auth.authenticator import Authenticator
 from app.auth.identity import Identity
@@ -45,6 +48,8 @@ from prism.v1 import config_pb2
 log = logging.getLogger("prism.pipeline")
 
 SESSION_HEADER = "x-prism-session"
+# Status codes that, after a call was admitted, mean its backend failed it.
+BACKEND_FAILURES = frozenset({"UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED"})
 
 # Reads and parses a call's request message, once the pipeline has admitted the caller.
 Decode = Callable[[], Awaitable[Message]]
@@ -182,10 +187,15 @@ class Pipeline:
         """Answer a call to no known method: UNAUTHENTICATED first, like any other call, then
         ``error`` (NOT_FOUND for a REST route, UNIMPLEMENTED for an RPC)."""
         token = metadata.get(SESSION_HEADER, "")
-        if token:
-            await self.sessions.resolve(token)
-        else:
-            await self.authenticator.authenticate(metadata, peer)
+        try:
+            if token:
+                await self.sessions.resolve(token)
+            else:
+                await self.authenticator.authenticate(metadata, peer)
+        except PrismError as refused:
+            if refused.code is grpc.StatusCode.UNAUTHENTICATED:
+                metrics.AUTH_FAILURES.labels(metrics.auth_failure_reason(metadata, refused.message, bool(token))).inc()
+            raise
         raise error
 
     async def admit(self, call: Call, request: Message) -> None:
@@ -238,12 +248,40 @@ class Pipeline:
     def _limit(self, config: config_pb2.ClientConfig) -> None:
         namespace = config.namespace
         if (limit := self.namespace_limits.get(namespace)) is not None:
-            self.limiter.check(f"ns:{namespace}", limit.requests_per_second, limit.burst, f"namespace {namespace!r}")
+            self._check_limit("namespace", f"ns:{namespace}", limit.requests_per_second, limit.burst, f"namespace {namespace!r}")
         if config.HasField("rate_limit"):
             rate = config.rate_limit
-            self.limiter.check(f"config:{namespace}:{config.name}", rate.requests_per_second, rate.burst, f"config {config.name!r}")
+            self._check_limit("config", f"config:{namespace}:{config.name}", rate.requests_per_second, rate.burst, f"config {config.name!r}")
 
-    def _record(self, call: Call | None, method: Method, transport: str, outcome: str, event: str = "call") -> None:
+    def _check_limit(self, scope: str, key: str, rate: float, burst: int, what: str) -> None:
+        try:
+            self.limiter.check(key, rate, burst, what)
+        except PrismError:
+            metrics.RATE_LIMITED.labels(scope).inc()
+            raise
+
+    def _refused(
+        self, call: Call | None, method: Method, transport: str, error: PrismError, metadata: Mapping[str, str], started: float
+    ) -> None:
+        """A call refused before its method ran (or a unary one the method failed)."""
+        if error.code is grpc.StatusCode.UNAUTHENTICATED and call is None:
+            message = error.message
+            metrics.AUTH_FAILURES.labels(metrics.auth_failure_reason(metadata, message, method.requires_session)).inc()
+        self._finish(call, method, transport, error.code.name, started)
+
+    def _finish(
+        self, call: Call | None, method: Method, transport: str, outcome: str, started: float | None, event: str = "call"
+    ) -> None:
+        """Count and audit a call's outcome (``started``: time it, as unary calls are)."""
+        metrics.CALLS.labels(method.service, method.name, transport, outcome).inc()
+        if started is not None:
+            metrics.LATENCY.labels(method.service, method.name, transport).observe(time.perf_counter() - started)
+        if outcome in BACKEND_FAILURES and call is not None and call.session is not None:
+            metrics.BACKEND_ERRORS.labels(call.session.config.backend.instance, outcome).inc()
+        if self.audit.enabled:
+            self._audit(call, method, transport, outcome, event)
+
+    def _audit(self, call: Call | None, method: Method, transport: str, outcome: str, event: str) -> None:
         session = call.session if call is not None else None
         self.audit.record(
             event=event,
@@ -260,6 +298,7 @@ class Pipeline:
         self, method: Method, decode: Decode, metadata: Mapping[str, str], transport: str, peer: str | None = None
     ) -> Message:
         """``decode`` reads and parses the request; it runs only once the caller is known."""
+        started = time.perf_counter()
         call: Call | None = None
         try:
             call = await self.begin(method, metadata, transport, peer)
@@ -267,33 +306,28 @@ class Pipeline:
             await self.admit(call, request)
             response = await method.handler(request, call)  # type: ignore[misc]
         except PrismError as error:
-            if self.audit.enabled:
-                self._record(call, method, transport, error.code.name)
+            self._refused(call, method, transport, error, metadata, started)
             raise
         except Exception as exc:
             log.exception("%s failed", method.path)
-            if self.audit.enabled:
-                self._record(call, method, transport, "INTERNAL")
+            self._finish(call, method, transport, "INTERNAL", started)
             raise internal() from exc
-        if self.audit.enabled:
-            self._record(call, method, transport, "OK")
+        self._finish(call, method, transport, "OK", started)
         return response
 
     async def stream(
         self, method: Method, decode: Decode, metadata: Mapping[str, str], transport: str, peer: str | None = None
     ) -> AsyncIterator[Message]:
         """Checks eagerly, so errors surface before the first message."""
+        started = time.perf_counter()
         call: Call | None = None
         try:
             call = await self.begin(method, metadata, transport, peer)
             request = await decode()
             await self.admit(call, request)
         except PrismError as error:
-            if self.audit.enabled:
-                self._record(call, method, transport, error.code.name)
+            self._refused(call, method, transport, error, metadata, started)
             raise
-        if self.audit.enabled:
-            self._record(call, method, transport, "OK", event="stream-open")
         return self._guarded(call, method.handler(request, call))  # type: ignore[arg-type]
 
     async def stream_in(
@@ -303,17 +337,15 @@ class Pipeline:
         read, so a refusal comes before the first response; ``requests`` (which raises
         PrismError for a request it cannot decode) is checked message by message as the
         method reads it. A client-streaming method's one response is the stream's only one."""
+        started = time.perf_counter()
         call: Call | None = None
         try:
             call = await self.begin(method, metadata, transport, peer)
             for step in self.call_steps:
                 await step(call, None)
         except PrismError as error:
-            if self.audit.enabled:
-                self._record(call, method, transport, error.code.name)
+            self._refused(call, method, transport, error, metadata, started)
             raise
-        if self.audit.enabled:
-            self._record(call, method, transport, "OK", event="stream-open")
         checked = self._checked(call, requests)
         if method.server_streaming:
             responses: AsyncIterator[Message] = method.handler(checked, call)  # type: ignore[assignment,misc]
@@ -331,6 +363,13 @@ class Pipeline:
             await requests.aclose()  # type: ignore[attr-defined]
 
     async def _guarded(self, call: Call, responses: AsyncIterator[Message]) -> AsyncIterator[Message]:
+        """An admitted stream: open from the first ``anext`` (a transport that never starts it
+        opened nothing) until it ends, counted and audited at both ends."""
+        method = call.method
+        open_streams = metrics.STREAMS.labels(method.service, method.name, call.transport)
+        if self.audit.enabled:
+            self._audit(call, method, call.transport, "OK", "stream-open")
+        open_streams.inc()
         outcome = "OK"
         try:
             async for response in responses:
@@ -338,14 +377,17 @@ class Pipeline:
         except PrismError as error:
             outcome = error.code.name
             raise
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
         except Exception as exc:
             outcome = "INTERNAL"
-            log.exception("%s failed", call.method.path)
+            log.exception("%s failed", method.path)
             raise internal() from exc
         finally:
+            open_streams.dec()
             await responses.aclose()  # type: ignore[attr-defined]
-            if self.audit.enabled:
-                self._record(call, call.method, call.transport, outcome, event="stream-close")
+            self._finish(call, method, call.transport, outcome, None, event="stream-close")
 
 
 async def _one(response: Awaitable[Message]) -> AsyncIterator[Message]:

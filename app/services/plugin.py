@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from importlib.metadata import PackageNotFoundError, version
 from typing import ClassVar
 
-from prometheus_client import generate_latest
-
+from app import metrics
 from app.backends import Backends
 from app.health import HealthMonitor
 from app.methods import Scope, global_scope
@@ -37,13 +37,14 @@ class HealthService:
 
 
 class MetricsService:
-    """Prometheus text exposition of this process's metrics (also served at GET /metrics)."""
+    """Prometheus text exposition of the gateway's metrics, every worker's added up (also
+    served at GET /metrics)."""
 
     SERVICE = "prism.v1.MetricsService"
     scopes: ClassVar[dict[str, Scope]] = {"GetMetrics": global_scope}
 
     async def GetMetrics(self, request: plugin_pb2.MetricsRequest, call: Call) -> plugin_pb2.MetricsResponse:
-        return plugin_pb2.MetricsResponse(text=generate_latest().decode())
+        return plugin_pb2.MetricsResponse(text=(await asyncio.to_thread(metrics.exposition)).decode())
 
 
 class PluginInfoService:
