@@ -297,7 +297,7 @@ def _goal(goal: str, measured: str, met: bool, missed_by: str) -> Row:
 # --- the document ----------------------------------------------------------------------------
 
 # Document order (the run order differs: memory runs last, after sections 6-7).
-SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory", "backends", "auth", "writes", "grpc-paths"]
+SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory", "backends", "auth", "writes", "grpc-paths", "queue"]
 
 
 def _renderer(name: str) -> Callable[[dict[str, Any], dict[str, Row] | None, str], list[str]] | None:
@@ -306,6 +306,10 @@ def _renderer(name: str) -> Callable[[dict[str, Any], dict[str, Row] | None, str
         from benchmarks import grpc_paths
 
         return grpc_paths.markdown
+    if name == "queue":
+        from benchmarks import queue
+
+        return queue.markdown
     return None
 
 

@@ -1,7 +1,7 @@
 """Run the benchmark sections side by side and write benchmarks/results/latest.{md,json} plus a
 dated copy. ``make bench`` runs this; see benchmarks/README.md.
 
-    python -m benchmarks.run [--quick] [--only grpc,rest,latency,backends,auth,streams,writes,grpc-paths,memory]
+    python -m benchmarks.run [--quick] [--only grpc,rest,latency,backends,auth,streams,writes,grpc-paths,queue,memory]
                              [--label before] [--compare benchmarks/results/before.json]
 """
 
@@ -31,6 +31,7 @@ from benchmarks import (
     grpc_throughput,
     latency,
     memory,
+    queue,
     report,
     rest_throughput,
     streams,
@@ -49,6 +50,7 @@ SECTIONS = {
     "streams": streams.run,
     "writes": writes.run,  # the KeyValue service's write path, in process
     "grpc-paths": grpc_paths.run,  # issue 10: native gRPC through the ASGI app vs the grpc.aio port
+    "queue": queue.run,  # issue 11: Queue publish and consume, gateway vs the backend's own client
     "memory": memory.run,  # last: it reports the servers of every section before it
 }
 RESULTS = ROOT / "benchmarks" / "results"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import socket
 import ssl
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import httpx
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The process that answered a /metrics scrape (app/http_app.py): the one serving the gateway.
+WORKER_PID = re.compile(r'^prism_worker_info\{pid="(\d+)"\} 1\.0$', re.MULTILINE)
 
 
 def free_port() -> int:
@@ -42,6 +45,30 @@ class GatewayProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def serving_pid(self) -> int:
+        """The pid of the process answering this gateway's HTTP port (``prism_worker_info`` on
+        /metrics): the launched process under Hypercorn, a child of it under Granian."""
+        found = WORKER_PID.search(httpx.get(f"{self.base_url}/metrics", timeout=5).text)
+        assert found is not None, "no prism_worker_info on /metrics"
+        return int(found.group(1))
+
+    def crash(self, pid: int | None = None) -> int:
+        """SIGKILL the serving process, then the launched one if it is another: no shutdown code
+        runs, as on a crash or an OOM kill. ``pid``: the serving pid found beforehand, so the kill
+        lands at the caller's moment rather than after a scrape. Returns the pid killed; both
+        ports refuse connections afterwards."""
+        pid = pid or self.serving_pid()
+        os.kill(pid, signal.SIGKILL)
+        if self.process.pid != pid and self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=15)
+        for port in (self.http_port, self.grpc_port):
+            deadline = time.monotonic() + 10  # a killed child is reaped by its parent, not at once
+            while _accepts(port):
+                assert time.monotonic() < deadline, f"port {port} still served after SIGKILL of {pid}"
+                time.sleep(0.05)
+        return pid
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -50,6 +77,14 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def start_gateway(
