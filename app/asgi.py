@@ -3,8 +3,12 @@
 
 import os
 
-from app.http_app import create_app
-from app.settings import load_settings
+from app import logs
+
+logs.configure_from_environment()  # before anything logs
+
+from app.http_app import create_app  # noqa: E402
+from app.settings import load_settings  # noqa: E402
 
 settings = load_settings()
 if os.environ.get("PRISM_SERVER") == "hypercorn" and settings.auth is not None and settings.auth.mtls is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from app import logs
 from app.settings import Settings, SettingsError, load_settings
 
 SERVERS = ("hypercorn", "granian", "pyvoy")
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.add_argument("--server", choices=SERVERS, default=os.environ.get("PRISM_SERVER", DEFAULT_SERVER))
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--log-format", choices=("json", "text"), default=None, help="json lines or text (default: text at a terminal, else json)"
+    )
     return parser
 
 
@@ -58,6 +61,8 @@ def _export(args: argparse.Namespace) -> None:
         if value is not None:
             os.environ[name] = str(value)
     os.environ["PRISM_WORKERS"] = str(args.workers)
+    os.environ["PRISM_LOG_FORMAT"] = args.log_format  # each worker configures its logging from these
+    os.environ["PRISM_LOG_LEVEL"] = args.log_level
     os.environ["PRISM_SERVER"] = args.server  # app.asgi adapts to the server in each worker
 
 
@@ -210,7 +215,8 @@ def _serve_pyvoy(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.log_format = args.log_format or logs.default_format()
+    logs.configure(args.log_level, args.log_format)
     return serve(args)
 
 

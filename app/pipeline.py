@@ -33,7 +33,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from app import metrics
+from app import logs, metrics
 from app.audit import AuditLog
 from app.auth.authenticator import Authenticator
 from app.auth.identity import Identity
@@ -177,6 +177,7 @@ class Pipeline:
             session = await self.sessions.resolve(token)
             identity = Identity(session.identity, session.roles, "session")
             call = Call(method, session, token, transport, identity, operation)
+        logs.bind_call(call.session.session_id if call.session else "", call.identity.name)
         if method.handler is None:
             raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet")
         return call
@@ -273,6 +274,7 @@ class Pipeline:
         self, call: Call | None, method: Method, transport: str, outcome: str, started: float | None, event: str = "call"
     ) -> None:
         """Count and audit a call's outcome (``started``: time it, as unary calls are)."""
+        log.debug("%s over %s: %s", method.path, transport, outcome)
         metrics.CALLS.labels(method.service, method.name, transport, outcome).inc()
         if started is not None:
             metrics.LATENCY.labels(method.service, method.name, transport).observe(time.perf_counter() - started)

@@ -321,7 +321,9 @@ class SettingsError(Exception):
 
 
 # Variables for the process, not the settings tree.
-PROCESS_VARIABLES = frozenset({"PRISM_CONFIG", "PRISM_REQUIRE_BACKENDS", "PRISM_WORKERS", "PRISM_SERVER"})
+PROCESS_VARIABLES = frozenset(
+    {"PRISM_CONFIG", "PRISM_REQUIRE_BACKENDS", "PRISM_WORKERS", "PRISM_SERVER", "PRISM_LOG_FORMAT", "PRISM_LOG_LEVEL"}
+)
 
 
 def _env_overrides(environ: dict[str, str], data: dict[str, Any] | None = None) -> dict[str, Any]:
