@@ -12,6 +12,7 @@ import logging
 import grpc
 
 from adapters.capabilities import Capability
+from adapters.keyvalue.encrypted import Keyring
 from app.audit import AuditLog
 from app.auth.authenticator import Authenticator
 from app.auth.mtls import grpc_server_credentials
@@ -58,7 +59,7 @@ class Gateway:
             [
                 SessionService(self.sessions, configs),
                 ConfigService(configs, authorizer),
-                KeyValueService(self.backends, settings.limits, settings.signing_key()),
+                KeyValueService(self.backends, settings.limits, settings.signing_key(), _encryption(settings)),
                 PubSubService(self.backends, settings.limits, self.sessions),
                 QueueService(self.backends.for_queue, settings.limits),
                 HealthService(self.health),
@@ -171,3 +172,11 @@ def _session_store(settings: Settings, *, shared: bool) -> SessionStore:
     if kind == "sqlite":
         return SqliteSessionStore(settings.data_dir / "sessions.db", **lifecycle)
     return MemorySessionStore(**lifecycle)
+
+
+def _encryption(settings: Settings) -> tuple[Keyring, frozenset[str]] | None:
+    """The keyring and the namespaces whose values it encrypts, if any namespace is PII."""
+    pii = frozenset(n.name for n in settings.namespaces if n.pii)
+    if not pii or settings.encryption is None:
+        return None
+    return settings.encryption.keyring(), pii

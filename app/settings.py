@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from adapters.backends import BackendSettings
+from adapters.keyvalue.encrypted import Keyring
 from adapters.registry import UnknownBackendType, backend_settings, lookup
 
 log = logging.getLogger("prism.settings")
@@ -191,6 +192,27 @@ class RateLimit(Strict):
 class Namespace(Strict):
     name: str = Field(pattern=NAME)
     rate_limit: RateLimit | None = None
+    # Its KeyValue values are stored encrypted (`encryption`), and every call on it is audited.
+    pii: bool = False
+
+
+class Encryption(Strict):
+    """AES-GCM keys for PII namespaces (adapters/keyvalue/encrypted.py): key id → the key in
+    base64 (16, 24 or 32 bytes). ``current`` encrypts new writes; every key listed still
+    decrypts, so a key is rotated by adding the new one, making it current, and dropping the
+    old one only once nothing is stored under it. From the environment:
+    PRISM_ENCRYPTION__CURRENT=k2, PRISM_ENCRYPTION__KEYS__K2=<base64> (ids are lower-cased)."""
+
+    keys: dict[str, str] = Field(min_length=1)
+    current: str
+
+    @model_validator(mode="after")
+    def _keys(self) -> Encryption:
+        self.keyring()  # a bad key or id is refused at start-up, naming it
+        return self
+
+    def keyring(self) -> Keyring:
+        return Keyring.from_base64(self.keys, self.current)
 
 
 OPERATION = r"^(\*|[A-Z_]+\.(\*|[A-Za-z]+))$"  # "*", "KEY_VALUE.*", "KEY_VALUE.Get"
@@ -252,6 +274,7 @@ class Settings(Strict):
     policies: list[Policy] = []
     max_rate_limit_rps: float = Field(default=100_000.0, gt=0)  # cap for client-config rate limits
     audit: Audit = Audit()
+    encryption: Encryption | None = None
     health: HealthChecks = HealthChecks()
 
     @field_validator("configs")
@@ -270,6 +293,11 @@ class Settings(Strict):
                     f"configs.{config.name}.backend: no backend named {config.backend!r} "
                     f"(known: {', '.join(sorted(self.backends))})"
                 )
+        for namespace in self.namespaces:
+            if namespace.pii and self.encryption is None:
+                raise ValueError(f"namespaces.{namespace.name}.pii: needs `encryption` (keys and current) to store its values")
+            if namespace.pii and self.audit.sink is None:
+                raise ValueError(f"namespaces.{namespace.name}.pii: needs `audit.sink`: calls on a PII namespace are audited")
         mtls = self.auth.mtls if self.auth is not None else None
         if mtls is not None and self.tls is None and mtls.forwarded is None:
             raise ValueError(

@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 from adapters.capabilities import Capability
 from adapters.keyvalue.base import KeyValueAdapter, Record
 from adapters.keyvalue.chunked import ChunkedKeyValue
+from adapters.keyvalue.encrypted import EncryptedKeyValue, Keyring
 from app.backends import Backends
 from app.pipeline import Call
 from app.services.capabilities import require
@@ -68,19 +69,32 @@ def _idempotency_namespace(namespace: str) -> str:
 class KeyValueService:
     SERVICE = "prism.v1.KeyValueService"
 
-    def __init__(self, backends: Backends, limits: Limits, token_key: bytes) -> None:
+    def __init__(
+        self,
+        backends: Backends,
+        limits: Limits,
+        token_key: bytes,
+        encryption: tuple[Keyring, frozenset[str]] | None = None,
+    ) -> None:
+        """``encryption``: the keyring and the (PII) namespaces whose values it encrypts."""
         self.backends = backends
         self.limits = limits
         self.cursors = Cursors(token_key)
         self.cache = ReadCache()
         self.idempotency = Idempotency()
-        self._chunked: dict[KeyValueAdapter, KeyValueAdapter] = {}  # backend adapter → decorated
+        self.encryption = encryption
+        self._decorated: dict[KeyValueAdapter, KeyValueAdapter] = {}  # backend adapter → decorated
 
     def _store(self, call: Call) -> tuple[KeyValueAdapter, str]:
         adapter = self.backends.for_keyvalue(call.config)
-        store = self._chunked.get(adapter)
+        store = self._decorated.get(adapter)
         if store is None:
-            store = self._chunked[adapter] = ChunkedKeyValue(adapter, self.limits.chunk_bytes)
+            # Encrypted above chunked: a large value is encrypted once, and its chunks (in a
+            # namespace of their own) hold only ciphertext.
+            store = ChunkedKeyValue(adapter, self.limits.chunk_bytes)
+            if self.encryption is not None:
+                store = EncryptedKeyValue(store, *self.encryption)
+            self._decorated[adapter] = store
         return store, call.config.namespace
 
     def _expiry(self, store: KeyValueAdapter, request: kv.SetRequest, field: str) -> float | None:
