@@ -27,6 +27,7 @@ from typing import Any
 
 from grpc_health.v1 import health, health_pb2
 
+from app import metrics
 from app.backends import Backends, Instance
 
 log = logging.getLogger("prism.health")
@@ -152,6 +153,8 @@ class HealthMonitor:
             },
         )
         self.current = health
+        for name, problem in zip((i.name for i in instances), problems, strict=True):
+            metrics.BACKEND_UP.labels(name).set(1 if problem is None else 0)
         states = {name: b.state for name, b in health.backends.items()}
         if health.status != before.status or states != {name: b.state for name, b in before.backends.items()}:
             for listener in list(self._listeners):

@@ -55,6 +55,11 @@ BACKEND_ERRORS = Counter(
     "prism_backend_errors", "Calls a backend failed (UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED)", ["backend", "code"]
 )
 
+BACKEND_UP = Gauge(
+    "prism_backend_up", "1 while the backend answers the health monitor's probe, else 0", ["backend"],
+    multiprocess_mode="livemin",  # down as soon as one worker finds it down
+)
+
 # The worker that answered a scrape: never aggregated, so tests and operators see which one it was.
 _WORKER_REGISTRY = CollectorRegistry()
 WORKER = Info("prism_worker", "The gateway worker process that answered this scrape", registry=_WORKER_REGISTRY)
