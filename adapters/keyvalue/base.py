@@ -170,3 +170,31 @@ class KeyValueAdapter(ABC):
 
     def live(self, expires_at: float | None) -> bool:
         return expires_at is None or expires_at > self.clock()
+
+
+class KeyValueDecorator(KeyValueAdapter):
+    """An adapter over another one (``chunked.py``, ``encrypted.py``): capabilities, clock and
+    lifecycle are the wrapped adapter's, and so are ``exists`` and ``scan_keys``, which see
+    no values; a decorator overrides the operations whose values it changes."""
+
+    def __init__(self, inner: KeyValueAdapter) -> None:
+        super().__init__(clock=inner.clock)
+        self.inner = inner
+
+    @property  # a backend's class attribute; here the wrapped instance's
+    def capabilities(self) -> frozenset[Capability]:  # type: ignore[override]
+        return self.inner.capabilities
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def exists(self, namespace: str, key: str) -> bool:
+        return await self.inner.exists(namespace, key)
+
+    async def scan_keys(
+        self, namespace: str, prefix: str, start_after: str, limit: int
+    ) -> list[tuple[str, str]]:
+        return await self.inner.scan_keys(namespace, prefix, start_after, limit)

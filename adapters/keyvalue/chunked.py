@@ -32,8 +32,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from adapters.capabilities import Capability
-from adapters.keyvalue.base import KeyValueAdapter, Record, Write, check_conditions, reported
+from adapters.keyvalue.base import (
+    KeyValueAdapter,
+    KeyValueDecorator,
+    Record,
+    Write,
+    check_conditions,
+    reported,
+)
 from prism.errors import PrismError
 
 MARKER = b"\x00\xffprism-chunked1\x00"
@@ -85,24 +91,13 @@ def _asking(prefix: bytes | None) -> bytes:
     return MARKER if prefix is None else b""
 
 
-class ChunkedKeyValue(KeyValueAdapter):
+class ChunkedKeyValue(KeyValueDecorator):
     """``inner`` storing values above ``chunk_bytes`` in chunks. Capabilities, clock, lifecycle
     and errors are the wrapped adapter's."""
 
     def __init__(self, inner: KeyValueAdapter, chunk_bytes: int) -> None:
-        super().__init__(clock=inner.clock)
-        self.inner = inner
+        super().__init__(inner)
         self.chunk_bytes = chunk_bytes
-
-    @property  # a backend's class attribute; here the wrapped instance's
-    def capabilities(self) -> frozenset[Capability]:  # type: ignore[override]
-        return self.inner.capabilities
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
     async def get(self, namespace: str, key: str) -> Record | None:
         return await self._resolve(namespace, key, await self.inner.get(namespace, key))
@@ -110,9 +105,6 @@ class ChunkedKeyValue(KeyValueAdapter):
     async def get_many(self, namespace: str, keys: Sequence[str]) -> list[Record | None]:
         stored = await self.inner.get_many(namespace, keys)
         return [await self._resolve(namespace, k, r) for k, r in zip(keys, stored, strict=True)]
-
-    async def exists(self, namespace: str, key: str) -> bool:
-        return await self.inner.exists(namespace, key)
 
     async def scan(
         self, namespace: str, prefix: str, start_after: str, limit: int
@@ -129,11 +121,6 @@ class ChunkedKeyValue(KeyValueAdapter):
                 break
             start_after = page[-1][0]
         return found
-
-    async def scan_keys(
-        self, namespace: str, prefix: str, start_after: str, limit: int
-    ) -> list[tuple[str, str]]:
-        return await self.inner.scan_keys(namespace, prefix, start_after, limit)
 
     async def write(self, namespace: str, key: str, write: Write) -> tuple[str, bytes | None]:
         new: Manifest | None = None

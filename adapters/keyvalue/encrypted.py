@@ -29,8 +29,7 @@ import grpc
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from adapters.capabilities import Capability
-from adapters.keyvalue.base import KeyValueAdapter, Record, Write, reported
+from adapters.keyvalue.base import KeyValueAdapter, KeyValueDecorator, Record, Write, reported
 from prism.errors import PrismError
 
 MARKER = b"\x00\xffprism-aesgcm1\x00"
@@ -84,22 +83,11 @@ class Keyring:
             raise PrismError(grpc.StatusCode.DATA_LOSS, "an encrypted value does not decrypt (altered, or moved from another key)") from None
 
 
-class EncryptedKeyValue(KeyValueAdapter):
+class EncryptedKeyValue(KeyValueDecorator):
     def __init__(self, inner: KeyValueAdapter, keyring: Keyring, namespaces: Collection[str]) -> None:
-        super().__init__(inner.clock)
-        self.inner = inner
+        super().__init__(inner)
         self.keyring = keyring
         self.namespaces = frozenset(namespaces)
-
-    @property  # a backend's class attribute; here the wrapped instance's
-    def capabilities(self) -> frozenset[Capability]:  # type: ignore[override]
-        return self.inner.capabilities
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
     @staticmethod
     def _associated(namespace: str, key: str) -> bytes:
@@ -132,17 +120,11 @@ class EncryptedKeyValue(KeyValueAdapter):
             return records
         return [await self._record(namespace, key, record) for key, record in zip(keys, records, strict=True)]
 
-    async def exists(self, namespace: str, key: str) -> bool:
-        return await self.inner.exists(namespace, key)
-
     async def scan(self, namespace: str, prefix: str, start_after: str, limit: int) -> list[tuple[str, Record]]:
         found = await self.inner.scan(namespace, prefix, start_after, limit)
         if namespace not in self.namespaces:
             return found
         return [(key, await self._record(namespace, key, record)) for key, record in found]  # type: ignore[misc]
-
-    async def scan_keys(self, namespace: str, prefix: str, start_after: str, limit: int) -> list[tuple[str, str]]:
-        return await self.inner.scan_keys(namespace, prefix, start_after, limit)
 
     async def write(self, namespace: str, key: str, write: Write) -> tuple[str, bytes | None]:
         if namespace not in self.namespaces:
