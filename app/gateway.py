@@ -30,6 +30,7 @@ from app.services.queue import QueueService
 from app.services.session import SessionService
 from app.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
 from app.settings import Settings
+from app.tracing import Tracing
 from app.transports.grpc_native import start_grpc_server
 from app.transports.grpc_standard import StandardServices
 from prism.v1 import config_pb2
@@ -67,6 +68,7 @@ class Gateway:
                 PluginInfoService(self.backends),
             ],
         )
+        self.tracing = Tracing.of(settings.tracing)
         self.pipeline = Pipeline(
             self.sessions,
             self.authenticator,
@@ -75,6 +77,7 @@ class Gateway:
             self.audit,
             {n.name: n.rate_limit for n in settings.namespaces if n.rate_limit is not None},
             self.methods,
+            self.tracing,
         )
         self.grpc_server: grpc.aio.Server | None = None
         self.started = False
@@ -149,6 +152,8 @@ class Gateway:
         await self.sessions.close_store()
         await self.authenticator.close()
         await asyncio.to_thread(self.audit.close)
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # flushes the spans still queued
 
 
 def _service_patterns(methods: list[Method]) -> dict[str, str | None]:

@@ -26,12 +26,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from opentelemetry.trace import Span
 
 from app import logs, metrics
 from app.audit import AuditLog
@@ -42,12 +44,14 @@ from app.policy import Authorizer, operation_name
 from app.ratelimit import RateLimiter
 from app.sessions import SessionRecord, SessionStore
 from app.settings import RateLimit
+from app.tracing import Tracing
 from prism.errors import PrismError, failed_precondition, internal, invalid_argument, unauthenticated
 from prism.v1 import config_pb2
 
 log = logging.getLogger("prism.pipeline")
 
 SESSION_HEADER = "x-prism-session"
+UNTRACED = nullcontext()  # reusable: what a step runs in with tracing off
 # Status codes that, after a call was admitted, mean its backend failed it.
 BACKEND_FAILURES = frozenset({"UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED"})
 
@@ -130,8 +134,10 @@ class Pipeline:
         audit: AuditLog,
         namespace_limits: Mapping[str, RateLimit],
         methods: list[Method],
+        tracing: Tracing | None = None,
     ) -> None:
         self.sessions = sessions
+        self.tracing = tracing
         self.authenticator = authenticator
         self.authorizer = authorizer
         self.limiter = limiter
@@ -262,24 +268,40 @@ class Pipeline:
             raise
 
     def _refused(
-        self, call: Call | None, method: Method, transport: str, error: PrismError, metadata: Mapping[str, str], started: float
+        self,
+        call: Call | None,
+        method: Method,
+        transport: str,
+        error: PrismError,
+        metadata: Mapping[str, str],
+        started: float,
+        span: Span | None,
     ) -> None:
         """A call refused before its method ran (or a unary one the method failed)."""
         if error.code is grpc.StatusCode.UNAUTHENTICATED and call is None:
             message = error.message
             metrics.AUTH_FAILURES.labels(metrics.auth_failure_reason(metadata, message, method.requires_session)).inc()
-        self._finish(call, method, transport, error.code.name, started)
+        self._finish(call, method, transport, error.code.name, started, span)
 
     def _finish(
-        self, call: Call | None, method: Method, transport: str, outcome: str, started: float | None, event: str = "call"
+        self,
+        call: Call | None,
+        method: Method,
+        transport: str,
+        outcome: str,
+        started: float | None,
+        span: Span | None,
+        event: str = "call",
     ) -> None:
-        """Count and audit a call's outcome (``started``: time it, as unary calls are)."""
+        """Count, trace and audit a call's outcome (``started``: time it, as unary calls are)."""
         log.debug("%s over %s: %s", method.path, transport, outcome)
         metrics.CALLS.labels(method.service, method.name, transport, outcome).inc()
         if started is not None:
             metrics.LATENCY.labels(method.service, method.name, transport).observe(time.perf_counter() - started)
         if outcome in BACKEND_FAILURES and call is not None and call.session is not None:
             metrics.BACKEND_ERRORS.labels(call.session.config.backend.instance, outcome).inc()
+        if span is not None:
+            Tracing.end(span, outcome)
         if self.audit.enabled:
             self._audit(call, method, transport, outcome, event)
 
@@ -296,25 +318,43 @@ class Pipeline:
             outcome=outcome,
         )
 
+    def _span(self, method: Method, transport: str, metadata: Mapping[str, str]) -> Span | None:
+        if self.tracing is None:
+            return None
+        return self.tracing.server_span(method.path, method.service, method.name, transport, metadata)
+
+    def _current(self, span: Span | None) -> AbstractContextManager[object]:
+        return UNTRACED if span is None or self.tracing is None else self.tracing.current(span)
+
+    def _step(self, name: str) -> AbstractContextManager[object]:
+        """A child span for a pipeline step, when tracing is on."""
+        return UNTRACED if self.tracing is None else self.tracing.step(name)
+
     async def unary(
         self, method: Method, decode: Decode, metadata: Mapping[str, str], transport: str, peer: str | None = None
     ) -> Message:
         """``decode`` reads and parses the request; it runs only once the caller is known."""
         started = time.perf_counter()
+        span = self._span(method, transport, metadata)
         call: Call | None = None
         try:
-            call = await self.begin(method, metadata, transport, peer)
-            request = await decode()
-            await self.admit(call, request)
-            response = await method.handler(request, call)  # type: ignore[misc]
+            with self._current(span):
+                with self._step("authenticate"):
+                    call = await self.begin(method, metadata, transport, peer)
+                with self._step("decode"):
+                    request = await decode()
+                with self._step("admit"):
+                    await self.admit(call, request)
+                with self._step("execute"):
+                    response = await method.handler(request, call)  # type: ignore[misc]
         except PrismError as error:
-            self._refused(call, method, transport, error, metadata, started)
+            self._refused(call, method, transport, error, metadata, started, span)
             raise
         except Exception as exc:
             log.exception("%s failed", method.path)
-            self._finish(call, method, transport, "INTERNAL", started)
+            self._finish(call, method, transport, "INTERNAL", started, span)
             raise internal() from exc
-        self._finish(call, method, transport, "OK", started)
+        self._finish(call, method, transport, "OK", started, span)
         return response
 
     async def stream(
@@ -322,15 +362,22 @@ class Pipeline:
     ) -> AsyncIterator[Message]:
         """Checks eagerly, so errors surface before the first message."""
         started = time.perf_counter()
+        span = self._span(method, transport, metadata)
         call: Call | None = None
         try:
-            call = await self.begin(method, metadata, transport, peer)
-            request = await decode()
-            await self.admit(call, request)
+            with self._current(span):
+                with self._step("authenticate"):
+                    call = await self.begin(method, metadata, transport, peer)
+                with self._step("decode"):
+                    request = await decode()
+                with self._step("admit"):
+                    await self.admit(call, request)
         except PrismError as error:
-            self._refused(call, method, transport, error, metadata, started)
+            self._refused(call, method, transport, error, metadata, started, span)
             raise
-        return self._guarded(call, method.handler(request, call))  # type: ignore[arg-type]
+        with self._current(span):  # what the method does before its first response
+            responses = method.handler(request, call)
+        return self._guarded(call, responses, span)  # type: ignore[arg-type]
 
     async def stream_in(
         self, method: Method, requests: Requests, metadata: Mapping[str, str], transport: str, peer: str | None = None
@@ -340,20 +387,24 @@ class Pipeline:
         PrismError for a request it cannot decode) is checked message by message as the
         method reads it. A client-streaming method's one response is the stream's only one."""
         started = time.perf_counter()
+        span = self._span(method, transport, metadata)
         call: Call | None = None
         try:
-            call = await self.begin(method, metadata, transport, peer)
-            for step in self.call_steps:
-                await step(call, None)
+            with self._current(span):
+                with self._step("authenticate"):
+                    call = await self.begin(method, metadata, transport, peer)
+                with self._step("admit"):
+                    for step in self.call_steps:
+                        await step(call, None)
         except PrismError as error:
-            self._refused(call, method, transport, error, metadata, started)
+            self._refused(call, method, transport, error, metadata, started, span)
             raise
         checked = self._checked(call, requests)
         if method.server_streaming:
             responses: AsyncIterator[Message] = method.handler(checked, call)  # type: ignore[assignment,misc]
         else:
             responses = _one(method.handler(checked, call))  # type: ignore[arg-type,misc]
-        return self._guarded(call, responses)
+        return self._guarded(call, responses, span)
 
     async def _checked(self, call: Call, requests: Requests) -> AsyncIterator[Message]:
         try:
@@ -364,7 +415,7 @@ class Pipeline:
         finally:
             await requests.aclose()  # type: ignore[attr-defined]
 
-    async def _guarded(self, call: Call, responses: AsyncIterator[Message]) -> AsyncIterator[Message]:
+    async def _guarded(self, call: Call, responses: AsyncIterator[Message], span: Span | None) -> AsyncIterator[Message]:
         """An admitted stream: open from the first ``anext`` (a transport that never starts it
         opened nothing) until it ends, counted and audited at both ends."""
         method = call.method
@@ -374,8 +425,17 @@ class Pipeline:
         open_streams.inc()
         outcome = "OK"
         try:
-            async for response in responses:
-                yield response
+            if span is None:
+                async for response in responses:
+                    yield response
+            else:
+                while True:
+                    with self._current(span):  # the method's work in the stream's span; never across a yield
+                        try:
+                            response = await anext(responses)
+                        except StopAsyncIteration:
+                            break
+                    yield response
         except PrismError as error:
             outcome = error.code.name
             raise
@@ -389,7 +449,7 @@ class Pipeline:
         finally:
             open_streams.dec()
             await responses.aclose()  # type: ignore[attr-defined]
-            self._finish(call, method, call.transport, outcome, None, event="stream-close")
+            self._finish(call, method, call.transport, outcome, None, span, event="stream-close")
 
 
 async def _one(response: Awaitable[Message]) -> AsyncIterator[Message]:

@@ -35,6 +35,7 @@ from pydantic import (
 from adapters.backends import BackendSettings
 from adapters.keyvalue.encrypted import Keyring
 from adapters.registry import UnknownBackendType, backend_settings, lookup
+from app.tracing import TracingSettings
 
 log = logging.getLogger("prism.settings")
 
@@ -274,6 +275,7 @@ class Settings(Strict):
     policies: list[Policy] = []
     max_rate_limit_rps: float = Field(default=100_000.0, gt=0)  # cap for client-config rate limits
     audit: Audit = Audit()
+    tracing: TracingSettings = TracingSettings()  # off unless it names an exporter
     encryption: Encryption | None = None
     health: HealthChecks = HealthChecks()
 
