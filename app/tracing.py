@@ -44,7 +44,9 @@ class TracingSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    exporter: Literal["none", "otlp", "file"] = "none"
+    # discard: spans made and dropped in process (trace ids in logs without a collector; the
+    # cost measured by benchmarks/tracing_cost.py)
+    exporter: Literal["none", "otlp", "file", "discard"] = "none"
     endpoint: str | None = None  # otlp: the collector (else OTEL_EXPORTER_OTLP_ENDPOINT or localhost:4317)
     file: str | None = None  # file: where spans go, one JSON object a line
     sample_ratio: float = Field(default=1.0, ge=0, le=1)  # of traces the gateway starts; a client's choice is kept
@@ -70,7 +72,14 @@ class JsonLinesExporter(SpanExporter):
             self._file.close()
 
 
+class DiscardExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
 def _exporter(settings: TracingSettings) -> SpanExporter:
+    if settings.exporter == "discard":
+        return DiscardExporter()
     if settings.exporter == "file":
         if not settings.file:
             raise ValueError("tracing.file: the path spans are written to is required with exporter: file")

@@ -73,6 +73,25 @@ THROUGHPUT_TAIL = [
     Column("server CPU", "server_cpu_share", share),
     Column("other CPU", "other_cpu", text),
 ]
+# benchmarks/variants.py: a feature's gateway against the baseline's, measurement by measurement.
+VARIANTS = Table(
+    [
+        Column("measurement", "measurement"),
+        Column("transport", "transport"),
+        Column("load", "load"),
+        Column("gateway", "gateway"),
+        Column("RPS", "rps", rps),
+        Column("p50 ms", "p50_ms", ms),
+        Column("p99 ms", "p99_ms", ms),
+        Column("RPS vs baseline", "rps_vs_base", ratio),
+        Column("Δ p50 ms", "vs_base_p50_ms", signed_ms),
+        Column("Δ p99 ms", "vs_base_p99_ms", signed_ms),
+        Column("server CPU", "server_cpu_share", share),
+        Column("other CPU", "other_cpu", text),
+    ],
+    [Column("RPS", "rps", rps), Column("p50 ms", "p50_ms", ms), Column("p99 ms", "p99_ms", ms)],
+)
+
 TABLES: dict[str, Table] = {
     "grpc": Table(
         [
@@ -172,23 +191,8 @@ TABLES: dict[str, Table] = {
         ],
         [Column("p50 ms", "p50_ms", ms), Column("p99 ms", "p99_ms", ms)],
     ),
-    "auth": Table(
-        [
-            Column("measurement", "measurement"),
-            Column("transport", "transport"),
-            Column("load", "load"),
-            Column("gateway", "gateway"),
-            Column("RPS", "rps", rps),
-            Column("p50 ms", "p50_ms", ms),
-            Column("p99 ms", "p99_ms", ms),
-            Column("auth/dev RPS", "rps_vs_dev", ratio),
-            Column("Δ p50 ms", "vs_dev_p50_ms", signed_ms),
-            Column("Δ p99 ms", "vs_dev_p99_ms", signed_ms),
-            Column("server CPU", "server_cpu_share", share),
-            Column("other CPU", "other_cpu", text),
-        ],
-        [Column("RPS", "rps", rps), Column("p50 ms", "p50_ms", ms), Column("p99 ms", "p99_ms", ms)],
-    ),
+    "auth": VARIANTS,
+    "tracing": VARIANTS,
     "writes": Table(
         [
             Column("backend", "backend"),
@@ -297,7 +301,7 @@ def _goal(goal: str, measured: str, met: bool, missed_by: str) -> Row:
 # --- the document ----------------------------------------------------------------------------
 
 # Document order (the run order differs: memory runs last, after sections 6-7).
-SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory", "backends", "auth", "writes", "grpc-paths", "queue"]
+SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory", "backends", "auth", "tracing", "writes", "grpc-paths", "queue"]
 
 
 def _renderer(name: str) -> Callable[[dict[str, Any], dict[str, Row] | None, str], list[str]] | None:
@@ -442,10 +446,17 @@ def _notes(sections: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
                 f"namespace `{section.get('namespace')}`: *dev* (no auth) and *auth* (API key — the session created with "
                 "x-api-key, the auth gateway refusing one without it — a policy granting KEY_VALUE.* in the namespace, "
                 "a namespace rate limit of 10,000,000/s so the bucket is checked but never refuses, audit to a file). "
-                "auth/dev RPS and Δ p50/p99 (auth − dev) are the cost of authentication per request.",
+                "RPS vs baseline and Δ p50/p99 (auth − dev) are the cost of authentication per request.",
                 f"Audit lines written during the load: {section.get('audit_lines_during_load', '—'):,}." if isinstance(
                     section.get("audit_lines_during_load"), int) else "",
             ]
+    if sections.get("tracing", {}).get("rows"):
+        notes["tracing"] = [
+            "Two gateways from the same configuration, both Granian with one worker, SQLite `kv` config: *off* (the "
+            "default, no span taken) and *on* (every call sampled: a server span and four step spans per call, through "
+            "the batching processor to an exporter that drops them). RPS vs baseline and Δ p50/p99 (on − off) are "
+            "the cost of tracing per request.",
+        ]
     if sections.get("memory", {}).get("rows"):
         notes["memory"] = [
             "idle = VmRSS once started and set up; peak = VmHWM read just before the process was stopped (covers all "

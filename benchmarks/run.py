@@ -1,7 +1,7 @@
 """Run the benchmark sections side by side and write benchmarks/results/latest.{md,json} plus a
 dated copy. ``make bench`` runs this; see benchmarks/README.md.
 
-    python -m benchmarks.run [--quick] [--only grpc,rest,latency,backends,auth,streams,writes,grpc-paths,queue,memory]
+    python -m benchmarks.run [--quick] [--only grpc,rest,latency,backends,auth,tracing,streams,writes,grpc-paths,queue,memory]
                              [--label before] [--compare benchmarks/results/before.json]
 """
 
@@ -35,6 +35,7 @@ from benchmarks import (
     report,
     rest_throughput,
     streams,
+    tracing_cost,
     writes,
 )
 from benchmarks.context import Context, Durations
@@ -47,6 +48,7 @@ SECTIONS = {
     "latency": latency.run,  # after grpc and rest: its saturation rows come from them
     "backends": backends.run,  # issue 5: added latency on Redis and Postgres
     "auth": auth_cost.run,  # issue 4: the cost of authentication per request
+    "tracing": tracing_cost.run,  # issue 15: the cost of tracing per request
     "streams": streams.run,
     "writes": writes.run,  # the KeyValue service's write path, in process
     "grpc-paths": grpc_paths.run,  # issue 10: native gRPC through the ASGI app vs the grpc.aio port
