@@ -341,10 +341,8 @@ class Pipeline:
             with self._current(span):
                 with self._step("authenticate"):
                     call = await self.begin(method, metadata, transport, peer)
-                with self._step("decode"):
-                    request = await decode()
-                with self._step("admit"):
-                    await self.admit(call, request)
+                request = await decode()  # in-memory work: no span of its own
+                await self.admit(call, request)
                 with self._step("execute"):
                     response = await method.handler(request, call)  # type: ignore[misc]
         except PrismError as error:
@@ -368,10 +366,8 @@ class Pipeline:
             with self._current(span):
                 with self._step("authenticate"):
                     call = await self.begin(method, metadata, transport, peer)
-                with self._step("decode"):
-                    request = await decode()
-                with self._step("admit"):
-                    await self.admit(call, request)
+                request = await decode()  # in-memory work: no span of its own
+                await self.admit(call, request)
         except PrismError as error:
             self._refused(call, method, transport, error, metadata, started, span)
             raise
@@ -393,9 +389,8 @@ class Pipeline:
             with self._current(span):
                 with self._step("authenticate"):
                     call = await self.begin(method, metadata, transport, peer)
-                with self._step("admit"):
-                    for step in self.call_steps:
-                        await step(call, None)
+                for step in self.call_steps:
+                    await step(call, None)
         except PrismError as error:
             self._refused(call, method, transport, error, metadata, started, span)
             raise

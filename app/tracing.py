@@ -3,8 +3,8 @@
 Every call, on every transport and both gRPC paths, gets a SERVER span named after its RPC
 (``prism.v1.KeyValueService/Get``, RPC semantic conventions), continuing the client's trace
 from W3C ``traceparent`` / ``tracestate`` (HTTP headers and gRPC metadata alike). Its children
-are the pipeline's steps that cost time (authenticate, decode, admit) and the method itself
-(``execute``), under which the database clients' own instrumentation (asyncpg, redis) records
+are the pipeline steps that wait on something (``authenticate``: credentials or the session
+store) and the method itself (``execute``), under which the database clients' own instrumentation (asyncpg, redis) records
 each backend call. A stream's span lasts as long as the stream. Messages carry the trace:
 ``inject`` writes the current context into a message's headers, and ``consumed`` records a
 CONSUMER span in that trace when the message is delivered.

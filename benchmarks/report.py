@@ -453,7 +453,7 @@ def _notes(sections: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     if sections.get("tracing", {}).get("rows"):
         notes["tracing"] = [
             "Two gateways from the same configuration, both Granian with one worker, SQLite `kv` config: *off* (the "
-            "default, no span taken) and *on* (every call sampled: a server span and four step spans per call, through "
+            "default, no span taken) and *on* (every call sampled: a server span and two step spans per call, through "
             "the batching processor to an exporter that drops them). RPS vs baseline and Δ p50/p99 (on − off) are "
             "the cost of tracing per request.",
         ]

@@ -2,7 +2,7 @@
 
 A REST call and a native gRPC call, each sent with a W3C ``traceparent``, each produce a
 SERVER span in the client's trace (the client's span its parent) with the pipeline's steps
-(authenticate, decode, admit, execute) as its children; a Postgres-backed call records the
+(authenticate, execute) as its children; a Postgres-backed call records the
 database call under ``execute``. Off by default: no span file, no spans.
 """
 
@@ -20,7 +20,7 @@ from prism.v1 import keyvalue_pb2 as kv
 from tests.gateway_process import start_gateway
 from tests.servers import POSTGRES_DSN
 
-STEPS = {"authenticate", "decode", "admit", "execute"}
+STEPS = {"authenticate", "execute"}
 
 
 def traceparent() -> tuple[str, str, str]:
