@@ -35,8 +35,9 @@ class Instance:
 class Backends:
     """Every backend instance of the settings, and their adapters per access pattern."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, workers: int = 1) -> None:
         self.settings = settings
+        self.workers = workers  # processes serving this instance: in-process backends may relay
         self.instances: dict[str, Instance] = {}
         self.started = False
 
@@ -49,7 +50,7 @@ class Backends:
         (inline configs may use any). On failure what was opened stays listed, for ``close``."""
         for name, spec in self.settings.backends.items():
             kind = lookup(spec.type)
-            environment = Environment(name, self.settings.data_dir, self.settings.limits.stream_buffer)
+            environment = Environment(name, self.settings.data_dir, self.settings.limits.stream_buffer, self.workers)
             instance = Instance(name, spec, kind, kind.connect(spec, environment))
             await instance.connection.start()
             self.instances[name] = instance

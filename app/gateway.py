@@ -43,7 +43,7 @@ class Gateway:
         self.settings = settings
         self.workers = workers
         methods = all_methods()
-        self.backends = Backends(settings)
+        self.backends = Backends(settings, workers)
         self.health = HealthMonitor(
             self.backends,
             _service_patterns(methods),
@@ -116,19 +116,19 @@ class Gateway:
             raise
 
     def _warn_per_process(self) -> None:
-        """Backends whose adapters do not declare ``shared`` keep a copy per worker process."""
+        """Adapters that do not declare ``shared`` keep a copy per worker process."""
         if self.workers == 1:
             return
         per_process = sorted(
-            name
+            f"{name} ({pattern})"
             for name, instance in self.backends.instances.items()
-            if any(Capability.SHARED not in adapter.capabilities for adapter in instance.adapters.values())
+            for pattern, adapter in instance.adapters.items()
+            if Capability.SHARED not in adapter.capabilities
         )
         if per_process:
             log.warning(
-                "backends %s are in-process: with %d workers each worker has its own copy "
-                "(a message published on one worker reaches only that worker's subscribers)",
-                per_process,
+                "backends %s are in-process: with %d workers each worker has its own copy",
+                ", ".join(per_process),
                 self.workers,
             )
 

@@ -74,6 +74,7 @@ class Environment:
     name: str  # the instance's name in the server configuration, for messages
     data_dir: pathlib.Path  # where embedded stores keep their files
     stream_buffer: int  # bound on messages buffered per subscriber or stream
+    workers: int = 1  # processes serving this gateway instance (in-process backends may relay)
 
 
 class Connection(ABC):

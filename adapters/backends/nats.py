@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 from pydantic import Field
 
 from adapters.backends import BackendSettings, BackendType, Connection, Environment
+from adapters.pubsub.nats import NatsPubSub
 from adapters.queue.nats import NatsQueue
 from prism.errors import PrismError, internal
 
@@ -157,5 +158,8 @@ BACKEND = BackendType(
     name="nats",
     settings=NatsSettings,
     connect=connect,
-    adapters={"QUEUE": lambda connection, environment: NatsQueue(connection)},
+    adapters={
+        "QUEUE": lambda connection, environment: NatsQueue(connection),
+        "PUBSUB": lambda connection, environment: NatsPubSub(connection, environment.stream_buffer),
+    },
 )

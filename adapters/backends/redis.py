@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 
 from adapters.backends import BackendType, Connection, Environment, NetworkSettings
 from adapters.keyvalue.redis import RedisKeyValue
+from adapters.pubsub.redis import RedisPubSub
 from adapters.queue.redis import RedisQueue
 from prism.errors import PrismError, internal
 
@@ -107,5 +108,6 @@ BACKEND = BackendType(
     adapters={
         "KEY_VALUE": lambda client, environment: RedisKeyValue(client),
         "QUEUE": lambda client, environment: RedisQueue(client),
+        "PUBSUB": lambda client, environment: RedisPubSub(client, environment.stream_buffer),
     },
 )

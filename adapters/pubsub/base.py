@@ -1,19 +1,59 @@
-"""The PubSub adapter contract: publish to a subject, subscribe to a pattern.
+"""The PubSub adapter contract: publish to a subject, subscribe to a pattern, and the one
+subscription buffer every backend delivers through.
 
 Subjects and patterns arrive already parsed by :mod:`adapters.pubsub.subjects`, so every
 backend gives wildcards the same meaning. A subscription is an async iterator of
-:class:`Delivery`; a backend must never let one slow subscriber stall the others, so each
-subscription has a bounded buffer and is ended with RESOURCE_EXHAUSTED when it overflows.
+:class:`Delivery`, and whatever the backend, deliveries reach it the same way:
+
+    backend reader (in-process publisher, worker hub, NATS callback, Redis reader task)
+        │ offer(delivery): never waits, so neither the publisher, the backend's connection
+        ▼ nor any other subscriber waits for this one
+    Subscription: a bounded buffer of ``buffer_size`` deliveries
+        │ full → Overflow.END: the subscription ends with RESOURCE_EXHAUSTED and leaves the
+        │                      backend at once (what it held is dropped with it)
+        │      → Overflow.DROP_OLDEST: the oldest waiting delivery makes room
+        │ either way counted in prism_pubsub_overflows_total{namespace, overflow}
+        ▼
+    __anext__, at the pace of the client's stream
+
+A backend subclasses :class:`Subscription` only to say how it leaves the backend
+(:meth:`Subscription._detach`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import ClassVar
 
+import grpc
+from prometheus_client import Counter
+
 from adapters.capabilities import Capability
+from prism.errors import PrismError
+
+log = logging.getLogger(__name__)
+
+OVERFLOWS = Counter(
+    "prism_pubsub_overflows",
+    "PubSub subscribers too slow for their buffer: one per subscription ended (overflow=end), "
+    "one per message dropped (overflow=drop_oldest)",
+    ["namespace", "overflow"],
+)
+
+
+class Overflow(StrEnum):
+    """What a full subscription buffer does with the next delivery (the session's
+    ``backend.options.overflow``)."""
+
+    END = "end"  # end the subscription with RESOURCE_EXHAUSTED: the client knows it missed some
+    DROP_OLDEST = "drop_oldest"  # drop the oldest waiting delivery: latest values matter most
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,17 +66,84 @@ class Delivery:
 
 
 class Subscription(ABC, AsyncIterator[Delivery]):
-    id: str
+    """One subscription's bounded buffer, fed by its backend with :meth:`offer`."""
+
+    def __init__(self, namespace: str, buffer_size: int, overflow: Overflow = Overflow.END) -> None:
+        self.id = uuid.uuid4().hex
+        self.namespace = namespace
+        self.buffer_size, self.overflow = buffer_size, overflow
+        self._waiting: deque[Delivery] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._ended = False
+        self._error: PrismError | None = None
+        self._detached: asyncio.Task[None] | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def offer(self, delivery: Delivery) -> None:
+        """Queue ``delivery``; never waits. A full buffer overflows as the subscription asked."""
+        if self._ended:
+            return
+        if len(self._waiting) >= self.buffer_size:
+            OVERFLOWS.labels(self.namespace, self.overflow.value).inc()
+            if self.overflow is Overflow.END:
+                self.end(
+                    PrismError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"subscriber too slow: more than {self.buffer_size} messages waiting",
+                    )
+                )
+                return
+            self._waiting.popleft()
+        self._waiting.append(delivery)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def end(self, error: PrismError | None = None) -> None:
+        """Stop delivery now: a pending ``__anext__`` raises ``error``, or ends cleanly without
+        one. Synchronous, so a backend's reader may call it; leaving the backend runs in the
+        background and :meth:`close` waits for it."""
+        if self._ended:
+            return
+        self._ended, self._error = True, error
+        self._waiting.clear()
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+        self._detached = asyncio.get_running_loop().create_task(self._detach_quietly())
+
+    async def close(self) -> None:
+        """End it (if nothing ended it yet) and wait until it left the backend."""
+        self.end()
+        assert self._detached is not None
+        await asyncio.shield(self._detached)
 
     def __aiter__(self) -> Subscription:
         return self
 
-    @abstractmethod
-    async def __anext__(self) -> Delivery: ...
+    async def __anext__(self) -> Delivery:
+        while not self._waiting:
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+        return self._waiting.popleft()
+
+    async def _detach_quietly(self) -> None:
+        try:
+            await self._detach()
+        except Exception as exc:  # the subscription is over either way; the backend forgets it
+            log.warning("pubsub subscription %s: leaving the backend failed: %r", self.id, exc)
 
     @abstractmethod
-    async def close(self) -> None:
-        """Stop delivery; a pending ``__anext__`` ends with StopAsyncIteration."""
+    async def _detach(self) -> None:
+        """Leave the backend: no delivery is offered after this returns."""
 
 
 class PubSubAdapter(ABC):
@@ -54,6 +161,10 @@ class PubSubAdapter(ABC):
 
     @abstractmethod
     async def subscribe(
-        self, namespace: str, pattern: tuple[str, ...], queue_group: str = ""
+        self,
+        namespace: str,
+        pattern: tuple[str, ...],
+        queue_group: str = "",
+        overflow: Overflow = Overflow.END,
     ) -> Subscription:
         """Register a subscription; it receives every message published after this returns."""

@@ -1,99 +1,126 @@
 """In-process PubSub broker: the embedded default. Delivery is immediate and in order per
-subscriber; nothing is kept for subscribers that were not there."""
+subscriber; nothing is kept for subscribers that were not there.
+
+:class:`Router` decides who gets a message; it is also the broker of the worker hub
+(:mod:`adapters.pubsub.workers`), where some subscriptions live in other processes. A route's
+``sink`` is whoever holds the subscription, so one publish hands each process one batch.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping
-
-import grpc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from adapters.capabilities import Capability
-from adapters.pubsub.base import Delivery, PubSubAdapter, Subscription
+from adapters.pubsub.base import Delivery, Overflow, PubSubAdapter, Subscription
 from adapters.pubsub.subjects import matches
-from prism.errors import PrismError
-
-_CLOSED = object()
 
 
-class MemorySubscription(Subscription):
-    def __init__(self, broker: MemoryPubSub, namespace: str, pattern: tuple[str, ...], group: str) -> None:
-        self.id = uuid.uuid4().hex
-        self.namespace, self.pattern, self.group = namespace, pattern, group
+class Sink(Protocol):
+    """Where a route's deliveries go: this process's subscriptions, or another process's."""
+
+    def deliver(self, ids: Sequence[str], delivery: Delivery) -> None:
+        """Hand ``delivery`` to the subscriptions ``ids``; never waits."""
+
+
+@dataclass(frozen=True, eq=False)
+class Route:
+    id: str  # the subscription's
+    namespace: str
+    pattern: tuple[str, ...]
+    group: str
+    sink: Sink
+
+
+class Router:
+    """Every matching subscription outside queue groups gets a message; each queue group
+    (per namespace) gives it to one matching member, round robin."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self._turns: defaultdict[tuple[str, str], itertools.count[int]] = defaultdict(itertools.count)
+
+    def add(self, route: Route) -> None:
+        self.routes[route.id] = route
+
+    def remove(self, route_id: str) -> Route | None:
+        return self.routes.pop(route_id, None)
+
+    def route(self, namespace: str, subject: tuple[str, ...], delivery: Delivery) -> None:
+        groups: dict[str, list[Route]] = {}
+        chosen: list[Route] = []
+        for route in self.routes.values():
+            if route.namespace != namespace or not matches(route.pattern, subject):
+                continue
+            if route.group:
+                groups.setdefault(route.group, []).append(route)
+            else:
+                chosen.append(route)
+        for group, members in groups.items():
+            chosen.append(members[next(self._turns[(namespace, group)]) % len(members)])
+        batches: dict[Sink, list[str]] = {}
+        for route in chosen:
+            batches.setdefault(route.sink, []).append(route.id)
+        for sink, ids in batches.items():
+            sink.deliver(ids, delivery)
+
+
+def new_delivery(subject: tuple[str, ...], data: bytes, headers: Mapping[str, str]) -> Delivery:
+    return Delivery(uuid.uuid4().hex, ".".join(subject), data, dict(headers), time.time())
+
+
+class LocalSubscription(Subscription):
+    def __init__(self, broker: MemoryPubSub, namespace: str, overflow: Overflow) -> None:
+        super().__init__(namespace, broker.buffer_size, overflow)
         self._broker = broker
-        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=broker.buffer_size + 1)
 
-    def offer(self, delivery: Delivery) -> None:
-        """Called by the publisher; never waits. A full buffer ends this subscription only."""
-        if self._queue.qsize() >= self._broker.buffer_size:
-            self._broker.remove(self)
-            self._drain()
-            self._queue.put_nowait(
-                PrismError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"subscriber too slow: more than {self._broker.buffer_size} messages waiting",
-                )
-            )
-            return
-        self._queue.put_nowait(delivery)
-
-    def _drain(self) -> None:
-        while not self._queue.empty():
-            self._queue.get_nowait()
-
-    async def __anext__(self) -> Delivery:
-        item = await self._queue.get()
-        if item is _CLOSED:
-            self._queue.put_nowait(_CLOSED)  # stay closed for later calls
-            raise StopAsyncIteration
-        if isinstance(item, PrismError):
-            raise item
-        return item  # type: ignore[return-value]
-
-    async def close(self) -> None:
-        if self._broker.remove(self):
-            self._drain()
-            self._queue.put_nowait(_CLOSED)
+    async def _detach(self) -> None:
+        await self._broker.forget(self)
 
 
 class MemoryPubSub(PubSubAdapter):
+    """One process's subscriptions (``local``) behind a :class:`Router`."""
+
     capabilities = frozenset({Capability.WILDCARDS, Capability.QUEUE_GROUPS})
 
     def __init__(self, buffer_size: int = 1024) -> None:
         self.buffer_size = buffer_size
-        self._subscriptions: dict[str, MemorySubscription] = {}
-        self._round_robin: defaultdict[tuple[str, str], itertools.count[int]] = defaultdict(itertools.count)
+        self.router = Router()
+        self.local: dict[str, Subscription] = {}
 
-    def remove(self, subscription: MemorySubscription) -> bool:
-        return self._subscriptions.pop(subscription.id, None) is not None
+    def deliver(self, ids: Sequence[str], delivery: Delivery) -> None:
+        for subscription_id in ids:
+            if (subscription := self.local.get(subscription_id)) is not None:
+                subscription.offer(delivery)
 
     async def publish(
         self, namespace: str, subject: tuple[str, ...], data: bytes, headers: Mapping[str, str]
     ) -> str:
-        delivery = Delivery(uuid.uuid4().hex, ".".join(subject), data, dict(headers), time.time())
-        groups: dict[str, list[MemorySubscription]] = {}
-        for sub in list(self._subscriptions.values()):
-            if sub.namespace != namespace or not matches(sub.pattern, subject):
-                continue
-            if sub.group:
-                groups.setdefault(sub.group, []).append(sub)
-            else:
-                sub.offer(delivery)
-        for group, members in groups.items():
-            members[next(self._round_robin[(namespace, group)]) % len(members)].offer(delivery)
+        delivery = new_delivery(subject, data, headers)
+        self.router.route(namespace, subject, delivery)
         return delivery.message_id
 
     async def subscribe(
-        self, namespace: str, pattern: tuple[str, ...], queue_group: str = ""
+        self,
+        namespace: str,
+        pattern: tuple[str, ...],
+        queue_group: str = "",
+        overflow: Overflow = Overflow.END,
     ) -> Subscription:
-        sub = MemorySubscription(self, namespace, pattern, queue_group)
-        self._subscriptions[sub.id] = sub
-        return sub
+        subscription = LocalSubscription(self, namespace, overflow)
+        self.local[subscription.id] = subscription
+        self.router.add(Route(subscription.id, namespace, pattern, queue_group, self))
+        return subscription
+
+    async def forget(self, subscription: Subscription) -> None:
+        self.local.pop(subscription.id, None)
+        self.router.remove(subscription.id)
 
     async def close(self) -> None:
-        for sub in list(self._subscriptions.values()):
-            await sub.close()
+        for subscription in list(self.local.values()):
+            await subscription.close()

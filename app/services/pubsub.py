@@ -1,4 +1,11 @@
-"""PubSubService: subjects and patterns checked once here, delivery by any PubSub adapter."""
+"""PubSubService: subjects, patterns and options checked once here, delivery by any
+PubSub adapter.
+
+A session's configuration may ask what a full subscription buffer does
+(``backend.options.overflow``: ``end``, the default, ends the subscription with
+RESOURCE_EXHAUSTED; ``drop_oldest`` drops the oldest waiting message): see
+``adapters/pubsub/base.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import grpc
+
 from adapters.capabilities import Capability
-from adapters.pubsub.base import Subscription
+from adapters.pubsub.base import Overflow, Subscription
 from adapters.pubsub.subjects import parse_pattern, parse_subject
 from app.backends import Backends
 from app.pipeline import Call
@@ -15,10 +24,25 @@ from app.services.capabilities import require
 from app.sessions import SessionStore
 from app.settings import Limits
 from prism.errors import PrismError, not_found, too_large
+from prism.v1 import config_pb2
 from prism.v1 import pubsub_pb2 as ps
 
 log = logging.getLogger(__name__)
 END_WAIT_SECONDS = 2.0
+OVERFLOW_OPTION = "overflow"
+
+
+def overflow(config: config_pb2.ClientConfig) -> Overflow:
+    """What the session's configuration asks a full subscription buffer to do."""
+    value = config.backend.options.get(OVERFLOW_OPTION, Overflow.END.value)
+    try:
+        return Overflow(value)
+    except ValueError:
+        field = f"config.backend.options.{OVERFLOW_OPTION}"
+        choices = ", ".join(o.value for o in Overflow)
+        raise PrismError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"{field}: {value!r} is not one of {choices}", field=field
+        ) from None
 
 
 class PubSubService:
@@ -46,7 +70,9 @@ class PubSubService:
         if request.queue_group:
             require(broker, Capability.QUEUE_GROUPS, call, "queueGroup")
         assert call.session is not None
-        subscription = await broker.subscribe(call.config.namespace, pattern, request.queue_group)
+        subscription = await broker.subscribe(
+            call.config.namespace, pattern, request.queue_group, overflow(call.config)
+        )
         ended_by: list[PrismError] = []  # the session's status, when closing or expiring it ended this
 
         async def end(status: PrismError | None) -> None:
