@@ -9,8 +9,8 @@ import re
 
 from prometheus_client import REGISTRY
 
-import app.health  # noqa: F401  (registers the families every worker exports)
-import app.pipeline  # noqa: F401
+import app.health
+import app.pipeline
 import app.services.read_cache  # noqa: F401
 from tests.gateway_process import ROOT
 
@@ -23,7 +23,7 @@ def exported() -> dict[str, set[str]]:
     for family in REGISTRY.collect():
         if not family.name.startswith("prism_"):
             continue
-        labels = set(getattr(REGISTRY._names_to_collectors.get(family.name + "_total") or REGISTRY._names_to_collectors.get(family.name), "_labelnames", ()))  # noqa: SLF001
+        labels = set(getattr(REGISTRY._names_to_collectors.get(family.name + "_total") or REGISTRY._names_to_collectors.get(family.name), "_labelnames", ()))
         for suffix in SUFFIXES.get(family.type, ("",)):
             names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     return names

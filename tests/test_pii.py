@@ -130,10 +130,10 @@ def test_keys_are_checked_at_start_up(tmp_path: pathlib.Path) -> None:
     with pytest.raises(SettingsError, match=r"encryption.*keys.k1: 9 bytes"):
         load_settings(str(path), environ={})
     path.write_text(config(tmp_path / "a.log", {"k1": K1}, "k9").replace(f"  - {{name: {NAMESPACE}, pii: true}}", f"  - {{name: {NAMESPACE}}}"))
-    with pytest.raises(SettingsError, match="current: no key 'k9'"):
+    with pytest.raises(SettingsError, match=r"current: no key 'k9'"):
         load_settings(str(path), environ={})
     path.write_text(config(tmp_path / "a.log", {"k1": K1}, "k1").replace("audit: {sink", "#"))
-    with pytest.raises(SettingsError, match="pii: needs `audit.sink`"):
+    with pytest.raises(SettingsError, match=r"pii: needs `audit\.sink`"):
         load_settings(str(path), environ={})
 
 

@@ -95,13 +95,12 @@ tracing: {{exporter: file, file: {span_file}}}
     assert database and all(s["attributes"].get("db.system") == "postgresql" for s in database), database
 
 
-async def test_tracing_is_off_by_default(tmp_path: pathlib.Path) -> None:
+def test_tracing_is_off_by_default(tmp_path: pathlib.Path) -> None:
     gateway = start_gateway(tmp_path, "hypercorn")
     try:
-        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as http:
-            parent, _, _ = traceparent()
-            response = await http.post("/v1/sessions", json={"configName": "kv"}, headers={"traceparent": parent})
-            assert response.status_code == 200
+        parent, _, _ = traceparent()
+        response = httpx.post(f"{gateway.base_url}/v1/sessions", json={"configName": "kv"}, headers={"traceparent": parent})
+        assert response.status_code == 200
     finally:
         gateway.stop()
     assert not list(tmp_path.rglob("*.jsonl"))
