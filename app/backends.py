@@ -15,7 +15,9 @@ from adapters.backends import Adapter, BackendSettings, BackendType, Connection,
 from adapters.keyvalue.base import KeyValueAdapter
 from adapters.pubsub.base import PubSubAdapter
 from adapters.queue.base import QueueAdapter
+from adapters.reader.base import ReaderAdapter
 from adapters.registry import lookup
+from adapters.transact.base import TransactAdapter
 from app.settings import Settings
 from prism.errors import PrismError, failed_precondition
 from prism.v1 import config_pb2
@@ -100,3 +102,9 @@ class Backends:
 
     def for_queue(self, config: config_pb2.ClientConfig) -> QueueAdapter:
         return cast(QueueAdapter, self.adapter("QUEUE", config))
+
+    def for_reader(self, config: config_pb2.ClientConfig) -> ReaderAdapter:
+        return cast(ReaderAdapter, self.adapter("READER", config))
+
+    def for_transact(self, config: config_pb2.ClientConfig) -> TransactAdapter:
+        return cast(TransactAdapter, self.adapter("TRANSACT", config))

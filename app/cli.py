@@ -44,7 +44,54 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-format", choices=("json", "text"), default=None, help="json lines or text (default: text at a terminal, else json)"
     )
+    listener = commands.add_parser(
+        "listener", help="run the Transact mailbox listener alone (`serve` runs it too, unless mailbox_listener.in_gateway is false)"
+    )
+    listener.add_argument("--config", help="YAML server configuration: the one the gateway reads")
+    listener.add_argument("--data-dir", help="directory of the embedded SQLite file (default ./data)")
+    listener.add_argument("--log-level", default="info")
+    listener.add_argument(
+        "--log-format", choices=("json", "text"), default=None, help="json lines or text (default: text at a terminal, else json)"
+    )
     return parser
+
+
+def listen(args: argparse.Namespace) -> int:
+    """``prism listener``: the mailbox listener alone, until SIGTERM or SIGINT (app/listener.py).
+    It opens only the backends its routes need; its destinations must be shared ones."""
+    import asyncio  # only this command runs a loop of its own
+
+    import uvloop
+
+    from app.listener import run_alone
+    from prism.errors import PrismError
+
+    for name, value in {"PRISM_CONFIG": args.config, "PRISM_DATA_DIR": args.data_dir}.items():
+        if value is not None:
+            os.environ[name] = str(value)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"prism: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await run_alone(settings, stop)
+
+    print("prism: mailbox listener starting", file=sys.stderr)
+    try:
+        uvloop.run(run())
+    except SettingsError as exc:
+        print(f"prism: {exc}", file=sys.stderr)
+        return 2
+    except PrismError as exc:  # a backend unreachable at start-up
+        print(f"prism: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -217,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.log_format = args.log_format or logs.default_format()
     logs.configure(args.log_level, args.log_format)
+    if args.command == "listener":
+        return listen(args)
     return serve(args)
 
 

@@ -107,6 +107,8 @@ class ConfigRegistry:
                 refuse("backend.type", f"a {self.settings.backends[instance].type} backend cannot serve {pattern}")
             else:
                 await self._check_backend(config, pattern, instance, refuse)
+            if pattern == "TRANSACT" and (problem := self.settings.transact_problem(config.namespace, instance)):
+                refuse("namespace", problem)  # tables come from the server configuration only
         if config.namespace not in self.settings.known_namespaces:
             refuse("namespace", f"unknown namespace {config.namespace!r}")
         rate = config.rate_limit

@@ -19,6 +19,7 @@ from app.auth.mtls import grpc_server_credentials
 from app.backends import Backends
 from app.configs import ConfigRegistry, ConfigService
 from app.health import HealthMonitor
+from app.listener import MailboxListeners
 from app.methods import Method, all_methods, bind
 from app.pipeline import Pipeline
 from app.policy import Authorizer
@@ -27,7 +28,9 @@ from app.services.keyvalue import KeyValueService
 from app.services.plugin import HealthService, MetricsService, PluginInfoService
 from app.services.pubsub import PubSubService
 from app.services.queue import QueueService
+from app.services.reader import ReaderService
 from app.services.session import SessionService
+from app.services.transact import TransactService
 from app.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
 from app.settings import Settings
 from app.tracing import Tracing
@@ -55,6 +58,7 @@ class Gateway:
         self.audit = AuditLog(settings.audit.sink)
         authorizer = Authorizer(settings.policies)
         configs = ConfigRegistry(settings, self.backends, self.sessions)
+        self.transact = TransactService(self.backends.for_transact, settings)
         self.methods: list[Method] = bind(
             methods,
             [
@@ -63,6 +67,8 @@ class Gateway:
                 KeyValueService(self.backends, settings.limits, settings.signing_key(), _encryption(settings)),
                 PubSubService(self.backends, settings.limits, self.sessions),
                 QueueService(self.backends.for_queue, settings.limits),
+                ReaderService(self.backends.for_reader, settings.reader, settings.signing_key()),
+                self.transact,
                 HealthService(self.health),
                 MetricsService(),
                 PluginInfoService(self.backends),
@@ -80,6 +86,7 @@ class Gateway:
             self.tracing,
         )
         self.grpc_server: grpc.aio.Server | None = None
+        self.listeners: MailboxListeners | None = None  # Transact mailbox delivery (app/listener.py)
         self.started = False
         # Reflection and grpc.health.v1, for every path that serves native gRPC.
         self.services = sorted({m.service for m in self.methods})
@@ -95,6 +102,9 @@ class Gateway:
             await self.authenticator.start()
             await self.sessions.start()
             await self.backends.start()
+            await self.transact.prepare(self.backends.adapters("TRANSACT"))  # declared tables match
+            if self.settings.mailbox_listener.in_gateway:
+                self.listeners = await MailboxListeners.start(self.settings, self.backends, self.tracing)
             self._warn_per_process()
             await self.health.start()
             await self.health.serve_grpc(self.standard.health, self.services)
@@ -148,6 +158,9 @@ class Gateway:
             await self.grpc_server.stop(grace=2)
             self.grpc_server = None
         await self.health.close()
+        if self.listeners is not None:  # before the backends it reads and publishes to
+            await self.listeners.close()
+            self.listeners = None
         await self.backends.close()
         await self.sessions.close_store()
         await self.authenticator.close()

@@ -34,7 +34,9 @@ from pydantic import (
 
 from adapters.backends import BackendSettings
 from adapters.keyvalue.encrypted import Keyring
+from adapters.reader.base import DEMO_FIELDS, Collection
 from adapters.registry import UnknownBackendType, backend_settings, lookup
+from adapters.transact.base import Isolation, Table
 from app.tracing import TracingSettings
 
 log = logging.getLogger("prism.settings")
@@ -243,6 +245,137 @@ class Audit(Strict):
     sink: str | None = None  # None: off; "-": stderr; else a file path
 
 
+class TransactTable(Strict):
+    """A table a namespace's Transact clients may write (``adapters/transact/base.py``)."""
+
+    key: list[str] = Field(min_length=1)  # the columns of its primary key or a unique index
+    columns: list[str] = Field(min_length=1)  # the writable columns, the key's included
+    create: bool = False  # create it at start-up when missing, with untyped columns (demos, tests)
+
+
+MAILBOX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,248}$"  # a mailbox name (adapters/transact/base.py, NAME)
+
+
+class TransactMailbox(Strict):
+    deliver_to: str  # a QUEUE or PUBSUB config of `configs`
+
+
+class MailboxListenerSettings(Strict):
+    """The mailbox listener (``app/listener.py``): it runs in every gateway process unless
+    ``in_gateway`` is false (then ``prism listener`` runs it alone); any number share the work."""
+
+    in_gateway: bool = True
+    lease_seconds: float = Field(default=30.0, gt=0, le=3600)  # a claimed mailbox is one holder's this long
+    batch_rows: int = Field(default=100, gt=0, le=10_000)  # rows per claim, over all its mailboxes
+    batch_bytes: int = Field(default=4 * 1024 * 1024, gt=0)  # payload bytes per claim (one row at least)
+    batch_mailboxes: int = Field(default=16, gt=0, le=1000)  # mailboxes per claim, delivered concurrently
+    poll_seconds: float = Field(default=5.0, gt=0)  # a look without a wake-up: the safety net, not the way
+    max_retry_seconds: float = Field(default=30.0, gt=0)  # the longest pause before retrying a failed delivery
+
+
+class TransactNamespace(Strict):
+    """What one namespace's Transact sessions may write, and how: the tables live in
+    ``backend``'s database; every transaction runs at ``isolation`` and ends within
+    ``timeout_seconds`` (a Write's whole call; the longest a Transaction stays open, which a
+    client's Begin may only shorten)."""
+
+    backend: str  # name of an entry in `backends`
+    isolation: Isolation = Isolation.READ_COMMITTED
+    timeout_seconds: float = Field(default=5.0, gt=0, le=3600)
+    tables: dict[str, TransactTable] = Field(min_length=1)
+    # Where the mailbox listener delivers this namespace's rows (README, Transact): a QUEUE or
+    # PUBSUB config of `configs`, for every mailbox, and per mailbox. Neither: the rows stay in
+    # the mailbox table for a reader of its own. Only `mailboxes`: a Write names one of them.
+    deliver_to: str | None = None
+    mailboxes: dict[Annotated[str, Field(pattern=MAILBOX)], TransactMailbox] = {}
+
+    def route(self, mailbox: str) -> str | None:
+        """The config the listener delivers ``mailbox``'s rows to (None: not delivered)."""
+        spec = self.mailboxes.get(mailbox)
+        return spec.deliver_to if spec is not None else self.deliver_to
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the listener delivers (some of) this namespace's mailboxes."""
+        return self.deliver_to is not None or bool(self.mailboxes)
+
+    @model_validator(mode="after")
+    def _tables(self) -> TransactNamespace:
+        for name in self.tables:
+            try:
+                self.table(name)
+            except ValueError as exc:
+                raise ValueError(f"tables.{name}: {exc}") from None
+        return self
+
+    def table(self, name: str) -> Table:
+        """The declaration as the adapters take it (ValueError naming what is wrong)."""
+        spec = self.tables[name]
+        return Table(name, tuple(spec.key), tuple(spec.columns), spec.create)
+
+
+def _default_transact() -> dict[str, Any]:
+    """The embedded default's demo: an orders table in the SQLite file, written by sessions of
+    the ``transact`` config (README, Transact)."""
+    orders = {"key": ["id"], "columns": ["id", "customer", "total", "status"], "create": True}
+    return {"default": {"backend": "sqlite", "tables": {"orders": orders}, "deliver_to": "queue"}}
+
+
+# --- Reader: the collections each namespace exposes (adapters/reader/base.py) --------------------
+
+
+class ReaderCollection(Strict):
+    """A table or view a namespace's Reader sessions may read, under the collection's name."""
+
+    table: str  # a table or view; "schema.table" on PostgreSQL
+    key: list[str] = Field(min_length=1)  # unique and not null: the tie-breaker of every order
+    fields: list[str] = Field(min_length=1)  # the readable columns, the key's included
+    demo: bool = False  # create and fill the demo table when missing (the embedded default)
+
+
+class Reader(Strict):
+    """Reader collections per namespace, and the bounds of every read."""
+
+    # namespace → collection name → declaration. Without `configs` or `reader.collections` in the
+    # configuration: the demo collection the default `reader` config reads.
+    collections: dict[
+        Annotated[str, Field(pattern=NAME)], dict[Annotated[str, Field(pattern=NAME)], ReaderCollection]
+    ] = {}
+    default_page_size: int = Field(default=100, gt=0)  # rows, when a request says 0
+    max_page_size: int = Field(default=1000, gt=0)
+    default_page_bytes: int = Field(default=1024 * 1024, gt=0)  # encoded page, when a request says 0
+    max_page_bytes: int = Field(default=4 * 1024 * 1024, gt=0)  # within a gRPC client's default 4 MiB
+    # A Read or Query stream ends, with a cursor to resume from, when its next page would come
+    # later than this after the request; Count fails with DEADLINE_EXCEEDED.
+    deadline_seconds: float = Field(default=60.0, gt=0)
+    cursor_ttl_seconds: float = Field(default=86400.0, gt=0)  # a continuation cursor is refused after this
+
+    @model_validator(mode="after")
+    def _declarations(self) -> Reader:
+        for namespace, collections in self.collections.items():
+            for name in collections:
+                try:
+                    self.collection(namespace, name)
+                except ValueError as exc:
+                    raise ValueError(f"collections.{namespace}.{name}: {exc}") from None
+        if self.default_page_size > self.max_page_size:
+            raise ValueError("default_page_size: above max_page_size")
+        if self.default_page_bytes > self.max_page_bytes:
+            raise ValueError("default_page_bytes: above max_page_bytes")
+        return self
+
+    def collection(self, namespace: str, name: str) -> Collection:
+        """The declaration as the adapters take it (ValueError naming what is wrong)."""
+        spec = self.collections[namespace][name]
+        return Collection(name, spec.table, tuple(spec.key), tuple(spec.fields), spec.demo)
+
+
+def _default_reader_collections() -> dict[str, Any]:
+    """The embedded default's demo: orders in the SQLite file, read by the `reader` config."""
+    orders = {"table": "demo_orders", "key": ["id"], "fields": list(DEMO_FIELDS), "demo": True}
+    return {"default": {"orders": orders}}
+
+
 def _default_backends() -> dict[str, BackendSettings]:
     return {"sqlite": backend_settings({"type": "sqlite"}), "memory": backend_settings({"type": "memory"})}
 
@@ -253,6 +386,8 @@ def _default_configs() -> list[NamedConfig]:
         NamedConfig(name="kv-memory", pattern="KEY_VALUE", backend="memory"),
         NamedConfig(name="events", pattern="PUBSUB", backend="memory"),
         NamedConfig(name="queue", pattern="QUEUE", backend="sqlite"),
+        NamedConfig(name="reader", pattern="READER", backend="sqlite"),
+        NamedConfig(name="transact", pattern="TRANSACT", backend="sqlite"),
     ]
 
 
@@ -278,6 +413,51 @@ class Settings(Strict):
     tracing: TracingSettings = TracingSettings()  # off unless it names an exporter
     encryption: Encryption | None = None
     health: HealthChecks = HealthChecks()
+    reader: Reader = Reader()  # Reader collections and page bounds
+    # Namespace → the tables its Transact sessions may write. Without `configs` or `transact`
+    # in the configuration: the demo that the default `transact` config uses.
+    transact: dict[Annotated[str, Field(pattern=NAME)], TransactNamespace] = {}
+    mailbox_listener: MailboxListenerSettings = MailboxListenerSettings()  # delivers Transact mailboxes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_transact(cls, data: Any) -> Any:
+        """The default configs come with the demo table their `transact` config writes."""
+        if isinstance(data, dict) and "configs" not in data and "transact" not in data:
+            return {**data, "transact": _default_transact()}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_reader(cls, data: Any) -> Any:
+        """The default configs come with the demo collection their `reader` config reads."""
+        if isinstance(data, dict) and "configs" not in data:
+            reader = data.get("reader")
+            if reader is None or (isinstance(reader, dict) and "collections" not in reader):
+                return {**data, "reader": {**(reader or {}), "collections": _default_reader_collections()}}
+        return data
+
+    @model_validator(mode="after")
+    def _reader_namespaces(self) -> Settings:
+        """Collections of known namespaces only; a READER config on a backend that serves READER,
+        for a namespace that exposes collections."""
+        for namespace in self.reader.collections:
+            if namespace not in self.known_namespaces:
+                raise ValueError(
+                    f"reader.collections.{namespace}: unknown namespace (known: {', '.join(sorted(self.known_namespaces))})"
+                )
+        for config in self.configs:
+            if config.pattern != "READER" or config.backend not in self.backends:
+                continue  # an unknown backend is reported by _check
+            kind = self.backends[config.backend].type
+            if "READER" not in lookup(kind).patterns:
+                raise ValueError(f"configs.{config.name}.backend: a {kind} backend cannot serve READER")
+            if not self.reader.collections.get(config.namespace):
+                raise ValueError(
+                    f"configs.{config.name}: namespace {config.namespace!r} exposes no collections "
+                    f"(declare them under reader.collections.{config.namespace})"
+                )
+        return self
 
     @field_validator("configs")
     @classmethod
@@ -295,6 +475,7 @@ class Settings(Strict):
                     f"configs.{config.name}.backend: no backend named {config.backend!r} "
                     f"(known: {', '.join(sorted(self.backends))})"
                 )
+        self._check_transact()
         for namespace in self.namespaces:
             if namespace.pii and self.encryption is None:
                 raise ValueError(f"namespaces.{namespace.name}.pii: needs `encryption` (keys and current) to store its values")
@@ -317,10 +498,49 @@ class Settings(Strict):
                     )
         return self
 
+    def _check_transact(self) -> None:
+        for namespace, spec in self.transact.items():
+            if spec.backend not in self.backends:
+                raise ValueError(
+                    f"transact.{namespace}.backend: no backend named {spec.backend!r} "
+                    f"(known: {', '.join(sorted(self.backends))})"
+                )
+            kind = self.backends[spec.backend].type
+            if "TRANSACT" not in lookup(kind).patterns:
+                raise ValueError(f"transact.{namespace}.backend: a {kind} backend cannot serve TRANSACT")
+        for config in self.configs:
+            if config.pattern == "TRANSACT" and (problem := self.transact_problem(config.namespace, config.backend)):
+                raise ValueError(f"configs.{config.name}: {problem}")
+        self._check_mailbox_routes()
+
+    def _check_mailbox_routes(self) -> None:
+        """Every mailbox route names a QUEUE or PUBSUB config of `configs`."""
+        named = {c.name: c for c in self.configs}
+        for namespace, spec in self.transact.items():
+            routes = [(f"transact.{namespace}.deliver_to", spec.deliver_to)]
+            routes += [(f"transact.{namespace}.mailboxes.{m}.deliver_to", r.deliver_to) for m, r in spec.mailboxes.items()]
+            for key, name in routes:
+                if name is None:
+                    continue
+                config = named.get(name)
+                if config is None:
+                    raise ValueError(f"{key}: no config named {name!r} (known: {', '.join(sorted(named))})")
+                if config.pattern not in ("QUEUE", "PUBSUB"):
+                    raise ValueError(f"{key}: config {name!r} is {config.pattern}; the listener delivers to QUEUE or PUBSUB")
+
+    def transact_problem(self, namespace: str, backend: str) -> str | None:
+        """Why a TRANSACT configuration of ``namespace`` on ``backend`` cannot work, or None."""
+        spec = self.transact.get(namespace)
+        if spec is None:
+            return f"namespace {namespace!r} exposes no tables (declare them under transact.{namespace})"
+        if spec.backend != backend:
+            return f"namespace {namespace!r} keeps its tables on backend {spec.backend!r}, not {backend!r}"
+        return None
+
     @property
     def known_namespaces(self) -> set[str]:
-        """Declared namespaces and those of the named configurations."""
-        return {n.name for n in self.namespaces} | {c.namespace for c in self.configs}
+        """Declared namespaces, those of the named configurations and of the Transact tables."""
+        return {n.name for n in self.namespaces} | {c.namespace for c in self.configs} | set(self.transact)
 
     @property
     def dev_mode(self) -> bool:

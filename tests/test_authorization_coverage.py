@@ -40,6 +40,8 @@ SESSION_CONFIGS = {
     config_pb2.ACCESS_PATTERN_KEY_VALUE: "kv",
     config_pb2.ACCESS_PATTERN_PUBSUB: "events",
     config_pb2.ACCESS_PATTERN_QUEUE: "queue",
+    config_pb2.ACCESS_PATTERN_READER: "reader",
+    config_pb2.ACCESS_PATTERN_TRANSACT: "transact",
 }
 
 
@@ -53,6 +55,12 @@ configs:
   - {{name: kv, pattern: KEY_VALUE, backend: mem, namespace: locked}}
   - {{name: events, pattern: PUBSUB, backend: mem, namespace: locked}}
   - {{name: queue, pattern: QUEUE, backend: lite, namespace: locked}}
+  - {{name: reader, pattern: READER, backend: lite, namespace: locked}}
+  - {{name: transact, pattern: TRANSACT, backend: lite, namespace: locked}}
+transact:
+  locked: {{backend: lite, tables: {{orders: {{key: [id], columns: [id], create: true}}}}}}
+reader:
+  collections: {{locked: {{items: {{table: items, key: [id], fields: [id]}}}}}}
 namespaces:
   - {{name: locked}}
 auth:

@@ -11,6 +11,7 @@ Every answer — unknown routes and unsupported content types included — is th
 from __future__ import annotations
 
 import base64
+import pathlib
 import struct
 from collections.abc import AsyncIterator, Iterator
 
@@ -97,10 +98,8 @@ async def test_no_credentials_come_before_everything(clients: dict[str, object],
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_then_the_method_then_the_request(clients: dict[str, object], transport: str) -> None:
+async def test_then_the_request_then_the_pattern(clients: dict[str, object], transport: str) -> None:
     client = clients[transport]
-    token = await _session(client)
-    assert (await _refused(client, TRANSACT_WRITE, transact_pb2.WriteRequest(), token)).code == "UNIMPLEMENTED"
     # A PubSub session calling KeyValue with an invalid request: the request is refused first,
     # the session's pattern after it.
     events = await _session(client, "events")
@@ -188,3 +187,25 @@ def test_grpc_web_trailers_carry_the_status_details() -> None:
     details = fields["grpc-status-details-bin"]
     assert status_violations(base64.b64decode(details + "=" * (-len(details) % 4))) == ("entries[2].key",)
 
+
+
+async def test_a_method_without_a_handler_is_unimplemented_before_its_request_is_read(tmp_path: pathlib.Path) -> None:
+    """Every RPC of the contract is implemented now; one added to the proto before its service
+    method is refused UNIMPLEMENTED, after the credentials and before its request is read."""
+    from app.gateway import Gateway
+    from app.settings import load_settings
+    from prism.errors import PrismError
+
+    gateway = Gateway(load_settings(environ={"PRISM_DATA_DIR": str(tmp_path)}))
+    (method,) = [m for m in gateway.methods if m.path == "/prism.v1.ConfigService/ListConfigs"]
+    method.handler = None
+    read: list[bool] = []
+
+    async def decode() -> object:
+        read.append(True)
+        return method.request_type()
+
+    with pytest.raises(PrismError) as refused:
+        await gateway.pipeline.unary(method, decode, {}, "grpc")  # type: ignore[arg-type]
+    assert refused.value.code.name == "UNIMPLEMENTED" and "ListConfigs is not implemented yet" in refused.value.message
+    assert not read

@@ -111,7 +111,7 @@ def test_unknown_methods_deadlines_and_client_streams(h2c: H2c) -> None:
     session = {"x-prism-session": _token(h2c)}
     assert h2c.call("/prism.v1.Nope/Nothing", _framed(b""), **session).status[0] == "12"  # UNIMPLEMENTED
     transaction = h2c.call("/prism.v1.TransactService/Transaction", _framed(b""), **session)
-    assert transaction.status[0] == "12", transaction
+    assert transaction.status[0] == "9" and "needs ACCESS_PATTERN_TRANSACT" in transaction.status[1], transaction
     bad_timeout = h2c.call("/prism.v1.KeyValueService/Get", _framed(b"\x0a\x01k"), **session, **{"grpc-timeout": "soon"})
     assert bad_timeout.status[0] == "3" and "grpc-timeout" in bad_timeout.status[1]
     subscribe = h2c.call(

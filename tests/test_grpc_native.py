@@ -10,7 +10,8 @@
   client, the ``h2`` package).
 - Server reflection answers on ``grpc.reflection.v1`` (what grpcurl, Postman and Kreya ask
   first) as on ``v1alpha``: a grpcurl-style listing, file descriptors and a method resolved.
-- Client-streaming methods still answer UNIMPLEMENTED, after the credentials check.
+- Client-streaming and bidirectional methods are admitted when the call opens: credentials,
+  then the session's pattern, before a request is read.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 import h2.config
 import h2.connection
 import h2.events
 import pytest
 from google.protobuf import descriptor_database, descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from app.auth import hash_key
@@ -262,10 +263,10 @@ async def test_client_streaming_checks_credentials_first(secured: GatewayProcess
                 session_pb2.CreateSessionRequest(config_name="kv").SerializeToString(), metadata=metadata, timeout=10
             )
         )
-        with pytest.raises(grpc.aio.AioRpcError) as known:
+        with pytest.raises(grpc.aio.AioRpcError) as known:  # admitted when it opens, before a request is read
             await transaction(iter(()), metadata=((SESSION_HEADER, created.token),), timeout=10).read()
-        assert known.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "TransactService/Transaction" in (known.value.details() or "")
+        assert known.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "TransactService/Transaction needs ACCESS_PATTERN_TRANSACT" in (known.value.details() or "")
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
   protocol, JSON and binary (HTTP/1.1, the HTTP port), and gRPC (HTTP/2, the native gRPC port):
   sessions, KeyValue, error details, refusals, streams.
 - ``@grpc/grpc-js`` with ``@grpc/proto-loader`` reading proto/ at run time
-  (``grpc-js-client.mjs``): unary calls and a server stream.
+  (``grpc-js-client.mjs``): unary calls, a server stream and a bidirectional Transaction.
 
 Needs Node.js and ``npm ci`` in frontend-examples/node-clients (``make test-deps``); skipped
 without them, which ``PRISM_REQUIRE_BACKENDS=1`` turns into a failure (tests/conftest.py).
@@ -137,8 +137,19 @@ def test_connect_es_server_stream(node: str, generated: Generated, gateway: Gate
     assert seen["data"] == "hello" and seen["headers"] == {"from": "connect-es"}
 
 
-def grpc_js(node: str, gateway: GatewayProcess, scenario: str) -> Any:
-    return json.loads(run([node, "grpc-js-client.mjs", scenario], NODE_CLIENTS, {"GRPC_TARGET": gateway.grpc_target}))
+def grpc_js(node: str, gateway: GatewayProcess, scenario: str, target: str = "") -> Any:
+    env = {"GRPC_TARGET": target or gateway.grpc_target}
+    return json.loads(run([node, "grpc-js-client.mjs", scenario], NODE_CLIENTS, env))
+
+
+@pytest.mark.parametrize("path", ["grpc-port", "http-port"])
+def test_grpc_js_bidirectional_transaction(node: str, hypercorn_gateway: GatewayProcess, path: str) -> None:
+    """TransactService/Transaction, a bidirectional stream, on both native gRPC paths: the
+    grpc.aio port and the ASGI app on the HTTP port (Hypercorn, HTTP/2 trailers)."""
+    target = hypercorn_gateway.grpc_target if path == "grpc-port" else f"127.0.0.1:{hypercorn_gateway.http_port}"
+    seen = grpc_js(node, hypercorn_gateway, "transaction", target)
+    assert seen["transactionId"] and seen["rowsAffected"] == 1 and seen["mailboxSequence"] >= 1, seen
+    assert seen["committed"] and seen["updatedRows"] == 1 and seen["rolledBack"] is True, seen
 
 
 def test_grpc_js_unary_calls_with_proto_loader(node: str, gateway: GatewayProcess) -> None:

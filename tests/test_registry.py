@@ -23,7 +23,7 @@ from tests.gateway_process import start_gateway
 def test_builtin_types_are_found_by_name_with_their_patterns() -> None:
     assert {"memory", "sqlite", "postgres", "redis"} <= set(known())
     assert lookup("memory").patterns == {"KEY_VALUE", "PUBSUB"}
-    assert lookup("sqlite").patterns == {"KEY_VALUE", "QUEUE"}
+    assert lookup("sqlite").patterns == {"KEY_VALUE", "QUEUE", "READER", "TRANSACT"}
 
 
 def _load(tmp_path: pathlib.Path, backends: str) -> Settings:

@@ -36,7 +36,6 @@ EXPECTED_KV = [
     ("get-missing", "NOT_FOUND"),
     ("no-session", "UNAUTHENTICATED"),
     ("wrong-pattern", "FAILED_PRECONDITION"),
-    ("unimplemented", "UNIMPLEMENTED"),
 ]
 
 
@@ -81,10 +80,6 @@ async def kv_scenario(client, prefix: str) -> list[tuple]:
     out.append(("get-missing", await outcome(KV + "Get", kv.GetRequest(key=f"{prefix}a"))))
     out.append(("no-session", await outcome(KV + "Get", kv.GetRequest(key=f"{prefix}b"), "")))
     out.append(("wrong-pattern", await outcome(KV + "Get", kv.GetRequest(key=f"{prefix}b"), events_token)))
-    from prism.v1 import reader_pb2
-
-    reader_request = reader_pb2.CountRequest(collection="t")
-    out.append(("unimplemented", await outcome("/prism.v1.ReaderService/Count", reader_request, events_token)))
     return out
 
 

@@ -23,6 +23,8 @@ from adapters.backends import Connection as BackendConnection
 from adapters.keyvalue.base import unavailable
 from adapters.keyvalue.postgres import PostgresKeyValue
 from adapters.queue.postgres import PostgresQueue
+from adapters.reader.postgres import PostgresReader
+from adapters.transact.postgres import PostgresTransact
 from prism.errors import PrismError, internal
 
 log = logging.getLogger("prism.adapters.postgres")
@@ -139,5 +141,7 @@ BACKEND = BackendType(
     adapters={
         "KEY_VALUE": lambda pool, environment: PostgresKeyValue(pool),
         "QUEUE": lambda pool, environment: PostgresQueue(pool),
+        "READER": lambda pool, environment: PostgresReader(pool),
+        "TRANSACT": lambda pool, environment: PostgresTransact(pool),
     },
 )

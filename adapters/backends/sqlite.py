@@ -9,7 +9,9 @@ from typing import Literal
 from adapters.backends import BackendSettings, BackendType, Environment
 from adapters.keyvalue.sqlite import SqliteKeyValue
 from adapters.queue.sqlite import SqliteQueue
+from adapters.reader.sqlite import SqliteReader
 from adapters.sqlite_worker import SqliteWorker
+from adapters.transact.sqlite import SqliteTransact
 
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=5000")
 
@@ -30,5 +32,7 @@ BACKEND = BackendType(
     adapters={
         "KEY_VALUE": lambda worker, environment: SqliteKeyValue(worker),
         "QUEUE": lambda worker, environment: SqliteQueue(worker),
+        "READER": lambda worker, environment: SqliteReader(worker),
+        "TRANSACT": lambda worker, environment: SqliteTransact(worker),
     },
 )

@@ -4,7 +4,9 @@ A plain ASGI app, generic over the method table: the route, path parameters, que
 parameters and body of each call come from the annotation, never from code written per RPC.
 Unary RPCs answer JSON; server-streaming RPCs answer ``text/event-stream``:
 
-    id: 1\nevent: message\ndata: {...response as JSON...}\n\n   one per response (id: its message id, if any)
+    id: 1\nevent: message\ndata: {...response as JSON...}\n\n   one per response (id: its message id or
+                                                                  next cursor, if any; Last-Event-ID
+                                                                  resumes a paged Read there)
     event: end\ndata: {}\n\n                                       when the stream completes
     event: error\ndata: {"code","message","details"}\n\n           when it fails
     : ping                                                       keep-alive comments
@@ -103,7 +105,8 @@ class RestRouter:
                 query = [(k, v) for k, v in query if k != SESSION_QUERY]
 
             async def decode() -> Message:
-                return await self._decode(method, path_params, query, metadata, body)
+                request = await self._decode(method, path_params, query, metadata, body)
+                return _resumed(request, metadata) if method.server_streaming else request
 
             if method.server_streaming:
                 await self._stream(method, decode, metadata, peer, scope, receive, send)
@@ -207,11 +210,21 @@ def _plain_string(method: Method, name: str) -> bool:
 
 
 def _event(response: Message, count: int) -> ServerSentEvent:
-    """A response as an SSE event. Its id is the message's ``message_id`` where it has one, so
-    a browser acknowledges ``event.lastEventId`` and a reconnect's ``Last-Event-ID`` names a
-    message; else the response's position in the stream."""
-    event_id = getattr(response, "message_id", "") or str(count)
+    """A response as an SSE event. Its id is what the response names itself by: a message's
+    ``message_id`` (a browser acknowledges ``event.lastEventId``), a page's ``next_cursor`` (an
+    EventSource that reconnects sends it back as Last-Event-ID and resumes after that page);
+    else its position in the stream."""
+    event_id = getattr(response, "message_id", "") or getattr(response, "next_cursor", "") or str(count)
     return ServerSentEvent(data=json_codec.to_json(response).decode(), event="message", id=event_id)
+
+
+def _resumed(request: Message, metadata: dict[str, str]) -> Message:
+    """A stream request an EventSource reconnected with: its Last-Event-ID (the last page's
+    ``next_cursor``) is the request's ``cursor``, unless the request names one itself."""
+    last_event_id = metadata.get("last-event-id", "")
+    if last_event_id and "cursor" in request.DESCRIPTOR.fields_by_name and not request.cursor:  # type: ignore[attr-defined]
+        request.cursor = last_event_id  # type: ignore[attr-defined]
+    return request
 
 
 async def _events(first: asyncio.Future[Message], responses: AsyncIterator[Message]) -> AsyncIterator[Any]:

@@ -12,7 +12,7 @@ const { GRPC_TARGET = "127.0.0.1:8980" } = process.env;
 const PROTO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../proto");
 const SESSION_HEADER = "x-prism-session";
 
-const definition = await protoLoader.load(["prism/v1/session.proto", "prism/v1/keyvalue.proto", "prism/v1/pubsub.proto"], {
+const definition = await protoLoader.load(["prism/v1/session.proto", "prism/v1/keyvalue.proto", "prism/v1/pubsub.proto", "prism/v1/transact.proto"], {
   includeDirs: [PROTO_ROOT],
   keepCase: false,
   longs: String,
@@ -23,6 +23,7 @@ const credentials = grpc.credentials.createInsecure();
 const sessions = new prism.v1.SessionService(GRPC_TARGET, credentials);
 const kv = new prism.v1.KeyValueService(GRPC_TARGET, credentials);
 const pubsub = new prism.v1.PubSubService(GRPC_TARGET, credentials);
+const transact = new prism.v1.TransactService(GRPC_TARGET, credentials);
 
 const deadline = () => ({ deadline: Date.now() + 10_000 });
 
@@ -38,6 +39,14 @@ async function session(configName) {
   const metadata = new grpc.Metadata();
   metadata.set(SESSION_HEADER, token);
   return metadata;
+}
+
+/** One step of a bidirectional stream: write a request, read its answer. */
+async function step(call, responses, request) {
+  call.write(request);
+  const { value, done } = await responses.next();
+  if (done) throw new Error(`the stream ended after ${JSON.stringify(request)}`);
+  return value;
 }
 
 const scenarios = {
@@ -56,6 +65,36 @@ const scenarios = {
       }),
     );
     return { key: got.key, value: Array.from(got.value), etag: got.etag, refused };
+  },
+
+  /** Bidirectional streaming: one Transaction committed (Begin, a row, a mailbox row,
+   *  Commit), one rolled back, each answer read before the next request is sent. */
+  async transaction() {
+    const metadata = await session("transact");
+    const id = `grpc-js-${process.pid}-${Date.now()}`;
+    const row = (status) => ({ fields: { id: { stringValue: id }, customer: { stringValue: "grpc-js" }, status: { stringValue: status } } });
+    const committed = transact.transaction(metadata, deadline());
+    let responses = committed[Symbol.asyncIterator]();
+    const begun = await step(committed, responses, { begin: { timeoutMs: 5000 } });
+    const written = await step(committed, responses, { data: { table: "orders", operation: "WRITE_OPERATION_INSERT", row: row("new") } });
+    const mailed = await step(committed, responses, { mailbox: { mailbox: "orders", payload: Buffer.from(id) } });
+    const done = await step(committed, responses, { commit: {} });
+    committed.end();
+
+    const rolled = transact.transaction(metadata, deadline());
+    responses = rolled[Symbol.asyncIterator]();
+    await step(rolled, responses, { begin: {} });
+    const updated = await step(rolled, responses, { data: { table: "orders", operation: "WRITE_OPERATION_UPDATE", row: row("changed") } });
+    const rolledBack = await step(rolled, responses, { rollback: {} });
+    rolled.end();
+    return {
+      transactionId: begun.transactionId,
+      rowsAffected: Number(written.rowsAffected),
+      mailboxSequence: Number(mailed.mailboxSequence),
+      committed: Boolean(done.committedAt),
+      updatedRows: Number(updated.rowsAffected),
+      rolledBack: rolledBack.rolledBack,
+    };
   },
 
   /** Server streaming: Subscribe, Publish, read the delivery, cancel. */

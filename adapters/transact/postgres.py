@@ -1,0 +1,734 @@
+"""PostgreSQL Transact: the data tables and the mailbox in the backend's database, on the
+instance's shared pool.
+
+    prism_transact_heads    (namespace, mailbox) → the next sequence it hands out
+    prism_transact_mailbox  mailbox rows by (namespace, mailbox, sequence), with the listener's
+                            columns (delivered_ns, lease holder and deadline, attempts)
+    prism_transact_keys     Write idempotency keys (bytea: a client's string may hold NUL):
+                            fingerprint and the first result, until expiry
+    prism_transact_cursors  the listener's, per mailbox: delivered up to, lease holder and deadline
+
+A mailbox row's sequence comes from its head row, updated in the same transaction
+(``INSERT … ON CONFLICT DO UPDATE SET next = next + 1``): the row lock is held until commit, so
+sequences of a mailbox commit in order and a reader never finds a gap filled in later. (A
+``bigserial`` would not do: its values are handed out in call order, not commit order.)
+
+Values are bound as text and cast to each column's type as the catalog names it (``format_type``,
+without the type modifier, so the column's own length or precision check applies on assignment):
+PostgreSQL's input functions then parse them as they would a literal — numbers, booleans,
+timestamps, UUIDs — and json/jsonb columns take the JSON of any value.
+
+A **Write** runs BEGIN (the namespace's isolation level), the key's claim, the data statement,
+the mailbox row (one statement), COMMIT: four round trips, five with an idempotency key. A
+serialization failure or deadlock (SQLSTATE 40001, 40P01) is retried while the deadline allows:
+the whole Write is one transaction, so a retry is safe. An **interactive transaction** holds one
+pooled connection until it ends; at most ``max_transactions`` (half the pool) are open at once,
+so they never starve the other patterns of connections. No connection goes back to the pool
+inside a transaction: every failure path runs ROLLBACK, or terminates the connection when that
+fails (the server then rolls back).
+
+**The listener's side.** Every mailbox row is appended with ``pg_notify('prism_transact', …)`` in
+the same statement, which PostgreSQL delivers when (and only if) the transaction commits: a
+watching adapter holds one LISTEN connection of its own (not from the pool, reopened when lost)
+and wakes its listeners on each notification, so a listener waits for commits, not a polling
+interval. A claim looks first without locking (most wake-ups find nothing to take), then locks
+the cursor rows of the mailboxes it takes ``FOR UPDATE SKIP LOCKED``: two listeners claiming at
+once take different mailboxes, and one re-checks a cursor another just leased (PostgreSQL
+re-evaluates the lease condition on the row it locks). Cursors live apart from the heads, so a
+claim never waits for a writer holding a head (an open Transaction holds its mailbox's head until
+it ends), and a writer never waits for the listener. Lease deadlines are the gateway's clock
+(unix ns), as the Queue's: listeners sharing a database must keep their clocks in step (NTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import grpc
+
+from adapters.capabilities import Capability
+from adapters.keyvalue.postgres import SCHEMA_LOCK
+from adapters.transact.base import (
+    KEY_WINDOW_SECONDS,
+    ROLLBACK_SECONDS,
+    Changes,
+    Claim,
+    Claimed,
+    DataWrite,
+    Isolation,
+    MailboxRow,
+    MailboxWrite,
+    Operation,
+    Routes,
+    Table,
+    TransactAdapter,
+    Transaction,
+    Value,
+    Watchers,
+    WriteResult,
+    check_mailbox,
+    check_row,
+    conflict,
+    key_reused,
+    no_row,
+    quoted,
+    row_exists,
+    schema_mismatch,
+    timed_out,
+    too_many,
+    unavailable,
+)
+from prism.errors import PrismError, internal, invalid_argument
+
+if TYPE_CHECKING:  # the backend module imports this one to declare its adapters
+    from adapters.backends.postgres import PostgresPool
+
+log = logging.getLogger("prism.adapters.transact")
+
+# Applied in order; prism_schema remembers how many ran. Never edit a released entry: append.
+MIGRATIONS = [
+    """
+    CREATE TABLE prism_transact_heads (
+        namespace text NOT NULL, mailbox text NOT NULL, next bigint NOT NULL,
+        PRIMARY KEY (namespace, mailbox))
+    """,
+    """
+    CREATE TABLE prism_transact_mailbox (
+        namespace text NOT NULL, mailbox text NOT NULL, seq bigint NOT NULL,
+        payload bytea NOT NULL, headers text NOT NULL, destination text NOT NULL, committed_ns bigint NOT NULL,
+        delivered_ns bigint, lease_holder text, lease_until_ns bigint NOT NULL DEFAULT 0,
+        attempts integer NOT NULL DEFAULT 0,
+        PRIMARY KEY (namespace, mailbox, seq))
+    """,
+    """
+    CREATE INDEX prism_transact_pending ON prism_transact_mailbox (namespace, mailbox, seq)
+        WHERE delivered_ns IS NULL
+    """,
+    """
+    CREATE TABLE prism_transact_keys (
+        namespace text NOT NULL, key bytea NOT NULL, fingerprint bytea NOT NULL,
+        seq bigint, committed_ns bigint, expires_ns bigint NOT NULL,
+        PRIMARY KEY (namespace, key))
+    """,
+    "CREATE INDEX prism_transact_keys_expiry ON prism_transact_keys (expires_ns)",
+    """
+    CREATE TABLE prism_transact_cursors (
+        namespace text NOT NULL, mailbox text NOT NULL,
+        delivered bigint NOT NULL DEFAULT 0, holder text, lease_until_ns bigint NOT NULL DEFAULT 0,
+        epoch text NOT NULL DEFAULT replace(gen_random_uuid()::text, '-', ''),
+        PRIMARY KEY (namespace, mailbox))
+    """,
+]
+
+BEGIN = {
+    Isolation.READ_COMMITTED: "BEGIN ISOLATION LEVEL READ COMMITTED",
+    Isolation.REPEATABLE_READ: "BEGIN ISOLATION LEVEL REPEATABLE READ",
+    Isolation.SERIALIZABLE: "BEGIN ISOLATION LEVEL SERIALIZABLE",
+}
+CHANNEL = "prism_transact"  # NOTIFY channel of committed mailbox rows; the payload is the namespace
+APPEND = (
+    "WITH head AS (INSERT INTO prism_transact_heads (namespace, mailbox, next) VALUES ($1, $2, 2) "
+    "ON CONFLICT (namespace, mailbox) DO UPDATE SET next = prism_transact_heads.next + 1 RETURNING next - 1 AS seq), "
+    "row AS (INSERT INTO prism_transact_mailbox (namespace, mailbox, seq, payload, headers, destination, committed_ns) "
+    "SELECT $1, $2, head.seq, $3, $4, $5, $6 FROM head RETURNING seq) "
+    f"SELECT seq, pg_notify('{CHANNEL}', $1) FROM row"
+)
+# The same, recording the Write's result under its idempotency key ($7) in the same statement.
+APPEND_KEYED = (
+    "WITH head AS (INSERT INTO prism_transact_heads (namespace, mailbox, next) VALUES ($1, $2, 2) "
+    "ON CONFLICT (namespace, mailbox) DO UPDATE SET next = prism_transact_heads.next + 1 RETURNING next - 1 AS seq), "
+    "row AS (INSERT INTO prism_transact_mailbox (namespace, mailbox, seq, payload, headers, destination, committed_ns) "
+    "SELECT $1, $2, head.seq, $3, $4, $5, $6 FROM head RETURNING seq), "
+    "result AS (UPDATE prism_transact_keys k SET seq = row.seq, committed_ns = $6 FROM row "
+    "WHERE k.namespace = $1 AND k.key = $7) "
+    f"SELECT seq, pg_notify('{CHANNEL}', $1) FROM row"
+)
+CLAIM = (
+    "INSERT INTO prism_transact_keys (namespace, key, fingerprint, expires_ns) VALUES ($1, $2, $3, $4) "
+    "ON CONFLICT (namespace, key) DO UPDATE SET fingerprint = excluded.fingerprint, seq = NULL, "
+    "committed_ns = NULL, expires_ns = excluded.expires_ns WHERE prism_transact_keys.expires_ns < $5 RETURNING true"
+)
+PURGE = (
+    "DELETE FROM prism_transact_keys WHERE (namespace, key) IN "
+    "(SELECT namespace, key FROM prism_transact_keys WHERE expires_ns < $1 LIMIT 1000)"
+)
+STAMP = (
+    "UPDATE prism_transact_mailbox m SET committed_ns = $2 FROM unnest($3::text[], $4::bigint[]) AS w(mailbox, seq) "
+    "WHERE m.namespace = $1 AND m.mailbox = w.mailbox AND m.seq = w.seq"
+)
+# --- The listener's statements ($1 namespaces and $2, $3 (namespace, mailbox) pairs: the routes)
+ROUTED = "(h.namespace = ANY($1::text[]) OR (h.namespace, h.mailbox) IN (SELECT * FROM unnest($2::text[], $3::text[])))"
+# Mailboxes with undelivered rows and no live lease ($4: now), least recently leased first; the
+# look without a lock (a mailbox the listener has not seen yet has no cursor row).
+LOOK = (
+    "SELECT 1 FROM prism_transact_heads h LEFT JOIN prism_transact_cursors c "
+    "ON c.namespace = h.namespace AND c.mailbox = h.mailbox "
+    f"WHERE h.next - 1 > coalesce(c.delivered, 0) AND (c.holder IS NULL OR c.lease_until_ns <= $4) AND {ROUTED} LIMIT 1"
+)
+NEW_CURSORS = (
+    "INSERT INTO prism_transact_cursors (namespace, mailbox) SELECT h.namespace, h.mailbox "
+    f"FROM prism_transact_heads h WHERE {ROUTED} AND NOT EXISTS (SELECT 1 FROM prism_transact_cursors c "
+    "WHERE c.namespace = h.namespace AND c.mailbox = h.mailbox) "
+    "ORDER BY h.namespace, h.mailbox ON CONFLICT DO NOTHING"  # in key order: two claimers never deadlock here
+)
+PICK = (
+    "SELECT c.namespace, c.mailbox, h.next - 1 AS head, c.epoch FROM prism_transact_cursors c "
+    "JOIN prism_transact_heads h ON h.namespace = c.namespace AND h.mailbox = c.mailbox "
+    f"WHERE h.next - 1 > c.delivered AND (c.holder IS NULL OR c.lease_until_ns <= $4) AND {ROUTED} "
+    "ORDER BY c.lease_until_ns, c.namespace, c.mailbox LIMIT $5 FOR UPDATE OF c SKIP LOCKED"
+)
+NEXT_LEASE_END = (
+    "SELECT min(c.lease_until_ns) FROM prism_transact_cursors c JOIN prism_transact_heads h "
+    "ON h.namespace = c.namespace AND h.mailbox = c.mailbox "
+    f"WHERE h.next - 1 > c.delivered AND c.holder IS NOT NULL AND c.lease_until_ns > $4 AND {ROUTED}"
+)
+# A mailbox's lowest undelivered rows: at most $3, within $4 bytes of payload (the first row
+# whatever its size when $5), leased to $6 until $7 and counted.
+TAKE = (
+    "WITH first AS (SELECT seq, octet_length(payload) AS size FROM prism_transact_mailbox "
+    "WHERE namespace = $1 AND mailbox = $2 AND delivered_ns IS NULL ORDER BY seq LIMIT $3), "
+    "picked AS (SELECT seq FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS n, "
+    "sum(size) OVER (ORDER BY seq) AS total FROM first) f WHERE total <= $4 OR ($5 AND n = 1)) "
+    "UPDATE prism_transact_mailbox m SET lease_holder = $6, lease_until_ns = $7, attempts = m.attempts + 1 "
+    "FROM picked WHERE m.namespace = $1 AND m.mailbox = $2 AND m.seq = picked.seq "
+    "RETURNING m.seq, m.payload, m.headers, m.destination, m.committed_ns, m.attempts"
+)
+LEASE = (
+    "UPDATE prism_transact_cursors c SET holder = $1, lease_until_ns = $2 "
+    "FROM unnest($3::text[], $4::text[]) AS t(namespace, mailbox) WHERE c.namespace = t.namespace AND c.mailbox = t.mailbox"
+)
+PENDING = "SELECT true FROM prism_transact_mailbox WHERE namespace = $1 AND mailbox = $2 AND delivered_ns IS NULL LIMIT 1"
+CATCH_UP = "UPDATE prism_transact_cursors SET delivered = greatest(delivered, $3) WHERE namespace = $1 AND mailbox = $2"
+# The cursor's UPDATE runs first (a data-modifying CTE the query does not read runs last), so
+# a mark locks cursor then rows, as a claim does: the two never deadlock.
+MARK = (
+    "WITH done AS (UPDATE prism_transact_mailbox SET delivered_ns = $3 WHERE namespace = $1 AND mailbox = $2 "
+    "AND seq BETWEEN $4 AND $5 AND delivered_ns IS NULL) "
+    "UPDATE prism_transact_cursors SET delivered = greatest(delivered, $5), "
+    "holder = CASE WHEN holder = $6 AND $7::bigint = 0 THEN NULL ELSE holder END, "
+    "lease_until_ns = CASE WHEN holder = $6 AND $7::bigint > 0 THEN $3 + $7::bigint ELSE lease_until_ns END "
+    "WHERE namespace = $1 AND mailbox = $2"
+)
+RETRIES = 5  # serialization failures a Write retries (while its deadline allows)
+PURGE_EVERY = 1000  # keyed Writes between two sweeps of expired keys
+STATEMENTS_KEPT = 1000  # data statement texts remembered per adapter (then forgotten all at once)
+CONFLICT_STATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+UNAVAILABLE_CLASSES = ("08", "53", "57")  # as adapters/backends/postgres.py (but 57014 is a timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    type: str  # format_type without modifier: what a bound text value is cast to
+    json: bool  # json or jsonb: every value goes in as JSON
+
+
+async def migrate(con: asyncpg.Connection) -> None:
+    """Bring the Transact tables to the latest version, under the advisory lock the other
+    patterns' migrations take, so processes starting together take turns."""
+    async with con.transaction():
+        await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+        await con.execute("CREATE TABLE IF NOT EXISTS prism_schema (component text PRIMARY KEY, version integer NOT NULL)")
+        done = await con.fetchval("SELECT version FROM prism_schema WHERE component = 'transact'") or 0
+        for statement in MIGRATIONS[done:]:
+            await con.execute(statement)
+        if done < len(MIGRATIONS):
+            await con.execute(
+                "INSERT INTO prism_schema (component, version) VALUES ('transact', $1) "
+                "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                len(MIGRATIONS),
+            )
+
+
+async def describe(con: asyncpg.Connection, table: Table) -> dict[str, Column]:
+    """The declaration against the real table (created first with ``create``: jsonb columns);
+    the declared columns' types."""
+    name = quoted(table.name)  # to_regclass takes it quoted: exactly as declared, in the search_path
+    oid = await con.fetchval("SELECT to_regclass($1)::oid", name)
+    if oid is None and table.create:
+        async with con.transaction():
+            await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            columns = ", ".join(f"{quoted(c)} jsonb" for c in table.columns)
+            await con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({', '.join(map(quoted, table.key))}))")
+        oid = await con.fetchval("SELECT to_regclass($1)::oid", name)
+    if oid is None:
+        raise schema_mismatch(table, "no such table (create it, or declare it with create: true)")
+    rows = await con.fetch(
+        "SELECT a.attname, format_type(a.atttypid, NULL), t.typname IN ('json', 'jsonb') FROM pg_attribute a "
+        "JOIN pg_type t ON t.oid = a.atttypid WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+        oid,
+    )
+    real = {r[0]: Column(r[1], r[2]) for r in rows}
+    if missing := [c for c in table.columns if c not in real]:
+        raise schema_mismatch(table, f"declared column {missing[0]!r} is not in the table")
+    uniques = await con.fetch(
+        "SELECT ARRAY(SELECT a.attname FROM unnest(i.indkey) AS k(n) JOIN pg_attribute a "
+        "ON a.attrelid = i.indrelid AND a.attnum = k.n) FROM pg_index i "
+        "WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL",
+        oid,
+    )
+    if set(table.key) not in [set(r[0]) for r in uniques]:
+        raise schema_mismatch(table, f"no primary key or unique index on exactly its key ({', '.join(table.key)})")
+    return {c: real[c] for c in table.columns}
+
+
+def _text(value: Value, column: Column) -> str | None:
+    """A JSON value as the text a column type's input function reads."""
+    if value is None:
+        return None
+    if column.json or isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)  # ints as digits; floats as Python writes them (12.5, 1e+20), which numeric reads
+
+
+def data_statement(write: DataWrite, columns: Mapping[str, Column]) -> tuple[str, list[str]]:
+    """The SQL (declared names, quoted; catalog types) and the order of its bound columns."""
+    table, row = write.table, write.row
+    names = table.ordered(row)
+    t = quoted(table.name)
+    order: list[str] = []
+
+    def param(name: str) -> str:
+        order.append(name)
+        return f"${len(order)}::text::{columns[name].type}"
+
+    if write.operation in (Operation.INSERT, Operation.UPSERT):
+        values = ", ".join(param(n) for n in names)
+        sql = f"INSERT INTO {t} ({', '.join(map(quoted, names))}) VALUES ({values})"
+        if write.operation is Operation.UPSERT:
+            sets = [n for n in names if n not in table.key] or [table.key[0]]
+            sql += f" ON CONFLICT ({', '.join(map(quoted, table.key))}) DO UPDATE SET "
+            sql += ", ".join(f"{quoted(n)} = excluded.{quoted(n)}" for n in sets)
+        return sql, order
+    if write.operation is Operation.UPDATE:
+        sets = ", ".join(f"{quoted(n)} = {param(n)}" for n in names if n not in table.key)
+        where = " AND ".join(f"{quoted(k)} = {param(k)}" for k in table.key)
+        return f"UPDATE {t} SET {sets} WHERE {where}", order
+    where = " AND ".join(f"{quoted(k)} = {param(k)}" for k in table.key)
+    return f"DELETE FROM {t} WHERE {where}", order
+
+
+def _count(status: str) -> int:
+    """Rows affected, from a command tag ("INSERT 0 1", "UPDATE 3", "DELETE 0")."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def mapped(exc: BaseException, write: DataWrite | None = None) -> PrismError:
+    """A driver error as the contract's PrismError (``write``: the data write it came from)."""
+    if isinstance(exc, PrismError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        what = f"table {write.table.name!r}" if write is not None else "the mailbox"
+        if state in CONFLICT_STATES:
+            return conflict(str(exc))
+        if state == "57014":
+            return PrismError(grpc.StatusCode.DEADLINE_EXCEEDED, "the statement was cancelled at its deadline; rolled back")
+        if state == "23505" and write is not None:
+            return row_exists(write.table, write.row)
+        if state == "23502" and write is not None and getattr(exc, "column_name", None):
+            return invalid_argument(f"row.{exc.column_name}", f"{what} requires a value")  # type: ignore[attr-defined]
+        if state.startswith("22"):  # data exception: a value the column's type does not take
+            return invalid_argument("row", f"{what} refused a value: {exc}")
+        if state.startswith("23") or state == "P0001" or state == "428C9":  # constraints, triggers, generated columns
+            return PrismError(grpc.StatusCode.FAILED_PRECONDITION, f"{what} refused the row: {exc}")
+        if state in ("42P01", "42703") and write is not None:
+            return schema_mismatch(write.table, f"changed since the gateway checked it ({exc})")
+    if isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError)) or (
+        isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] in UNAVAILABLE_CLASSES
+    ):
+        return unavailable("postgres", exc)
+    log.error("postgres transact statement failed", exc_info=exc)
+    return internal()
+
+
+async def _abort(con: asyncpg.Connection) -> None:
+    """Leave the connection outside any transaction before the pool gets it back: ROLLBACK, or
+    terminate it (the server rolls back) when that fails or is interrupted."""
+    try:
+        async with asyncio.timeout(ROLLBACK_SECONDS):
+            await con.execute("ROLLBACK")  # harmless outside a transaction (a server warning)
+    except BaseException:
+        con.terminate()
+        raise
+
+
+class PostgresTransact(TransactAdapter):
+    capabilities = frozenset({Capability.DURABLE, Capability.SHARED})
+
+    def __init__(
+        self,
+        pool: PostgresPool,
+        *,
+        max_transactions: int | None = None,
+        key_window: float = KEY_WINDOW_SECONDS,
+        keepalive_seconds: float = 5.0,
+    ) -> None:
+        self.pool = pool  # the backend's, shared with its other patterns
+        self.id = uuid.uuid4().hex  # names this adapter's LISTEN connection (application_name)
+        self.keepalive_seconds = keepalive_seconds  # how often the LISTEN connection is checked
+        self.watchers = Watchers(self._follow)
+        self.max_transactions = max_transactions or max(1, pool.settings.pool_size // 2)
+        self.key_window_ns = int(key_window * 1e9)
+        self._schema: asyncio.Task[None] | None = None
+        self._tables: dict[Table, dict[str, Column]] = {}
+        self._statements: dict[tuple[Table, Operation, tuple[str, ...]], tuple[str, list[str]]] = {}
+        self._open: set[PostgresTransaction] = set()
+        self._opening = 0  # begins waiting for a connection
+        self._keyed = 0
+
+    # --- Schema and declarations ----------------------------------------------------------------
+
+    async def _migrate(self) -> None:
+        async with self.pool.connection() as con:
+            await migrate(con)
+
+    async def _ready(self, table: Table | None = None) -> dict[str, Column]:
+        """The mailbox tables exist (created on first use), and ``table``'s column types."""
+        if self._schema is None or (self._schema.done() and (self._schema.cancelled() or self._schema.exception())):
+            self._schema = asyncio.ensure_future(self._migrate())
+        await asyncio.shield(self._schema)
+        if table is None:
+            return {}
+        if (columns := self._tables.get(table)) is None:
+            async with self.pool.connection() as con:
+                try:
+                    columns = await describe(con, table)
+                except asyncpg.PostgresError as exc:
+                    raise mapped(exc) from exc
+            self._tables[table] = columns
+        return columns
+
+    async def prepare(self, table: Table) -> None:
+        await self._ready(table)
+
+    def statement(self, write: DataWrite, columns: Mapping[str, Column]) -> tuple[str, list[Any]]:
+        """The data write's SQL (remembered by shape) and its bound values."""
+        shape = (write.table, write.operation, tuple(write.table.ordered(write.row)))
+        if (found := self._statements.get(shape)) is None:
+            if len(self._statements) >= STATEMENTS_KEPT:
+                self._statements.clear()
+            found = self._statements[shape] = data_statement(write, columns)
+        sql, order = found
+        return sql, [_text(write.row[name], columns[name]) for name in order]
+
+    def forget(self, table: Table) -> None:
+        """The table changed under us: check it again on next use."""
+        self._tables.pop(table, None)
+        self._statements = {shape: s for shape, s in self._statements.items() if shape[0] != table}
+
+    async def close(self) -> None:
+        await self.watchers.close()
+        for transaction in list(self._open):
+            await transaction.rollback()
+
+    # --- Write ----------------------------------------------------------------------------------
+
+    async def write(
+        self,
+        namespace: str,
+        data: DataWrite,
+        mailbox: MailboxWrite,
+        *,
+        isolation: Isolation,
+        time_limit: float,
+        idempotency_key: str = "",
+        fingerprint: bytes = b"",
+    ) -> WriteResult:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + time_limit
+        check_row(data.table, data.operation, data.row)
+        check_mailbox(mailbox)
+        purge = False
+        if idempotency_key:
+            self._keyed += 1
+            purge = self._keyed % PURGE_EVERY == 1
+        for attempt in range(RETRIES + 1):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    columns = await self._ready(data.table)
+                    sql, values = self.statement(data, columns)
+                    return await self._write_once(namespace, data, mailbox, sql, values, isolation, idempotency_key, fingerprint, purge)
+            except TimeoutError:
+                raise timed_out("write", time_limit) from None
+            except PrismError as exc:
+                if exc.code != grpc.StatusCode.ABORTED or attempt == RETRIES:
+                    raise
+                # Another transaction won a conflict: back off a little, then run it all again.
+                pause = random.uniform(0, 0.005 * 2**attempt)
+                if loop.time() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    async def _write_once(
+        self,
+        namespace: str,
+        data: DataWrite,
+        mailbox: MailboxWrite,
+        sql: str,
+        values: list[Any],
+        isolation: Isolation,
+        key: str,
+        fingerprint: bytes,
+        purge: bool,
+    ) -> WriteResult:
+        async with self.pool.connection() as con:
+            try:
+                await con.execute(BEGIN[isolation])
+                now = time.time_ns()
+                if key:
+                    raw_key = key.encode()
+                    if not await con.fetchval(CLAIM, namespace, raw_key, fingerprint, now + self.key_window_ns, now):
+                        found = await con.fetchrow(
+                            "SELECT fingerprint, seq, committed_ns FROM prism_transact_keys WHERE namespace=$1 AND key=$2",
+                            namespace, raw_key,
+                        )
+                        await con.execute("ROLLBACK")
+                        if found["fingerprint"] != fingerprint:
+                            raise key_reused()
+                        if found["seq"] is None:  # never committed without its result; a guard
+                            raise conflict("an earlier write with this idempotency key is unfinished")
+                        return WriteResult(found["seq"], found["committed_ns"], replayed=True)
+                    if purge:
+                        await con.execute(PURGE, now)
+                try:
+                    count = _count(await con.execute(sql, *values))
+                except asyncpg.PostgresError as exc:
+                    if exc.sqlstate in ("42P01", "42703"):
+                        self.forget(data.table)
+                    raise mapped(exc, data) from exc
+                if count == 0 and data.operation in (Operation.UPDATE, Operation.DELETE):
+                    raise no_row(data.table, data.row)
+                headers = json.dumps(dict(mailbox.headers))
+                common = (namespace, mailbox.mailbox, mailbox.payload, headers, mailbox.destination, now)
+                seq = await (con.fetchval(APPEND_KEYED, *common, raw_key) if key else con.fetchval(APPEND, *common))
+                await con.execute("COMMIT")
+                self.watchers.notify()  # this process's listeners at once; others by NOTIFY
+                return WriteResult(seq, now, replayed=False)
+            except BaseException as exc:
+                await asyncio.shield(_abort(con))
+                if isinstance(exc, Exception) and not isinstance(exc, PrismError):
+                    raise mapped(exc) from exc
+                raise
+
+    # --- Interactive transactions ---------------------------------------------------------------
+
+    async def begin(self, namespace: str, *, isolation: Isolation, time_limit: float) -> Transaction:
+        await self._ready()
+        if len(self._open) + self._opening >= self.max_transactions:
+            raise too_many(self.max_transactions)
+        self._opening += 1  # holds its place while it waits for a connection
+        stack = contextlib.AsyncExitStack()
+        try:
+            async with asyncio.timeout(time_limit):
+                con = await stack.enter_async_context(self.pool.connection())
+                try:
+                    await con.execute(BEGIN[isolation])
+                except BaseException:
+                    await asyncio.shield(_abort(con))
+                    raise
+        except BaseException as exc:
+            await stack.aclose()
+            if isinstance(exc, TimeoutError):
+                raise timed_out("begin", time_limit) from None
+            if isinstance(exc, Exception):
+                raise mapped(exc) from exc
+            raise
+        finally:
+            self._opening -= 1
+        transaction = PostgresTransaction(self, namespace, con, stack, time_limit)
+        self._open.add(transaction)
+        return transaction
+
+    async def mailbox_rows(self, namespace: str, mailbox: str, after: int = 0, limit: int = 100) -> Sequence[MailboxRow]:
+        await self._ready()
+        async with self.pool.connection() as con:
+            rows = await con.fetch(
+                "SELECT seq, payload, headers, destination, committed_ns, delivered_ns, attempts FROM prism_transact_mailbox "
+                "WHERE namespace=$1 AND mailbox=$2 AND seq > $3 ORDER BY seq LIMIT $4",
+                namespace, mailbox, after, limit,
+            )
+        return [MailboxRow(mailbox, r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+
+    # --- The listener's side ------------------------------------------------------------------
+
+    async def claim(
+        self, holder: str, routes: Routes, *, lease: float, rows: int, max_bytes: int, mailboxes: int
+    ) -> Claim:
+        await self._ready()
+        pairs = sorted(routes.mailboxes)
+        now = time.time_ns()
+        routed = (sorted(routes.namespaces), [ns for ns, _ in pairs], [mailbox for _, mailbox in pairs])
+        async with self.pool.connection() as con:
+            try:
+                if not await con.fetchval(LOOK, *routed, now):  # most wake-ups: nothing to take
+                    return Claim((), await con.fetchval(NEXT_LEASE_END, *routed, now))
+                return await self._lease(con, holder, routed, now + int(lease * 1e9), rows, max_bytes, mailboxes)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                raise mapped(exc) from exc
+
+    @staticmethod
+    async def _lease(
+        con: asyncpg.Connection,
+        holder: str,
+        routed: tuple[list[str], list[str], list[str]],
+        until: int,
+        rows: int,
+        max_bytes: int,
+        mailboxes: int,
+    ) -> Claim:
+        batches: list[Claimed] = []
+        try:
+            await con.execute("BEGIN")
+            await con.execute(NEW_CURSORS, *routed)
+            now = time.time_ns()
+            rows_left, bytes_left = rows, max_bytes
+            picked = await con.fetch(PICK, *routed, now, mailboxes)
+            share = -(-rows // max(1, len(picked)))  # rows per mailbox: a backlog in one leaves room for the others
+            for ns, mailbox, head, epoch in picked:
+                if rows_left <= 0 or bytes_left <= 0:
+                    break  # its cursor stays locked until COMMIT, untouched
+                limit = min(share, rows_left)
+                taken = await con.fetch(TAKE, ns, mailbox, limit, bytes_left, not batches, holder, until)
+                if not taken:
+                    if await con.fetchval(PENDING, ns, mailbox):
+                        break  # its rows do not fit in what is left of the claim
+                    await con.execute(CATCH_UP, ns, mailbox, head)  # all delivered already: the cursor lagged
+                    continue
+                found = tuple(
+                    sorted(
+                        (MailboxRow(mailbox, r[0], r[1], json.loads(r[2]), r[3], r[4], None, r[5]) for r in taken),
+                        key=lambda row: row.sequence,
+                    )
+                )
+                batches.append(Claimed(ns, mailbox, found, epoch))
+                rows_left -= len(found)
+                bytes_left -= sum(len(r.payload) for r in found)
+            if batches:
+                await con.execute(LEASE, holder, until, [b.namespace for b in batches], [b.mailbox for b in batches])
+            await con.execute("COMMIT")
+        except BaseException:
+            await asyncio.shield(_abort(con))
+            raise
+        return Claim(tuple(batches))
+
+    async def mark_delivered(
+        self, holder: str, namespace: str, mailbox: str, sequences: Sequence[int], *, retry_after: float = 0.0
+    ) -> None:
+        await self._ready()
+        first, last = (min(sequences), max(sequences)) if sequences else (1, 0)
+        async with self.pool.connection() as con:
+            try:
+                await con.execute(MARK, namespace, mailbox, time.time_ns(), first, last, holder, int(retry_after * 1e9))
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                raise mapped(exc) from exc
+
+    async def watch(self) -> Changes:
+        await self._ready()
+        return await self.watchers.add()
+
+    async def _follow(self, watchers: Watchers) -> None:
+        """While watched: hold a LISTEN connection, reopened whenever it is lost, and wake the
+        watchers on every notification (and after each reconnection: what committed meanwhile)."""
+        settings = self.pool.settings
+        pause = 0.1
+        while watchers.watched:
+            con: asyncpg.Connection | None = None
+            try:
+                con = await asyncpg.connect(
+                    settings.dsn,
+                    timeout=settings.connect_timeout,
+                    command_timeout=settings.command_timeout,
+                    server_settings={"application_name": f"prism-transact-listener {self.id}"},
+                )
+                lost = asyncio.Event()
+                con.add_termination_listener(lambda _, lost=lost: lost.set())
+                await con.add_listener(CHANNEL, lambda *_: watchers.notify())
+                pause = 0.1
+                watchers.notify()
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.keepalive_seconds):
+                            await lost.wait()
+                    if not lost.is_set():  # a connection the OS has not reported dead yet
+                        await con.fetchval("SELECT 1")
+                log.warning("postgres transact: notification connection lost; reconnecting")
+            except Exception as exc:  # whatever ended the connection, open another: this task must live on
+                log.warning("postgres transact: cannot listen for commits (%s: %s); retrying", type(exc).__name__, exc)
+            finally:
+                if con is not None:
+                    con.terminate()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
+class PostgresTransaction(Transaction):
+    def __init__(
+        self,
+        adapter: PostgresTransact,
+        namespace: str,
+        con: asyncpg.Connection,
+        stack: contextlib.AsyncExitStack,
+        timeout: float,
+    ) -> None:
+        super().__init__(timeout)
+        self.adapter, self.namespace, self.con, self._stack = adapter, namespace, con, stack
+        self.written: list[tuple[str, int]] = []  # (mailbox, sequence) rows, stamped at commit
+
+    async def _data(self, write: DataWrite) -> int:
+        columns = await self.adapter._ready(write.table)
+        sql, values = self.adapter.statement(write, columns)
+        try:
+            return _count(await self.con.execute(sql, *values))
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate in ("42P01", "42703"):
+                self.adapter.forget(write.table)
+            raise mapped(exc, write) from exc
+        except (OSError, asyncpg.InterfaceError) as exc:
+            raise mapped(exc, write) from exc
+
+    async def _mailbox(self, write: MailboxWrite) -> int:
+        headers = json.dumps(dict(write.headers))
+        try:
+            seq: int = await self.con.fetchval(
+                APPEND, self.namespace, write.mailbox, write.payload, headers, write.destination, time.time_ns()
+            )
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            raise mapped(exc) from exc
+        self.written.append((write.mailbox, seq))
+        return seq
+
+    async def _commit(self) -> int:
+        now = time.time_ns()
+        try:
+            if self.written:
+                mailboxes, sequences = zip(*self.written, strict=True)
+                await self.con.execute(STAMP, self.namespace, now, list(mailboxes), list(sequences))
+            await self.con.execute("COMMIT")
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            raise mapped(exc) from exc
+        if self.written:
+            self.adapter.watchers.notify()
+        return now
+
+    async def _rollback(self) -> None:
+        await _abort(self.con)
+
+    def _abandon(self) -> None:
+        self.con.terminate()
+
+    async def _release(self) -> None:
+        self.adapter._open.discard(self)
+        await self._stack.aclose()

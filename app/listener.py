@@ -1,0 +1,420 @@
+"""The mailbox listener (the RFC's Listener role, data flow §7.2): committed Transact mailbox
+rows become Queue messages or PubSub deliveries, at least once, in order per mailbox.
+
+    Transact adapter (one per backend that holds routed namespaces)
+        │ watch(): woken when a mailbox row commits — PostgreSQL NOTIFY, SQLite data_version,
+        │          or at once when the Write went through this process; poll_seconds as a safety net
+        ▼
+    claim(holder, routes): whole mailboxes leased to this listener, their lowest undelivered rows
+        │ mailboxes in parallel, each one's rows in sequence order
+        ▼
+    Queue.publish   topic   = the row's destination, else the mailbox's name
+                    key     = the mailbox's name (one partition: the topic keeps the mailbox's order)
+                    token   = from (epoch, sequence) where the queue deduplicates: a row published
+                              again after a crash is stored once
+    PubSub.publish  subject = the row's destination, else the mailbox's name
+        │ headers: the row's own (its traceparent among them) + prism-mailbox, prism-mailbox-sequence
+        ▼
+    mark_delivered: the published run stamped delivered; the mailbox is given back (after a
+                    backoff when the rest failed, so a failing destination is not hammered)
+
+Where rows go is server configuration (``transact.<namespace>.deliver_to`` and
+``.mailboxes.<name>.deliver_to``: a QUEUE or PUBSUB config of ``configs``, whose backend and
+namespace the message goes to); a row's ``destination`` only picks the topic or subject there.
+A row is published only while its mailbox's lease lives (each publish bounded by what is left of
+it), so no other listener delivers it meanwhile; a crash leaves the lease to run out, and the next
+claim — this listener's or another's — publishes the unmarked rows again: at least once. A row
+its destination refuses stays first in its mailbox and is retried with a growing pause (order
+per mailbox means the rows behind it wait); ``attempts`` in the mailbox table counts the tries.
+
+Runs in every gateway process (``app/gateway.py``) unless ``mailbox_listener.in_gateway`` is
+false, or alone: ``prism listener`` (:func:`run_alone`). Any number of listeners share the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import os
+import socket
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Histogram
+
+from adapters.capabilities import Capability
+from adapters.pubsub.base import PubSubAdapter
+from adapters.pubsub.subjects import parse_subject
+from adapters.queue.base import Entry, QueueAdapter
+from adapters.transact.base import (
+    MAILBOX_HEADER,
+    SEQUENCE_HEADER,
+    Changes,
+    Claimed,
+    MailboxRow,
+    Routes,
+    TransactAdapter,
+)
+from app.backends import Backends
+from app.configs import from_settings
+from app.settings import MailboxListenerSettings, NamedConfig, Settings, SettingsError
+from app.tracing import Tracing
+from prism.errors import PrismError, failed_precondition
+
+log = logging.getLogger("prism.listener")
+
+RETRY_BASE = 0.1  # seconds before the first retry of a failed delivery; doubles per attempt
+LEASE_MARGIN = 0.1  # share of the lease (1 s at most) left unused: no publish runs up to its very end
+CLOSE_WAIT = 5.0  # seconds a closing listener lets the deliveries under way finish and be marked
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+DELIVERED = Counter(
+    "prism_mailbox_delivered", "Mailbox rows the listener published (again after a crash: counted again)", ["namespace"]
+)
+FAILURES = Counter(
+    "prism_mailbox_delivery_failures", "Deliveries of a mailbox's rows that stopped at a refusal, an outage or the lease's end", ["namespace"]
+)
+LAG = Histogram(
+    "prism_mailbox_delivery_lag_seconds", "From a mailbox row's commit to its publish", ["namespace"], buckets=LAG_BUCKETS
+)
+
+
+def message_headers(mailbox: str, row: MailboxRow) -> dict[str, str]:
+    """What a delivered message carries: the row's headers (its trace too), and where it came
+    from. Deterministic, so a row published twice is the same message (idempotency tokens)."""
+    return {**row.headers, MAILBOX_HEADER: mailbox, SEQUENCE_HEADER: str(row.sequence)}
+
+
+@dataclass(slots=True)
+class Progress:
+    sent: int = 0  # rows of the batch published so far, in order
+
+
+class Target(ABC):
+    """Where one route's rows go: a QUEUE or PUBSUB config's backend and namespace."""
+
+    def __init__(self, config: str, namespace: str, capabilities: frozenset[Capability]) -> None:
+        self.config, self.namespace, self.capabilities = config, namespace, capabilities
+
+    @abstractmethod
+    async def send(self, batch: Claimed, progress: Progress) -> None:
+        """Publish the batch's rows in order, counting each in ``progress``; the first refusal
+        or outage raises (a PrismError) and stops it."""
+
+
+class QueueTarget(Target):
+    def __init__(self, config: str, namespace: str, queue: QueueAdapter) -> None:
+        super().__init__(config, namespace, queue.capabilities)
+        self.queue = queue
+        self.tokens = Capability.IDEMPOTENT_PUBLISH in queue.capabilities
+
+    def _token(self, batch: Claimed, row: MailboxRow) -> str:
+        if not self.tokens:
+            return ""
+        name = f"{batch.epoch}\0{batch.namespace}\0{batch.mailbox}\0{row.sequence}".encode()
+        return "prism-mailbox-" + hashlib.sha256(name).hexdigest()[:48]
+
+    async def send(self, batch: Claimed, progress: Progress) -> None:
+        # Consecutive rows for one topic go in one publish (the adapter stores them in order).
+        for topic, run in itertools.groupby(batch.rows, key=lambda r: r.destination or batch.mailbox):
+            rows = list(run)
+            entries = [
+                Entry(r.payload, batch.mailbox, message_headers(batch.mailbox, r), self._token(batch, r)) for r in rows
+            ]
+            for result in await self.queue.publish(self.namespace, topic, entries):
+                if isinstance(result, PrismError):
+                    raise result
+                progress.sent += 1
+
+
+class PubSubTarget(Target):
+    def __init__(self, config: str, namespace: str, broker: PubSubAdapter) -> None:
+        super().__init__(config, namespace, broker.capabilities)
+        self.broker = broker
+
+    async def send(self, batch: Claimed, progress: Progress) -> None:
+        for row in batch.rows:
+            subject = parse_subject(row.destination or batch.mailbox, "destination")  # checked at Write: a guard
+            await self.broker.publish(self.namespace, subject, row.payload, message_headers(batch.mailbox, row))
+            progress.sent += 1
+
+
+@dataclass
+class RouteTable:
+    """The routes of one Transact backend's namespaces: namespace-wide, then per mailbox."""
+
+    namespaces: dict[str, Target] = field(default_factory=dict)
+    mailboxes: dict[tuple[str, str], Target] = field(default_factory=dict)
+
+    def target(self, namespace: str, mailbox: str) -> Target | None:
+        return self.mailboxes.get((namespace, mailbox)) or self.namespaces.get(namespace)
+
+    @property
+    def claimed(self) -> Routes:
+        return Routes(frozenset(self.namespaces), frozenset(self.mailboxes))
+
+
+def holder_id() -> str:
+    """Who holds a lease: readable in the mailbox table, unique per listener."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class MailboxListener:
+    """Delivers the routed mailboxes of one Transact adapter until closed."""
+
+    def __init__(
+        self,
+        adapter: TransactAdapter,
+        routes: RouteTable,
+        options: MailboxListenerSettings,
+        *,
+        backend: str = "",
+        tracing: Tracing | None = None,
+    ) -> None:
+        self.adapter, self.routes, self.options = adapter, routes, options
+        self.backend = backend
+        self.tracing = tracing
+        self.holder = holder_id()
+        self.margin = min(1.0, options.lease_seconds * LEASE_MARGIN)
+        self._changes: Changes | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[None]] = set()  # marks that outlive a cancelled delivery
+        self._closing = False
+
+    async def start(self) -> None:
+        self._changes = await self.adapter.watch()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"mailbox-listener:{self.backend}")
+        log.info("mailbox listener %s on backend %r: delivering %s", self.holder, self.backend, self._describe())
+
+    def _describe(self) -> str:
+        routes = [f"{ns}/* → {t.config}" for ns, t in sorted(self.routes.namespaces.items())]
+        routes += [f"{ns}/{m} → {t.config}" for (ns, m), t in sorted(self.routes.mailboxes.items())]
+        return ", ".join(routes)
+
+    async def close(self) -> None:
+        """Stop claiming; deliveries under way finish and are marked (``CLOSE_WAIT`` at most,
+        then they are cancelled: what they had published is marked, the rest given back)."""
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        self._closing = True
+        assert self._changes is not None
+        self._changes.notify()
+        try:
+            async with asyncio.timeout(CLOSE_WAIT):
+                await asyncio.shield(task)
+        except TimeoutError:
+            task.cancel()
+        except Exception:  # the loop catches its own failures: a bug, logged, and the gateway stops anyway
+            log.exception("mailbox listener %s ended with an error", self.holder)
+        finally:
+            await asyncio.gather(task, *self._settling, return_exceptions=True)
+            await self._changes.close()
+
+    # --- The loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._changes is not None
+        options = self.options
+        failures = 0
+        while not self._closing:
+            self._changes.arm()  # before looking: a commit from now on wakes the wait below
+            started = time.monotonic()
+            try:
+                claim = await self.adapter.claim(
+                    self.holder,
+                    self.routes.claimed,
+                    lease=options.lease_seconds,
+                    rows=options.batch_rows,
+                    max_bytes=options.batch_bytes,
+                    mailboxes=options.batch_mailboxes,
+                )
+            except Exception as exc:  # the database is down, or a bug: this task must live on
+                failures += 1
+                pause = self._backoff(failures)
+                if isinstance(exc, PrismError):
+                    log.warning("mailbox listener %s: claim failed (%s); retrying in %.1fs", self.holder, exc.message, pause)
+                else:
+                    log.exception("mailbox listener %s: claim failed; retrying in %.1fs", self.holder, pause)
+                await self._pause(pause)
+                continue
+            failures = 0
+            if claim.batches:
+                deadline = started + options.lease_seconds - self.margin
+                await asyncio.gather(*(self._deliver(batch, deadline) for batch in claim.batches))
+                continue  # more may be waiting: look again at once
+            wait = options.poll_seconds
+            if claim.retry_ns is not None:  # another holder's lease ends then (a crashed listener's too)
+                wait = min(wait, max(0.0, (claim.retry_ns - time.time_ns()) / 1e9) + 0.01)
+            await self._changes.wait(wait)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless the listener closes meanwhile (close notifies the changes)."""
+        assert self._changes is not None
+        deadline = time.monotonic() + seconds
+        while not self._closing and (left := deadline - time.monotonic()) > 0:
+            self._changes.arm()
+            await self._changes.wait(left)
+
+    def _backoff(self, attempts: int) -> float:
+        return min(self.options.max_retry_seconds, RETRY_BASE * 2 ** min(max(attempts - 1, 0), 30))
+
+    async def _deliver(self, batch: Claimed, deadline: float) -> None:
+        """Publish one mailbox's rows in order while the lease lives, then mark what went out.
+        Never raises: a failure is logged, counted and retried after a pause."""
+        progress = Progress()
+        error: BaseException | None = None
+        target = self.routes.target(batch.namespace, batch.mailbox)
+        try:
+            if target is None:  # claims take routed mailboxes only: a guard
+                raise failed_precondition(f"no route for mailbox {batch.mailbox!r}")
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await target.send(batch, progress)
+        except TimeoutError:
+            error = TimeoutError(f"the lease of {self.options.lease_seconds:g}s ran out")
+        except Exception as exc:
+            error = exc
+        finally:  # also when cancelled (close): what went out is marked, the rest given back
+            sent = batch.rows[: progress.sent]
+            retry = self._backoff(batch.rows[progress.sent].attempts) if error is not None and progress.sent < len(batch.rows) else 0.0
+            settle = asyncio.ensure_future(self._settle(batch, sent, retry))
+            self._settling.add(settle)
+            settle.add_done_callback(self._settling.discard)
+            await asyncio.shield(settle)
+        if error is not None:
+            FAILURES.labels(batch.namespace).inc()
+            why = error.message if isinstance(error, PrismError) else f"{type(error).__name__}: {error}"
+            log.warning(
+                "mailbox listener %s: %s/%s delivered %d of %d rows to %s (%s); retrying in %.1fs",
+                self.holder, batch.namespace, batch.mailbox, progress.sent, len(batch.rows),
+                target.config if target else "nowhere", why, retry,
+            )  # fmt: skip
+
+    async def _settle(self, batch: Claimed, sent: Sequence[MailboxRow], retry: float) -> None:
+        now = time.time_ns()
+        if sent:
+            DELIVERED.labels(batch.namespace).inc(len(sent))
+            lag = LAG.labels(batch.namespace)
+            for row in sent:
+                lag.observe(max(0.0, (now - row.committed_ns) / 1e9))
+                if self.tracing is not None:  # a span in the trace the row carries
+                    attributes = {"prism.mailbox": batch.mailbox, "prism.mailbox.sequence": row.sequence}
+                    self.tracing.consumed("mailbox deliver", row.headers, attributes)
+        try:
+            await self.adapter.mark_delivered(
+                self.holder, batch.namespace, batch.mailbox, [r.sequence for r in sent], retry_after=retry
+            )
+        except Exception as exc:  # its lease runs out instead; the rows are delivered again (at least once)
+            log.warning(
+                "mailbox listener %s: could not mark %d rows of %s/%s delivered (%s)",
+                self.holder, len(sent), batch.namespace, batch.mailbox, exc,
+            )  # fmt: skip
+
+
+# --- Built from the server configuration ----------------------------------------------------------
+
+
+def _target(settings: Settings, backends: Backends, named: NamedConfig, key: str, *, alone: bool) -> Target:
+    config = from_settings(named, settings)
+    if named.pattern == "QUEUE":
+        target: Target = QueueTarget(named.name, named.namespace, backends.for_queue(config))
+    else:
+        target = PubSubTarget(named.name, named.namespace, backends.for_pubsub(config))
+    if alone and Capability.SHARED not in target.capabilities:
+        raise SettingsError(
+            f"{key}: config {named.name!r} is on backend {named.backend!r}, which lives in each process: "
+            "what `prism listener` published there would reach no gateway. Deliver to a shared backend "
+            "(SQLite, PostgreSQL, Redis, NATS …), or run the listener inside the gateway (mailbox_listener.in_gateway)"
+        )
+    return target
+
+
+def routed_backends(settings: Settings) -> set[str]:
+    """The backends a listener opens: those of delivered namespaces and of their destinations."""
+    named = {c.name: c for c in settings.configs}
+    needed: set[str] = set()
+    for spec in settings.transact.values():
+        if spec.delivered:
+            needed.add(spec.backend)
+            routes = [spec.deliver_to, *(m.deliver_to for m in spec.mailboxes.values())]
+            needed.update(named[r].backend for r in routes if r is not None)
+    return needed
+
+
+def build_listeners(
+    settings: Settings, backends: Backends, tracing: Tracing | None = None, *, alone: bool = False
+) -> list[MailboxListener]:
+    """One listener per Transact backend that holds a delivered namespace (none: nothing routed).
+    SettingsError naming the key when a destination cannot work."""
+    named = {c.name: c for c in settings.configs}
+    tables: dict[str, RouteTable] = {}
+    for namespace, spec in settings.transact.items():
+        if not spec.delivered:
+            continue
+        table = tables.setdefault(spec.backend, RouteTable())
+        if spec.deliver_to is not None:
+            key = f"transact.{namespace}.deliver_to"
+            table.namespaces[namespace] = _target(settings, backends, named[spec.deliver_to], key, alone=alone)
+        for mailbox, route in spec.mailboxes.items():
+            key = f"transact.{namespace}.mailboxes.{mailbox}.deliver_to"
+            table.mailboxes[(namespace, mailbox)] = _target(settings, backends, named[route.deliver_to], key, alone=alone)
+    adapters = backends.adapters("TRANSACT")
+    listeners = []
+    for backend, table in tables.items():
+        adapter = adapters.get(backend)
+        if not isinstance(adapter, TransactAdapter):
+            raise SettingsError(f"transact: backend {backend!r} serves no TRANSACT")
+        listeners.append(MailboxListener(adapter, table, settings.mailbox_listener, backend=backend, tracing=tracing))
+    return listeners
+
+
+class MailboxListeners:
+    """Every listener of a gateway process, started and closed with it."""
+
+    def __init__(self, listeners: Sequence[MailboxListener]) -> None:
+        self.listeners = list(listeners)
+
+    @classmethod
+    async def start(
+        cls, settings: Settings, backends: Backends, tracing: Tracing | None = None, *, alone: bool = False
+    ) -> MailboxListeners:
+        group = cls(build_listeners(settings, backends, tracing, alone=alone))
+        try:
+            for listener in group.listeners:
+                await listener.start()
+        except BaseException:
+            await group.close()
+            raise
+        return group
+
+    async def close(self) -> None:
+        for listener in self.listeners:
+            await listener.close()
+
+
+async def run_alone(settings: Settings, stop: asyncio.Event) -> None:
+    """``prism listener``: only the backends the routes need, the listeners, until ``stop``."""
+    needed = routed_backends(settings)
+    if not needed:
+        raise SettingsError(
+            "transact: no namespace routes its mailboxes (transact.<namespace>.deliver_to, or .mailboxes): nothing to deliver"
+        )
+    mine = settings.model_copy(update={"backends": {n: b for n, b in settings.backends.items() if n in needed}})
+    backends = Backends(mine)
+    tracing = Tracing.of(settings.tracing)
+    try:
+        await backends.start()
+        group = await MailboxListeners.start(mine, backends, tracing, alone=True)
+        try:
+            await stop.wait()
+        finally:
+            await group.close()
+    finally:
+        await backends.close()
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)
