@@ -2,9 +2,17 @@
 queue groups are Prism's, so the server does the matching and the sharing.
 
     subject a.b.c of namespace ns  ──►  <prefix>.ps.<ns escaped>.a.b.c
-    pattern a.*.>                  ──►  <prefix>.ps.<ns escaped>.a.*.>   (one NATS subscription)
-    queue group g                  ──►  NATS queue group g on that subscription (a name that is
-                                        not [A-Za-z0-9_.-]{1,64}: "~" and a digest of it)
+    pattern a.*.>                  ──►  <prefix>.ps.<ns escaped>.a.*.>   (one NATS subscription,
+                                        shared by every subscription of this adapter to it)
+    queue group g                  ──►  NATS queue group g, one NATS subscription per member (a
+                                        name that is not [A-Za-z0-9_.-]{1,64}: "~" and a digest)
+
+Subscriptions to the same pattern outside queue groups share one NATS subscription (a
+:class:`_Fan`): the server sends each message to this process once, it is decoded once, and
+offered to every member's own buffer — a fan-out to 100 subscribers costs one NATS message, not
+100 (each one parsed, queued and decoded by the client). A queue-group member keeps a NATS
+subscription of its own, so the server shares the group's messages among all members of every
+instance.
 
 The namespace is one token (``.`` and ``_`` escaped), so namespaces, and gateways with another
 ``prefix``, never see each other's messages; the Queue's JetStream streams capture
@@ -16,12 +24,13 @@ the data and the ordinary headers unchanged.
 
 Core NATS keeps nothing: a subscriber gets what is published while it is subscribed, and
 messages published while the connection reconnects are lost (the client resubscribes by itself).
-Each subscription's callback only offers to the subscription's buffer, so the client's own
+Each NATS subscription's callback only offers to its members' buffers, so the client's own
 per-subscription queue never fills.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -82,31 +91,73 @@ def decode_headers(raw: Mapping[str, str]) -> dict[str, str]:
     return headers
 
 
-class NatsSubscription(Subscription):
-    def __init__(self, adapter: NatsPubSub, root: str, namespace: str, overflow: Overflow) -> None:
-        super().__init__(namespace, adapter.buffer_size, overflow)
-        self._adapter = adapter
-        self._cut = len(root) + 1  # what precedes the client's subject in a NATS subject
+def to_delivery(msg: Msg, cut: int) -> Delivery:
+    """A NATS message as a delivery; ``cut`` characters of its subject precede the client's."""
+    raw = msg.headers or {}
+    try:
+        headers = decode_headers(raw)
+        published_at = float(raw.get(TIME_HEADER, ""))
+    except ValueError:  # published by a plain NATS client into Prism's subjects
+        headers, published_at = dict(raw), time.time()
+    message_id = raw.get(ID_HEADER) or uuid.uuid4().hex
+    return Delivery(message_id, msg.subject[cut:], msg.data, headers, published_at)
+
+
+class _Fan:
+    """One NATS subscription and the subscriptions it feeds. Opening it is a task of its own,
+    so a member that gives up while it opens (a cancelled call) neither cancels it for the
+    others nor leaves it behind: the last member to leave unsubscribes once it has opened."""
+
+    def __init__(self, adapter: NatsPubSub, key: str | None, subject: str, queue: str, cut: int) -> None:
+        self.adapter, self.key, self.cut = adapter, key, cut
+        self.members: dict[str, NatsSubscription] = {}
         self.nats: NatsSub | None = None
+        self.opening = asyncio.get_running_loop().create_task(self._open(subject, queue))
 
-    async def receive(self, msg: Msg) -> None:
-        """The NATS client's callback: never waits, so its queue for this subscription stays empty."""
-        raw = msg.headers or {}
-        try:
-            headers = decode_headers(raw)
-            published_at = float(raw.get(TIME_HEADER, ""))
-        except ValueError:  # published by a plain NATS client into Prism's subjects
-            headers, published_at = dict(raw), time.time()
-        message_id = raw.get(ID_HEADER) or uuid.uuid4().hex
-        self.offer(Delivery(message_id, msg.subject[self._cut :], msg.data, headers, published_at))
+    @property
+    def failed(self) -> bool:
+        return self.opening.done() and (self.opening.cancelled() or self.opening.exception() is not None)
 
-    async def _detach(self) -> None:
-        self._adapter.opened.pop(self.id, None)
+    async def _open(self, subject: str, queue: str) -> None:
+        connection = self.adapter.connection
+        with connection.errors():
+            self.nats = await connection.nc.subscribe(subject, queue=queue, cb=self.receive)
+            await connection.nc.flush(connection.settings.command_timeout)  # the server has it: live
+
+    async def join(self, member: NatsSubscription) -> None:
+        """Feed ``member`` from now on; returns once the NATS subscription is live."""
+        self.members[member.id] = member
+        await asyncio.shield(self.opening)
+
+    async def leave(self, member: NatsSubscription) -> None:
+        self.members.pop(member.id, None)
+        if self.members:
+            return
+        if self.key is not None and self.adapter.fans.get(self.key) is self:
+            del self.adapter.fans[self.key]  # the next subscriber opens a new one
+        await asyncio.wait([self.opening])
         if self.nats is not None:
             try:
                 await self.nats.unsubscribe()
             except nerr.Error:  # closed connection or subscription: nothing left to leave
                 pass
+
+    async def receive(self, msg: Msg) -> None:
+        """The NATS client's callback: never waits, so its queue for this subscription stays empty."""
+        delivery = to_delivery(msg, self.cut)
+        for member in tuple(self.members.values()):
+            member.offer(delivery)
+
+
+class NatsSubscription(Subscription):
+    def __init__(self, adapter: NatsPubSub, namespace: str, overflow: Overflow, fan: _Fan) -> None:
+        super().__init__(namespace, adapter.buffer_size, overflow)
+        self._adapter = adapter
+        self._fan = fan
+
+    async def _detach(self) -> None:
+        self._adapter.opened.pop(self.id, None)
+        await self._fan.leave(self)
 
 
 class NatsPubSub(PubSubAdapter):
@@ -117,6 +168,7 @@ class NatsPubSub(PubSubAdapter):
         self.buffer_size = buffer_size
         self.root = f"{connection.settings.prefix}.ps"
         self.opened: dict[str, NatsSubscription] = {}  # to end them when the adapter closes
+        self.fans: dict[str, _Fan] = {}  # NATS subject → the shared subscription (no queue group)
 
     def _namespace_root(self, namespace: str) -> str:
         return f"{self.root}.{namespace.replace('_', '_u').replace('.', '_d')}"
@@ -155,15 +207,18 @@ class NatsPubSub(PubSubAdapter):
     ) -> Subscription:
         root = self._namespace_root(namespace)
         subject = self._subject(root, pattern)
-        subscription = NatsSubscription(self, root, namespace, overflow)
-        nc = self.connection.nc
-        with self.connection.errors():
-            subscription.nats = await nc.subscribe(subject, queue=queue_name(queue_group), cb=subscription.receive)
-            try:
-                await nc.flush(self.connection.settings.command_timeout)  # the server has it: live
-            except BaseException:
-                await subscription.close()
-                raise
+        key = None if queue_group else subject
+        fan = self.fans.get(key) if key is not None else None
+        if fan is None or fan.failed:
+            fan = _Fan(self, key, subject, queue_name(queue_group), len(root) + 1)
+            if key is not None:
+                self.fans[key] = fan
+        subscription = NatsSubscription(self, namespace, overflow, fan)
+        try:
+            await fan.join(subscription)
+        except BaseException:
+            await subscription.close()
+            raise
         self.opened[subscription.id] = subscription
         return subscription
 
