@@ -77,6 +77,9 @@ class Subscription(ABC, AsyncIterator[Delivery]):
         self._ended = False
         self._error: PrismError | None = None
         self._detached: asyncio.Task[None] | None = None
+        # The reader's loop, looked up once: on Python 3.11 each get_running_loop() is a getpid
+        # system call, and a fan-out waits once per delivery per subscriber.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def ended(self) -> bool:
@@ -128,7 +131,9 @@ class Subscription(ABC, AsyncIterator[Delivery]):
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
-            self._wakeup = asyncio.get_running_loop().create_future()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._wakeup = self._loop.create_future()
             try:
                 await self._wakeup
             finally:
