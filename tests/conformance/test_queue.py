@@ -36,6 +36,8 @@ from prism.v1 import queue_pb2 as q
 from tests.clients import CallError, GrpcClient, GrpcWebClient, RestClient
 from tests.conftest import make_client
 from tests.gateway_process import GatewayProcess, start_gateway
+from tests.kafka_broker import KAFKA_BOOTSTRAP, kafka_broker  # noqa: F401 (a fixture)
+from tests.kafka_broker import unavailable as kafka_unavailable
 from tests.servers import NATS_URL, POSTGRES_DSN, REDIS_URL, purge_namespaces, unreachable
 
 # Backend name → its entry in the suite's server configuration. One QUEUE config per backend.
@@ -44,6 +46,8 @@ BACKENDS: dict[str, str] = {
     "postgres": f'{{type: postgres, dsn: "{POSTGRES_DSN}"}}',
     "nats": f'{{type: nats, url: "{NATS_URL}"}}',
     "redis": f'{{type: redis, url: "{REDIS_URL}"}}',
+    # The broker the tests start (tests/kafka_broker.py), on a port chosen at import.
+    "kafka": f'{{type: kafka, bootstrap_servers: "{KAFKA_BOOTSTRAP}"}}',
 }
 SERVERS: dict[str, str] = {  # backend → the server's URL, when it has one (checked before the run)
     "postgres": POSTGRES_DSN,
@@ -58,6 +62,8 @@ MATRIX = ("Queue", {**BACKEND_OF, **{b: b for b in BACKENDS}})  # for tests/conf
 RUN = uuid.uuid4().hex[:8]
 NAMESPACE = f"queue-{RUN}"
 UNREACHABLE = {b: why for b, url in SERVERS.items() if (why := unreachable(url))}
+if why_not_kafka := kafka_unavailable():  # no broker to start here
+    UNREACHABLE["kafka"] = why_not_kafka
 
 # Capabilities whose cases run for every backend that declares them, and whose refusal (or
 # honest absence) is checked on every backend that does not.
@@ -250,6 +256,13 @@ async def until(condition: Callable[[], bool], changed: asyncio.Event) -> None:
 
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(watch(), WAIT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kafka_running(request: pytest.FixtureRequest) -> None:
+    """The Kafka broker runs before any gateway of this module starts (the tests start it)."""
+    if "kafka" not in UNREACHABLE:
+        request.getfixturevalue("kafka_broker")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import pytest
 
+from adapters.backends.kafka import KafkaConnection, KafkaSettings
 from adapters.backends.nats import NatsConnection, NatsSettings
 from adapters.backends.postgres import PostgresPool, PostgresSettings
 from adapters.backends.redis import RedisClient, RedisSettings
@@ -42,12 +43,14 @@ from adapters.queue.base import (
     Start,
     at_time,
 )
+from adapters.queue.kafka import KafkaQueue
 from adapters.queue.nats import NatsQueue
 from adapters.queue.postgres import PostgresQueue
 from adapters.queue.redis import RedisQueue
 from adapters.queue.sqlite import SqliteQueue
 from adapters.sqlite_worker import SqliteWorker
 from prism.errors import PrismError
+from tests.kafka_broker import KAFKA_BOOTSTRAP, kafka_broker  # noqa: F401 (a fixture)
 from tests.servers import NATS_URL, POSTGRES_DSN, REDIS_URL, purge_namespaces, unreachable
 
 WAIT = 10.0  # seconds; bound on every wait for something that must happen
@@ -168,13 +171,51 @@ class RedisSite:
         await purge_namespaces(["redis"], sorted(NAMESPACES))
 
 
-# backend → its Site, made from a temporary directory of the test.
-SITES: dict[str, Callable[[pathlib.Path], Any]] = {"sqlite": SqliteSite, "postgres": PostgresSite, "nats": NatsSite, "redis": RedisSite}
+class KafkaSite:
+    """The Tansu broker the session started (tests/kafka_broker.py); every ``open()`` is its
+    own connection and adapter on it (as each gateway process has). Each test's topics live
+    under a namespace of its own; the broker keeps them in memory until the session ends."""
+
+    fixtures = ("kafka_broker",)  # requested before the site is made
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.opened: list[tuple[KafkaQueue, KafkaConnection]] = []
+
+    async def open(self) -> QueueAdapter:
+        connection = KafkaConnection(KafkaSettings(bootstrap_servers=KAFKA_BOOTSTRAP))
+        await connection.start()
+        adapter = KafkaQueue(connection)
+        await adapter.start()
+        self.opened.append((adapter, connection))
+        return adapter
+
+    async def close(self, adapter: QueueAdapter) -> None:
+        for opened in [o for o in self.opened if o[0] is adapter]:
+            self.opened.remove(opened)
+            await opened[0].close()
+            await opened[1].close()
+
+    async def close_all(self) -> None:
+        for adapter, _ in list(self.opened):
+            await self.close(adapter)
+
+
+# backend → its Site, made from a temporary directory of the test. A Site's ``fixtures`` (if
+# any) are requested first: a server the session starts, for instance.
+SITES: dict[str, Callable[[pathlib.Path], Any]] = {
+    "sqlite": SqliteSite,
+    "postgres": PostgresSite,
+    "nats": NatsSite,
+    "redis": RedisSite,
+    "kafka": KafkaSite,
+}
 NAMESPACES: set[str] = set()  # every namespace a Topic used, for sites that must delete them
 
 
 @pytest.fixture(params=list(SITES))
 async def site(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Any]:
+    for name in getattr(SITES[request.param], "fixtures", ()):
+        request.getfixturevalue(name)
     opened = SITES[request.param](tmp_path)
     yield opened
     await opened.close_all()

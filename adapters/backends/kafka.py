@@ -1,0 +1,204 @@
+"""Kafka: one producer and one admin client per backend instance, lent to every pattern's
+adapter on it; adapters open their own readers (consumers without a Kafka group) through
+:meth:`KafkaConnection.reader`, so every Kafka client of an instance shares its settings.
+
+aiokafka reconnects by itself once started; the first connection is tried again until
+``connect_timeout`` has passed, so an unreachable cluster at start-up is UNAVAILABLE naming it. ``ping``
+fetches the cluster's metadata. Driver errors are mapped at the boundary (:meth:`errors`):
+the cluster not answering is UNAVAILABLE, anything else is logged and INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import aiokafka.errors as kerr
+import grpc
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from pydantic import Field
+
+from adapters.backends import BackendSettings, BackendType, Connection, Environment
+from adapters.queue.kafka import KafkaQueue
+from prism.errors import PrismError, internal
+
+log = logging.getLogger("prism.kafka")
+
+# Driver errors that mean "the cluster is not answering (or not ready yet)".
+UNAVAILABLE_ERRORS = (
+    kerr.KafkaConnectionError,
+    kerr.KafkaTimeoutError,
+    kerr.NodeNotReadyError,
+    kerr.RequestTimedOutError,
+    kerr.NotLeaderForPartitionError,
+    kerr.LeaderNotAvailableError,
+    kerr.BrokerNotAvailableError,
+    kerr.KafkaUnavailableError,
+    kerr.NoBrokersAvailable,
+    kerr.ProducerClosed,
+    kerr.ConsumerStoppedError,
+    kerr.NotEnoughReplicasError,
+    kerr.NotEnoughReplicasAfterAppendError,
+    kerr.CoordinatorNotAvailableError,
+    OSError,
+    TimeoutError,
+)
+
+
+class KafkaSettings(BackendSettings):
+    type: Literal["kafka"] = "kafka"
+    bootstrap_servers: str = "127.0.0.1:9092"  # host:port[,host:port …]
+    client_id: str = Field(default="prism", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    connect_timeout: float = Field(default=5.0, gt=0)  # seconds, for the first connection
+    command_timeout: float = Field(default=5.0, gt=0)  # seconds per request
+    # Names of the topics Prism makes start with it: gateways with different prefixes share a
+    # cluster without seeing each other's topics.
+    topic_prefix: str = Field(default="prism", pattern=r"^[A-Za-z0-9]{1,32}$")
+    partitions: int = Field(default=4, ge=1, le=1000)  # of each topic Prism creates
+    replication_factor: int = Field(default=1, ge=1, le=16)
+    # Seconds the Queue remembers a publish's idempotency token.
+    dedup_window: float = Field(default=120.0, gt=0, le=7 * 86400)
+    max_message_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)  # a produce request's bound
+    # Whether the producer may put several records of a partition into one batch. Off by
+    # default: Tansu 0.6 reports a partition's high offset after a batch as its first record's
+    # offset + 1. Turn it on for Apache Kafka, where batches only raise throughput.
+    batch_records: bool = False
+    # Seconds a reader's fetch waits at the broker for new records (the latency of a change
+    # made by another process, and the cost of an idle reader).
+    fetch_wait: float = Field(default=0.05, gt=0, le=5)
+
+
+class KafkaConnection(Connection):
+    """The instance's :attr:`producer` and :attr:`admin` client, and the factories of the
+    clients an adapter owns (:meth:`reader`, :meth:`writer`)."""
+
+    def __init__(self, settings: KafkaSettings, name: str = "kafka") -> None:
+        self.settings = settings
+        self.name = name
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError(f"kafka backend {self.name!r} used before start()")
+        return self._producer
+
+    @property
+    def admin(self) -> AIOKafkaAdminClient:
+        if self._admin is None:
+            raise RuntimeError(f"kafka backend {self.name!r} used before start()")
+        return self._admin
+
+    def _common(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "bootstrap_servers": settings.bootstrap_servers.split(","),
+            "client_id": settings.client_id,
+            "request_timeout_ms": int(settings.command_timeout * 1000),
+            # aiokafka's 100 ms is what a consumer waits for the metadata of a topic it has not
+            # seen yet (a group joining a topic): short, so a join takes milliseconds.
+            "retry_backoff_ms": 20,
+        }
+
+    def reader(self) -> AIOKafkaConsumer:
+        """A consumer outside any Kafka group (partitions assigned by hand), not yet started."""
+        return AIOKafkaConsumer(
+            **self._common(),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=int(self.settings.fetch_wait * 1000),
+            max_partition_fetch_bytes=self.settings.max_message_bytes,
+        )
+
+    def writer(self, *, batching: bool) -> AIOKafkaProducer:
+        """A producer, not yet started. Without ``batching`` each produce request carries one
+        record of a partition, so the broker's high offsets stay right (see ``batch_records``);
+        a log whose readers never ask for its high offset may batch."""
+        return AIOKafkaProducer(
+            **self._common(),
+            acks="all",
+            linger_ms=0,
+            max_request_size=self.settings.max_message_bytes,
+            # A batch's first record always fits: a one-byte batch holds exactly one record.
+            **({} if batching else {"max_batch_size": 1}),
+        )
+
+    async def start(self) -> None:
+        """Connect, trying again until ``connect_timeout`` has passed (a broker starting up
+        may refuse its first connections, or close them before it can answer)."""
+        settings = self.settings
+        deadline = time.monotonic() + settings.connect_timeout
+        while True:
+            producer = self.writer(batching=settings.batch_records)
+            admin = AIOKafkaAdminClient(**self._common())
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                    await producer.start()
+                    await admin.start()
+                self._producer, self._admin = producer, admin
+                return
+            except (*UNAVAILABLE_ERRORS, kerr.KafkaError) as exc:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                with contextlib.suppress(Exception):
+                    await admin.close()
+                if time.monotonic() + 0.1 < deadline and not isinstance(exc, TimeoutError):
+                    await asyncio.sleep(0.1)
+                    continue
+                why = (
+                    f"no answer within {settings.connect_timeout:g}s"
+                    if isinstance(exc, TimeoutError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
+                raise PrismError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"backend {self.name!r}: kafka at {settings.bootstrap_servers} unreachable at start-up: {why}",
+                ) from exc
+
+    async def close(self) -> None:
+        producer, admin, self._producer, self._admin = self._producer, self._admin, None, None
+        if producer is not None:
+            with contextlib.suppress(Exception):  # closing: nothing to report to anyone
+                await producer.stop()
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+    async def ping(self) -> None:
+        try:
+            await self.producer.client.fetch_all_metadata()
+        except kerr.KafkaError as exc:  # aiokafka's plain KafkaError: no broker answered
+            raise PrismError(grpc.StatusCode.UNAVAILABLE, f"kafka backend unavailable: {exc}") from exc
+
+    @contextlib.contextmanager
+    def errors(self) -> Iterator[None]:
+        """Driver errors inside as PrismErrors: the cluster not answering is UNAVAILABLE;
+        anything else is logged and INTERNAL."""
+        try:
+            yield
+        except PrismError:
+            raise
+        except (kerr.KafkaError, OSError, TimeoutError) as exc:
+            if isinstance(exc, UNAVAILABLE_ERRORS) or getattr(exc, "retriable", False):
+                raise PrismError(grpc.StatusCode.UNAVAILABLE, f"kafka backend unavailable: {type(exc).__name__}") from exc
+            log.error("kafka backend %r: request failed: %r", self.name, exc)
+            raise internal() from exc
+
+
+def connect(settings: KafkaSettings, environment: Environment) -> KafkaConnection:
+    return KafkaConnection(settings, environment.name)
+
+
+BACKEND = BackendType(
+    name="kafka",
+    settings=KafkaSettings,
+    connect=connect,
+    adapters={"QUEUE": lambda connection, environment: KafkaQueue(connection)},
+)
