@@ -306,7 +306,10 @@ def _goal(goal: str, measured: str, met: bool, missed_by: str) -> Row:
 # --- the document ----------------------------------------------------------------------------
 
 # Document order (the run order differs: memory runs last, after sections 6-7).
-SECTION_ORDER = ["grpc", "rest", "latency", "streams", "memory", "backends", "auth", "tracing", "writes", "grpc-paths", "queue"]
+SECTION_ORDER = [
+    "grpc", "rest", "latency", "streams", "memory", "backends", "auth", "tracing", "writes", "grpc-paths", "queue",
+    "reader", "transact",
+]
 
 
 def _renderer(name: str) -> Callable[[dict[str, Any], dict[str, Row] | None, str], list[str]] | None:
@@ -319,6 +322,14 @@ def _renderer(name: str) -> Callable[[dict[str, Any], dict[str, Row] | None, str
         from benchmarks import queue
 
         return queue.markdown
+    if name == "reader":
+        from benchmarks import reader
+
+        return reader.markdown
+    if name == "transact":
+        from benchmarks import transact
+
+        return transact.markdown
     return None
 
 

@@ -1,8 +1,9 @@
 """Run the benchmark sections side by side and write benchmarks/results/latest.{md,json} plus a
 dated copy. ``make bench`` runs this; see benchmarks/README.md.
 
-    python -m benchmarks.run [--quick] [--only grpc,rest,latency,backends,auth,tracing,streams,writes,grpc-paths,queue,memory]
-                             [--label before] [--compare benchmarks/results/before.json]
+    python -m benchmarks.run [--quick]
+        [--only grpc,rest,latency,backends,auth,tracing,streams,writes,grpc-paths,queue,reader,transact,memory]
+        [--label before] [--compare benchmarks/results/before.json]
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from benchmarks import (
     latency,
     memory,
     queue,
+    reader,
     report,
     rest_throughput,
     streams,
     tracing_cost,
+    transact,
     writes,
 )
 from benchmarks.context import Context, Durations
@@ -53,6 +56,8 @@ SECTIONS = {
     "writes": writes.run,  # the KeyValue service's write path, in process
     "grpc-paths": grpc_paths.run,  # issue 10: native gRPC through the ASGI app vs the grpc.aio port
     "queue": queue.run,  # issue 11: Queue publish and consume, gateway vs the backend's own client
+    "reader": reader.run,  # issue 13: a full Read, gateway vs the backend's own client
+    "transact": transact.run,  # issue 14: Writes/s and the listener's delivery lag, gateway vs the backend's own client
     "memory": memory.run,  # last: it reports the servers of every section before it
 }
 RESULTS = ROOT / "benchmarks" / "results"
