@@ -59,6 +59,7 @@ class Gateway:
         authorizer = Authorizer(settings.policies)
         configs = ConfigRegistry(settings, self.backends, self.sessions)
         self.transact = TransactService(self.backends.for_transact, settings)
+        self.tracing = Tracing.of(settings.tracing)
         self.methods: list[Method] = bind(
             methods,
             [
@@ -66,7 +67,7 @@ class Gateway:
                 ConfigService(configs, authorizer),
                 KeyValueService(self.backends, settings.limits, settings.signing_key(), _encryption(settings)),
                 PubSubService(self.backends, settings.limits, self.sessions),
-                QueueService(self.backends.for_queue, settings.limits),
+                QueueService(self.backends.for_queue, settings.limits, self.tracing),
                 ReaderService(self.backends.for_reader, settings.reader, settings.signing_key()),
                 self.transact,
                 HealthService(self.health),
@@ -74,7 +75,6 @@ class Gateway:
                 PluginInfoService(self.backends),
             ],
         )
-        self.tracing = Tracing.of(settings.tracing)
         self.pipeline = Pipeline(
             self.sessions,
             self.authenticator,

@@ -104,3 +104,45 @@ def test_tracing_is_off_by_default(tmp_path: pathlib.Path) -> None:
     finally:
         gateway.stop()
     assert not list(tmp_path.rglob("*.jsonl"))
+
+
+async def test_a_queue_message_carries_the_trace_to_its_consumer(tmp_path: pathlib.Path) -> None:
+    """Publish over REST inside a client trace; the message a gRPC subscriber receives carries
+    that trace in its headers, and its delivery is a CONSUMER span in the publisher's trace."""
+    from prism.v1 import queue_pb2 as q
+
+    span_file = tmp_path / "spans.jsonl"
+    config = f"""
+backends:
+  sqlite: {{type: sqlite}}
+configs:
+  - {{name: queue, pattern: QUEUE, backend: sqlite}}
+tracing: {{exporter: file, file: {span_file}}}
+"""
+    gateway = start_gateway(tmp_path, "hypercorn", config_yaml=config)
+    parent, trace_id, _ = traceparent()
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as http:
+            token = (await http.post("/v1/sessions", json={"configName": "queue"})).json()["token"]
+            headers = {"x-prism-session": token, "traceparent": parent}
+            body = {"entry": {"payload": "dg==", "partitionKey": "k"}}
+            assert (await http.post("/v1/topics/traced:publish", json=body, headers=headers)).status_code == 200
+        async with grpc.aio.insecure_channel(gateway.grpc_target) as channel:
+            subscribe = channel.unary_stream(
+                "/prism.v1.QueueService/Subscribe",
+                request_serializer=q.QueueSubscribeRequest.SerializeToString,
+                response_deserializer=q.QueueMessage.FromString,
+            )
+            request = q.QueueSubscribeRequest(topic="traced", consumer_group="g", start=q.START_POSITION_EARLIEST)
+            stream = subscribe(request, metadata=(("x-prism-session", token),), timeout=10)
+            message = await stream.read()
+            stream.cancel()
+    finally:
+        gateway.stop()
+    assert message.headers["traceparent"].split("-")[1] == trace_id, message.headers
+    exported = spans(span_file)
+    publish, _ = tree(exported, trace_id, "prism.v1.QueueService/Publish")
+    (received,) = [s for s in exported if s["name"] == "traced receive"]
+    assert received["kind"] == "SpanKind.CONSUMER" and received["context"]["trace_id"] == f"0x{trace_id}"
+    in_publish = {s["context"]["span_id"] for s in [publish, *tree(exported, trace_id, "prism.v1.QueueService/Publish")[1]]}
+    assert received["parent_id"] in in_publish, "the delivery continues the publish's trace"

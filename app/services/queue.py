@@ -10,6 +10,7 @@ name the group and the message ids, not the stream, so any worker process may se
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import AsyncIterator, Callable
 
@@ -29,6 +30,7 @@ from adapters.queue.base import (
 from app.pipeline import Call
 from app.services.capabilities import require
 from app.settings import Limits
+from app.tracing import Tracing
 from prism.errors import PrismError, invalid_argument, too_large
 from prism.v1 import config_pb2
 from prism.v1 import queue_pb2 as q
@@ -90,9 +92,18 @@ def _message(delivery: Delivery) -> q.QueueMessage:
 class QueueService:
     SERVICE = "prism.v1.QueueService"
 
-    def __init__(self, queues: QueueAdapters, limits: Limits) -> None:
+    def __init__(self, queues: QueueAdapters, limits: Limits, tracing: Tracing | None = None) -> None:
         self.queues = queues
         self.limits = limits
+        self.tracing = tracing  # on: a published message carries the trace to its consumers
+
+    def _traced(self, entry: Entry) -> Entry:
+        """The entry with the current trace in its headers (a client's own trace headers win)."""
+        if self.tracing is None:
+            return entry
+        headers = dict(entry.headers)
+        self.tracing.inject(headers)
+        return dataclasses.replace(entry, headers=headers)
 
     def _queue(self, call: Call) -> tuple[QueueAdapter, str]:
         return self.queues(call.config), call.config.namespace
@@ -118,7 +129,7 @@ class QueueService:
             if len(entry.idempotency_token) > MAX_TOKEN_CHARS:
                 raise invalid_argument(f"{at}idempotencyToken", f"longer than {MAX_TOKEN_CHARS} characters")
             require(queue, Capability.IDEMPOTENT_PUBLISH, call, f"{at}idempotencyToken")
-        return Entry(entry.payload, entry.partition_key, dict(entry.headers), entry.idempotency_token)
+        return self._traced(Entry(entry.payload, entry.partition_key, dict(entry.headers), entry.idempotency_token))
 
     async def Publish(self, request: q.QueuePublishRequest, call: Call) -> q.QueuePublishResponse:
         queue, namespace = self._queue(call)
@@ -216,6 +227,11 @@ class QueueService:
         call.session.hold_stream(consumer.id, end)
         try:
             async for delivery in consumer:
+                if self.tracing is not None:  # a CONSUMER span in the publisher's trace
+                    self.tracing.consumed(f"{topic} receive", delivery.headers, {
+                        "messaging.system": "prism", "messaging.destination.name": topic,
+                        "messaging.message.id": delivery.message_id,
+                    })  # fmt: skip
                 yield _message(delivery)
             if ended_by:  # not a clean end: the client must open a new session
                 raise ended_by[0]
