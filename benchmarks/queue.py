@@ -12,9 +12,10 @@ Per backend, messages/s of:
     publish ×100   gateway: PublishBatch of 100 entries, h2load -c1 -m4 (400 messages in flight)
     consume        gateway: rounds of 5,000 messages published (PublishBatch, untimed), then one
                    Subscribe stream of the group (grpc.aio client process, max_in_flight 500),
-                   every delivery acknowledged: Acknowledge of whatever arrived meanwhile, ≤ 100
-                   ids, 4 calls in flight; timed from Subscribe to the round's last
-                   acknowledgement; rounds until the timed seconds reach the run's duration
+                   every delivery acknowledged: Acknowledge of 100 ids, or of what arrived
+                   within 10 ms of the first (ACK_LINGER), 4 calls in flight; timed from
+                   Subscribe to the round's last acknowledgement; rounds until the timed seconds
+                   reach the run's duration
 
 and the same work through the backend's own client in a client process (same in-flight
 counts, payloads, rounds and batch sizes: claims of 100, 4 acknowledgements in flight; the same
@@ -46,10 +47,37 @@ dead letters, notification of other processes) where the direct rows keep only "
 acknowledged". Issue 11's target: the gateway at ≥ 50% of the direct client's messages/s for
 publish ×100 and for consume.
 
+The direct rows do less than the contract, and are kept so rather than made to do more (they
+are what a user of that client would write for an unordered work queue):
+
+    sqlite, postgres  one table: no partitions, offsets or per-group positions; a lease and its
+                      redelivery (a claim takes unacknowledged rows whose lease ran out), but no
+                      attempt count, no dead letters, no order per key, nothing to wake another
+                      process (the client claims in a loop)
+    redis             XREADGROUP ">" reads new entries only: a lease that runs out is never
+                      redelivered (a real client adds XAUTOCLAIM), no order per key, no dead
+                      letters
+    nats              leases, redelivery and attempt counts are JetStream's own, as the adapter's
+                      are; no order per key (the adapter keeps it in a key-value bucket), no
+                      dead letters, no exact count of what an acknowledgement settled (the
+                      adapter records each acknowledgement so a repeated one counts 0)
+
+Both sides' clients do the same work in the same shape. The consume client of the gateway
+acknowledges in batches, as a client library does (ACK_LINGER); acknowledging whatever had
+arrived when the last call returned sent 5-68 ids per call, several times the direct client's
+calls for the same messages. It opens one Subscribe per round, timed from its opening: a
+stream left open across rounds would lease the next round's first messages while they are
+published, outside the timing (the direct side claims only inside it). What the two sides
+cannot share: the direct client takes 100 messages per call, where Subscribe streams one
+message per gRPC message, and reading one costs a grpc.aio client about 30-50 µs of CPU (a bare
+grpc.aio stream of small messages reaches ~15-30k messages/s on these machines, client at 100%
+CPU), which bounds every backend's consume row, whatever the adapter does.
+
 Checked, so no fast failure is timed: before and after each h2load run a real gRPC call of the
 same request answers OK (every entry of a batch OK), and the messages the topic gained during
-the timed run (GetTopicInfo high offsets) are between h2load's successful calls × entries and
-that plus the calls in flight when it stopped (a gRPC error is HTTP 200 to h2load). Every
+the timed run (GetTopicInfo high offsets, read once the topic stops growing: a call h2load
+gave up on may still be storing) are between h2load's successful calls × entries and that plus
+the calls in flight when it stopped (a gRPC error is HTTP 200 to h2load). Every
 client process counts what it stored and compares with the store, and every consume round must
 deliver each of its messages once, with the published payload, and have all acknowledged.
 
@@ -99,6 +127,12 @@ BATCH = 100  # entries per PublishBatch
 BATCH_SHAPE = Shape(1, 4)  # PublishBatch: 4 calls in flight
 MAX_IN_FLIGHT = 500  # unacknowledged deliveries of the gateway's consumer
 ACK_BATCH = 100  # ids per Acknowledge (gateway) and messages per claim (direct)
+# The gateway's consume client gathers ids for one Acknowledge until it has ACK_BATCH or this
+# long has passed since the first: what a client library does (Google Cloud Pub/Sub's Python
+# subscriber dispatches acknowledgements in batches gathered for at most 10 ms). Acknowledging
+# "whatever arrived meanwhile" instead sent 5-68 ids per call, so the gateway did several times
+# the direct client's acknowledgement calls for the same messages.
+ACK_LINGER = 0.01
 ACKS_IN_FLIGHT = 4
 POOL = 10  # connections, as the gateway's adapters (pool_size)
 ROUND = 5000  # consume: messages published (untimed), then consumed (timed), per round
@@ -566,9 +600,13 @@ async def gateway_consume(args: argparse.Namespace) -> dict[str, Any]:
                     inbox.put_nowait(exc)
 
             async def claim(limit: int) -> list[tuple[Any, bytes]]:
+                """What a client library's acknowledgement batching gathers: the next delivery,
+                then more until ``limit`` or ACK_LINGER after the first."""
                 batch = [await inbox.get()]
-                while len(batch) < limit and not inbox.empty():
-                    batch.append(inbox.get_nowait())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ACK_LINGER):
+                        while len(batch) < limit:
+                            batch.append(inbox.get_nowait() if not inbox.empty() else await inbox.get())
                 out = []
                 for message in batch:
                     if isinstance(message, BaseException):
@@ -642,6 +680,20 @@ def _stored(target: str, topic: str, token: str) -> int:
     return sum(p.high_offset for p in info.partitions)
 
 
+def _settled_count(target: str, topic: str, token: str) -> int:
+    """The topic's message count once it stops growing: calls h2load gave up on when a run
+    ended may still be storing their entries in the gateway (a batch on a slow backend takes a
+    while), and the next run's count must not include them."""
+    count, deadline = _stored(target, topic, token), time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = _stored(target, topic, token)
+        if again == count:
+            return count
+        count = again
+    raise RuntimeError(f"topic {topic} kept growing for {WAIT:.0f} s after its load ended")
+
+
 def _check_publish(target: str, rpc: str, request: Any, token: str) -> None:
     """The exact request h2load sends, through grpcio: status OK, every entry stored."""
     try:
@@ -685,12 +737,12 @@ def _gateway_publish(ctx: Context, gw: Gateway, backend: str, entries: int, work
         if d.warmup:  # a run of its own, so the timed run's stored count is its own
             loader.run(url, shape, duration=d.warmup, warmup=0, server=gw.server, workdir=work, body=body,
                        headers=headers)
-        before = _stored(gw.target, topic, token)
+        before = _settled_count(gw.target, topic, token)
         backend0, started = backend_cpu_seconds(process) if process else 0.0, time.perf_counter()
         result = loader.run(url, shape, duration=d.throughput, warmup=0, server=gw.server, workdir=work, body=body,
                             headers=headers)
         wall = time.perf_counter() - started
-        gained = _stored(gw.target, topic, token) - before
+        gained = _settled_count(gw.target, topic, token) - before
         _check_publish(gw.target, rpc, request, token)
         succeeded = int(result["succeeded"])  # type: ignore[call-overload]
         if not succeeded * entries <= gained <= (succeeded + shape.in_flight) * entries:
@@ -862,7 +914,8 @@ def markdown(section: dict[str, Any], old: dict[str, Row] | None, old_label: str
         "- 100-byte payloads, no partition key. *gateway*: one Granian worker with a QUEUE config per backend "
         f"(namespace `{section.get('namespace')}`); publish rows under h2load (native gRPC, pre-framed body, "
         "one connection), consume from a grpc.aio client process: one Subscribe stream, max_in_flight "
-        f"{MAX_IN_FLIGHT}, Acknowledge of what arrived meanwhile (≤ {ACK_BATCH} ids: *ids per ack*), "
+        f"{MAX_IN_FLIGHT}, Acknowledge of {ACK_BATCH} ids or of what arrived within {ACK_LINGER * 1000:g} ms "
+        "(*ids per ack*), "
         f"{ACKS_IN_FLIGHT} in flight. *direct*: the "
         "backend's own Python client in a client process doing the same work with the same concurrency "
         "(benchmarks/queue.py says what each does). messages/s = stored (publish) or acknowledged (consume) "

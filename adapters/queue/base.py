@@ -214,13 +214,22 @@ class Leased(NamedTuple):
 
 
 class LeasingConsumer(Consumer):
-    """Claims leases only when its buffer is empty and the stream asks for more, so a slow
-    reader holds at most ``max_in_flight`` messages and leases nothing beyond them.
+    """Claims leases only while the stream asks for more, so a slow reader holds at most
+    ``max_in_flight`` messages (its leases, buffered or handed out) and leases nothing beyond
+    them.
 
     A claim runs as its own task: a caller that stops waiting for ``__anext__`` (a timeout,
     a cancelled stream) never strands leased messages between the backend and the buffer.
-    A backend says how to claim (``_claim``) and how to give leases back (``_release``);
-    its adapter calls :meth:`wake` when something may have become deliverable."""
+    While the reader takes messages from the buffer, a change (an acknowledgement freeing
+    room, a publish) starts the next claim once the buffer is down to half of
+    ``max_in_flight``, so the buffer is refilled while the stream still sends, rather than
+    claim → deliver everything → wait for acknowledgements → claim. Half, not at once after
+    every acknowledgement: a claim costs about the same whatever it takes, so fewer, larger
+    claims. Only while claims bring something: one that came back empty (no room, nothing
+    deliverable) leaves the next to the buffer running dry, so a reader that holds all its
+    leases is not claimed for on every wake-up. A backend says how to claim (``_claim``) and
+    how to give leases back (``_release``); its adapter calls :meth:`wake` when something may
+    have become deliverable."""
 
     def __init__(self, options: ConsumeOptions) -> None:
         self.id = uuid.uuid4().hex
@@ -228,8 +237,11 @@ class LeasingConsumer(Consumer):
         self._buffer: deque[Leased] = deque()
         self._handed_out: set[tuple[int, int]] = set()  # (partition, offset) of leases __anext__ returned
         self._turn = itertools.count()  # which partition a claim looks at first
-        self._woken = asyncio.Event()
+        self._woken = asyncio.Event()  # set: something changed since the last claim started
         self._claiming: asyncio.Task[float | None] | None = None
+        self._refill_below = max(1, options.max_in_flight // 2)  # buffer size that lets a wake-up claim
+        self._popped = 0  # deliveries taken from the buffer, ever: with its length, what claims added
+        self._productive = True  # the last claim added to the buffer
         self._closed = False
 
     @abstractmethod
@@ -248,19 +260,33 @@ class LeasingConsumer(Consumer):
     def wake(self) -> None:
         self._woken.set()
 
+    def _start_claim(self) -> asyncio.Task[float | None]:
+        """The claim under way, or a new one."""
+        if self._claiming is None or self._claiming.done():
+            self._woken.clear()  # before claiming, so a change during the claim is not missed
+            self._claiming = asyncio.create_task(self._counted_claim())
+            self._claiming.add_done_callback(_retrieve)
+        return self._claiming
+
+    async def _counted_claim(self) -> float | None:
+        before = len(self._buffer) + self._popped
+        try:
+            return await self._claim()
+        finally:
+            self._productive = len(self._buffer) + self._popped > before
+
     async def __anext__(self) -> Delivery:
         while not self._closed:
             now = time.monotonic()
             while self._buffer:
                 leased = self._buffer.popleft()
+                self._popped += 1
                 if leased.lease_end > now:  # else its lease ran out while it waited here: maybe redelivered
                     self._handed_out.add((leased.delivery.partition, leased.delivery.offset))
+                    if self._woken.is_set() and self._productive and len(self._buffer) < self._refill_below:
+                        self._start_claim()  # in the background: its leases join the buffer's end
                     return leased.delivery
-            self._woken.clear()  # before claiming, so a change during the claim is not missed
-            if self._claiming is None or self._claiming.done():
-                self._claiming = asyncio.create_task(self._claim())
-                self._claiming.add_done_callback(_retrieve)
-            wait = await asyncio.shield(self._claiming)
+            wait = await asyncio.shield(self._start_claim())
             if self._buffer or self._closed:
                 continue
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation

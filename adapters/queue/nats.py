@@ -23,9 +23,12 @@ A message id is ``0-<offset>``: any process acknowledges it by stream sequence, 
 consumer (an ack subject ``$JS.ACK.<stream>.<consumer>.…`` names the sequence, so any connection
 may send it). Records carry the generation they belong to, so what a Seek left behind is ignored.
 
-A consumer pulls (pull requests of PULL_EXPIRES) only while ``__anext__`` waits and it has
-room; besides its leases it holds at most ``max_in_flight`` messages waiting for their key's head
-(beyond that, and when its key stays blocked, it gives them back for a while). Dead letters are
+A consumer pulls (pull requests of PULL_EXPIRES) only while ``__anext__`` is called and it has
+room: when its buffer is empty, and ahead, for a quarter of ``max_in_flight`` or more, once the
+buffer is down to half of it; besides its leases it holds at most ``max_in_flight`` messages
+waiting for their key's head (beyond that, and when its key stays blocked, it gives them back
+for a while). A batch is published with every message sent before any PubAck is awaited, and
+an Acknowledge sends every +ACK, then every record, before awaiting their answers. Dead letters are
 the adapter's: a delivery past ``max_delivery_attempts`` is copied to the dead-letter topic (with
 a ``Nats-Msg-Id``, so a retried copy is stored once), then acknowledged.
 
@@ -42,7 +45,8 @@ What JetStream does not give, and how it shows here:
   a request nobody listens to any more: a closing consumer's deliveries come back once its
   requests have expired (within PULL_EXPIRES), not at the very moment it closes.
 - Keyed messages cost round trips to the bucket (about five per message, delivery and
-  acknowledgement together); keyless ones two. Nothing here needs JetStream beyond 2.9.
+  acknowledgement together); keyless ones two, overlapped across an Acknowledge's ids.
+  Nothing here needs JetStream beyond 2.9.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -263,6 +267,7 @@ class Request:
     """A pull request: its deliveries come to a subscription of its own (the server sends a
     message with its own subject, so only the subscription tells which request it answers)."""
 
+    name: str
     consumer: str
     remaining: int
     expires: float  # monotonic
@@ -270,6 +275,21 @@ class Request:
 
 
 DELIVER, HOLD, DONE = "deliver", "hold", "done"
+ADOPTED = "adopted"  # the request name of a delivery taken over from a closed consumer
+
+
+def _stored(answer: Msg) -> bool:
+    """Whether a JetStream publish was stored (its answer a PubAck, not an error)."""
+    try:
+        reply = json.loads(answer.data)
+    except ValueError:
+        return False
+    return isinstance(reply, dict) and "error" not in reply and "seq" in reply
+
+
+def _tick(ack_wait: float) -> float:
+    """How often a consumer renews, at the server, the timers of what it holds."""
+    return min(max(ack_wait / 3, 0.05), 5.0)
 
 
 def _nak(delay: float) -> bytes:
@@ -286,6 +306,59 @@ def _bounds(info: api.StreamInfo) -> tuple[int, int]:
     state = info.state
     high = state.last_seq
     return (state.first_seq - 1 if state.messages else high), high
+
+
+class Replies:
+    """Many requests in flight on one connection, answered through one wildcard reply
+    subscription. ``nc.request`` arms a timer per request and is awaited one by one; an
+    Acknowledge of a hundred ids sends two hundred requests, so here they all go out first and
+    their answers are awaited together, under one timeout."""
+
+    def __init__(self, nc: Client, timeout: float) -> None:
+        self.nc = nc
+        self.timeout = timeout  # seconds for every answer of one gather
+        self._prefix = ""
+        self._serial = itertools.count()
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._subscription: Subscription | None = None
+
+    async def send(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> asyncio.Future[Msg]:
+        if self._subscription is None:
+            self._prefix = self.nc.new_inbox()
+            self._subscription = await self.nc.subscribe(f"{self._prefix}.*", cb=self._answered)
+        token = str(next(self._serial))
+        future = self._waiting[token] = asyncio.get_running_loop().create_future()
+        try:
+            await self.nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=headers)
+        except BaseException:
+            self._waiting.pop(token, None)
+            raise
+        return future
+
+    async def gather(self, futures: list[asyncio.Future[Msg]]) -> list[Msg]:
+        """Every answer; ``NoRespondersError`` if a request reached nobody; ``TimeoutError``."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                answers = [await future for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()  # a no-op once answered; else forgotten by _answered's map below
+            self._waiting = {token: f for token, f in self._waiting.items() if not f.done()}
+        for answer in answers:
+            if not answer.data and (answer.headers or {}).get("Status") == "503":
+                raise nerr.NoRespondersError
+        return answers
+
+    async def _answered(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject.rpartition(".")[2], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def close(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(nerr.Error, OSError):
+                await self._subscription.unsubscribe()
+            self._subscription = None
 
 
 # --- The adapter ------------------------------------------------------------------------------
@@ -315,6 +388,9 @@ class NatsQueue(QueueAdapter):
         self._tokens: OrderedDict[tuple[str, int], str] = OrderedDict()  # (stream, seq) → key hash
         self._consumers: set[NatsConsumer] = set()
         self._background: set[asyncio.Task[Any]] = set()
+        self._replies: Replies | None = None
+        # Deliveries that requests of closed consumers got: (stream, group) → (closed consumer, delivery)
+        self._orphans: dict[tuple[str, str], list[tuple[NatsConsumer, Msg, Pulled]]] = {}
 
     @property
     def nc(self) -> Client:
@@ -350,6 +426,43 @@ class NatsQueue(QueueAdapter):
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self._replies is not None:
+            await self._replies.close()
+
+    @property
+    def replies(self) -> Replies:
+        """Of the backend's current client (a new one after the backend restarts)."""
+        if self._replies is None or self._replies.nc is not self.nc:
+            self._replies = Replies(self.nc, self.timeout)
+        return self._replies
+
+    # Deliveries to closed consumers.
+
+    def _orphaned(self, closed: NatsConsumer, msg: Msg, pulled: Pulled) -> None:
+        """A delivery to a request of a closed consumer: to a consumer of the group with room,
+        else kept for the next one to join (or for ``closed`` to give back)."""
+        key = (closed.stream, closed.options.group)
+        for consumer in list(self._consumers):
+            if (consumer.stream, consumer.options.group) == key and consumer.adopt(msg, pulled):
+                return
+        self._orphans.setdefault(key, []).append((closed, msg, pulled))
+
+    def _adopt_orphans(self, consumer: NatsConsumer) -> None:
+        """A consumer joined: it takes the deliveries kept for its group, as far as it has room."""
+        key = (consumer.stream, consumer.options.group)
+        waiting = self._orphans.pop(key, [])
+        kept = [(closed, msg, pulled) for closed, msg, pulled in waiting if not consumer.adopt(msg, pulled)]
+        if kept:
+            self._orphans[key] = kept
+
+    def _unclaimed(self, closed: NatsConsumer) -> list[Pulled]:
+        """The deliveries kept from ``closed`` that no consumer took; forgotten here."""
+        key = (closed.stream, closed.options.group)
+        waiting = self._orphans.pop(key, [])
+        kept = [item for item in waiting if item[0] is not closed]
+        if kept:
+            self._orphans[key] = kept
+        return [pulled for owner, _, pulled in waiting if owner is closed]
 
     # Names and small helpers.
 
@@ -441,11 +554,71 @@ class NatsQueue(QueueAdapter):
     async def publish(self, namespace: str, topic: str, entries: Sequence[Entry]) -> list[Published | PrismError]:
         stream = self.stream(namespace, topic)
         with self.connection.errors():
-            return [await self._publish(stream, namespace, topic, entry) for entry in entries]
+            return await self._publish_many(stream, namespace, topic, list(entries))
 
     async def _publish(
         self, stream: str, namespace: str, topic: str, entry: Entry, msg_id: str = ""
     ) -> Published | PrismError:
+        (result,) = await self._publish_many(stream, namespace, topic, [entry], msg_id)
+        return result
+
+    async def _publish_many(
+        self, stream: str, namespace: str, topic: str, entries: list[Entry], msg_id: str = ""
+    ) -> list[Published | PrismError]:
+        """Every entry sent before any answer is awaited (``publish_async``: one connection,
+        so the stream stores them in this order), then every PubAck: a batch costs about one
+        round trip, not one per entry. ``msg_id``: the Nats-Msg-Id of a lone entry."""
+        prepared = [self._prepared(stream, entry, msg_id) for entry in entries]
+        results: list[Published | PrismError | None] = [None] * len(entries)
+        pending = list(range(len(entries)))
+        for attempt in range(2):
+            sent: list[tuple[int, asyncio.Future[api.PubAck]]] = []
+            for i in pending:
+                subject, headers = prepared[i]
+                # Checked here, as the client would (it counts the payload alone): an entry the
+                # client refuses inside publish_async leaves its future pending for ever.
+                if len(entries[i].payload) > self.nc.max_payload:
+                    results[i] = PrismError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"payload: above the NATS server's max_payload ({self.nc.max_payload} bytes)",
+                        field="payload",
+                    )
+                    continue
+                # No Nats-Expected-Stream header: the subjects are the stream's alone (NATS refuses
+                # overlapping streams) and a missing stream answers "no responders" anyway, while
+                # the header would be stored with every message and parsed at every delivery.
+                try:
+                    future = await self.js.publish_async(subject, entries[i].payload, headers=headers or None)
+                except BaseException:
+                    for _, earlier in sent:
+                        earlier.cancel()
+                    raise
+                sent.append((i, future))
+            try:
+                async with asyncio.timeout(self.timeout):
+                    acks = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
+            except TimeoutError:
+                for _, future in sent:
+                    future.cancel()
+                raise
+            pending = []
+            for (i, _), ack in zip(sent, acks, strict=True):
+                if isinstance(ack, jerr.NoStreamResponseError) and attempt == 0:
+                    pending.append(i)  # the topic's first message: nothing was stored
+                elif isinstance(ack, BaseException):
+                    raise ack
+                else:
+                    results[i] = await self._published(stream, entries[i], prepared[i][1], ack)
+            if not pending:
+                break
+            self._streams.discard(stream)
+            await self._ensure_stream(stream, namespace, topic)
+        done = [result for result in results if result is not None]
+        assert len(done) == len(entries), "every entry has its result"
+        return done
+
+    def _prepared(self, stream: str, entry: Entry, msg_id: str) -> tuple[str, dict[str, str]]:
+        """The subject and headers an entry is published with."""
         token = key_token(entry.partition_key) if entry.partition_key else ""
         subject = f"{SUBJECTS}.{stream}.k.{token}" if token else f"{SUBJECTS}.{stream}.n"
         headers = encode_headers(entry)
@@ -454,19 +627,12 @@ class NatsQueue(QueueAdapter):
             msg_id = "t-" + _digest(entry.idempotency_token, 64)
         if msg_id:
             headers["Nats-Msg-Id"] = msg_id
-        try:
-            try:
-                ack = await self.js.publish(subject, entry.payload, stream=stream, headers=headers)
-            except jerr.NoStreamResponseError:  # the topic's first message
-                self._streams.discard(stream)
-                await self._ensure_stream(stream, namespace, topic)
-                ack = await self.js.publish(subject, entry.payload, stream=stream, headers=headers)
-        except nerr.MaxPayloadError:
-            return PrismError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"payload: above the NATS server's max_payload ({self.nc.max_payload} bytes with headers)",
-                field="payload",
-            )
+        return subject, headers
+
+    async def _published(self, stream: str, entry: Entry, headers: dict[str, str], ack: api.PubAck) -> Published | PrismError:
+        """The result of an entry JetStream acknowledged: a token stored before by another
+        entry is refused."""
+        token = key_token(entry.partition_key) if entry.partition_key else ""
         self._remember_token(stream, ack.seq, token)
         published = Published(message_id(0, ack.seq - 1), 0, ack.seq - 1)
         if ack.duplicate and entry.idempotency_token:
@@ -594,6 +760,7 @@ class NatsQueue(QueueAdapter):
             consumer = NatsConsumer(self, namespace, topic, stream, options, binding)
             await consumer.start()
         self._consumers.add(consumer)
+        self._adopt_orphans(consumer)
         return consumer
 
     async def acknowledge(self, namespace: str, topic: str, group: str, message_ids: Sequence[str]) -> int:
@@ -607,46 +774,96 @@ class NatsQueue(QueueAdapter):
         if not seqs:
             return 0
         stream = self.stream(namespace, topic)
-        settled: list[list[Any]] = []
         with self.connection.errors():
             here = self._leases_here(stream, group, seqs)
             if here is not None:  # a consumer of this process holds them: it knows the generation
-                binding, held = here
+                holder, binding, held = here
             else:
                 info = await self._consumer_info(stream, group)
                 if info is None:
                     return 0
-                binding, held = Binding.of(info), {}
-            for seq in seqs:
-                if seq not in held and not binding.done < seq <= binding.delivered:
-                    continue  # done already, or never delivered to the group
-                token = await self._token(stream, seq)
-                if token is None:
-                    continue
-                if acknowledge:
-                    ok = await (
-                        self._release(stream, group, binding, token, seq, held[seq].revision if seq in held else 0)
-                        if token
-                        else self._mark(stream, group, binding, seq)
-                    )
-                else:
-                    ok = await (self._is_head(stream, group, binding, token, seq) if token else self._unmarked(stream, group, binding, seq))
-                if ok:
-                    subject = held[seq].msg.reply if seq in held else _ack_subject(stream, binding.consumer, seq, binding.delivered_cseq)
-                    await self.nc.request(subject, b"+ACK" if acknowledge else b"-NAK", timeout=self.timeout)
-                    settled.append([seq, token])
+                holder, binding, held = None, Binding.of(info), {}
+            # Done already, or never delivered to the group: nothing to settle.
+            seqs = [seq for seq in seqs if seq in held or binding.done < seq <= binding.delivered]
+            tokens = await asyncio.gather(*(self._token(stream, seq) for seq in seqs))
+            by_key: dict[str, list[int]] = {}
+            for seq, token in zip(seqs, tokens, strict=True):
+                if token is not None:  # else not in the stream any more
+                    by_key.setdefault(token, []).append(seq)
+
+            def subject(seq: int) -> str:
+                return held[seq].msg.reply if seq in held else _ack_subject(stream, binding.consumer, seq, binding.delivered_cseq)
+
+            async def keyless(seq: int) -> bool:  # a negative acknowledgement
+                if not await self._unmarked(stream, group, binding, seq):
+                    return False
+                await self.nc.request(subject(seq), b"-NAK", timeout=self.timeout)
+                return True
+
+            async def keyed(token: str, key_seqs: list[int]) -> list[int]:
+                done = []
+                for seq in key_seqs:  # a key's messages one after the other: each makes the next its head
+                    if acknowledge:
+                        ok = await self._release(stream, group, binding, token, seq, held[seq].revision if seq in held else 0)
+                    else:
+                        ok = await self._is_head(stream, group, binding, token, seq)
+                    if ok:
+                        await self.nc.request(subject(seq), b"+ACK" if acknowledge else b"-NAK", timeout=self.timeout)
+                        done.append(seq)
+                return done
+
+            # Keyless messages and keys all at once: their round trips overlap on the connection.
+            plain = by_key.pop("", [])
+            first = (
+                [self._acknowledge_keyless(stream, group, binding, plain, subject)]
+                if acknowledge
+                else [asyncio.gather(*(keyless(seq) for seq in plain))]
+            )
+            outcomes = await asyncio.gather(*first, *(keyed(token, key_seqs) for token, key_seqs in by_key.items()))
+            settled = [[seq, ""] for seq, ok in zip(plain, outcomes[0], strict=True) if ok]
+            for token, done in zip(by_key, outcomes[1:], strict=True):
+                settled += [[seq, token] for seq in done]
             if settled:
+                if holder is not None:  # room for the consumer now, not when the notice comes back
+                    holder.settled(seq for seq, _ in settled)
                 await self._announce(stream, {"g": group_name(group), "ack" if acknowledge else "nak": settled})
         return len(settled)
 
-    def _leases_here(self, stream: str, group: str, seqs: Sequence[int]) -> tuple[Binding, dict[int, Pulled]] | None:
-        """The binding of a consumer of this process leasing every one of ``seqs``, and those
+    async def _acknowledge_keyless(
+        self, stream: str, group: str, binding: Binding, seqs: list[int], subject: Callable[[int], str]
+    ) -> list[bool]:
+        """Acknowledge keyless messages: every +ACK sent, then every answer awaited; then every
+        record created blind, in one go too. Which of them were not acknowledged before: those
+        whose record this made. JetStream first, then the record: a failure between them
+        leaves a message acknowledged (never redelivered), where the other order could leave it
+        recorded and redelivered for ever."""
+        if not seqs:
+            return []
+        replies = self.replies
+        acks = [await replies.send(subject(seq), b"+ACK") for seq in seqs]
+        await replies.gather(acks)
+        prefix, gen = f"$KV.{self.buckets[1]}.{stream}.{group_name(group)}.a.", binding.gen.encode()
+        created = [await replies.send(f"{prefix}{seq}", gen, {"Nats-Expected-Last-Subject-Sequence": "0"}) for seq in seqs]
+        try:
+            made = [_stored(answer) for answer in await replies.gather(created)]
+        except nerr.NoRespondersError:  # the bucket is gone: the one-by-one path makes it again
+            made = [False] * len(seqs)
+        # Not made: the record exists (a repeated Acknowledge, or one of an older generation),
+        # or the bucket is gone; the one-by-one path reads it and tells.
+        again = [seq for seq, ok in zip(seqs, made, strict=True) if not ok]
+        marked = dict(zip(again, await asyncio.gather(*(self._mark(stream, group, binding, seq) for seq in again)), strict=True))
+        return [ok or marked[seq] for seq, ok in zip(seqs, made, strict=True)]
+
+    def _leases_here(
+        self, stream: str, group: str, seqs: Sequence[int]
+    ) -> tuple[NatsConsumer, Binding, dict[int, Pulled]] | None:
+        """A consumer of this process leasing every one of ``seqs``, its binding, and those
         deliveries (their ack subjects, their head records' revisions)."""
         for consumer in self._consumers:
             if consumer.stream == stream and consumer.options.group == group:
                 leases = consumer.leases
                 if all(seq in leases for seq in seqs):
-                    return consumer.binding, {seq: leases[seq].pulled for seq in seqs}
+                    return consumer, consumer.binding, {seq: leases[seq].pulled for seq in seqs}
         return None
 
     async def commit(self, namespace: str, topic: str, group: str, partition: int, offset: int) -> None:
@@ -789,14 +1006,16 @@ class NatsQueue(QueueAdapter):
         return self.head_state(value, binding) == ("H", seq)
 
     async def _mark(self, stream: str, group: str, binding: Binding, seq: int) -> bool:
-        """Record a keyless message's acknowledgement; False when it was recorded already."""
+        """Record a keyless message's acknowledgement; False when it was recorded already.
+        Created blind first (one round trip in the usual case), read only when it exists."""
         key = f"{stream}.{group_name(group)}.a.{seq}"
+        revision = 0
         for _ in range(5):
+            if await self._write(self.acks, key, binding.gen.encode(), revision):
+                return True
             value, revision = await self._read(self.acks, key)
             if value is not None and value.decode() == binding.gen:
                 return False
-            if await self._write(self.acks, key, binding.gen.encode(), revision):
-                return True
         return False
 
     async def _unmarked(self, stream: str, group: str, binding: Binding, seq: int) -> bool:
@@ -873,6 +1092,11 @@ class NatsConsumer(Consumer):
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._changed = asyncio.Event()
         self._keeper_wake = asyncio.Event()
+        self._keeper_due = 0.0  # when the keeper wakes by itself (0: it is awake)
+        self._lingering = False  # closed, with requests still open at the server
+        self._adopting = 0  # deliveries taken over from a closed consumer, not yet placed
+        self._refill_below = max(1, options.max_in_flight // 2)  # buffer size that lets __anext__ pull ahead
+        self._refill_min = max(1, options.max_in_flight // 4)  # room worth a pull ahead
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
         self._last_probe = 0.0
@@ -888,7 +1112,32 @@ class NatsConsumer(Consumer):
         ]
 
     async def _on_delivery(self, name: str, msg: Msg) -> None:
-        self._events.put_nowait(("delivery", (name, msg)))
+        if not self._lingering:
+            self._events.put_nowait(("delivery", (name, msg)))
+            return
+        # Closed, the pump gone: a request of this consumer still open at the server sent this
+        # (a message published while it closed, say). To another consumer of the group here
+        # with room for it, now or once one joins (a client that reconnects); what none takes
+        # goes back to the group when the requests have expired (at once, the server could
+        # send it here again).
+        pulled = Pulled.of(msg)
+        if pulled is not None and pulled.consumer == self.binding.consumer:
+            self.queue._orphaned(self, msg, pulled)
+
+    def adopt(self, msg: Msg, pulled: Pulled) -> bool:
+        """Take a delivery a closed consumer of this group still got, if there is room for it."""
+        if self._closed or pulled.consumer != self.binding.consumer:
+            return False
+        if self._room() <= 0:
+            return False
+        self._adopting += 1
+        self._events.put_nowait(("delivery", (ADOPTED, msg)))
+        return True
+
+    def _room(self) -> int:
+        """Deliveries this consumer may still ask for or take."""
+        outstanding = sum(r.remaining for r in self._requests.values())
+        return self.options.max_in_flight - len(self._leases) - len(self._buffer) - outstanding - self._adopting
 
     async def _on_notice(self, msg: Msg) -> None:
         self._events.put_nowait(("notice", msg))
@@ -896,6 +1145,13 @@ class NatsConsumer(Consumer):
     @property
     def leases(self) -> dict[int, Lease]:
         return self._leases
+
+    def settled(self, seqs: Iterable[int]) -> None:
+        """Acknowledged or given back through this process: their room is free at once (the
+        group's notice, which every process gets, also rechecks their keys)."""
+        for seq in seqs:
+            self._leases.pop(seq, None)
+        self._changed.set()
 
     @property
     def _held_count(self) -> int:
@@ -909,6 +1165,8 @@ class NatsConsumer(Consumer):
             if self._closed:
                 raise StopAsyncIteration
             now = time.monotonic()
+            if self._buffer and len(self._buffer) < self._refill_below:
+                await self._refill(now)
             while self._buffer:
                 pulled = self._buffer.popleft()
                 if now - pulled.touched < self.binding.ack_wait:  # else JetStream took it back
@@ -919,27 +1177,44 @@ class NatsConsumer(Consumer):
                 await self._changed.wait()
 
     def _hand_out(self, pulled: Pulled, now: float) -> Delivery:
-        """Synchronous, so a caller that stops waiting never strands a lease half-made."""
-        if now - pulled.touched > 0.05:  # it waited here: its lease starts now at the server too
+        """Synchronous, so a caller that stops waiting never strands a lease half-made. The
+        keeper renews every waiting and leased message at the server each tick, so only one
+        whose timer there would run out before the next tick is renewed here (a round trip per
+        delivery otherwise: a full buffer keeps messages waiting tens of milliseconds)."""
+        ack_wait = self.binding.ack_wait
+        if now - pulled.touched > ack_wait - 1.5 * _tick(ack_wait):
             self.queue._fire(pulled.msg.reply, b"+WPI")
             pulled.touched = now
-        self._leases[pulled.seq] = Lease(pulled, now + self.options.ack_deadline)
-        self._keeper_wake.set()
+        deadline = now + self.options.ack_deadline
+        self._leases[pulled.seq] = Lease(pulled, deadline)
+        if not self._keeper_due or deadline < self._keeper_due:  # else the keeper wakes in time anyway
+            self._keeper_wake.set()
         key, headers = decode_headers(pulled.msg.headers)
         offset = pulled.seq - 1
         return Delivery(
             message_id(0, offset), self.topic, 0, offset, pulled.msg.data, key, headers, pulled.attempt, pulled.published_ns
         )
 
-    async def _request(self, now: float) -> None:
-        """Ask the server for as many deliveries as there is room for."""
+    async def _refill(self, now: float) -> None:
+        """Pull more while the buffer still has messages to hand out (a pull is a round trip
+        away), once there is room for a quarter of ``max_in_flight``: a few large requests,
+        not one per acknowledgement. A failure here is left to the pull made when the buffer
+        runs dry, which reports it."""
+        try:
+            with self.queue.connection.errors():
+                await self._request(now, self._refill_min)
+        except PrismError as exc:
+            log.debug("nats queue consumer %s: cannot pull ahead: %s", self.id[:8], exc.message)
+
+    async def _request(self, now: float, least: int = 1) -> None:
+        """Ask the server for as many deliveries as there is room for (if at least ``least``)."""
         for name, request in list(self._requests.items()):
             if request.expires + 1.0 < now:  # no status came: a reconnection, or its consumer is gone
                 await self._end(name)
                 self._events.put_nowait(("binding", None))
         outstanding = sum(r.remaining for r in self._requests.values())
-        room = self.options.max_in_flight - len(self._leases) - len(self._buffer) - outstanding
-        if room <= 0:
+        room = self._room()
+        if room < least:
             return
         batch = min(room, self.options.max_in_flight - self._held_count - outstanding)
         if batch <= 0:  # full of held messages: a redelivered head may be waiting at the server
@@ -947,7 +1222,7 @@ class NatsConsumer(Consumer):
                 return
             batch, self._last_probe = 1, now
         name, nc = str(next(self._serial)), self.queue.nc
-        request = self._requests[name] = Request(self.binding.consumer, batch, now + PULL_EXPIRES)
+        request = self._requests[name] = Request(name, self.binding.consumer, batch, now + PULL_EXPIRES)
         inbox = f"{self._inbox}.{name}"
         request.subscription = await nc.subscribe(inbox, cb=functools.partial(self._on_delivery, name))
         if name not in self._requests:  # the group moved to another generation meanwhile
@@ -1006,6 +1281,8 @@ class NatsConsumer(Consumer):
         pulled = Pulled.of(msg)
         if pulled is None:
             return
+        if name == ADOPTED:
+            self._adopting -= 1
         request = self._requests.get(name)
         if request is not None:
             request.remaining -= 1
@@ -1174,7 +1451,7 @@ class NatsConsumer(Consumer):
             try:
                 now = time.monotonic()
                 ack_wait = self.binding.ack_wait
-                tick = min(max(ack_wait / 3, 0.05), 5.0)
+                tick = _tick(ack_wait)
                 due = now + (min(tick, PROBE_SECONDS) if self._held_count else tick)
                 for seq, lease in list(self._leases.items()):
                     if lease.deadline <= now:  # its lease ran out: deliverable again at once
@@ -1201,8 +1478,10 @@ class NatsConsumer(Consumer):
                 log.exception("nats queue consumer %s: keeping leases failed", self.id[:8])
                 due = time.monotonic() + 0.5
             self._keeper_wake.clear()
+            self._keeper_due = due
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._keeper_wake.wait(), max(0.0, due - time.monotonic()))
+            self._keeper_due = 0.0  # awake: a lease handed out now wakes it again
 
     # Leaving.
 
@@ -1222,15 +1501,21 @@ class NatsConsumer(Consumer):
             # it next has a message for it and finds nobody subscribed; a redelivery it meant for
             # such a request comes out with its delivery count one short. So what this consumer
             # gives back is redelivered once its requests have expired (PULL_EXPIRES at most).
+            #
+            # Nor can it be left unheard: the server checks that a request's inbox is
+            # subscribed when it picks the request, but sends after, so a message it picked as
+            # this consumer unsubscribed was lost until its ack wait (30 s by default) ran out,
+            # and messages published while a consumer closes are picked so. So the requests
+            # stay subscribed until they expire (``_linger``), giving back what comes.
             now = time.monotonic()
             delay = max((r.expires - now + 0.05 for r in self._requests.values()), default=0.0)
-            for request in list(self._requests.values()):
-                if request.subscription is not None:  # what the server sent meanwhile still arrives
-                    with contextlib.suppress(nerr.Error, OSError):
-                        await request.subscription.drain()
+            lingering = [r for r in self._requests.values() if r.subscription is not None]
             self._requests.clear()
             self._events.put_nowait(("stop", None))
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._lingering = True  # synchronously after the pump ended: no delivery falls between
+            if lingering:
+                self.queue._background_call(self._linger(lingering))
             for kind, item in self._drain_events():
                 if kind == "delivery" and (pulled := Pulled.of(item[1])) is not None:
                     if pulled.consumer == self.binding.consumer:
@@ -1249,6 +1534,20 @@ class NatsConsumer(Consumer):
                     await self._notices.unsubscribe()
         finally:
             self.queue._consumers.discard(self)
+
+    async def _linger(self, requests: list[Request]) -> None:
+        """Listen on requests the server still holds until they have expired (a second more:
+        the server counts from when it read the request, later than it was sent), then give
+        back what no other consumer took."""
+        try:
+            await asyncio.sleep(max(r.expires for r in requests) - time.monotonic() + 1.0)
+        finally:
+            for request in requests:
+                if request.subscription is not None:
+                    with contextlib.suppress(nerr.Error, OSError):
+                        await request.subscription.unsubscribe()
+            for pulled in self.queue._unclaimed(self):
+                await self._give_back(pulled)
 
     def _drain_events(self) -> list[tuple[str, Any]]:
         items = []

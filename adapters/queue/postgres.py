@@ -50,7 +50,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +131,9 @@ MIGRATIONS = [
         PRIMARY KEY (namespace, topic, grp, partition, seq))
     """,
     "CREATE INDEX prism_queue_holders ON prism_queue_deliveries (consumer) WHERE NOT acked",
+    # Maintaining an index by publish time made a publish half again as costly; a seek by time
+    # bisects the offsets instead (publish times increase with them).
+    "DROP INDEX IF EXISTS prism_queue_times",
 ]
 
 # How far past its position a group looks for deliverable messages on a partition, per claim
@@ -167,6 +170,30 @@ def _partition_for(key: str, partitions: int, spread: Iterator[int]) -> int:
     return (zlib.crc32(key.encode()) if key else next(spread)) % partitions
 
 
+def _headers_json(headers: Mapping[str, str]) -> str:
+    return json.dumps(dict(headers)) if headers else "{}"
+
+
+def _headers_of(text: str) -> dict[str, str]:
+    return json.loads(text) if text != "{}" else {}
+
+
+def _placer(partitions: int, spread: Iterator[int]) -> Callable[[str], int]:
+    """Where the entries of one publish go: a key to its fixed partition, and every entry
+    without a key to one partition, the next in round robin for each publish (as Kafka's
+    sticky partitioner does), so a batch is one statement on one partition row."""
+    keyless: list[int] = []
+
+    def place(key: str) -> int:
+        if key:
+            return zlib.crc32(key.encode()) % partitions
+        if not keyless:
+            keyless.append(next(spread) % partitions)
+        return keyless[0]
+
+    return place
+
+
 def _earliest(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)
 
@@ -174,7 +201,7 @@ def _earliest(a: int | None, b: int | None) -> int | None:
 @dataclass(slots=True)
 class Claim:
     deliveries: list[tuple[Delivery, int]]  # with each one's lease deadline (unix ns)
-    held: set[tuple[int, int]]  # (partition, offset) of every unacknowledged lease of the consumer before
+    held: set[tuple[int, int]] | None  # (partition, offset) of every unacknowledged lease of the consumer before (if asked)
     wake_at: int | None  # when a lease that holds something back runs out (unix ns)
     dead_lettered: bool = False
     busy: bool = False  # a partition was skipped: another transaction held the group's row
@@ -360,7 +387,7 @@ class PostgresQueue(QueueAdapter):
     ) -> list[Published]:
         """Store entries on their partitions, in order: offsets taken under the partitions'
         row locks (in partition order), publish times strictly increasing per partition so a
-        seek by time is an index lookup."""
+        seek by time can bisect the offsets."""
         counts = Counter(partition for partition, _ in placed)
         parts = sorted(counts)
         if len(parts) > 1:
@@ -383,7 +410,7 @@ class PostgresQueue(QueueAdapter):
         for partition, entry in placed:
             seq, published_ns = next_seq[partition], next_ns[partition]
             next_seq[partition], next_ns[partition] = seq + 1, published_ns + 1
-            values = (partition, seq, entry.partition_key.encode(), json.dumps(dict(entry.headers)), entry.payload, published_ns)
+            values = (partition, seq, entry.partition_key.encode(), _headers_json(entry.headers), entry.payload, published_ns)
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
             published.append(Published(message_id(partition, seq), partition, seq))
@@ -421,8 +448,9 @@ class PostgresQueue(QueueAdapter):
                 ):
                     stored[token.decode()] = (fingerprint, Published(message_id(partition, seq), partition, seq))
         # Which entries are stored now: those without a token, and the first of each new token.
+        place = _placer(partitions, self._spread)
         placed = [
-            (i, _partition_for(entry.partition_key, partitions, self._spread))
+            (i, place(entry.partition_key))
             for i, entry in enumerate(entries)
             if not entry.idempotency_token or (entry.idempotency_token not in stored and first_of[entry.idempotency_token] == i)
         ]
@@ -487,14 +515,13 @@ class PostgresQueue(QueueAdapter):
 
     @staticmethod
     async def _advance(con: asyncpg.Connection, ns: str, topic: str, group: str, partition: int, position: int) -> None:
-        """Move the group's position over the acknowledged messages at its head (the run of
-        consecutive acknowledged offsets from it, walked one index lookup at a time up to the
-        first gap), forgetting them."""
-        acked = f"SELECT 1 FROM prism_queue_deliveries WHERE {GROUP} AND acked AND seq = "
+        """Move the group's position over the acknowledged messages at its head, forgetting
+        them. The run of consecutive acknowledged offsets from the head is the rows whose
+        offset less their rank is ``position - 1`` (one range scan, whatever the statistics)."""
         await con.execute(
-            f"WITH RECURSIVE run (seq) AS (SELECT $5::bigint WHERE EXISTS ({acked} $5) "
-            f"UNION ALL SELECT run.seq + 1 FROM run WHERE EXISTS ({acked} run.seq + 1)), "
-            "head AS (SELECT $5 + count(*) AS position FROM run), "
+            "WITH run AS (SELECT seq, seq - row_number() OVER (ORDER BY seq) AS gap FROM prism_queue_deliveries "
+            f"WHERE {GROUP} AND seq >= $5 AND acked), "
+            "head AS (SELECT coalesce(max(seq) + 1, $5) AS position FROM run WHERE gap = $5 - 1), "
             f"forgotten AS (DELETE FROM prism_queue_deliveries WHERE {GROUP} AND seq < (SELECT position FROM head)) "
             f"UPDATE prism_queue_groups SET position = (SELECT position FROM head) WHERE {GROUP} "
             "AND (SELECT position FROM head) > $5",
@@ -502,17 +529,29 @@ class PostgresQueue(QueueAdapter):
         )
 
     async def _claim(
-        self, con: asyncpg.Connection, ns: str, topic: str, options: ConsumeOptions, consumer: str, first: int, partitions: int
+        self,
+        con: asyncpg.Connection,
+        ns: str,
+        topic: str,
+        options: ConsumeOptions,
+        consumer: str,
+        first: int,
+        partitions: int,
+        held: bool,
     ) -> Claim:
         """Lease deliverable messages to ``consumer`` (its in-flight bound allowing),
-        dead-lettering those out of attempts on the way."""
+        dead-lettering those out of attempts on the way; with ``held``, also report every
+        unacknowledged lease the consumer had (else only their number counts)."""
         now = time.time_ns()
-        held = await con.fetch(
-            "SELECT partition, seq, deadline_ns FROM prism_queue_deliveries WHERE consumer=$1 AND NOT acked", consumer
+        live, first_end = await con.fetchrow(
+            "SELECT count(*), min(deadline_ns) FROM prism_queue_deliveries WHERE consumer=$1 AND NOT acked AND deadline_ns > $2",
+            consumer, now,
         )
-        live = [deadline for _, _, deadline in held if deadline > now]
-        claim = Claim([], {(p, s) for p, s, _ in held}, min(live, default=None))
-        room = options.max_in_flight - len(live)
+        claim = Claim([], None, first_end)
+        if held:
+            rows = await con.fetch("SELECT partition, seq FROM prism_queue_deliveries WHERE consumer=$1 AND NOT acked", consumer)
+            claim.held = {(p, s) for p, s in rows}
+        room = options.max_in_flight - live
         group = options.group
         dead: list[_Dead] = []
         for i in range(partitions):
@@ -527,10 +566,15 @@ class PostgresQueue(QueueAdapter):
                 if exists or (position := await self._add_position(con, ns, topic, group, options.start, partition)) is None:
                     claim.busy = True
                     continue
+            # The delivery row of each message is looked up by its whole key in a lateral
+            # subquery that OFFSET 0 keeps from being flattened: as a plain join, a table
+            # without statistics (autovacuum off, or not run since it grew) gets a plan that
+            # reads the group's every delivery row once per message.
             rows = await con.fetch(
                 "SELECT m.seq, m.key, d.attempts, d.deadline_ns FROM prism_queue_messages m "
-                "LEFT JOIN prism_queue_deliveries d ON d.namespace = m.namespace AND d.topic = m.topic AND d.grp = $3 "
-                "AND d.partition = m.partition AND d.seq = m.seq "
+                "LEFT JOIN LATERAL (SELECT d.attempts, d.deadline_ns, d.acked FROM prism_queue_deliveries d "
+                "WHERE d.namespace = $1 AND d.topic = $2 AND d.grp = $3 AND d.partition = $4 AND d.seq = m.seq "
+                "OFFSET 0) d ON true "
                 "WHERE m.namespace = $1 AND m.topic = $2 AND m.partition = $4 AND m.seq >= $5 AND d.acked IS NOT TRUE "
                 "ORDER BY m.seq LIMIT $6",
                 ns, topic, group, partition, position, LOOKAHEAD,
@@ -556,28 +600,32 @@ class PostgresQueue(QueueAdapter):
                     break
             if chosen:
                 deadline = time.time_ns() + int(options.ack_deadline * 1e9)  # from now, not the claim's start
+                # The messages are read by their offsets' range (the ANY is a filter within it):
+                # an ANY alone, or a join on the leased rows, is planned without statistics as
+                # a scan of the whole partition.
+                seqs = [seq for seq, _ in chosen]
                 leased = await con.fetch(
                     "WITH leased AS (INSERT INTO prism_queue_deliveries AS d "
                     "(namespace, topic, grp, partition, seq, attempts, deadline_ns, consumer, acked) "
                     "SELECT $1, $2, $3, $4, u.seq, u.attempts, $7, $8, false "
                     "FROM unnest($5::bigint[], $6::integer[]) AS u(seq, attempts) "
                     "ON CONFLICT (namespace, topic, grp, partition, seq) DO UPDATE SET attempts = excluded.attempts, "
-                    "deadline_ns = excluded.deadline_ns, consumer = excluded.consumer, acked = false "
-                    "RETURNING d.seq, d.attempts) "
-                    "SELECT m.seq, m.key, m.headers, m.payload, m.published_ns, leased.attempts FROM leased "
-                    "JOIN prism_queue_messages m ON m.namespace = $1 AND m.topic = $2 AND m.partition = $4 "
-                    "AND m.seq = leased.seq ORDER BY m.seq",
-                    ns, topic, group, partition, [s for s, _ in chosen], [a for _, a in chosen], deadline, consumer,
+                    "deadline_ns = excluded.deadline_ns, consumer = excluded.consumer, acked = false) "
+                    "SELECT seq, key, headers, payload, published_ns FROM prism_queue_messages "
+                    "WHERE namespace = $1 AND topic = $2 AND partition = $4 AND seq >= $9 AND seq <= $10 "
+                    "AND seq = ANY($5::bigint[]) ORDER BY seq",
+                    ns, topic, group, partition, seqs, [a for _, a in chosen], deadline, consumer, seqs[0], seqs[-1],
                 )
+                attempt_of = dict(chosen)
                 claim.deliveries += [
                     (
                         Delivery(
                             message_id(partition, seq), topic, partition, seq, payload, key.decode(),
-                            json.loads(headers), attempt, published_ns,
+                            _headers_of(headers), attempt_of[seq], published_ns,
                         ),
                         deadline,
                     )
-                    for seq, key, headers, payload, published_ns, attempt in leased
+                    for seq, key, headers, payload, published_ns in leased
                 ]
                 room -= len(leased)
         if dead:
@@ -628,18 +676,24 @@ class PostgresQueue(QueueAdapter):
         change = "acked = true" if acknowledge else "deadline_ns = 0, consumer = ''"
         count = 0
         for partition, offsets in sorted(by_partition.items()):
-            position = await self._lock_position(con, ns, topic, group, partition, wait=True)
-            if position is None:
-                continue
-            # Each settled message frees in-flight room, and the next message of its key: notify
-            # (once per transaction: the server folds repeats).
-            settled = await con.fetch(
-                f"WITH settled AS (UPDATE prism_queue_deliveries SET {change} WHERE {GROUP} "
-                "AND seq = ANY($5::bigint[]) AND NOT acked RETURNING seq) SELECT seq, pg_notify($6, $7) FROM settled",
-                ns, topic, group, partition, sorted(offsets), CHANNEL, self._payload(ns, topic),
+            # One statement locks the group's row (waiting for it, as every settle does: the
+            # uncorrelated EXISTS runs once, before any delivery row is touched) and settles;
+            # a delivery row another transaction changed meanwhile is checked again as it is
+            # now. Each settled message frees in-flight room, and the next message of its key:
+            # notify (once per transaction: the server folds repeats). The offsets' range
+            # bounds the scan, whatever the statistics say.
+            ordered = sorted(offsets)
+            row = await con.fetchrow(
+                f"WITH locked AS (SELECT position FROM prism_queue_groups WHERE {GROUP} FOR UPDATE), "
+                f"settled AS (UPDATE prism_queue_deliveries SET {change} WHERE {GROUP} AND seq >= $8 AND seq <= $9 "
+                "AND seq = ANY($5::bigint[]) AND NOT acked AND EXISTS (SELECT 1 FROM locked) RETURNING seq) "
+                "SELECT (SELECT position FROM locked), ARRAY(SELECT seq FROM settled), "
+                "(SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM settled))",
+                ns, topic, group, partition, ordered, CHANNEL, self._payload(ns, topic), ordered[0], ordered[-1],
             )
+            position, settled = row[0], row[1]
             count += len(settled)
-            if acknowledge and any(r[0] == position for r in settled):  # else the head stays
+            if acknowledge and position in settled:  # else the head stays
                 await self._advance(con, ns, topic, group, partition, position)
         return count
 
@@ -680,12 +734,20 @@ class PostgresQueue(QueueAdapter):
                 raise offset_out_of_range(partition, target.offset, low, high)
             offset = target.offset
         elif isinstance(target, AtTime):
-            found = await con.fetchval(
-                "SELECT seq FROM prism_queue_messages WHERE namespace=$1 AND topic=$2 AND partition=$3 AND published_ns >= $4 "
-                "ORDER BY published_ns LIMIT 1",
-                ns, topic, partition, target.unix_ns,
+            # Publish times strictly increase with offsets in a partition: a bisection of the
+            # offsets, one primary-key lookup per step, all in one statement (each step reads
+            # the first message at or after the middle, an ordered scan every plan keeps to the
+            # primary key).
+            offset = await con.fetchval(
+                "WITH RECURSIVE bisect (lo, hi) AS (SELECT $4::bigint, $5::bigint UNION ALL "
+                "SELECT CASE WHEN coalesce(m.published_ns >= $6, true) THEN b.lo ELSE b.middle + 1 END, "
+                "CASE WHEN coalesce(m.published_ns >= $6, true) THEN b.middle ELSE b.hi END "
+                "FROM (SELECT lo, hi, (lo + hi) / 2 AS middle FROM bisect WHERE lo < hi) b "
+                "LEFT JOIN LATERAL (SELECT published_ns FROM prism_queue_messages WHERE namespace = $1 AND topic = $2 "
+                "AND partition = $3 AND seq >= b.middle ORDER BY seq LIMIT 1) m ON true) "
+                "SELECT min(hi) FROM bisect",
+                ns, topic, partition, low, high, target.unix_ns,
             )
-            offset = high if found is None else found
         elif target is Start.EARLIEST:
             offset = low
         elif target is Start.LATEST:
@@ -715,7 +777,8 @@ class PostgresQueue(QueueAdapter):
         partitions = self._known.get((ns, topic))
         if partitions is None or not entries or any(e.idempotency_token for e in entries):
             return None
-        placed = {_partition_for(e.partition_key, partitions, self._spread) for e in entries}
+        place = _placer(partitions, self._spread)
+        placed = {place(e.partition_key) for e in entries}
         if len(placed) != 1:
             return None
         (partition,) = placed
@@ -730,7 +793,7 @@ class PostgresQueue(QueueAdapter):
                 "WITH ORDINALITY AS u(key, headers, payload, i)) "
                 "SELECT taken.seq, pg_notify($9, $10) FROM taken",
                 ns, topic, partition, len(entries), time.time_ns(),
-                [e.partition_key.encode() for e in entries], [json.dumps(dict(e.headers)) for e in entries],
+                [e.partition_key.encode() for e in entries], [_headers_json(e.headers) for e in entries],
                 [e.payload for e in entries], CHANNEL, self._payload(ns, topic),
             )
         if first is None:  # the topic is gone (deleted under us): the general path makes it again
@@ -801,10 +864,21 @@ class PostgresConsumer(LeasingConsumer):
         queue, options = self.queue, self.options
         if self._closed:
             return 0.0
+        # What was handed out is forgotten once acknowledged: asking the database which leases
+        # are still held costs a row per lease, so only when the set has outgrown the bound.
+        prune = len(self._handed_out) > options.max_in_flight
         async with queue._transaction() as con:
-            claim = await queue._claim(con, self.namespace, self.topic, options, self.id, next(self._turn), self.partitions)
-        self._handed_out &= claim.held
-        self._buffer.extend(Leased(delivery, monotonic_of(lease_end)) for delivery, lease_end in claim.deliveries)
+            claim = await queue._claim(
+                con, self.namespace, self.topic, options, self.id, next(self._turn), self.partitions, prune
+            )
+        if claim.held is not None:
+            self._handed_out &= claim.held
+        ends: dict[int, float] = {}  # a deadline per partition claimed, on the monotonic clock
+        for delivery, lease_end in claim.deliveries:
+            self._handed_out.discard((delivery.partition, delivery.offset))  # leased again, not handed out yet
+            if lease_end not in ends:
+                ends[lease_end] = monotonic_of(lease_end)
+            self._buffer.append(Leased(delivery, ends[lease_end]))
         if claim.dead_lettered:
             queue._wake(self.namespace, options.dead_letter_topic)
         wait = queue.poll_seconds  # a missed notification costs at most this long

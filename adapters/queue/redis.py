@@ -5,7 +5,8 @@ Layout for namespace ``N`` and topic ``T`` (``N`` length-prefixed as in KeyValue
 have no ``:``)::
 
     prism:q:<len N>:<N><T>          HASH    partitions; per partition p: n<p> next offset,
-                                            m<p>/u<p> last publish time (ms, ns within it); rr
+                                            m<p>/u<p> last publish time (ms, ns within it); rr;
+                                            keyless (until a message with a key is published)
     prism:q:<len N>:<N><T>:<p>      STREAM  partition p; entry id <publish ms>-<offset>,
                                             fields k key, h headers (JSON), u ns within the ms, p payload
     prism:q:<len N>:<N><T>:tokens   HASH    idempotency token → fingerprint, partition, entry id
@@ -30,7 +31,9 @@ How the contract maps onto a consumer group (``XGROUP CREATE ... MKSTREAM``) of 
   new ones (``XREADGROUP ... >``, inside the script): an entry is not delivered while an earlier
   one with its key is leased or waiting; a new entry behind its key is kept pending, owned by
   ``prism.free`` with count 0. This is why redeliveries are chosen by ``XPENDING IDLE`` and
-  ``XCLAIM`` rather than ``XAUTOCLAIM``, which would hand out a key's later messages too.
+  ``XCLAIM`` rather than ``XAUTOCLAIM``, which would hand out a key's later messages too. On a
+  topic that never had a key (``keyless``) a live lease holds nothing back, so a claim reads
+  only the pending entries whose lease ran out.
 - **dead letters**: an expired entry with max_delivery_attempts deliveries is appended to the
   dead-letter topic (with the ``prism-dead-letter-*`` headers) and acknowledged, in the claim.
 - **commit** forward acknowledges the pending entries below the offset and moves the
@@ -132,10 +135,13 @@ local function partitions_of(tk)
   local n = redis.call('HGET', tk, 'partitions')
   return n and tonumber(n)
 end
+-- A new topic is marked keyless until its first message with a key: a claim on a keyless
+-- topic need not read the entries leased to others (only keys make them hold anything back).
+-- A topic without the mark (made before it existed) is treated as keyed.
 local function ensure_topic(tk, default)
   local n = partitions_of(tk)
   if n then return n end
-  redis.call('HSET', tk, 'partitions', default)
+  redis.call('HSET', tk, 'partitions', default, 'keyless', '1')
   return default
 end
 local function high_of(tk, p) return tonumber(redis.call('HGET', tk, 'n' .. p) or '0') end
@@ -145,22 +151,44 @@ local function low_of(s, high)
   return high
 end
 
--- Append one message to the partition its key maps to (SHA-1 of the key; round robin without
--- one). Publish times strictly increase within a partition, and so do entry ids <ms>-<offset>.
-local function append(tk, partitions, key, headers, payload, now_ms, now_sub)
-  local p
-  if key ~= '' then p = tonumber(string.sub(redis.sha1hex(key), 1, 8), 16) % partitions
-  else p = (redis.call('HINCRBY', tk, 'rr', 1) - 1) % partitions end
-  local last = redis.call('HMGET', tk, 'n' .. p, 'm' .. p, 'u' .. p)
-  local offset = tonumber(last[1] or '0')
-  local ms, sub = tonumber(last[2] or '0'), tonumber(last[3] or '-1')
-  if now_ms > ms or (now_ms == ms and now_sub > sub) then ms, sub = now_ms, now_sub
-  elseif sub < 999999 then sub = sub + 1
-  else ms, sub = ms + 1, 0 end
-  local id = n2s(ms) .. '-' .. n2s(offset)
-  redis.call('XADD', stream(tk, p), id, 'k', key, 'h', headers, 'u', n2s(sub), 'p', payload)
-  redis.call('HSET', tk, 'n' .. p, n2s(offset + 1), 'm' .. p, n2s(ms), 'u' .. p, n2s(sub))
-  return {p, id}
+-- Appends messages to the partitions their keys map to (SHA-1 of the key); the messages of one
+-- call without a key all go to one partition, the next in round robin for each call. Publish
+-- times strictly increase within a partition, and so do entry ids <ms>-<offset>. Each
+-- partition's counters are read once and written back by done().
+local function appender(tk, partitions, now_ms, now_sub)
+  local state, keyless, keyed = {}, nil, false
+  local self = {}
+  function self.add(key, headers, payload)
+    local p
+    if key ~= '' then
+      p = tonumber(string.sub(redis.sha1hex(key), 1, 8), 16) % partitions
+      keyed = true
+    else
+      if not keyless then keyless = (redis.call('HINCRBY', tk, 'rr', 1) - 1) % partitions end
+      p = keyless
+    end
+    local st = state[p]
+    if not st then
+      local last = redis.call('HMGET', tk, 'n' .. p, 'm' .. p, 'u' .. p)
+      st = {tonumber(last[1] or '0'), tonumber(last[2] or '0'), tonumber(last[3] or '-1')}
+      state[p] = st
+    end
+    local offset, ms, sub = st[1], st[2], st[3]
+    if now_ms > ms or (now_ms == ms and now_sub > sub) then ms, sub = now_ms, now_sub
+    elseif sub < 999999 then sub = sub + 1
+    else ms, sub = ms + 1, 0 end
+    local id = n2s(ms) .. '-' .. n2s(offset)
+    redis.call('XADD', stream(tk, p), id, 'k', key, 'h', headers, 'u', n2s(sub), 'p', payload)
+    st[1], st[2], st[3] = offset + 1, ms, sub
+    return {p, id}
+  end
+  function self.done()
+    for p, st in pairs(state) do
+      redis.call('HSET', tk, 'n' .. p, n2s(st[1]), 'm' .. p, n2s(st[2]), 'u' .. p, n2s(st[3]))
+    end
+    if keyed then redis.call('HDEL', tk, 'keyless') end
+  end
+  return self
 end
 
 local function group_info(s, g)
@@ -221,6 +249,7 @@ local tk, tokens = KEYS[1], KEYS[2]
 local partitions = ensure_topic(tk, tonumber(ARGV[1]))
 local now_ms, now_sub = tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
+local log = appender(tk, partitions, now_ms, now_sub)
 for i = 4, #ARGV, 5 do
   local key, headers, payload, token, fp = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local stored = token ~= '' and redis.call('HGET', tokens, token)
@@ -228,11 +257,12 @@ for i = 4, #ARGV, 5 do
     local sfp, p, id = string.match(stored, '^(%x+) (%d+) (%S+)$')
     if sfp == fp then out[#out + 1] = {tonumber(p), id} else out[#out + 1] = 0 end
   else
-    local r = append(tk, partitions, key, headers, payload, now_ms, now_sub)
+    local r = log.add(key, headers, payload)
     if token ~= '' then redis.call('HSET', tokens, token, fp .. ' ' .. r[1] .. ' ' .. r[2]) end
     out[#out + 1] = r
   end
 end
+log.done()
 wake(tk)
 return out
 """
@@ -260,6 +290,7 @@ local first, max_attempts = tonumber(ARGV[5]), tonumber(ARGV[6])
 local dead_topic, topic = ARGV[7], ARGV[8]
 local now_ms, now_sub, default = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local partitions = partitions_of(tk) or 0
+local keyless = redis.call('HEXISTS', tk, 'keyless') == 1
 local out, wake_in = {}, -1
 local function soon(ms) if wake_in < 0 or ms < wake_in then wake_in = ms end end
 
@@ -290,8 +321,9 @@ local function dead_letter(s, p, entry, count)
     topic, g, p .. '-' .. entry[1], tostring(p), n2s(offset_of(entry[1])), n2s(count),
   }
   for i, name in ipairs(DEAD) do headers[name] = values[i] end
-  local partitions = ensure_topic(dtk, default)
-  append(dtk, partitions, field(fields, 'k'), cjson.encode(headers), field(fields, 'p'), now_ms, now_sub)
+  local copy = appender(dtk, ensure_topic(dtk, default), now_ms, now_sub)
+  copy.add(field(fields, 'k'), cjson.encode(headers), field(fields, 'p'))
+  copy.done()
   wake(dtk)
   redis.call('XACK', s, g, entry[1])
 end
@@ -309,6 +341,15 @@ for i = 0, partitions - 1 do
   local s = stream(tk, p)
   local pending = redis.pcall('XPENDING', s, g, '-', '+', LOOKAHEAD)
   if not pending.err then
+    local window = LOOKAHEAD - #pending
+    -- Without keys a live lease holds nothing back: only run-out entries are read.
+    if keyless then
+      local due = {}
+      for _, e in ipairs(pending) do
+        if e[3] >= LEASE then due[#due + 1] = e else soon(LEASE - e[3]) end
+      end
+      pending = due
+    end
     local waiting = {}  -- keys with an earlier entry leased or waiting
     -- One pending entry: false once nothing more can be delivered from this partition.
     local function visit(e, entry)
@@ -345,7 +386,9 @@ for i = 0, partitions - 1 do
       end
       i = j + 1
     end
-    local window = LOOKAHEAD - #pending
+    -- New entries: XREADGROUP made them pending with this consumer, delivered once; one
+    -- XCLAIM then sets every lease's idle time (its deadline).
+    local fresh = {'XCLAIM', s, g, c, 0}
     while room > 0 and window > 0 do
       local want = math.min(room, window)
       local read = redis.call('XREADGROUP', 'GROUP', g, c, 'COUNT', want, 'STREAMS', s, '>')
@@ -358,33 +401,63 @@ for i = 0, partitions - 1 do
           redis.call('XCLAIM', s, g, FREE, 0, entry[1], 'IDLE', LEASE, 'RETRYCOUNT', 0, 'JUSTID')
         else
           if key ~= '' then waiting[key] = true end
-          lease(s, p, entry, 1)
+          out[#out + 1] = {p, entry[1], entry[2], 1}
+          fresh[#fresh + 1] = entry[1]
+          room = room - 1
         end
       end
       if #entries < want then break end
+    end
+    if #fresh > 5 then
+      for _, word in ipairs({'IDLE', LEASE - deadline, 'RETRYCOUNT', 1, 'JUSTID'}) do fresh[#fresh + 1] = word end
+      redis.call(unpack(fresh))
+      soon(deadline)
     end
   end
 end
 return {out, wake_in}
 """
 
-# KEYS: topic. ARGV: group, "ack" or "nack", then partition and entry id pairs. How many were
-# delivered (count > 0) and not yet acknowledged.
+# KEYS: topic. ARGV: group, "ack" or "nack", then per partition: the partition, how many ids,
+# and its entry ids in ascending order. How many were delivered (count > 0) and not yet
+# acknowledged. Per partition, XPENDING over the ids' range finds them (in pages, as other
+# entries may lie between), and one XACK or XCLAIM settles them all.
 SETTLE = PRELUDE + """
 local tk, g, ack = KEYS[1], ARGV[1], ARGV[2] == 'ack'
 local partitions = partitions_of(tk) or 0
+local PAGE = 1000
 local settled = 0
-for i = 3, #ARGV, 2 do
-  local p, id = tonumber(ARGV[i]), ARGV[i + 1]
+local i = 3
+while i <= #ARGV do
+  local p, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local first, last = ARGV[i + 2], ARGV[i + 1 + n]
   if p < partitions then
     local s = stream(tk, p)
-    local found = redis.pcall('XPENDING', s, g, id, id, 1)
-    if not found.err and found[1] and found[1][4] > 0 then
-      if ack then redis.call('XACK', s, g, id)
-      else redis.call('XCLAIM', s, g, FREE, 0, id, 'IDLE', LEASE, 'JUSTID') end
-      settled = settled + 1
+    local wanted = {}
+    for k = i + 2, i + 1 + n do wanted[ARGV[k]] = true end
+    local from = first
+    while true do
+      local found = redis.pcall('XPENDING', s, g, from, last, PAGE)
+      if found.err then break end
+      -- At most a page of ids per command (Lua unpacks a few thousand values at most).
+      local command = ack and {'XACK', s, g} or {'XCLAIM', s, g, FREE, 0}
+      local base = #command
+      for _, e in ipairs(found) do
+        if wanted[e[1]] and e[4] > 0 then command[#command + 1] = e[1] end
+      end
+      local count = #command - base
+      if count > 0 then
+        if not ack then
+          for _, word in ipairs({'IDLE', LEASE, 'JUSTID'}) do command[#command + 1] = word end
+        end
+        redis.call(unpack(command))
+        settled = settled + count
+      end
+      if #found < PAGE then break end
+      from = '(' .. found[#found][1]
     end
   end
+  i = i + 2 + n
 end
 if settled > 0 then wake(tk) end
 return settled
@@ -534,6 +607,12 @@ def _parse_message_id(text: str) -> tuple[int, str] | None:
     return partition, f"{ms}-{offset}"
 
 
+def _id_order(entry_id: str) -> tuple[int, int]:
+    """How a stream orders entry ids ``<ms>-<offset>``."""
+    ms, _, offset = entry_id.partition("-")
+    return int(ms), int(offset)
+
+
 def _published(partition: int, entry_id: bytes) -> Published:
     return Published(_message_id(partition, entry_id), partition, int(entry_id.rsplit(b"-", 1)[1]))
 
@@ -548,7 +627,7 @@ def _delivery(topic: str, partition: int, entry_id: bytes, flat: list[bytes], at
         offset=offset,
         payload=fields[b"p"],
         partition_key=fields[b"k"].decode(),
-        headers=json.loads(fields[b"h"]),
+        headers=json.loads(fields[b"h"]) if fields[b"h"] != b"{}" else {},
         delivery_attempt=attempt,
         published_ns=ms * 1_000_000 + int(fields[b"u"]),
     )
@@ -747,11 +826,15 @@ class RedisQueue(QueueAdapter):
         return consumer
 
     async def _settle_ids(self, namespace: str, topic: str, group: str, message_ids: Sequence[str], mode: str) -> int:
-        args: list[Any] = [group, mode]
-        for parsed in {p for p in map(_parse_message_id, message_ids) if p is not None}:
-            args += list(parsed)
-        if len(args) == 2:
+        by_partition: dict[int, set[str]] = {}
+        for parsed in map(_parse_message_id, message_ids):
+            if parsed is not None:
+                by_partition.setdefault(parsed[0], set()).add(parsed[1])
+        if not by_partition:
             return 0
+        args: list[Any] = [group, mode]
+        for partition, ids in sorted(by_partition.items()):
+            args += [partition, len(ids), *sorted(ids, key=_id_order)]
         with self.client.errors():
             return int(await self._settle(keys=[topic_key(namespace, topic)], args=args))
 

@@ -28,7 +28,7 @@ import logging
 import sqlite3
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -77,8 +77,10 @@ SCHEMA = (
         PRIMARY KEY (namespace, topic, partition, seq))""",
     """CREATE UNIQUE INDEX IF NOT EXISTS prism_queue_tokens
         ON prism_queue_messages (namespace, topic, token) WHERE token IS NOT NULL""",
-    """CREATE INDEX IF NOT EXISTS prism_queue_times
-        ON prism_queue_messages (namespace, topic, partition, published_ns)""",
+    # An index by publish time cost every published message a fourth of its insert; a seek by
+    # time bisects the offsets instead (publish times increase with them), so files made before
+    # lose it.
+    "DROP INDEX IF EXISTS prism_queue_times",
     """CREATE TABLE IF NOT EXISTS prism_queue_groups (
         namespace TEXT NOT NULL, topic TEXT NOT NULL, grp TEXT NOT NULL, partition INTEGER NOT NULL,
         position INTEGER NOT NULL,
@@ -158,43 +160,82 @@ def _partition_for(key: str, partitions: int, spread: Iterator[int]) -> int:
     return (zlib.crc32(key.encode()) if key else next(spread)) % partitions
 
 
-def _append(c: sqlite3.Connection, ns: str, topic: str, partition: int, entry: Entry, now_ns: int) -> Published:
-    # Publish times strictly increase within a partition, so a seek by time is an index lookup.
-    seq, published_ns = c.execute(
-        "UPDATE prism_queue_partitions SET high = high + 1, last_ns = max(last_ns + 1, ?) "
-        "WHERE namespace=? AND topic=? AND partition=? RETURNING high - 1, last_ns",
-        (now_ns, ns, topic, partition),
+def _placer(partitions: int, spread: Iterator[int]) -> Callable[[str], int]:
+    """Where the entries of one publish go: a key to its fixed partition, and every entry
+    without a key to one partition, the next in round robin for each publish (as Kafka's
+    sticky partitioner does), so a batch takes offsets on one partition in one statement."""
+    keyless: list[int] = []
+
+    def place(key: str) -> int:
+        if key:
+            return zlib.crc32(key.encode()) % partitions
+        if not keyless:
+            keyless.append(next(spread) % partitions)
+        return keyless[0]
+
+    return place
+
+
+def _headers_json(headers: Mapping[str, str]) -> str:
+    return json.dumps(dict(headers)) if headers else "{}"
+
+
+def _headers_of(text: str) -> dict[str, str]:
+    return json.loads(text) if text != "{}" else {}
+
+
+def _append(
+    c: sqlite3.Connection, ns: str, topic: str, partition: int, entries: Sequence[Entry], now_ns: int
+) -> list[Published]:
+    """Store entries on one partition, in order: one statement takes their offsets and publish
+    times (strictly increasing within a partition, so a seek by time can bisect the offsets)."""
+    n = len(entries)
+    first, first_ns = c.execute(
+        "UPDATE prism_queue_partitions SET high = high + ?1, last_ns = max(last_ns + 1, ?2) + ?1 - 1 "
+        "WHERE namespace=?3 AND topic=?4 AND partition=?5 RETURNING high - ?1, last_ns - ?1 + 1",
+        (n, now_ns, ns, topic, partition),
     ).fetchone()
-    token = entry.idempotency_token or None
-    c.execute(
+    c.executemany(
         "INSERT INTO prism_queue_messages (namespace, topic, partition, seq, key, headers, payload, published_ns, "
         "token, fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            ns, topic, partition, seq, entry.partition_key, json.dumps(dict(entry.headers)), entry.payload,
-            published_ns, token, entry.fingerprint() if token else None,
-        ),
+        [
+            (
+                ns, topic, partition, first + i, entry.partition_key, _headers_json(entry.headers), entry.payload,
+                first_ns + i, entry.idempotency_token or None, entry.fingerprint() if entry.idempotency_token else None,
+            )
+            for i, entry in enumerate(entries)
+        ],
     )
-    return Published(message_id(partition, seq), partition, seq)
+    return [Published(message_id(partition, first + i), partition, first + i) for i in range(n)]
 
 
 def _publish(
     c: sqlite3.Connection, ns: str, topic: str, entries: Sequence[Entry], partitions: int, spread: Iterator[int]
 ) -> list[Published | PrismError]:
-    partitions = _ensure_topic(c, ns, topic, partitions)
+    place = _placer(_ensure_topic(c, ns, topic, partitions), spread)
     now = time.time_ns()
+    if not any(entry.idempotency_token for entry in entries):  # the common case: one statement per partition
+        by_partition: dict[int, list[int]] = {}
+        for i, entry in enumerate(entries):
+            by_partition.setdefault(place(entry.partition_key), []).append(i)
+        stored: dict[int, Published] = {}
+        for partition, indexes in sorted(by_partition.items()):
+            stored.update(zip(indexes, _append(c, ns, topic, partition, [entries[i] for i in indexes], now), strict=True))
+        return [stored[i] for i in range(len(entries))]
+    # With tokens, entry by entry: a token may repeat within the batch, and then its first
+    # entry must be stored before the next is looked up.
     results: list[Published | PrismError] = []
     for entry in entries:
         if entry.idempotency_token:
-            stored = c.execute(
+            found = c.execute(
                 "SELECT partition, seq, fingerprint FROM prism_queue_messages WHERE namespace=? AND topic=? AND token=?",
                 (ns, topic, entry.idempotency_token),
             ).fetchone()
-            if stored is not None:
-                same = stored[2] == entry.fingerprint()
-                results.append(Published(message_id(stored[0], stored[1]), stored[0], stored[1]) if same else token_reused())
+            if found is not None:
+                same = found[2] == entry.fingerprint()
+                results.append(Published(message_id(found[0], found[1]), found[0], found[1]) if same else token_reused())
                 continue
-        partition = _partition_for(entry.partition_key, partitions, spread)
-        results.append(_append(c, ns, topic, partition, entry, now))
+        results += _append(c, ns, topic, place(entry.partition_key), [entry], now)
     return results
 
 
@@ -261,7 +302,7 @@ def _advance(c: sqlite3.Connection, ns: str, topic: str, group: str, partition: 
 @dataclass(slots=True)
 class Claim:
     deliveries: list[tuple[Delivery, int]]  # with each one's lease deadline (unix ns)
-    held: set[tuple[int, int]]  # (partition, offset) of every unacknowledged lease of the consumer before
+    held: set[tuple[int, int]] | None  # (partition, offset) of every unacknowledged lease of the consumer before (if asked)
     wake_at: int | None  # when a lease that holds something back runs out (unix ns)
     dead_lettered: bool
 
@@ -280,16 +321,23 @@ def _claim(
     first: int,
     partitions: int,
     spread: Iterator[int],
+    held: bool,
 ) -> Claim:
     """Lease up to ``limit`` deliverable messages to ``consumer`` (its in-flight bound allowing),
-    dead-lettering those out of attempts on the way."""
+    dead-lettering those out of attempts on the way; with ``held``, also report every
+    unacknowledged lease the consumer had (else only their number counts)."""
     now = time.time_ns()
-    held = c.execute(
-        "SELECT partition, seq, deadline_ns FROM prism_queue_deliveries WHERE consumer=? AND acked=0", (consumer,)
-    ).fetchall()
-    live = [deadline for _, _, deadline in held if deadline > now]
-    claim = Claim([], {(p, s) for p, s, _ in held}, min(live, default=None), False)
-    room = min(limit, options.max_in_flight - len(live))
+    live, first_end = c.execute(
+        "SELECT count(*), min(deadline_ns) FROM prism_queue_deliveries WHERE consumer=? AND acked=0 AND deadline_ns > ?",
+        (consumer, now),
+    ).fetchone()
+    claim = Claim([], None, first_end, False)
+    if held:
+        claim.held = {
+            (p, s)
+            for p, s in c.execute("SELECT partition, seq FROM prism_queue_deliveries WHERE consumer=? AND acked=0", (consumer,))
+        }
+    room = min(limit, options.max_in_flight - live)
     count = _partition_count(c, ns, topic) or 0
     deadline = now + int(options.ack_deadline * 1e9)
     for i in range(count):
@@ -369,7 +417,7 @@ def _claim_partition(
     ).fetchall()
     taken = [
         (
-            Delivery(message_id(partition, seq), topic, partition, seq, payload, key, json.loads(headers), attempt_of[seq], published),
+            Delivery(message_id(partition, seq), topic, partition, seq, payload, key, _headers_of(headers), attempt_of[seq], published),
             deadline,
         )
         for seq, key, headers, payload, published in found
@@ -397,7 +445,7 @@ def _dead_letter(
     values = (reason, topic, options.group, message_id(partition, seq), str(partition), str(seq), str(attempts))
     copy = Entry(payload, key, {**json.loads(headers), **dict(zip(DEAD_LETTER_HEADERS, values, strict=True))})
     target = options.dead_letter_topic
-    _append(c, ns, target, _partition_for(key, _ensure_topic(c, ns, target, partitions), spread), copy, now)
+    _append(c, ns, target, _partition_for(key, _ensure_topic(c, ns, target, partitions), spread), [copy], now)
     c.execute(
         "INSERT INTO prism_queue_deliveries (namespace, topic, grp, partition, seq, attempts, deadline_ns, consumer, acked) "
         "VALUES (?, ?, ?, ?, ?, ?, 0, '', 1) ON CONFLICT (namespace, topic, grp, partition, seq) DO UPDATE SET acked = 1",
@@ -405,21 +453,36 @@ def _dead_letter(
     )
 
 
+SETTLE_CHUNK = 500  # offsets per statement (SQLite binds at most 32,766 variables)
+
+
 def _settle(c: sqlite3.Connection, ns: str, topic: str, group: str, ids: Sequence[str], acknowledge: bool) -> int:
-    """Acknowledge (or end the leases of) delivered, unacknowledged messages; how many."""
+    """Acknowledge (or end the leases of) delivered, unacknowledged messages; how many. One
+    statement per partition, not one per id."""
     change = "acked = 1" if acknowledge else "deadline_ns = 0, consumer = ''"
-    statement = (
-        f"UPDATE prism_queue_deliveries SET {change} "
-        "WHERE namespace=? AND topic=? AND grp=? AND partition=? AND seq=? AND acked = 0"
-    )
-    settled: set[tuple[int, int]] = set()
-    for parsed in {parse_message_id(i) for i in ids}:
-        if parsed is not None and c.execute(statement, (ns, topic, group, *parsed)).rowcount:
-            settled.add(parsed)
-    if acknowledge:
-        for partition in {p for p, _ in settled}:
+    by_partition: dict[int, set[int]] = {}
+    for parsed in map(parse_message_id, ids):
+        if parsed is not None:
+            by_partition.setdefault(parsed[0], set()).add(parsed[1])
+    count = 0
+    for partition, offsets in sorted(by_partition.items()):
+        ordered, settled = sorted(offsets), set()
+        for start in range(0, len(ordered), SETTLE_CHUNK):
+            chunk = ordered[start : start + SETTLE_CHUNK]
+            settled.update(
+                seq
+                for (seq,) in c.execute(
+                    f"UPDATE prism_queue_deliveries SET {change} WHERE namespace=? AND topic=? AND grp=? "
+                    f"AND partition=? AND acked = 0 AND seq IN ({','.join('?' * len(chunk))}) RETURNING seq",
+                    (ns, topic, group, partition, *chunk),
+                )
+            )
+        count += len(settled)
+        # The position moves only when its own message is acknowledged (the head is never
+        # left acknowledged: every change that acknowledges one advances).
+        if acknowledge and settled and _position(c, ns, topic, group, partition) in settled:
             _advance(c, ns, topic, group, partition)
-    return len(settled)
+    return count
 
 
 def _release(c: sqlite3.Connection, consumer: str, handed_out: frozenset[tuple[int, int]]) -> None:
@@ -458,12 +521,7 @@ def _seek(c: sqlite3.Connection, ns: str, topic: str, group: str, partition: int
             raise offset_out_of_range(partition, target.offset, low, high)
         offset = target.offset
     elif isinstance(target, AtTime):
-        row = c.execute(
-            "SELECT seq FROM prism_queue_messages WHERE namespace=? AND topic=? AND partition=? AND published_ns >= ? "
-            "ORDER BY published_ns LIMIT 1",
-            (ns, topic, partition, target.unix_ns),
-        ).fetchone()
-        offset = high if row is None else row[0]
+        offset = _first_at(c, ns, topic, partition, target.unix_ns, low, high)
     elif target is Start.EARLIEST:
         offset = low
     elif target is Start.LATEST:
@@ -477,6 +535,24 @@ def _seek(c: sqlite3.Connection, ns: str, topic: str, group: str, partition: int
         (ns, topic, group, partition),
     )
     return offset
+
+
+def _first_at(c: sqlite3.Connection, ns: str, topic: str, partition: int, unix_ns: int, low: int, high: int) -> int:
+    """The offset of the first message published at or after ``unix_ns`` (``high`` if none):
+    publish times strictly increase with offsets in a partition, so a bisection of the offsets,
+    one primary-key lookup per step."""
+    while low < high:
+        middle = (low + high) // 2
+        row = c.execute(
+            "SELECT published_ns FROM prism_queue_messages WHERE namespace=? AND topic=? AND partition=? AND seq >= ? "
+            "ORDER BY seq LIMIT 1",
+            (ns, topic, partition, middle),
+        ).fetchone()
+        if row is None or row[0] >= unix_ns:
+            high = middle
+        else:
+            low = middle + 1
+    return high
 
 
 def _topic_info(c: sqlite3.Connection, ns: str, topic: str, group: str) -> list[PartitionInfo]:
@@ -619,12 +695,20 @@ class SqliteConsumer(LeasingConsumer):
         if self._closed:
             return None
         queue, options = self.queue, self.options
+        # What was handed out is forgotten once acknowledged: asking the file which leases are
+        # still held costs a row per lease, so only when the set has outgrown the bound.
+        prune = len(self._handed_out) > options.max_in_flight
         claim = await queue._run(
             _claim, self.namespace, self.topic, options, self.id, options.max_in_flight,
-            next(self._turn), queue.partitions, queue._spread,
+            next(self._turn), queue.partitions, queue._spread, prune,
         )
-        self._handed_out &= claim.held
-        self._buffer.extend(Leased(delivery, monotonic_of(lease_end)) for delivery, lease_end in claim.deliveries)
+        if claim.held is not None:
+            self._handed_out &= claim.held
+        if claim.deliveries:
+            lease_end = monotonic_of(claim.deliveries[0][1])  # one deadline for the whole claim
+            for delivery, _ in claim.deliveries:
+                self._handed_out.discard((delivery.partition, delivery.offset))  # leased again, not handed out yet
+                self._buffer.append(Leased(delivery, lease_end))
         if claim.dead_lettered:
             queue._wake(self.namespace, options.dead_letter_topic)
         return None if claim.wake_at is None else max(0.0, (claim.wake_at - time.time_ns()) / 1e9)
