@@ -18,6 +18,7 @@ from app.auth.authenticator import Authenticator
 from app.auth.mtls import grpc_server_credentials
 from app.backends import Backends
 from app.configs import ConfigRegistry, ConfigService
+from app.gauges import GaugeSampler
 from app.health import HealthMonitor
 from app.listener import MailboxListeners
 from app.methods import Method, all_methods, bind
@@ -60,6 +61,8 @@ class Gateway:
         configs = ConfigRegistry(settings, self.backends, self.sessions)
         self.transact = TransactService(self.backends.for_transact, settings)
         self.tracing = Tracing.of(settings.tracing)
+        queues = QueueService(self.backends.for_queue, settings.limits, self.tracing)
+        self.gauges = GaugeSampler(self.sessions, self.backends, queues, settings.metrics.sample_interval_seconds)
         self.methods: list[Method] = bind(
             methods,
             [
@@ -67,7 +70,7 @@ class Gateway:
                 ConfigService(configs, authorizer),
                 KeyValueService(self.backends, settings.limits, settings.signing_key(), _encryption(settings)),
                 PubSubService(self.backends, settings.limits, self.sessions),
-                QueueService(self.backends.for_queue, settings.limits, self.tracing),
+                queues,
                 ReaderService(self.backends.for_reader, settings.reader, settings.signing_key()),
                 self.transact,
                 HealthService(self.health),
@@ -108,6 +111,7 @@ class Gateway:
             self._warn_per_process()
             await self.health.start()
             await self.health.serve_grpc(self.standard.health, self.services)
+            self.gauges.start()
             if self.settings.grpc.server == "asgi":  # the ASGI server listens on the gRPC port too
                 self.started = True
                 return
@@ -158,6 +162,7 @@ class Gateway:
             await self.grpc_server.stop(grace=2)
             self.grpc_server = None
         await self.health.close()
+        await self.gauges.close()
         if self.listeners is not None:  # before the backends it reads and publishes to
             await self.listeners.close()
             self.listeners = None

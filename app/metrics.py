@@ -55,6 +55,32 @@ BACKEND_ERRORS = Counter(
     "prism_backend_errors", "Calls a backend failed (UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED)", ["backend", "code"]
 )
 
+# Sampled in every worker by app/gauges.py; the store or backend answers, so any worker's value is the value.
+SESSIONS_ACTIVE = Gauge(
+    "prism_sessions_active", "Sessions open now (neither closed nor past a deadline), as the session store counts them",
+    multiprocess_mode="livemostrecent",
+)
+POOL_CONNECTIONS = Gauge(
+    "prism_backend_pool_connections", "Connections the gateway's pools hold to a backend, by state (in_use, idle)",
+    ["backend", "state"], multiprocess_mode="livesum",
+)
+QUEUE_DEPTH = Gauge(
+    "prism_queue_depth_messages", "Messages a Queue topic holds (high minus low offset, over its partitions)",
+    ["namespace", "topic"], multiprocess_mode="livemostrecent",
+)
+QUEUE_LAG = Gauge(
+    "prism_queue_consumer_lag_messages", "Messages of a Queue topic a consumer group has not finished yet",
+    ["namespace", "topic", "group"], multiprocess_mode="livemostrecent",
+)
+
+# Messages by access pattern ("queue", "pubsub") and namespace (configured, so bounded).
+PUBLISHED = Counter("prism_messages_published", "Messages accepted by Publish or PublishBatch", ["pattern", "namespace"])
+DELIVERED = Counter(
+    "prism_messages_delivered", "Messages streamed to subscribers: every copy and every redelivery", ["pattern", "namespace"]
+)
+REDELIVERED = Counter("prism_messages_redelivered", "Queue deliveries after the first of a message", ["namespace"])
+ACKNOWLEDGED = Counter("prism_messages_acknowledged", "Queue messages acknowledged (first acknowledgement only)", ["namespace"])
+
 BACKEND_UP = Gauge(
     "prism_backend_up", "1 while the backend answers the health monitor's probe, else 0", ["backend"],
     multiprocess_mode="livemin",  # down as soon as one worker finds it down

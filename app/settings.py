@@ -93,6 +93,13 @@ class HealthChecks(Strict):
     timeout_seconds: float = Field(default=2.0, gt=0)
 
 
+class MetricsSettings(Strict):
+    """Gauges that are a store's or backend's answer (active sessions, pool connections,
+    queue depth and consumer lag: ``app/gauges.py``) are sampled every ``sample_interval_seconds``."""
+
+    sample_interval_seconds: float = Field(default=10.0, gt=0)
+
+
 class NamedCache(Strict):
     ttl_seconds: float = Field(gt=0)
     max_entries: int = Field(default=10_000, gt=0)
@@ -413,6 +420,7 @@ class Settings(Strict):
     tracing: TracingSettings = TracingSettings()  # off unless it names an exporter
     encryption: Encryption | None = None
     health: HealthChecks = HealthChecks()
+    metrics: MetricsSettings = MetricsSettings()
     reader: Reader = Reader()  # Reader collections and page bounds
     # Namespace → the tables its Transact sessions may write. Without `configs` or `transact`
     # in the configuration: the demo that the default `transact` config uses.

@@ -9,6 +9,7 @@ import re
 
 from prometheus_client import REGISTRY
 
+import adapters.queue.base  # noqa: F401
 import app.health
 import app.pipeline
 import app.services.read_cache  # noqa: F401

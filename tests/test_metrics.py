@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import re
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 
 import grpc
 import httpx
@@ -19,17 +20,23 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prism.v1 import keyvalue_pb2 as kv
+from prism.v1 import queue_pb2 as q
 from tests.gateway_process import GatewayProcess, start_gateway
+from tests.servers import POSTGRES_DSN
 
-CONFIG = """
+TOPIC = f"metrics-{uuid.uuid4().hex[:8]}"
+CONFIG = f"""
 backends:
-  local: {type: sqlite}
+  local: {{type: sqlite}}
+  pg: {{type: postgres, dsn: "{POSTGRES_DSN}"}}
 configs:
-  - {name: kv, pattern: KEY_VALUE, backend: local}
-  - {name: kv-limited, pattern: KEY_VALUE, backend: local, namespace: limited}
+  - {{name: kv, pattern: KEY_VALUE, backend: local}}
+  - {{name: kv-limited, pattern: KEY_VALUE, backend: local, namespace: limited}}
+  - {{name: jobs, pattern: QUEUE, backend: pg}}
 namespaces:
-  - {name: default}
-  - {name: limited, rate_limit: {requests_per_second: 0.01, burst: 1}}
+  - {{name: default}}
+  - {{name: limited, rate_limit: {{requests_per_second: 0.01, burst: 1}}}}
+metrics: {{sample_interval_seconds: 0.2}}
 """
 CALLS = 40  # REST Sets, each on a connection of its own
 WORKER_PID = re.compile(r'prism_worker_info\{pid="(\d+)"\}')
@@ -113,6 +120,79 @@ async def test_every_family_moves_and_both_workers_add_up(two_workers: GatewayPr
     assert moved("prism_rpc_calls_total", method="Get", code="RESOURCE_EXHAUSTED") == statuses.count(429)
 
 
+async def eventually(gateway: GatewayProcess, check: Callable[[dict], bool], seconds: float = 10) -> dict:
+    """The first scrape (of either worker) that passes ``check``; sampled gauges lag a round."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        _, scraped = await scrape(gateway)
+        if check(scraped) or asyncio.get_running_loop().time() > deadline:
+            return scraped
+        await asyncio.sleep(0.1)
+
+
+async def test_messages_sessions_pools_and_queue_gauges(two_workers: GatewayProcess) -> None:
+    """Queue messages published, delivered, redelivered, acknowledged and dead-lettered; the
+    topic's depth and the group's lag; the sessions the store holds; the Postgres pools."""
+    _, before = await scrape(two_workers)
+    async with httpx.AsyncClient(base_url=two_workers.base_url, timeout=10) as http:
+        token = (await http.post("/v1/sessions", json={"configName": "jobs"})).json()["token"]
+        session = {"x-prism-session": token}
+        for i in range(3):
+            published = await http.post(f"/v1/topics/{TOPIC}:publish", json={"entry": {"payload": "dg==", "partitionKey": f"k{i}"}}, headers=session)
+            assert published.status_code == 200, published.text
+        async with grpc.aio.insecure_channel(two_workers.grpc_target) as channel:
+            subscribe = channel.unary_stream(
+                "/prism.v1.QueueService/Subscribe",
+                request_serializer=q.QueueSubscribeRequest.SerializeToString,
+                response_deserializer=q.QueueMessage.FromString,
+            )
+            request = q.QueueSubscribeRequest(
+                topic=TOPIC, consumer_group="g", start=q.START_POSITION_EARLIEST,
+                max_delivery_attempts=2, dead_letter_topic=f"{TOPIC}.dead",
+            )  # fmt: skip
+            request.ack_deadline.FromMilliseconds(300)
+            stream = subscribe(request, metadata=(("x-prism-session", token),))
+            first = [await asyncio.wait_for(stream.read(), 10) for _ in range(3)]
+            acked = await http.post(
+                f"/v1/topics/{TOPIC}:acknowledge",
+                json={"consumerGroup": "g", "messageIds": [m.message_id for m in first[:2]]},
+                headers=session,
+            )
+            assert acked.json()["acknowledged"] == 2
+            again = await asyncio.wait_for(stream.read(), 10)  # the third, its lease run out
+            assert (again.message_id, again.delivery_attempt) == (first[2].message_id, 2)
+
+            def dead_lettered(scraped: dict) -> bool:
+                return value(scraped, "prism_messages_dead_lettered_total") - value(before, "prism_messages_dead_lettered_total") == 1
+
+            after = await eventually(two_workers, dead_lettered)  # the next claim, past its lease
+            stream.cancel()
+        published = await http.post(f"/v1/topics/{TOPIC}:publish", json={"entry": {"payload": "dg=="}}, headers=session)
+        assert published.status_code == 200
+
+    def moved(scraped: dict, name: str, **labels: str) -> float:
+        return value(scraped, name, **labels) - value(before, name, **labels)
+
+    assert dead_lettered(after)
+    assert moved(after, "prism_messages_published_total", pattern="queue") == 3
+    assert moved(after, "prism_messages_delivered_total", pattern="queue") == 4
+    assert moved(after, "prism_messages_redelivered_total") == 1
+    assert moved(after, "prism_messages_acknowledged_total") == 2
+    # 4 in the topic; the group finished the first three (two acknowledged, one dead-lettered).
+    gauges = {"namespace": "default", "topic": TOPIC}
+    after = await eventually(
+        two_workers,
+        lambda s: value(s, "prism_queue_depth_messages", **gauges) == 4
+        and value(s, "prism_queue_consumer_lag_messages", group="g", **gauges) == 1,
+    )
+    assert value(after, "prism_queue_depth_messages", **gauges) == 4
+    assert value(after, "prism_queue_consumer_lag_messages", group="g", **gauges) == 1
+    # Sessions: every one this gateway opened (both tests) is live; the store's count, once.
+    assert value(after, "prism_sessions_active") == value(after, "prism_rpc_calls_total", method="CreateSession", code="OK")
+    pool = value(after, "prism_backend_pool_connections", backend="pg")
+    assert pool >= 2, "both workers' Postgres pools hold connections"
+
+
 async def test_an_open_stream_is_counted_while_it_is_open(tmp_path: pathlib.Path) -> None:
     gateway = start_gateway(tmp_path, "hypercorn")
     try:
@@ -125,6 +205,14 @@ async def test_an_open_stream_is_counted_while_it_is_open(tmp_path: pathlib.Path
                     pass  # until subscribed
                 _, during = await scrape(gateway)
                 assert value(during, "prism_streams_open", **streams) == 1
+                for _ in range(2):
+                    sent = await http.post("/v1/subjects/m.one:publish", json={"data": "dg=="}, headers={"x-prism-session": token})
+                    assert sent.status_code == 200
+                    while not (await anext(lines)).startswith("data:"):
+                        pass  # until delivered
+                _, delivered = await scrape(gateway)
+                assert value(delivered, "prism_messages_published_total", pattern="pubsub") == 2
+                assert value(delivered, "prism_messages_delivered_total", pattern="pubsub") == 2
             for _ in range(50):  # the server sees the client leave
                 _, after = await scrape(gateway)
                 if value(after, "prism_streams_open", **streams) == 0:

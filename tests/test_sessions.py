@@ -245,11 +245,11 @@ async def test_tokens_are_never_stored_in_clear(backend: Backend) -> None:
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
             keys = [key async for key in client.scan_iter(match=backend.prefix + "*")]
-            assert len(keys) == 2 * len(tokens)  # a hash and a marker each
-            values = [
+            assert len(keys) == 2 * len(tokens) + 1  # a hash and a marker each, and the live set
+            values = [repr(await client.zrange(k, 0, -1)) if k.endswith(b"live") else
                 repr(await client.hgetall(k) if await client.type(k) == b"hash" else await client.get(k))
                 for k in keys
-            ]
+            ]  # fmt: skip
             stored = b" ".join(keys) + " ".join(values).encode()
         finally:
             await client.aclose()
@@ -588,3 +588,14 @@ async def test_two_gateway_instances_share_sessions_through_redis(tmp_path: path
                 await client.close()
         for gateway in gateways:
             gateway.stop()
+
+
+async def test_active_count_is_the_live_sessions(backend: Backend) -> None:
+    """``prism_sessions_active``: created and not closed nor past a deadline."""
+    store = await backend.open()
+    records = [(await store.create("alice", CONFIG))[1] for _ in range(3)]
+    assert await store.active_count() == 3
+    await store.close(records[0])
+    assert await store.active_count() == 2
+    backend.clock.advance(IDLE_S + 1)  # the others go idle past their deadline
+    assert await store.active_count() == 0

@@ -25,7 +25,7 @@ import pathlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -77,9 +77,20 @@ class Environment:
     workers: int = 1  # processes serving this gateway instance (in-process backends may relay)
 
 
+class PoolUse(NamedTuple):
+    """A connection pool's connections now, for ``prism_backend_pool_connections``."""
+
+    in_use: int
+    idle: int
+
+
 class Connection(ABC):
     """What one backend instance opens once and lends to the adapter of every pattern on it.
     Adapters never close it: the instance does, after closing them."""
+
+    def pool_use(self) -> PoolUse | None:
+        """The pool's connections by state; None without a pool (or before ``start``)."""
+        return None
 
     async def start(self) -> None:
         """Open it; fail with UNAVAILABLE naming the server when it cannot be reached."""

@@ -18,7 +18,7 @@ from typing import Literal
 import asyncpg
 import grpc
 
-from adapters.backends import BackendType, Environment, NetworkSettings
+from adapters.backends import BackendType, Environment, NetworkSettings, PoolUse
 from adapters.backends import Connection as BackendConnection
 from adapters.keyvalue.base import unavailable
 from adapters.keyvalue.postgres import PostgresKeyValue
@@ -86,6 +86,12 @@ class PostgresPool(BackendConnection):
                 await asyncio.wait_for(pool.close(), self.settings.command_timeout)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 pool.terminate()
+
+    def pool_use(self) -> PoolUse | None:
+        if self._pool is None:
+            return None
+        idle = self._pool.get_idle_size()
+        return PoolUse(self._pool.get_size() - idle, idle)
 
     async def ping(self) -> None:
         async with self.connection() as con:

@@ -20,7 +20,7 @@ from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from adapters.backends import BackendType, Connection, Environment, NetworkSettings
+from adapters.backends import BackendType, Connection, Environment, NetworkSettings, PoolUse
 from adapters.keyvalue.redis import RedisKeyValue
 from adapters.pubsub.redis import RedisPubSub
 from adapters.queue.redis import RedisQueue
@@ -79,6 +79,12 @@ class RedisClient(Connection):
         if self._redis is not None:
             client, self._redis = self._redis, None
             await client.aclose(close_connection_pool=True)
+
+    def pool_use(self) -> PoolUse | None:
+        if self._redis is None:
+            return None
+        pool = self._redis.connection_pool  # redis-py keeps no public count of these
+        return PoolUse(len(getattr(pool, "_in_use_connections", ())), len(getattr(pool, "_available_connections", ())))
 
     async def ping(self) -> None:
         with self.errors():

@@ -77,6 +77,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, NamedTuple
 
 import grpc
+from prometheus_client import Counter
 
 from adapters.capabilities import Capability
 from prism.errors import PrismError
@@ -95,6 +96,11 @@ DEAD_LETTER_HEADERS = (
     "prism-dead-letter-partition",
     "prism-dead-letter-offset",
     "prism-dead-letter-attempts",
+)
+
+# Counted where each backend moves a message to its dead-letter topic.
+DEAD_LETTERED = Counter(
+    "prism_messages_dead_lettered", "Queue messages moved to a dead-letter topic after max_delivery_attempts", ["namespace"]
 )
 
 

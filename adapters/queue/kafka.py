@@ -98,6 +98,7 @@ from aiokafka.structs import ConsumerRecord
 from adapters.capabilities import Capability
 from adapters.queue.base import (
     DEAD_LETTER_HEADERS,
+    DEAD_LETTERED,
     AtOffset,
     AtTime,
     ConsumeOptions,
@@ -1228,6 +1229,7 @@ class KafkaConsumer(Consumer):
             log.warning("kafka queue: dead-lettering %s failed: %s", message_id(p, o), result.message)
             return
         await self._done(p, o)
+        DEAD_LETTERED.labels(self.namespace).inc()
 
     async def _done(self, p: int, o: int) -> None:
         """Acknowledge a lease this consumer settled itself (dead-lettered, or gone)."""

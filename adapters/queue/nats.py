@@ -78,6 +78,7 @@ from nats.js.kv import KeyValue
 from adapters.capabilities import Capability
 from adapters.queue.base import (
     DEAD_LETTER_HEADERS,
+    DEAD_LETTERED,
     AtOffset,
     AtTime,
     ConsumeOptions,
@@ -1062,6 +1063,7 @@ class NatsQueue(QueueAdapter):
         else:
             await self._mark(stream, options.group, binding, pulled.seq)
         await self.nc.request(pulled.msg.reply, b"+ACK", timeout=self.timeout)
+        DEAD_LETTERED.labels(consumer.namespace).inc()
         await self._announce(stream, {"g": group_name(options.group), "ack": [[pulled.seq, pulled.token]]})
 
 

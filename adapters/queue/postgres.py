@@ -60,6 +60,7 @@ from adapters.capabilities import Capability
 from adapters.keyvalue.postgres import SCHEMA_LOCK
 from adapters.queue.base import (
     DEAD_LETTER_HEADERS,
+    DEAD_LETTERED,
     AtOffset,
     AtTime,
     ConsumeOptions,
@@ -203,7 +204,7 @@ class Claim:
     deliveries: list[tuple[Delivery, int]]  # with each one's lease deadline (unix ns)
     held: set[tuple[int, int]] | None  # (partition, offset) of every unacknowledged lease of the consumer before (if asked)
     wake_at: int | None  # when a lease that holds something back runs out (unix ns)
-    dead_lettered: bool = False
+    dead_lettered: int = 0  # messages moved to the dead-letter topic
     busy: bool = False  # a partition was skipped: another transaction held the group's row
 
 
@@ -630,7 +631,7 @@ class PostgresQueue(QueueAdapter):
                 room -= len(leased)
         if dead:
             await self._dead_letter(con, ns, topic, options, dead, now)
-            claim.dead_lettered = True
+            claim.dead_lettered = len(dead)
         return claim
 
     async def _dead_letter(
@@ -880,6 +881,7 @@ class PostgresConsumer(LeasingConsumer):
                 ends[lease_end] = monotonic_of(lease_end)
             self._buffer.append(Leased(delivery, ends[lease_end]))
         if claim.dead_lettered:
+            DEAD_LETTERED.labels(self.namespace).inc(claim.dead_lettered)
             queue._wake(self.namespace, options.dead_letter_topic)
         wait = queue.poll_seconds  # a missed notification costs at most this long
         if claim.wake_at is not None:

@@ -77,6 +77,7 @@ from redis.backoff import NoBackoff
 from adapters.capabilities import Capability
 from adapters.queue.base import (
     DEAD_LETTER_HEADERS,
+    DEAD_LETTERED,
     INT64_MAX,
     AtOffset,
     AtTime,
@@ -312,6 +313,7 @@ for p = 0, partitions - 1 do
   end
 end
 local room = tonumber(ARGV[4]) - live
+local dead = 0
 
 local function dead_letter(s, p, entry, count)
   local fields = entry[2]
@@ -326,6 +328,7 @@ local function dead_letter(s, p, entry, count)
   copy.done()
   wake(dtk)
   redis.call('XACK', s, g, entry[1])
+  dead = dead + 1
 end
 
 local function lease(s, p, entry, attempt)
@@ -415,7 +418,7 @@ for i = 0, partitions - 1 do
     end
   end
 end
-return {out, wake_in}
+return {out, wake_in, dead}
 """
 
 # KEYS: topic. ARGV: group, "ack" or "nack", then per partition: the partition, how many ids,
@@ -899,7 +902,9 @@ class RedisConsumer(LeasingConsumer):
         ]
         started = time.monotonic()
         with self.queue.client.errors():
-            taken, wake_in = await self.queue._claim(keys=keys, args=args)
+            taken, wake_in, dead = await self.queue._claim(keys=keys, args=args)
+        if dead:
+            DEAD_LETTERED.labels(self.namespace).inc(dead)
         lease_end = started + self._deadline_ms / 1000
         for partition, entry_id, fields, attempt in taken:
             self._buffer.append(Leased(_delivery(self.topic, partition, entry_id, fields, attempt), lease_end, entry_id))

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from adapters.capabilities import Capability
 from adapters.queue.base import (
     DEAD_LETTER_HEADERS,
+    DEAD_LETTERED,
     AtOffset,
     AtTime,
     ConsumeOptions,
@@ -304,7 +305,7 @@ class Claim:
     deliveries: list[tuple[Delivery, int]]  # with each one's lease deadline (unix ns)
     held: set[tuple[int, int]] | None  # (partition, offset) of every unacknowledged lease of the consumer before (if asked)
     wake_at: int | None  # when a lease that holds something back runs out (unix ns)
-    dead_lettered: bool
+    dead_lettered: int  # messages moved to the dead-letter topic
 
 
 def _earliest(a: int | None, b: int | None) -> int | None:
@@ -331,7 +332,7 @@ def _claim(
         "SELECT count(*), min(deadline_ns) FROM prism_queue_deliveries WHERE consumer=? AND acked=0 AND deadline_ns > ?",
         (consumer, now),
     ).fetchone()
-    claim = Claim([], None, first_end, False)
+    claim = Claim([], None, first_end, 0)
     if held:
         claim.held = {
             (p, s)
@@ -347,7 +348,7 @@ def _claim(
         taken, wake_at, dead = _claim_partition(c, ns, topic, options, consumer, partition, room, now, deadline, partitions, spread)
         claim.deliveries += taken
         claim.wake_at = _earliest(claim.wake_at, wake_at)
-        claim.dead_lettered |= dead
+        claim.dead_lettered += dead
         room -= len(taken)
     return claim
 
@@ -364,7 +365,7 @@ def _claim_partition(
     deadline: int,
     partitions: int,
     spread: Iterator[int],
-) -> tuple[list[tuple[Delivery, int]], int | None, bool]:
+) -> tuple[list[tuple[Delivery, int]], int | None, int]:
     group = options.group
     position = _ensure_position(c, ns, topic, group, partition, options.start)
     rows = c.execute(
@@ -407,7 +408,7 @@ def _claim_partition(
     if dead:
         _advance(c, ns, topic, group, partition)
     if not chosen:
-        return [], wake_at, bool(dead)
+        return [], wake_at, len(dead)
     attempt_of = dict(chosen)
     marks = ",".join("?" * len(chosen))
     found = c.execute(
@@ -422,7 +423,7 @@ def _claim_partition(
         )
         for seq, key, headers, payload, published in found
     ]
-    return taken, wake_at, bool(dead)
+    return taken, wake_at, len(dead)
 
 
 def _dead_letter(
@@ -710,6 +711,7 @@ class SqliteConsumer(LeasingConsumer):
                 self._handed_out.discard((delivery.partition, delivery.offset))  # leased again, not handed out yet
                 self._buffer.append(Leased(delivery, lease_end))
         if claim.dead_lettered:
+            DEAD_LETTERED.labels(self.namespace).inc(claim.dead_lettered)
             queue._wake(self.namespace, options.dead_letter_topic)
         return None if claim.wake_at is None else max(0.0, (claim.wake_at - time.time_ns()) / 1e9)
 

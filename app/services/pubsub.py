@@ -18,6 +18,7 @@ import grpc
 from adapters.capabilities import Capability
 from adapters.pubsub.base import Overflow, Subscription
 from adapters.pubsub.subjects import parse_pattern, parse_subject
+from app import metrics
 from app.backends import Backends
 from app.pipeline import Call
 from app.services.capabilities import require
@@ -60,6 +61,7 @@ class PubSubService:
             raise too_large("data", len(request.data), self.limits.max_value_bytes)
         broker = self.backends.for_pubsub(call.config)
         message_id = await broker.publish(call.config.namespace, subject, request.data, request.headers)
+        metrics.PUBLISHED.labels("pubsub", call.config.namespace).inc()
         return ps.PubSubPublishResponse(message_id=message_id)
 
     async def Subscribe(
@@ -85,7 +87,9 @@ class PubSubService:
         try:
             await self.sessions.stream_opened(subscription.id, call.session.session_id)
             yield ps.PubSubSubscribeResponse(subscription_id=subscription.id)
+            delivered = metrics.DELIVERED.labels("pubsub", call.config.namespace)
             async for delivery in subscription:
+                delivered.inc()
                 response = ps.PubSubSubscribeResponse(subscription_id=subscription.id)
                 message = response.message
                 message.message_id, message.subject, message.data = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
 from adapters.capabilities import Capability
@@ -26,6 +27,7 @@ from adapters.queue.base import (
     Start,
     at_time,
 )
+from app import metrics
 from app.pipeline import Call
 from app.services.capabilities import require
 from app.settings import Limits
@@ -42,6 +44,7 @@ MAX_TOKEN_CHARS = 256
 MAX_MESSAGE_ID_CHARS = 256
 MAX_HEADERS = 64
 MAX_HEADER_BYTES = 64 * 1024  # names and values of one entry together
+MAX_WATCHED = 256  # (namespace, topic, group) triples a worker samples for the queue gauges
 # Header names every backend carries as they are (NATS headers are HTTP-like: no ':' or space).
 HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$")
 DEFAULT_ACK_DEADLINE, MIN_ACK_DEADLINE, MAX_ACK_DEADLINE = 30.0, 0.1, 3600.0
@@ -99,6 +102,19 @@ class QueueService:
         self.queues = queues
         self.limits = limits
         self.tracing = tracing  # on: a published message carries the trace to its consumers
+        # Topics (and groups) used through this worker lately, for the depth and lag gauges.
+        self.watched: OrderedDict[tuple[str, str, str], QueueAdapter] = OrderedDict()
+
+    def _watch(self, queue: QueueAdapter, namespace: str, topic: str, group: str) -> None:
+        """Remember a (namespace, topic, group) for app/gauges.py; the least recently used
+        goes beyond MAX_WATCHED, so clients cannot grow the gauges' label sets without bound."""
+        key = (namespace, topic, group)
+        if key in self.watched:
+            self.watched.move_to_end(key)
+            return
+        self.watched[key] = queue
+        if len(self.watched) > MAX_WATCHED:
+            self.watched.popitem(last=False)
 
     def _traced(self, entry: Entry) -> Entry:
         """The entry with the current trace in its headers (a client's own trace headers win)."""
@@ -155,6 +171,8 @@ class QueueService:
             published = await queue.publish_one(namespace, topic, entry)
         except PrismError as exc:
             raise _prefixed(exc, "entry.") from None
+        metrics.PUBLISHED.labels("queue", namespace).inc()
+        self._watch(queue, namespace, topic, "")
         return q.QueuePublishResponse(
             message_id=published.message_id, partition=published.partition, offset=published.offset
         )
@@ -177,6 +195,7 @@ class QueueService:
                 refused[i] = exc
         stored = iter(await queue.publish(namespace, topic, valid) if valid else [])
         response = q.PublishBatchResponse()
+        stored_count = 0
         for i in range(len(valid) + len(refused)):
             outcome = refused.get(i) if refused else None
             if outcome is None:
@@ -186,7 +205,10 @@ class QueueService:
             if isinstance(outcome, PrismError):
                 response.results.add().status.CopyFrom(outcome.to_status())
             else:
+                stored_count += 1
                 response.results.add(message_id=outcome.message_id, partition=outcome.partition, offset=outcome.offset)
+        metrics.PUBLISHED.labels("queue", namespace).inc(stored_count)
+        self._watch(queue, namespace, topic, "")
         return response
 
     def _options(self, queue: QueueAdapter, call: Call, request: q.QueueSubscribeRequest) -> ConsumeOptions:
@@ -238,8 +260,13 @@ class QueueService:
             await consumer.close()
 
         call.session.hold_stream(consumer.id, end)
+        delivered, redelivered = metrics.DELIVERED.labels("queue", namespace), metrics.REDELIVERED.labels(namespace)
+        self._watch(queue, namespace, topic, options.group)
         try:
             async for delivery in consumer:
+                delivered.inc()
+                if delivery.delivery_attempt > 1:
+                    redelivered.inc()
                 if self.tracing is not None:  # a CONSUMER span in the publisher's trace
                     self.tracing.consumed(f"{topic} receive", delivery.headers, {
                         "messaging.system": "prism", "messaging.destination.name": topic,
@@ -269,6 +296,7 @@ class QueueService:
         topic = check_name(request.topic, "topic")
         group = check_name(request.consumer_group, "consumerGroup")
         count = await queue.acknowledge(namespace, topic, group, self._message_ids(list(request.message_ids)))
+        metrics.ACKNOWLEDGED.labels(namespace).inc(count)
         return q.AcknowledgeResponse(acknowledged=count)
 
     async def Nack(self, request: q.NackRequest, call: Call) -> q.NackResponse:

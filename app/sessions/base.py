@@ -221,6 +221,11 @@ class SessionStore(ABC):
     async def _sweep(self, expired_before: float) -> None:
         """Drop records whose effective deadline is before ``expired_before``."""
 
+    @abstractmethod
+    async def active_count(self) -> int:
+        """Sessions neither closed nor past their effective deadline, for the
+        ``prism_sessions_active`` gauge."""
+
     async def _missing(self, digest: str, now: float) -> PrismError | None:
         """Why a token has no record, when the store knows it expired rather than closed."""
         return None

@@ -34,6 +34,10 @@ class MemorySessionStore(SessionStore):
         for digest in gone:
             del self._by_digest[digest]
 
+    async def active_count(self) -> int:
+        now = self.clock()
+        return sum(1 for record in self._by_digest.values() if record.expires_at > now)
+
     async def register_config(self, name: str, config: bytes) -> bool:
         return self._configs.setdefault(name, config) is config
 

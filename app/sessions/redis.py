@@ -11,6 +11,8 @@ Layout, under a key prefix (``prism:session:``, or the ``key_prefix`` query para
                                 EXPIRED_KEPT_SECONDS: a token whose hash Redis expired is still
                                 answered "expired", not "unknown". CloseSession deletes both.
     <prefix>configs     HASH    registered client configurations: name -> protobuf (HSETNX).
+    <prefix>live        ZSET    digest scored by its effective deadline, so counting the live
+                                sessions (``prism_sessions_active``) is one ZCOUNT, not a SCAN.
 
 Resolving a token is one HMGET. Activity is written by one script (both fields and the TTL,
 only if the session still exists and only forward) at most once a second per session.
@@ -36,13 +38,15 @@ DEFAULT_PREFIX = "prism:session:"
 WHAT = "session store (redis)"
 FIELDS = ["i", "u", "c", "t", "l", "e", "r"]
 
-# KEYS: session hash. ARGV: last activity, effective deadline, TTL in ms. 0 if the session is gone.
+# KEYS: session hash, live set. ARGV: last activity, effective deadline, TTL in ms, digest.
+# 0 if the session is gone.
 TOUCH = """
 local last = redis.call('HGET', KEYS[1], 'l')
 if not last then return 0 end
 if tonumber(ARGV[1]) > tonumber(last) then
   redis.call('HSET', KEYS[1], 'l', ARGV[1], 'e', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
 end
 return 1
 """
@@ -88,6 +92,10 @@ class RedisSessionStore(SessionStore):
         return f"{self.prefix}m:{digest}"
 
     @property
+    def live_key(self) -> str:
+        return f"{self.prefix}live"
+
+    @property
     def configs_key(self) -> str:
         return f"{self.prefix}configs"
 
@@ -120,6 +128,7 @@ class RedisSessionStore(SessionStore):
                 pipe.hset(self.session_key(r.digest), mapping=fields)
                 pipe.pexpire(self.session_key(r.digest), _ms(r.expires_at - now))
                 pipe.set(self.marker_key(r.digest), repr(r.created_at), px=_ms(remembered))
+                pipe.zadd(self.live_key, {r.digest: r.expires_at})
                 await pipe.execute()
 
     async def _load(self, digest: str) -> SessionRecord | None:
@@ -136,13 +145,26 @@ class RedisSessionStore(SessionStore):
         ttl = _ms(r.expires_at - self.clock())
         with self.client.errors():
             found = await self._touch_script(
-                keys=[self.session_key(r.digest)], args=[repr(r.last_activity_at), repr(r.expires_at), ttl]
+                keys=[self.session_key(r.digest), self.live_key],
+                args=[repr(r.last_activity_at), repr(r.expires_at), ttl, r.digest],
             )
         return found == 1
 
     async def _delete(self, digest: str) -> None:
         with self.client.errors():
-            await self.redis.delete(self.session_key(digest), self.marker_key(digest))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self.session_key(digest), self.marker_key(digest))
+                pipe.zrem(self.live_key, digest)
+                await pipe.execute()
+
+    async def active_count(self) -> int:
+        now = self.clock()
+        with self.client.errors():  # expired entries leave the set here; Redis expired their hashes
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zremrangebyscore(self.live_key, "-inf", now)
+                pipe.zcard(self.live_key)
+                _, count = await pipe.execute()
+        return int(count)
 
     async def _sweep(self, expired_before: float) -> None:
         """Nothing to do: Redis expires both keys itself."""

@@ -108,6 +108,12 @@ class SqliteSessionStore(SessionStore):
         # Streams a killed worker never closed go with their session.
         await self._execute("DELETE FROM prism_streams WHERE session_id NOT IN (SELECT session_id FROM prism_sessions)")
 
+    async def active_count(self) -> int:
+        now = self.clock()
+        return await self.worker.run(  # the expires_at index answers it
+            lambda connection: connection.execute("SELECT count(*) FROM prism_sessions WHERE expires_at > ?", (now,)).fetchone()[0]
+        )
+
     async def register_config(self, name: str, config: bytes) -> bool:
         inserted = await self.worker.run(
             lambda connection: connection.execute(
