@@ -53,7 +53,32 @@ def _parser() -> argparse.ArgumentParser:
     listener.add_argument(
         "--log-format", choices=("json", "text"), default=None, help="json lines or text (default: text at a terminal, else json)"
     )
+    pseudonym = commands.add_parser(
+        "pseudonym", help="the pseudonym logs, traces and audit records carry for an identity (app/pii.py)"
+    )
+    pseudonym.add_argument("identity")
+    pseudonym.add_argument("--config", help="YAML server configuration: the one the gateway reads")
+    pseudonym.add_argument("--data-dir", help="the gateway's data directory (its secret key, without secret_key)")
     return parser
+
+
+def print_pseudonym(args: argparse.Namespace) -> int:
+    """``prism pseudonym NAME``: find a named caller's lines, the key staying with the operator."""
+    from app import pii
+    from app.settings import SettingsError, load_settings
+
+    environ = dict(os.environ) | ({"PRISM_DATA_DIR": args.data_dir} if args.data_dir else {})
+    try:
+        settings = load_settings(args.config, environ)
+    except SettingsError as exc:
+        print(f"prism: {exc}", file=sys.stderr)
+        return 2
+    if settings.secret_key is None and not (settings.data_dir / "secret.key").exists():
+        print(f"prism: no secret key in {settings.data_dir}: name the gateway's --data-dir or --config", file=sys.stderr)
+        return 2
+    pii.configure(settings.signing_key() if settings.mask_pii else None)
+    print(pii.identity(args.identity))
+    return 0
 
 
 def listen(args: argparse.Namespace) -> int:
@@ -262,10 +287,12 @@ def _serve_pyvoy(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    args.log_format = args.log_format or logs.default_format()
-    logs.configure(args.log_level, args.log_format)
+    args.log_format = getattr(args, "log_format", None) or logs.default_format()
+    logs.configure(getattr(args, "log_level", "info"), args.log_format)
     if args.command == "listener":
         return listen(args)
+    if args.command == "pseudonym":
+        return print_pseudonym(args)
     return serve(args)
 
 

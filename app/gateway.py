@@ -13,6 +13,7 @@ import grpc
 
 from adapters.capabilities import Capability
 from adapters.keyvalue.encrypted import Keyring
+from app import pii
 from app.audit import AuditLog
 from app.auth.authenticator import Authenticator
 from app.auth.mtls import grpc_server_credentials
@@ -46,6 +47,7 @@ class Gateway:
     def __init__(self, settings: Settings, *, workers: int = 1) -> None:
         self.settings = settings
         self.workers = workers
+        pii.configure(settings.signing_key() if settings.mask_pii else None)
         methods = all_methods()
         self.backends = Backends(settings, workers)
         self.health = HealthMonitor(

@@ -35,7 +35,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from opentelemetry.trace import Span
 
-from app import logs, metrics
+from app import logs, metrics, pii
 from app.audit import AuditLog
 from app.auth.authenticator import Authenticator
 from app.auth.identity import Identity
@@ -183,7 +183,7 @@ class Pipeline:
             session = await self.sessions.resolve(token)
             identity = Identity(session.identity, session.roles, "session")
             call = Call(method, session, token, transport, identity, operation)
-        logs.bind_call(call.session.session_id if call.session else "", call.identity.name)
+        logs.bind_call(call.session.session_id if call.session else "", pii.identity(call.identity.name))
         if method.handler is None:
             raise PrismError(grpc.StatusCode.UNIMPLEMENTED, f"{method.service}/{method.name} is not implemented yet")
         return call
@@ -311,7 +311,7 @@ class Pipeline:
             event=event,
             operation=self.operations[method.path],
             session_id=session.session_id if session else "",
-            identity=call.identity.name if call is not None else "",
+            identity=pii.identity(call.identity.name) if call is not None else "",
             namespace=session.config.namespace if session else "",
             resource=f"{method.service}/{method.name}",
             transport=transport,

@@ -417,6 +417,9 @@ class Settings(Strict):
     policies: list[Policy] = []
     max_rate_limit_rps: float = Field(default=100_000.0, gt=0)  # cap for client-config rate limits
     audit: Audit = Audit()
+    # Values the contract tags `pii` (the caller's identity) as keyed pseudonyms in logs, traces
+    # and audit records (app/pii.py); false: in clear, for development.
+    mask_pii: bool = True
     tracing: TracingSettings = TracingSettings()  # off unless it names an exporter
     encryption: Encryption | None = None
     health: HealthChecks = HealthChecks()

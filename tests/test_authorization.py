@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from app import pii
 from prism.v1 import keyvalue_pb2 as kv
 from prism.v1 import session_pb2
 from tests.clients import CallError, GrpcClient, RestClient
@@ -190,7 +191,8 @@ async def test_audit_log_records_operations_never_values(secured) -> None:
             break
         await asyncio.sleep(0.1)
     records = [json.loads(line) for line in text.splitlines()]
-    sets = [r for r in records if r["operation"] == "KEY_VALUE.Set" and r["identity"] == "writer-client"]
+    writer = pii.pseudonym_under((audit.parent / "data" / "secret.key").read_bytes(), "writer-client")  # app/pii.py
+    sets = [r for r in records if r["operation"] == "KEY_VALUE.Set" and r["identity"] == writer]
     assert sets and sets[-1]["outcome"] == "OK" and sets[-1]["namespace"] == "alpha" and sets[-1]["session_id"]
     assert {"time", "transport", "resource"} <= set(sets[-1])
     assert any(r["operation"] == "SESSION.CreateSession" and r["outcome"] == "OK" for r in records)

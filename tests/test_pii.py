@@ -4,11 +4,15 @@ never written in clear to the process log or the audit log."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import json
 import os
 import pathlib
 import sqlite3
+import subprocess
+import sys
 import uuid
 
 import asyncpg
@@ -21,6 +25,7 @@ from adapters.keyvalue.encrypted import MARKER, Keyring
 from adapters.keyvalue.redis import record_key
 from app.settings import SettingsError, load_settings
 from prism.errors import PrismError
+from prism.v1 import keyvalue_pb2 as kv
 from tests.gateway_process import start_gateway
 from tests.servers import POSTGRES_DSN, REDIS_URL, purge_namespaces, unreachable
 
@@ -148,3 +153,46 @@ def test_tampered_moved_or_unkeyed_ciphertext_is_data_loss() -> None:
         assert caught.value.code == grpc.StatusCode.DATA_LOSS
     with pytest.raises(PrismError, match="key 'k1', which is not configured"):
         Keyring({"k2": os.urandom(16)}, "k2").decrypt(sealed, b"ns\x00a")
+
+
+IDENTITY = "jane.q.public@example.com"  # the contract tags Session.identity as PII
+API_KEY = "pii-test-" + uuid.uuid4().hex
+
+
+async def test_identities_are_pseudonyms_in_logs_traces_and_audit(tmp_path: pathlib.Path) -> None:
+    """A caller's identity reaches no operator stream in clear; the audit names the caller by
+    the pseudonym ``prism pseudonym`` gives, so the operator can still find them."""
+    audit, spans = tmp_path / "audit.log", tmp_path / "spans.jsonl"
+    digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+    yaml = config(audit, {"k1": K1}, "k1") + f"""
+auth:
+  api_keys: [{{identity: "{IDENTITY}", sha256: {digest}, roles: [app]}}]
+policies: [{{role: app, namespaces: ["*"], operations: ["*"]}}]
+tracing: {{exporter: file, file: {spans}}}
+"""
+    gateway = start_gateway(tmp_path, "hypercorn", config_yaml=yaml, extra_args=("--log-level", "debug"))
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as http:
+            created = await http.post("/v1/sessions", json={"configName": "secret-sqlite"}, headers={"x-api-key": API_KEY})
+            assert created.status_code == 200, created.text
+            assert created.json()["session"]["identity"] == IDENTITY  # the caller itself sees it
+            session = {"x-prism-session": created.json()["token"]}
+            assert (await http.put("/v1/kv/who", json={"value": "dg=="}, headers=session)).status_code == 200
+            assert (await http.get("/v1/kv/who", headers=session)).status_code == 200
+        async with grpc.aio.insecure_channel(gateway.grpc_target) as channel:
+            get = channel.unary_unary("/prism.v1.KeyValueService/Get", request_serializer=kv.GetRequest.SerializeToString,
+                                      response_deserializer=kv.GetResponse.FromString)  # fmt: skip
+            assert (await get(kv.GetRequest(key="who"), metadata=tuple(session.items()))).value == b"v"
+    finally:
+        gateway.stop()
+        await purge_namespaces(["postgres", "redis"], [NAMESPACE])
+    command = [sys.executable, "-m", "app.cli", "pseudonym", IDENTITY, "--data-dir", str(tmp_path / "data")]
+    shown = (await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, check=True)).stdout.strip()
+    assert shown.startswith("pii:") and IDENTITY not in shown
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert {r["identity"] for r in records if r.get("operation", "").startswith("KEY_VALUE")} == {shown}
+    assert len(spans.read_text().splitlines()) >= 4, "the calls were traced"
+    logged = gateway.log()
+    assert shown in logged, "the log names the caller by its pseudonym"
+    for text in (logged, audit.read_text(), spans.read_text()):
+        assert IDENTITY not in text and "jane" not in text

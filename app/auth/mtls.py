@@ -46,6 +46,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from app import pii
 from app.auth.identity import Identity
 from app.settings import Mtls
 from prism.errors import unauthenticated
@@ -162,7 +163,7 @@ class ClientCertificates:
         try:
             verifier.verify(leaf, certificates[1:])
         except VerificationError as exc:
-            log.info("client certificate %s refused: %s", subject_name(leaf), exc)
+            log.info("client certificate %s refused: %s", pii.identity(subject_name(leaf)), exc)
             if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
                 raise unauthenticated("client certificate expired or not yet valid") from exc
             if not _for_client_auth(leaf):
