@@ -492,6 +492,20 @@ async def test_a_closed_consumer_s_messages_go_back_to_the_group_at_once(topic: 
     assert all(attempts[d.message_id] == 2 for d in held)
 
 
+async def test_messages_published_while_a_consumer_closes_reach_the_group_at_once(topic: Topic) -> None:
+    """A consumer closing while messages arrive — claimed, buffered or in flight to it — leaves
+    none of them waiting for an ack deadline: the rest of the group gets every one at once."""
+    staying = await topic.consumer("g", ack_deadline=30)
+    for round_ in range(3):
+        leaving = await topic.consumer("g", ack_deadline=30)
+        sent = [f"{round_}-{i}".encode() for i in range(20)]
+        started = time.monotonic()
+        await asyncio.gather(topic.publish(*sent[:10]), leaving.close(), topic.publish(*sent[10:]))
+        received = await drain(topic, staying, "g", len(sent))
+        assert time.monotonic() - started < 5, "not after the 30 s deadline"
+        assert sorted(payloads(received)) == sorted(sent)
+
+
 async def test_unknown_ids_are_not_acknowledged(topic: Topic) -> None:
     consumer = await topic.consumer("g")
     (published,) = await topic.publish(b"m")
