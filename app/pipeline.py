@@ -144,6 +144,9 @@ class Pipeline:
         self.audit = audit
         self.namespace_limits = dict(namespace_limits)
         self.operations = {m.path: operation_name(m) for m in methods}
+        # Labelled metric children, found once per (method, transport[, code]) rather than per call.
+        self._calls: dict[tuple[str, str, str], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
         if gaps := policy_gaps(methods):
             raise ValueError(f"methods without an authorization scope: {', '.join(gaps)}")
         # After authentication and decoding, in this order; tracing, metrics and PII masking
@@ -295,9 +298,15 @@ class Pipeline:
     ) -> None:
         """Count, trace and audit a call's outcome (``started``: time it, as unary calls are)."""
         log.debug("%s over %s: %s", method.path, transport, outcome)
-        metrics.CALLS.labels(method.service, method.name, transport, outcome).inc()
+        calls = self._calls.get((method.path, transport, outcome))
+        if calls is None:
+            calls = self._calls[method.path, transport, outcome] = metrics.CALLS.labels(method.service, method.name, transport, outcome)
+        calls.inc()
         if started is not None:
-            metrics.LATENCY.labels(method.service, method.name, transport).observe(time.perf_counter() - started)
+            latency = self._latencies.get((method.path, transport))
+            if latency is None:
+                latency = self._latencies[method.path, transport] = metrics.LATENCY.labels(method.service, method.name, transport)
+            latency.observe(time.perf_counter() - started)
         if outcome in BACKEND_FAILURES and call is not None and call.session is not None:
             metrics.BACKEND_ERRORS.labels(call.session.config.backend.instance, outcome).inc()
         if span is not None:
