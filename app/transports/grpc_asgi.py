@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError, Message
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map
+from app.transports.batches import batches
 from app.transports.grpc_standard import StandardServices
 from app.transports.grpc_web import trailer_fields
 from prism.errors import PrismError, invalid_argument, too_large
@@ -209,16 +210,22 @@ class _Stream:
         await self.send({"type": "http.response.start", "status": 200, "headers": RESPONSE_HEADERS, "trailers": True})
 
     async def send_message(self, message: Message) -> None:
+        await self.send_messages([message])
+
+    async def send_messages(self, messages: list[Message]) -> None:
+        """Length-prefixed messages in one DATA send."""
         if not self.started:
             await self._start()
-        payload = message.SerializeToString()
-        frame = struct.pack(">BI", 0, len(payload)) + payload
-        await self.send({"type": "http.response.body", "body": frame, "more_body": True})
+        frames = []
+        for message in messages:
+            payload = message.SerializeToString()
+            frames += (struct.pack(">BI", 0, len(payload)), payload)
+        await self.send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
 
     async def send_all(self, responses: AsyncIterator[Message]) -> None:
         try:
-            async for response in responses:
-                await self.send_message(response)
+            async for batch in batches(responses):  # what is ready together goes in one send
+                await self.send_messages(batch)
         finally:
             await responses.aclose()  # type: ignore[attr-defined]
 

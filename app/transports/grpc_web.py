@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map, respond_error
+from app.transports.batches import batches
 from prism.errors import PrismError, invalid_argument, unsupported_media_type
 
 TRAILER_FLAG = 0x80
@@ -152,12 +153,11 @@ class _Writer:
     async def stream(self, responses: AsyncIterator[Message]) -> None:
         error: PrismError | None = None
         try:
-            async for response in responses:
+            async for batch in batches(responses):  # what is ready together goes in one send
                 if not self.started:
                     await self._start(None)
-                await self.send(
-                    {"type": "http.response.body", "body": self._encode(frame(response.SerializeToString())), "more_body": True}
-                )
+                body = b"".join(self._encode(frame(response.SerializeToString())) for response in batch)
+                await self.send({"type": "http.response.body", "body": body, "more_body": True})
         except Exception as exc:
             error = status_of(exc)
         finally:

@@ -30,6 +30,7 @@ from app.methods import Method
 from app.pipeline import SESSION_HEADER, Decode, Pipeline, status_of
 from app.transports import json_codec
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map, respond, respond_error
+from app.transports.batches import batches
 from prism.errors import PrismError, invalid_argument, unsupported_media_type
 
 log = logging.getLogger("prism.rest")
@@ -237,9 +238,12 @@ async def _events(first: asyncio.Future[Message], responses: AsyncIterator[Messa
         if head is not None:
             count += 1
             yield _event(head, count)
-            async for response in responses:
-                count += 1
-                yield _event(response, count)
+            async for batch in batches(responses):  # what is ready together goes in one send
+                chunk = []
+                for response in batch:
+                    count += 1
+                    chunk.append(_event(response, count).encode())
+                yield b"".join(chunk)
         yield ServerSentEvent(data="{}", event="end")
     except Exception as exc:
         yield ServerSentEvent(data=status_of(exc).to_json().decode(), event="error")
