@@ -16,7 +16,10 @@ rows become Queue messages or PubSub deliveries, at least once, in order per mai
         │ headers: the row's own (its traceparent among them) + prism-mailbox, prism-mailbox-sequence
         ▼
     mark_delivered: the published run stamped delivered; the mailbox is given back (after a
-                    backoff when the rest failed, so a failing destination is not hammered)
+                    backoff when the rest failed, so a failing destination is not hammered);
+                    the row it stopped at keeps the error, and a refusal is counted on it
+    delete_delivered: now and then, delivered rows older than retain_delivered_seconds, in
+                    bounded batches (undelivered and dead-lettered rows are never deleted)
 
 Where rows go is server configuration (``transact.<namespace>.deliver_to`` and
 ``.mailboxes.<name>.deliver_to``: a QUEUE or PUBSUB config of ``configs``, whose backend and
@@ -24,8 +27,12 @@ namespace the message goes to); a row's ``destination`` only picks the topic or 
 A row is published only while its mailbox's lease lives (each publish bounded by what is left of
 it), so no other listener delivers it meanwhile; a crash leaves the lease to run out, and the next
 claim — this listener's or another's — publishes the unmarked rows again: at least once. A row
-its destination refuses stays first in its mailbox and is retried with a growing pause (order
-per mailbox means the rows behind it wait); ``attempts`` in the mailbox table counts the tries.
+that fails stays first in its mailbox and is retried with a growing pause (order per mailbox
+means the rows behind it wait); ``attempts`` in the mailbox table counts the tries, ``last_error``
+says why. An outage (UNAVAILABLE, a timeout, any error that does not say the row is wrong) is
+retried for ever. A refusal (:func:`refused`: the destination says this row can never go) is
+counted in ``refusals``; at ``max_delivery_attempts`` refusals the row is dead-lettered
+(``dead_ns``), logged, and its mailbox goes on with the rows behind it.
 
 Runs in every gateway process (``app/gateway.py``) unless ``mailbox_listener.in_gateway`` is
 false, or alone: ``prism listener`` (:func:`run_alone`). Any number of listeners share the work.
@@ -34,10 +41,12 @@ false, or alone: ``prism listener`` (:func:`run_alone`). Any number of listeners
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -45,6 +54,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import grpc
 from prometheus_client import Counter, Histogram
 
 from adapters.capabilities import Capability
@@ -56,6 +66,7 @@ from adapters.transact.base import (
     SEQUENCE_HEADER,
     Changes,
     Claimed,
+    Failure,
     MailboxRow,
     Routes,
     TransactAdapter,
@@ -71,6 +82,20 @@ log = logging.getLogger("prism.listener")
 RETRY_BASE = 0.1  # seconds before the first retry of a failed delivery; doubles per attempt
 LEASE_MARGIN = 0.1  # share of the lease (1 s at most) left unused: no publish runs up to its very end
 CLOSE_WAIT = 5.0  # seconds a closing listener lets the deliveries under way finish and be marked
+SWEEP_SECONDS = (0.05, 60.0)  # sweeps come every retain_delivered_seconds, within these bounds
+SWEEP_BATCH = 500  # rows deleted per statement: a short transaction each
+SWEEP_PAUSE = 0.01  # seconds between two batches of one sweep: writers get the lock meanwhile
+# A destination's answer that says the row itself can never go: counted towards dead-lettering.
+# (RESOURCE_EXHAUSTED too when it names a field of the message: a payload above the broker's limit.)
+REFUSALS = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.UNIMPLEMENTED,
+})  # fmt: skip
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 DELIVERED = Counter(
@@ -79,9 +104,28 @@ DELIVERED = Counter(
 FAILURES = Counter(
     "prism_mailbox_delivery_failures", "Deliveries of a mailbox's rows that stopped at a refusal, an outage or the lease's end", ["namespace"]
 )
+DEAD_LETTERED = Counter(
+    "prism_mailbox_dead_lettered", "Mailbox rows dead-lettered after max_delivery_attempts refusals", ["namespace"]
+)
+DELETED = Counter("prism_mailbox_deleted", "Delivered mailbox rows deleted past retain_delivered_seconds", ["namespace"])
 LAG = Histogram(
     "prism_mailbox_delivery_lag_seconds", "From a mailbox row's commit to its publish", ["namespace"], buckets=LAG_BUCKETS
 )
+
+
+def refused(error: BaseException) -> bool:
+    """Whether a failed delivery was the destination refusing the row (tried again, it would be
+    refused again) rather than an outage: only a PrismError with a refusal's code says so."""
+    if not isinstance(error, PrismError):
+        return False  # a driver's exception the adapter did not map, a lease run out: an outage
+    return error.code in REFUSALS or (error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.field is not None)
+
+
+def error_text(error: BaseException) -> str:
+    """How a failure reads in the log and in the row's ``last_error``."""
+    if isinstance(error, PrismError):
+        return f"{error.code.name}: {error.message}"
+    return f"{type(error).__name__}: {error}"
 
 
 def message_headers(mailbox: str, row: MailboxRow) -> dict[str, str]:
@@ -181,15 +225,25 @@ class MailboxListener:
         self.tracing = tracing
         self.holder = holder_id()
         self.margin = min(1.0, options.lease_seconds * LEASE_MARGIN)
+        self.dead_lettered = 0  # rows this listener dead-lettered (each logged at WARNING)
+        self.swept = 0  # delivered rows this listener deleted past their retention
+        self._namespaces = sorted({*routes.namespaces, *(ns for ns, _ in routes.mailboxes)})
         self._changes: Changes | None = None
         self._task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._settling: set[asyncio.Task[None]] = set()  # marks that outlive a cancelled delivery
         self._closing = False
+        self._stop = asyncio.Event()  # set on close: the sweeper's wake-up (the loop's is the changes)
 
     async def start(self) -> None:
         self._changes = await self.adapter.watch()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"mailbox-listener:{self.backend}")
-        log.info("mailbox listener %s on backend %r: delivering %s", self.holder, self.backend, self._describe())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=f"mailbox-listener:{self.backend}")
+        self._sweeper = loop.create_task(self._sweep(), name=f"mailbox-sweeper:{self.backend}")
+        log.info(
+            "mailbox listener %s on backend %r: delivering %s; delivered rows kept %gs",
+            self.holder, self.backend, self._describe(), self.options.retain_delivered_seconds,
+        )  # fmt: skip
 
     def _describe(self) -> str:
         routes = [f"{ns}/* → {t.config}" for ns, t in sorted(self.routes.namespaces.items())]
@@ -202,18 +256,22 @@ class MailboxListener:
         if self._task is None:
             return
         task, self._task = self._task, None
+        sweeper, self._sweeper = self._sweeper, None
         self._closing = True
+        self._stop.set()
         assert self._changes is not None
         self._changes.notify()
         try:
             async with asyncio.timeout(CLOSE_WAIT):
-                await asyncio.shield(task)
+                await asyncio.shield(asyncio.gather(task, *([sweeper] if sweeper else [])))
         except TimeoutError:
             task.cancel()
-        except Exception:  # the loop catches its own failures: a bug, logged, and the gateway stops anyway
+            if sweeper is not None:
+                sweeper.cancel()  # a batch under way commits or rolls back whole
+        except Exception:  # the loops catch their own failures: a bug, logged, and the gateway stops anyway
             log.exception("mailbox listener %s ended with an error", self.holder)
         finally:
-            await asyncio.gather(task, *self._settling, return_exceptions=True)
+            await asyncio.gather(task, *([sweeper] if sweeper else []), *self._settling, return_exceptions=True)
             await self._changes.close()
 
     # --- The loop --------------------------------------------------------------------------------
@@ -266,7 +324,8 @@ class MailboxListener:
 
     async def _deliver(self, batch: Claimed, deadline: float) -> None:
         """Publish one mailbox's rows in order while the lease lives, then mark what went out.
-        Never raises: a failure is logged, counted and retried after a pause."""
+        Never raises: a failure is logged, counted and retried after a pause — or, a row
+        refused ``max_delivery_attempts`` times, dead-lettered so the rows behind it go on."""
         progress = Progress()
         error: BaseException | None = None
         target = self.routes.target(batch.namespace, batch.mailbox)
@@ -281,21 +340,58 @@ class MailboxListener:
             error = exc
         finally:  # also when cancelled (close): what went out is marked, the rest given back
             sent = batch.rows[: progress.sent]
-            retry = self._backoff(batch.rows[progress.sent].attempts) if error is not None and progress.sent < len(batch.rows) else 0.0
-            settle = asyncio.ensure_future(self._settle(batch, sent, retry))
+            failure = self._failure(batch, progress.sent, error, target)
+            retry = self._retry(batch, progress.sent, failure)
+            settle = asyncio.ensure_future(self._settle(batch, sent, retry, failure))
             self._settling.add(settle)
             settle.add_done_callback(self._settling.discard)
             await asyncio.shield(settle)
         if error is not None:
             FAILURES.labels(batch.namespace).inc()
-            why = error.message if isinstance(error, PrismError) else f"{type(error).__name__}: {error}"
-            log.warning(
-                "mailbox listener %s: %s/%s delivered %d of %d rows to %s (%s); retrying in %.1fs",
-                self.holder, batch.namespace, batch.mailbox, progress.sent, len(batch.rows),
-                target.config if target else "nowhere", why, retry,
-            )  # fmt: skip
+            self._report(batch, progress.sent, error, failure, retry, target)
 
-    async def _settle(self, batch: Claimed, sent: Sequence[MailboxRow], retry: float) -> None:
+    def _failure(self, batch: Claimed, sent: int, error: BaseException | None, target: Target | None) -> Failure | None:
+        """What the row the delivery stopped at gets recorded: the error, a refusal counted,
+        dead-lettered at the limit. None: nothing failed, or the failure came after the last row."""
+        if error is None or sent >= len(batch.rows):
+            return None
+        row = batch.rows[sent]
+        refusal = refused(error)
+        limit = self.options.max_delivery_attempts
+        dead = refusal and limit > 0 and row.refusals + 1 >= limit
+        where = target.config if target is not None else "nowhere"
+        return Failure(row.sequence, f"{error_text(error)} (delivering to {where})", refusal, dead)
+
+    def _retry(self, batch: Claimed, sent: int, failure: Failure | None) -> float:
+        """The pause before the mailbox is claimed again: none unless a row is left to retry."""
+        if failure is None or failure.dead:
+            return 0.0
+        return self._backoff(batch.rows[sent].attempts)
+
+    def _report(
+        self, batch: Claimed, sent: int, error: BaseException, failure: Failure | None, retry: float, target: Target | None
+    ) -> None:
+        """One WARNING per failed delivery, saying what happens to the row next."""
+        where = f"{batch.namespace}/{batch.mailbox}"
+        config = target.config if target is not None else "nowhere"
+        if failure is not None and failure.dead:
+            self.dead_lettered += 1
+            DEAD_LETTERED.labels(batch.namespace).inc()
+            log.warning(
+                "mailbox listener %s: %s row %d dead-lettered after %d refusals by %s (%s); "
+                "the rows behind it go on (see dead_ns in prism_transact_mailbox)",
+                self.holder, where, failure.sequence, self.options.max_delivery_attempts, config, error_text(error),
+            )  # fmt: skip
+            return
+        what, limit = "failed", self.options.max_delivery_attempts
+        if failure is not None and failure.refused:
+            what = f"refused ({batch.rows[sent].refusals + 1} of {limit} before dead-lettering)" if limit else "refused"
+        log.warning(
+            "mailbox listener %s: %s delivered %d of %d rows to %s, then %s (%s); retrying in %.1fs",
+            self.holder, where, sent, len(batch.rows), config, what, error_text(error), retry,
+        )  # fmt: skip
+
+    async def _settle(self, batch: Claimed, sent: Sequence[MailboxRow], retry: float, failure: Failure | None) -> None:
         now = time.time_ns()
         if sent:
             DELIVERED.labels(batch.namespace).inc(len(sent))
@@ -307,13 +403,63 @@ class MailboxListener:
                     self.tracing.consumed("mailbox deliver", row.headers, attributes)
         try:
             await self.adapter.mark_delivered(
-                self.holder, batch.namespace, batch.mailbox, [r.sequence for r in sent], retry_after=retry
+                self.holder, batch.namespace, batch.mailbox, [r.sequence for r in sent], retry_after=retry, failure=failure
             )
         except Exception as exc:  # its lease runs out instead; the rows are delivered again (at least once)
             log.warning(
                 "mailbox listener %s: could not mark %d rows of %s/%s delivered (%s)",
                 self.holder, len(sent), batch.namespace, batch.mailbox, exc,
             )  # fmt: skip
+
+    # --- Retention -------------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Until closed: now and then, delete the delivered rows past their retention. Never
+        raises (a failed sweep is logged and the next one tries again)."""
+        low, high = SWEEP_SECONDS
+        every = max(low, min(high, self.options.retain_delivered_seconds))
+        await self._sleep(random.uniform(0, every))  # the listeners of a database need not sweep in step
+        while not self._closing:
+            try:
+                await self.sweep()
+            except Exception as exc:
+                why = exc.message if isinstance(exc, PrismError) else f"{type(exc).__name__}: {exc}"
+                log.warning("mailbox listener %s: deleting delivered rows failed (%s); trying again in %gs", self.holder, why, every)
+            await self._sleep(every)
+
+    async def sweep(self) -> int:
+        """Delete the rows of this listener's namespaces delivered more than
+        ``retain_delivered_seconds`` ago; how many."""
+        before_ns = time.time_ns() - int(self.options.retain_delivered_seconds * 1e9)
+        total = 0
+        for namespace in self._namespaces:
+            total += await self._sweep_namespace(namespace, before_ns)
+        if total:
+            log.info(
+                "mailbox listener %s: deleted %d rows delivered more than %gs ago",
+                self.holder, total, self.options.retain_delivered_seconds,
+            )  # fmt: skip
+        return total
+
+    async def _sweep_namespace(self, namespace: str, before_ns: int) -> int:
+        """``SWEEP_BATCH`` rows at a time, each batch its own short transaction, with a pause
+        between them so writers are not kept waiting, until none is left (or the listener closes)."""
+        total = 0
+        while not self._closing:
+            deleted = await self.adapter.delete_delivered(namespace, before_ns=before_ns, limit=SWEEP_BATCH)
+            total += deleted
+            self.swept += deleted
+            DELETED.labels(namespace).inc(deleted)
+            if deleted < SWEEP_BATCH:
+                break
+            await asyncio.sleep(SWEEP_PAUSE)
+        return total
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, unless the listener closes meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
 
 
 # --- Built from the server configuration ----------------------------------------------------------

@@ -278,6 +278,9 @@ class MailboxListenerSettings(Strict):
     batch_mailboxes: int = Field(default=16, gt=0, le=1000)  # mailboxes per claim, delivered concurrently
     poll_seconds: float = Field(default=5.0, gt=0)  # a look without a wake-up: the safety net, not the way
     max_retry_seconds: float = Field(default=30.0, gt=0)  # the longest pause before retrying a failed delivery
+    # Refusals (not outages) of one row before it is dead-lettered and its mailbox goes on; 0: never.
+    max_delivery_attempts: int = Field(default=5, ge=0)
+    retain_delivered_seconds: float = Field(default=86_400.0, gt=0)  # delivered rows are deleted after this
 
 
 class TransactNamespace(Strict):

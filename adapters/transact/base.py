@@ -58,6 +58,17 @@ them against an adapter directly, ``tests/conformance/test_transact.py`` through
    failed: nobody, the holder included, claims it sooner). ``watch`` gives a :class:`Changes`
    that wakes when a mailbox row may have been committed, in this process or another, so a
    listener waits for commits instead of polling for them.
+7. **Failures, dead letters, retention.** A mark may carry the :class:`Failure` of the row the
+   delivery stopped at: its ``last_error`` is kept, a refusal adds one to its ``refusals`` (an
+   outage does not: ``attempts`` counts every claim, ``refusals`` only the destination's
+   refusals), and ``dead`` dead-letters it — ``dead_ns`` stamped: never claimed again, and kept
+   (only delivered rows are ever deleted) — so the rows behind it go on. Only while ``holder``
+   still holds the mailbox: a late mark never dead-letters a row another holder has. Claims take
+   the lowest rows that are neither delivered nor dead. ``delete_delivered`` deletes at most
+   ``limit`` rows of a namespace delivered before ``before_ns``, oldest first, in one short
+   transaction that keeps no writer waiting long (rows another transaction locked are left for
+   the next call), and never a row without ``delivered_ns``. Both add to a database an older
+   gateway made the columns and index they need, keeping its rows.
 
 Errors are :class:`~prism.errors.PrismError`, so no driver exception crosses the contract:
 INVALID_ARGUMENT (a row the declaration or the column types refuse, naming ``row``/``row.<col>``),
@@ -100,6 +111,7 @@ MAILBOX_HEADER = "prism-mailbox"  # the mailbox's name
 SEQUENCE_HEADER = "prism-mailbox-sequence"  # the row's sequence in it
 RESERVED_HEADER_PREFIX = "prism-mailbox"
 KEY_WINDOW_SECONDS = 24 * 3600.0  # how long a Write's idempotency key is remembered
+ERROR_CHARS = 1000  # characters of a delivery's error kept in a mailbox row's last_error
 ROLLBACK_SECONDS = 5.0  # a rollback that takes longer abandons the connection (the server rolls back)
 MAX_SHOWN = 64  # characters of a client's column name repeated in an error
 
@@ -185,7 +197,24 @@ class MailboxRow:
     destination: str
     committed_ns: int
     delivered_ns: int | None  # None until the listener delivered it
-    attempts: int
+    attempts: int  # claims that took it: every try, an outage's or a crashed holder's too
+    refusals: int = 0  # times its destination refused it (rule 7)
+    dead_ns: int | None = None  # when it was dead-lettered: never delivered, kept for a person
+    last_error: str = ""  # why its last delivery failed (kept after a later success)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The row a delivery stopped at, and why (rule 7)."""
+
+    sequence: int
+    error: str  # stored as the row's last_error (cut to ERROR_CHARS)
+    refused: bool  # the destination refused the row (counted); else an outage, a lease run out
+    dead: bool = False  # refused too often: dead-letter it, so its mailbox moves on
+
+    @property
+    def text(self) -> str:
+        return self.error[:ERROR_CHARS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,11 +641,23 @@ class TransactAdapter(ABC):
 
     @abstractmethod
     async def mark_delivered(
-        self, holder: str, namespace: str, mailbox: str, sequences: Sequence[int], *, retry_after: float = 0.0
+        self,
+        holder: str,
+        namespace: str,
+        mailbox: str,
+        sequences: Sequence[int],
+        *,
+        retry_after: float = 0.0,
+        failure: Failure | None = None,
     ) -> None:
         """Stamp ``delivered_ns`` on ``sequences`` (a run of a claim's rows, from its first; may
-        be empty) and give the mailbox back, to be claimed again at once or after ``retry_after``
-        seconds."""
+        be empty), record ``failure`` on the row after them (rule 7) and give the mailbox back,
+        to be claimed again at once or after ``retry_after`` seconds."""
+
+    @abstractmethod
+    async def delete_delivered(self, namespace: str, *, before_ns: int, limit: int) -> int:
+        """Delete at most ``limit`` rows of ``namespace`` delivered before ``before_ns`` (unix
+        ns), oldest first; how many (rule 7). Undelivered and dead-lettered rows stay."""
 
     @abstractmethod
     async def watch(self) -> Changes:

@@ -3,7 +3,8 @@ instance's shared pool.
 
     prism_transact_heads    (namespace, mailbox) → the next sequence it hands out
     prism_transact_mailbox  mailbox rows by (namespace, mailbox, sequence), with the listener's
-                            columns (delivered_ns, lease holder and deadline, attempts)
+                            columns (delivered_ns, lease holder and deadline, attempts, refusals,
+                            dead_ns and last_error: dead letters)
     prism_transact_keys     Write idempotency keys (bytea: a client's string may hold NUL):
                             fingerprint and the first result, until expiry
     prism_transact_cursors  the listener's, per mailbox: delivered up to, lease holder and deadline
@@ -38,6 +39,9 @@ re-evaluates the lease condition on the row it locks). Cursors live apart from t
 claim never waits for a writer holding a head (an open Transaction holds its mailbox's head until
 it ends), and a writer never waits for the listener. Lease deadlines are the gateway's clock
 (unix ns), as the Queue's: listeners sharing a database must keep their clocks in step (NTP).
+Delivered rows are deleted in batches (``delete_delivered``): each one statement that locks only
+the rows it deletes, ``SKIP LOCKED``, which no writer touches, so it waits for nobody and nobody
+waits for it.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from adapters.transact.base import (
     Claim,
     Claimed,
     DataWrite,
+    Failure,
     Isolation,
     MailboxRow,
     MailboxWrite,
@@ -127,6 +132,17 @@ MIGRATIONS = [
         delivered bigint NOT NULL DEFAULT 0, holder text, lease_until_ns bigint NOT NULL DEFAULT 0,
         epoch text NOT NULL DEFAULT replace(gen_random_uuid()::text, '-', ''),
         PRIMARY KEY (namespace, mailbox))
+    """,
+    # Dead letters (rule 7): a constant default, so no table rewrite.
+    """
+    ALTER TABLE prism_transact_mailbox ADD COLUMN refusals integer NOT NULL DEFAULT 0,
+        ADD COLUMN dead_ns bigint, ADD COLUMN last_error text
+    """,
+    # Retention: a namespace's delivered rows, oldest first. Built once on upgrade (writers wait
+    # for the build).
+    """
+    CREATE INDEX prism_transact_delivered ON prism_transact_mailbox (namespace, delivered_ns)
+        WHERE delivered_ns IS NOT NULL
     """,
 ]
 
@@ -196,28 +212,44 @@ NEXT_LEASE_END = (
 # whatever its size when $5), leased to $6 until $7 and counted.
 TAKE = (
     "WITH first AS (SELECT seq, octet_length(payload) AS size FROM prism_transact_mailbox "
-    "WHERE namespace = $1 AND mailbox = $2 AND delivered_ns IS NULL ORDER BY seq LIMIT $3), "
+    "WHERE namespace = $1 AND mailbox = $2 AND delivered_ns IS NULL AND dead_ns IS NULL ORDER BY seq LIMIT $3), "
     "picked AS (SELECT seq FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS n, "
     "sum(size) OVER (ORDER BY seq) AS total FROM first) f WHERE total <= $4 OR ($5 AND n = 1)) "
     "UPDATE prism_transact_mailbox m SET lease_holder = $6, lease_until_ns = $7, attempts = m.attempts + 1 "
     "FROM picked WHERE m.namespace = $1 AND m.mailbox = $2 AND m.seq = picked.seq "
-    "RETURNING m.seq, m.payload, m.headers, m.destination, m.committed_ns, m.attempts"
+    "RETURNING m.seq, m.payload, m.headers, m.destination, m.committed_ns, m.attempts, m.refusals"
 )
 LEASE = (
     "UPDATE prism_transact_cursors c SET holder = $1, lease_until_ns = $2 "
     "FROM unnest($3::text[], $4::text[]) AS t(namespace, mailbox) WHERE c.namespace = t.namespace AND c.mailbox = t.mailbox"
 )
-PENDING = "SELECT true FROM prism_transact_mailbox WHERE namespace = $1 AND mailbox = $2 AND delivered_ns IS NULL LIMIT 1"
+PENDING = (
+    "SELECT true FROM prism_transact_mailbox WHERE namespace = $1 AND mailbox = $2 "
+    "AND delivered_ns IS NULL AND dead_ns IS NULL LIMIT 1"
+)
 CATCH_UP = "UPDATE prism_transact_cursors SET delivered = greatest(delivered, $3) WHERE namespace = $1 AND mailbox = $2"
 # The cursor's UPDATE runs first (a data-modifying CTE the query does not read runs last), so
-# a mark locks cursor then rows, as a claim does: the two never deadlock.
+# a mark locks cursor then rows, as a claim does: the two never deadlock. ``failed`` records a
+# Failure on row $8 (none: 0) — its error $9, $10 more refusals, dead-lettered when $11 — only
+# while $6 holds the mailbox (the statement's snapshot, before the cursor's UPDATE gives it back).
 MARK = (
     "WITH done AS (UPDATE prism_transact_mailbox SET delivered_ns = $3 WHERE namespace = $1 AND mailbox = $2 "
-    "AND seq BETWEEN $4 AND $5 AND delivered_ns IS NULL) "
+    "AND seq BETWEEN $4 AND $5 AND delivered_ns IS NULL), "
+    "failed AS (UPDATE prism_transact_mailbox m SET last_error = $9, refusals = m.refusals + $10::integer, "
+    "dead_ns = CASE WHEN $11::boolean THEN $3 END WHERE m.namespace = $1 AND m.mailbox = $2 AND m.seq = $8 "
+    "AND m.delivered_ns IS NULL AND m.dead_ns IS NULL AND EXISTS (SELECT 1 FROM prism_transact_cursors c "
+    "WHERE c.namespace = $1 AND c.mailbox = $2 AND c.holder = $6)) "
     "UPDATE prism_transact_cursors SET delivered = greatest(delivered, $5), "
     "holder = CASE WHEN holder = $6 AND $7::bigint = 0 THEN NULL ELSE holder END, "
     "lease_until_ns = CASE WHEN holder = $6 AND $7::bigint > 0 THEN $3 + $7::bigint ELSE lease_until_ns END "
     "WHERE namespace = $1 AND mailbox = $2"
+)
+# Retention: at most $3 of namespace $1's rows delivered before $2, oldest first (a range of
+# prism_transact_delivered); rows another transaction has locked are left for the next batch.
+DELETE_DELIVERED = (
+    "DELETE FROM prism_transact_mailbox m USING (SELECT mailbox, seq FROM prism_transact_mailbox "
+    "WHERE namespace = $1 AND delivered_ns < $2 ORDER BY delivered_ns LIMIT $3 FOR UPDATE SKIP LOCKED) old "
+    "WHERE m.namespace = $1 AND m.mailbox = old.mailbox AND m.seq = old.seq"
 )
 RETRIES = 5  # serialization failures a Write retries (while its deadline allows)
 PURGE_EVERY = 1000  # keyed Writes between two sweeps of expired keys
@@ -556,11 +588,12 @@ class PostgresTransact(TransactAdapter):
         await self._ready()
         async with self.pool.connection() as con:
             rows = await con.fetch(
-                "SELECT seq, payload, headers, destination, committed_ns, delivered_ns, attempts FROM prism_transact_mailbox "
-                "WHERE namespace=$1 AND mailbox=$2 AND seq > $3 ORDER BY seq LIMIT $4",
+                "SELECT seq, payload, headers, destination, committed_ns, delivered_ns, attempts, refusals, dead_ns, "
+                "coalesce(last_error, '') FROM prism_transact_mailbox WHERE namespace=$1 AND mailbox=$2 AND seq > $3 "
+                "ORDER BY seq LIMIT $4",
                 namespace, mailbox, after, limit,
             )
-        return [MailboxRow(mailbox, r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+        return [MailboxRow(mailbox, r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
 
     # --- The listener's side ------------------------------------------------------------------
 
@@ -609,7 +642,7 @@ class PostgresTransact(TransactAdapter):
                     continue
                 found = tuple(
                     sorted(
-                        (MailboxRow(mailbox, r[0], r[1], json.loads(r[2]), r[3], r[4], None, r[5]) for r in taken),
+                        (MailboxRow(mailbox, r[0], r[1], json.loads(r[2]), r[3], r[4], None, r[5], r[6]) for r in taken),
                         key=lambda row: row.sequence,
                     )
                 )
@@ -625,13 +658,29 @@ class PostgresTransact(TransactAdapter):
         return Claim(tuple(batches))
 
     async def mark_delivered(
-        self, holder: str, namespace: str, mailbox: str, sequences: Sequence[int], *, retry_after: float = 0.0
+        self,
+        holder: str,
+        namespace: str,
+        mailbox: str,
+        sequences: Sequence[int],
+        *,
+        retry_after: float = 0.0,
+        failure: Failure | None = None,
     ) -> None:
         await self._ready()
         first, last = (min(sequences), max(sequences)) if sequences else (1, 0)
+        failed = (failure.sequence, failure.text, int(failure.refused), failure.dead) if failure else (0, None, 0, False)
         async with self.pool.connection() as con:
             try:
-                await con.execute(MARK, namespace, mailbox, time.time_ns(), first, last, holder, int(retry_after * 1e9))
+                await con.execute(MARK, namespace, mailbox, time.time_ns(), first, last, holder, int(retry_after * 1e9), *failed)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                raise mapped(exc) from exc
+
+    async def delete_delivered(self, namespace: str, *, before_ns: int, limit: int) -> int:
+        await self._ready()
+        async with self.pool.connection() as con:
+            try:
+                return _count(await con.execute(DELETE_DELIVERED, namespace, before_ns, limit))
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 raise mapped(exc) from exc
 

@@ -2,7 +2,8 @@
 
     prism_transact_heads    (namespace, mailbox) → the next sequence it hands out
     prism_transact_mailbox  mailbox rows by (namespace, mailbox, sequence), with the listener's
-                            columns (delivered_ns, lease holder and deadline, attempts)
+                            columns (delivered_ns, lease holder and deadline, attempts, refusals,
+                            dead_ns and last_error: dead letters)
     prism_transact_keys     Write idempotency keys: fingerprint and the first result, until expiry
     prism_transact_cursors  the listener's, per mailbox: delivered up to, lease holder and deadline
 
@@ -32,6 +33,12 @@ most for the write lock, as Writes do. Wake-ups: a commit through this adapter w
 at once; another connection's (another process, or a transaction's own connection) is noticed by
 ``PRAGMA data_version``, which moves when another connection commits to the file, read every
 ``poll_seconds`` (50 ms) while someone watches: SQLite has no notification across processes.
+Delivered rows are deleted in batches (``delete_delivered``), each its own short write
+transaction that waits ``LOCK_WAIT`` at most for the lock, so writers get the file between them.
+
+**Upgrades.** The tables are created if missing; the columns and indexes added since the first
+release (``ADDED_COLUMNS``, ``ADDED_INDEXES``) are added to a file an older gateway made, under
+the write lock, so processes starting together take turns.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from adapters.transact.base import (
     Claim,
     Claimed,
     DataWrite,
+    Failure,
     Isolation,
     MailboxRow,
     MailboxWrite,
@@ -106,6 +114,18 @@ SCHEMA = (
         delivered INTEGER NOT NULL DEFAULT 0, holder TEXT, lease_until_ns INTEGER NOT NULL DEFAULT 0,
         epoch TEXT NOT NULL DEFAULT (lower(hex(randomblob(16)))),
         PRIMARY KEY (namespace, mailbox)) WITHOUT ROWID""",
+)
+
+# Added since the first release; never edit an entry: append. A file without them gains them.
+ADDED_COLUMNS = (
+    ("refusals", "INTEGER NOT NULL DEFAULT 0"),  # times the destination refused the row
+    ("dead_ns", "INTEGER"),  # dead-lettered then (unix ns): never claimed again
+    ("last_error", "TEXT"),  # why its last delivery failed
+)
+ADDED_INDEXES = (
+    # Retention: a namespace's delivered rows, oldest first.
+    """CREATE INDEX IF NOT EXISTS prism_transact_delivered
+        ON prism_transact_mailbox (namespace, delivered_ns) WHERE delivered_ns IS NOT NULL""",
 )
 
 PURGE_EVERY = 1000  # keyed Writes between two sweeps of expired keys
@@ -162,6 +182,22 @@ def data_statement(write: DataWrite) -> tuple[str, list[Any]]:
 def _create_schema(c: sqlite3.Connection) -> None:
     for statement in SCHEMA:
         c.execute(statement)
+    if _missing_columns(c):  # a file an older gateway made: upgraded once, whoever comes first
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for name, kind in _missing_columns(c):
+                c.execute(f"ALTER TABLE prism_transact_mailbox ADD COLUMN {name} {kind}")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+    for statement in ADDED_INDEXES:
+        c.execute(statement)
+
+
+def _missing_columns(c: sqlite3.Connection) -> list[tuple[str, str]]:
+    have = {row[0] for row in c.execute("SELECT name FROM pragma_table_info('prism_transact_mailbox')")}
+    return [(name, kind) for name, kind in ADDED_COLUMNS if name not in have]
 
 
 def _describe(c: sqlite3.Connection, table: Table) -> None:
@@ -287,11 +323,11 @@ def _write_body(c: sqlite3.Connection, w: _Write) -> tuple[int, int, bool]:
 
 def _mailbox_rows(c: sqlite3.Connection, ns: str, mailbox: str, after: int, limit: int) -> list[MailboxRow]:
     rows = c.execute(
-        "SELECT seq, payload, headers, destination, committed_ns, delivered_ns, attempts FROM prism_transact_mailbox "
-        "WHERE namespace=? AND mailbox=? AND seq > ? ORDER BY seq LIMIT ?",
+        "SELECT seq, payload, headers, destination, committed_ns, delivered_ns, attempts, refusals, dead_ns, "
+        "coalesce(last_error, '') FROM prism_transact_mailbox WHERE namespace=? AND mailbox=? AND seq > ? ORDER BY seq LIMIT ?",
         (ns, mailbox, after, limit),
     ).fetchall()
-    return [MailboxRow(mailbox, s, p, json.loads(h), d, c_ns, dl, a) for s, p, h, d, c_ns, dl, a in rows]
+    return [MailboxRow(mailbox, s, p, json.loads(h), *rest) for s, p, h, *rest in rows]
 
 
 # --- The listener's side --------------------------------------------------------------------------
@@ -318,12 +354,22 @@ NEXT_LEASE_END = (
 # row of a claim whatever its size: the last parameter), leased and counted.
 TAKE = (
     "WITH first AS (SELECT seq, length(payload) AS size FROM prism_transact_mailbox "
-    "WHERE namespace = ? AND mailbox = ? AND delivered_ns IS NULL ORDER BY seq LIMIT ?), "
+    "WHERE namespace = ? AND mailbox = ? AND delivered_ns IS NULL AND dead_ns IS NULL ORDER BY seq LIMIT ?), "
     "picked AS (SELECT seq FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS n, "
     "sum(size) OVER (ORDER BY seq) AS total FROM first) WHERE total <= ? OR (? AND n = 1)) "
     "UPDATE prism_transact_mailbox SET lease_holder = ?, lease_until_ns = ?, attempts = attempts + 1 "
     "WHERE namespace = ? AND mailbox = ? AND seq IN (SELECT seq FROM picked) "
-    "RETURNING seq, payload, headers, destination, committed_ns, attempts"
+    "RETURNING seq, payload, headers, destination, committed_ns, attempts, refusals"
+)
+PENDING = (
+    "SELECT 1 FROM prism_transact_mailbox WHERE namespace = ? AND mailbox = ? "
+    "AND delivered_ns IS NULL AND dead_ns IS NULL LIMIT 1"
+)
+# Retention: a namespace's rows delivered before ?, oldest first, at most ? of them (a range of
+# prism_transact_delivered, so a batch reads no more rows than it deletes).
+DELETE_DELIVERED = (
+    "DELETE FROM prism_transact_mailbox WHERE rowid IN (SELECT rowid FROM prism_transact_mailbox "
+    "WHERE namespace = ? AND delivered_ns < ? ORDER BY delivered_ns LIMIT ?)"
 )
 
 
@@ -393,12 +439,9 @@ def _lease(c: sqlite3.Connection, job: _ClaimJob) -> Claim:
             TAKE, (ns, mailbox, limit, bytes_left, not batches, job.holder, until, ns, mailbox)
         ).fetchall()
         if not taken:
-            if c.execute(
-                "SELECT 1 FROM prism_transact_mailbox WHERE namespace = ? AND mailbox = ? AND delivered_ns IS NULL LIMIT 1",
-                (ns, mailbox),
-            ).fetchone():
+            if c.execute(PENDING, (ns, mailbox)).fetchone():
                 break  # its rows do not fit in what is left of the claim
-            # Every row is delivered already (the cursor lagged): catch it up.
+            # Every row is delivered (or dead-lettered) already: the cursor lagged; catch it up.
             c.execute(
                 "UPDATE prism_transact_cursors SET delivered = max(delivered, ?) WHERE namespace = ? AND mailbox = ?",
                 (head, ns, mailbox),
@@ -410,19 +453,30 @@ def _lease(c: sqlite3.Connection, job: _ClaimJob) -> Claim:
             "RETURNING epoch",
             (job.holder, until, ns, mailbox),
         ).fetchone()
-        rows = tuple(MailboxRow(mailbox, s, p, json.loads(h), d, c_ns, None, a) for s, p, h, d, c_ns, a in taken)
+        rows = tuple(MailboxRow(mailbox, s, p, json.loads(h), d, c_ns, None, a, r) for s, p, h, d, c_ns, a, r in taken)
         batches.append(Claimed(ns, mailbox, rows, epoch))
         rows_left -= len(rows)
         bytes_left -= sum(len(r.payload) for r in rows)
     return Claim(tuple(batches))
 
 
-def _mark(
-    c: sqlite3.Connection, holder: str, ns: str, mailbox: str, sequences: Sequence[int], retry_after_ns: int
-) -> None:
+@dataclass(slots=True)
+class _MarkJob:
+    holder: str
+    namespace: str
+    mailbox: str
+    sequences: Sequence[int]
+    retry_after_ns: int
+    failure: Failure | None
+
+
+def _mark(c: sqlite3.Connection, job: _MarkJob) -> None:
     now = time.time_ns()
-    if sequences:
-        first, last = min(sequences), max(sequences)
+    ns, mailbox, holder = job.namespace, job.mailbox, job.holder
+    if job.failure is not None:  # first: only while the holder still has the mailbox
+        _record_failure(c, ns, mailbox, holder, job.failure, now)
+    if job.sequences:
+        first, last = min(job.sequences), max(job.sequences)
         c.execute(
             "UPDATE prism_transact_mailbox SET delivered_ns = ? WHERE namespace = ? AND mailbox = ? "
             "AND seq BETWEEN ? AND ? AND delivered_ns IS NULL",
@@ -432,16 +486,30 @@ def _mark(
             "UPDATE prism_transact_cursors SET delivered = max(delivered, ?) WHERE namespace = ? AND mailbox = ?",
             (last, ns, mailbox),
         )
-    if retry_after_ns > 0:  # kept, so nobody claims it before then
+    if job.retry_after_ns > 0:  # kept, so nobody claims it before then
         c.execute(
             "UPDATE prism_transact_cursors SET lease_until_ns = ? WHERE namespace = ? AND mailbox = ? AND holder = ?",
-            (now + retry_after_ns, ns, mailbox, holder),
+            (now + job.retry_after_ns, ns, mailbox, holder),
         )
     else:
         c.execute(
             "UPDATE prism_transact_cursors SET holder = NULL WHERE namespace = ? AND mailbox = ? AND holder = ?",
             (ns, mailbox, holder),
         )
+
+
+def _record_failure(c: sqlite3.Connection, ns: str, mailbox: str, holder: str, failure: Failure, now: int) -> None:
+    """The row's last error, one more refusal, and its dead-lettering (rule 7)."""
+    c.execute(
+        "UPDATE prism_transact_mailbox SET last_error = ?, refusals = refusals + ?, dead_ns = ? "
+        "WHERE namespace = ? AND mailbox = ? AND seq = ? AND delivered_ns IS NULL AND dead_ns IS NULL "
+        "AND EXISTS (SELECT 1 FROM prism_transact_cursors WHERE namespace = ? AND mailbox = ? AND holder = ?)",
+        (failure.text, int(failure.refused), now if failure.dead else None, ns, mailbox, failure.sequence, ns, mailbox, holder),
+    )
+
+
+def _delete_delivered(c: sqlite3.Connection, ns: str, before_ns: int, limit: int) -> int:
+    return c.execute(DELETE_DELIVERED, (ns, before_ns, limit)).rowcount
 
 
 def _data_version(c: sqlite3.Connection) -> int:
@@ -635,14 +703,21 @@ class SqliteTransact(TransactAdapter):
             raise mapped(exc) from exc
 
     async def mark_delivered(
-        self, holder: str, namespace: str, mailbox: str, sequences: Sequence[int], *, retry_after: float = 0.0
+        self,
+        holder: str,
+        namespace: str,
+        mailbox: str,
+        sequences: Sequence[int],
+        *,
+        retry_after: float = 0.0,
+        failure: Failure | None = None,
     ) -> None:
         await self._ready()
         patience = time.monotonic() + MARK_PATIENCE
-        retry_ns = int(retry_after * 1e9)
+        job = _MarkJob(holder, namespace, mailbox, sequences, int(retry_after * 1e9), failure)
         while True:
             try:
-                await self.worker.run(lambda c: _with_write_lock(c, lambda c: _mark(c, holder, namespace, mailbox, sequences, retry_ns)))
+                await self.worker.run(lambda c: _with_write_lock(c, lambda c: _mark(c, job)))
                 return
             except _Busy as exc:
                 if time.monotonic() > patience:
@@ -650,6 +725,15 @@ class SqliteTransact(TransactAdapter):
             except sqlite3.Error as exc:
                 raise mapped(exc) from exc
             await asyncio.sleep(random.uniform(0, LOCK_WAIT))
+
+    async def delete_delivered(self, namespace: str, *, before_ns: int, limit: int) -> int:
+        await self._ready()
+        try:
+            return await self.worker.run(lambda c: _with_write_lock(c, lambda c: _delete_delivered(c, namespace, before_ns, limit)))
+        except _Busy:  # another connection is writing: the next sweep deletes them
+            return 0
+        except sqlite3.Error as exc:
+            raise mapped(exc) from exc
 
     async def watch(self) -> Changes:
         await self._ready()
