@@ -78,3 +78,14 @@ async def test_cancelling_the_writer_closes_the_stream() -> None:
     with pytest.raises(asyncio.CancelledError):
         await writer
     assert source.closed
+
+
+async def test_without_read_ahead_each_message_is_read_when_the_previous_was_taken() -> None:
+    source = Source(100)
+    stream = batches(source.generate(), read_ahead=0)
+    assert await anext(stream) == [0]
+    await asyncio.sleep(0.02)
+    assert source.produced == 1, "nothing read beyond what was taken"
+    assert await anext(stream) == [1]
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert source.closed

@@ -8,6 +8,9 @@ the stream in a task of its own that stays at most ``READ_AHEAD`` messages ahead
 writer; each batch is what it produced while the writer's previous send was under way. With a
 writer that keeps up, every batch is a single message, as before. Backpressure is kept: a
 writer that stops stops the reading after ``READ_AHEAD`` more messages.
+
+A stream of pages (a Reader's: responses that carry a ``next_cursor``) is not read ahead: a page
+is a batch already, and the next one is fetched only when the client has taken the previous.
 """
 
 from __future__ import annotations
@@ -17,9 +20,16 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Generic, TypeVar
 
+from app.methods import Method
+
 T = TypeVar("T")
 
 READ_AHEAD = 64  # messages read from the stream and not yet sent, at most
+
+
+def read_ahead(method: Method) -> int:
+    """How far a transport may read ``method``'s responses ahead of the client: none for pages."""
+    return 0 if "next_cursor" in method.response_type.DESCRIPTOR.fields_by_name else READ_AHEAD
 
 
 class _End(Generic[T]):
@@ -33,7 +43,15 @@ class _End(Generic[T]):
 
 async def batches(stream: AsyncIterator[T], read_ahead: int = READ_AHEAD) -> AsyncIterator[list[T]]:
     """``stream``'s messages, in order, in non-empty lists of at most ``read_ahead``; its
-    error raised after the messages before it. Closing this closes ``stream``."""
+    error raised after the messages before it. Closing this closes ``stream``. With
+    ``read_ahead`` 0, one message a list, each read when the previous list was taken."""
+    if read_ahead == 0:
+        try:
+            async for item in stream:
+                yield [item]
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        return
     ready: asyncio.Queue[T | _End[T]] = asyncio.Queue(read_ahead)
 
     async def read() -> None:

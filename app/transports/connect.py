@@ -31,7 +31,7 @@ from app.methods import Method
 from app.pipeline import Pipeline, status_of
 from app.transports import json_codec
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map, respond, respond_error
-from app.transports.batches import batches
+from app.transports.batches import batches, read_ahead
 from prism.errors import PrismError, invalid_argument, too_large, unsupported_media_type
 
 UNARY_TYPES = {"application/json": "json", "application/proto": "proto"}
@@ -143,7 +143,7 @@ class ConnectApp:
                 responses = await self.pipeline.stream(method, decode, headers, "connect", peer)
                 try:
                     await start()
-                    async for batch in batches(responses):  # what is ready together goes in one send
+                    async for batch in batches(responses, read_ahead(method)):  # what is ready together goes in one send
                         frames = b"".join(envelope(_encode(response, codec)) for response in batch)
                         await send({"type": "http.response.body", "body": frames, "more_body": True})
                 finally:

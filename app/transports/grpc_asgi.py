@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError, Message
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map
-from app.transports.batches import batches
+from app.transports.batches import READ_AHEAD, batches, read_ahead
 from app.transports.grpc_standard import StandardServices
 from app.transports.grpc_web import trailer_fields
 from prism.errors import PrismError, invalid_argument, too_large
@@ -167,7 +167,7 @@ class GrpcAsgiApp:
                         await stream.send_all(responses)
                     elif method.server_streaming:
                         responses = await self.pipeline.stream(method, decode, headers, "grpc", peer)
-                        await stream.send_all(responses)
+                        await stream.send_all(responses, read_ahead(method))
                     else:
                         response = await self.pipeline.unary(method, decode, headers, "grpc", peer)
                         await stream.send_message(response)
@@ -222,9 +222,9 @@ class _Stream:
             frames += (struct.pack(">BI", 0, len(payload)), payload)
         await self.send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
 
-    async def send_all(self, responses: AsyncIterator[Message]) -> None:
+    async def send_all(self, responses: AsyncIterator[Message], ahead: int = READ_AHEAD) -> None:
         try:
-            async for batch in batches(responses):  # what is ready together goes in one send
+            async for batch in batches(responses, ahead):  # what is ready together goes in one send
                 await self.send_messages(batch)
         finally:
             await responses.aclose()  # type: ignore[attr-defined]

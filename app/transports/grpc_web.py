@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map, respond_error
-from app.transports.batches import batches
+from app.transports.batches import batches, read_ahead
 from prism.errors import PrismError, invalid_argument, unsupported_media_type
 
 TRAILER_FLAG = 0x80
@@ -121,7 +121,7 @@ class GrpcWebApp:
 
             if method.server_streaming:
                 responses = await self.pipeline.stream(method, decode, headers, "grpc-web", peer)
-                await writer.stream(responses)
+                await writer.stream(responses, read_ahead(method))
                 return
             response = await self.pipeline.unary(method, decode, headers, "grpc-web", peer)
             await writer.finish([response], None)
@@ -150,10 +150,10 @@ class _Writer:
         await self.send({"type": "http.response.start", "status": 200, "headers": headers})
         self.started = True
 
-    async def stream(self, responses: AsyncIterator[Message]) -> None:
+    async def stream(self, responses: AsyncIterator[Message], ahead: int) -> None:
         error: PrismError | None = None
         try:
-            async for batch in batches(responses):  # what is ready together goes in one send
+            async for batch in batches(responses, ahead):  # what is ready together goes in one send
                 if not self.started:
                     await self._start(None)
                 body = b"".join(self._encode(frame(response.SerializeToString())) for response in batch)

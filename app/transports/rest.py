@@ -30,7 +30,7 @@ from app.methods import Method
 from app.pipeline import SESSION_HEADER, Decode, Pipeline, status_of
 from app.transports import json_codec
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map, respond, respond_error
-from app.transports.batches import batches
+from app.transports.batches import batches, read_ahead
 from prism.errors import PrismError, invalid_argument, unsupported_media_type
 
 log = logging.getLogger("prism.rest")
@@ -177,7 +177,7 @@ class RestRouter:
             first.cancel()
             raise
         events = EventSourceResponse(
-            _events(first, responses),
+            _events(first, responses, read_ahead(method)),
             ping=self.ping_seconds,
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
@@ -214,21 +214,25 @@ def _event(response: Message, count: int) -> ServerSentEvent:
     """A response as an SSE event. Its id is what the response names itself by: a message's
     ``message_id`` (a browser acknowledges ``event.lastEventId``), a page's ``next_cursor`` (an
     EventSource that reconnects sends it back as Last-Event-ID and resumes after that page);
-    else its position in the stream."""
-    event_id = getattr(response, "message_id", "") or getattr(response, "next_cursor", "") or str(count)
+    else its position in the stream. A PubSub delivery is named by its message's id: an
+    EventSource that reconnects sends it back as Last-Event-ID, the request's ``cursor``."""
+    inner = getattr(response, "message", None)  # a PubSub delivery's message
+    inner_id = getattr(inner, "message_id", "") if isinstance(inner, Message) else ""
+    event_id = getattr(response, "message_id", "") or inner_id or getattr(response, "next_cursor", "") or str(count)
     return ServerSentEvent(data=json_codec.to_json(response).decode(), event="message", id=event_id)
 
 
 def _resumed(request: Message, metadata: dict[str, str]) -> Message:
     """A stream request an EventSource reconnected with: its Last-Event-ID (the last page's
-    ``next_cursor``) is the request's ``cursor``, unless the request names one itself."""
+    ``next_cursor``, the last PubSub message's id) is the request's ``cursor``, unless the
+    request names one itself."""
     last_event_id = metadata.get("last-event-id", "")
     if last_event_id and "cursor" in request.DESCRIPTOR.fields_by_name and not request.cursor:  # type: ignore[attr-defined]
         request.cursor = last_event_id  # type: ignore[attr-defined]
     return request
 
 
-async def _events(first: asyncio.Future[Message], responses: AsyncIterator[Message]) -> AsyncIterator[Any]:
+async def _events(first: asyncio.Future[Message], responses: AsyncIterator[Message], ahead: int) -> AsyncIterator[Any]:
     count = 0
     try:
         try:
@@ -238,7 +242,7 @@ async def _events(first: asyncio.Future[Message], responses: AsyncIterator[Messa
         if head is not None:
             count += 1
             yield _event(head, count)
-            async for batch in batches(responses):  # what is ready together goes in one send
+            async for batch in batches(responses, ahead):  # what is ready together goes in one send
                 chunk = []
                 for response in batch:
                     count += 1
