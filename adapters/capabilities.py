@@ -17,6 +17,7 @@ class Capability(StrEnum):
     # PubSub
     WILDCARDS = "wildcards"
     QUEUE_GROUPS = "queue_groups"
+    REPLAY = "replay"  # a subscription may start in the past: from a time, or after a message id
     # Queue
     SEEK_TIMESTAMP = "seek_timestamp"  # Seek to the first message published at or after a time
     DEAD_LETTER = "dead_letter"  # max_delivery_attempts and a dead-letter topic

@@ -110,6 +110,7 @@ from adapters.keyvalue.memory import MemoryKeyValue
 from adapters.keyvalue.postgres import PostgresKeyValue
 from adapters.keyvalue.redis import RedisKeyValue
 from adapters.keyvalue.sqlite import SqliteKeyValue
+from adapters.pubsub.kafka import KafkaPubSub
 from adapters.pubsub.memory import MemoryPubSub
 from adapters.pubsub.nats import NatsPubSub
 from adapters.pubsub.redis import RedisPubSub
@@ -133,10 +134,13 @@ DECLARED = {
     ("PubSub", "memory"): MemoryPubSub.capabilities,  # one worker; across workers WorkersPubSub's
     ("PubSub", "nats"): NatsPubSub.capabilities,
     ("PubSub", "redis"): RedisPubSub.capabilities,
+    ("PubSub", "kafka"): KafkaPubSub.capabilities,
+    ("PubSub", "workers"): WorkersPubSub.capabilities,  # the adapter suite's column ("… adapter" is dropped)
     ("PubSub adapter", "memory"): MemoryPubSub.capabilities,
     ("PubSub adapter", "workers"): WorkersPubSub.capabilities,
     ("PubSub adapter", "nats"): NatsPubSub.capabilities,
     ("PubSub adapter", "redis"): RedisPubSub.capabilities,
+    ("PubSub adapter", "kafka"): KafkaPubSub.capabilities,
 }
 CAPABILITIES = {c.value for c in Capability}
 

@@ -1,6 +1,7 @@
 """Kafka: one producer and one admin client per backend instance, lent to every pattern's
 adapter on it; adapters open their own readers (consumers without a Kafka group) through
-:meth:`KafkaConnection.reader`, so every Kafka client of an instance shares its settings.
+:meth:`KafkaConnection.reader`, and PubSub's queue-group members (consumers in a Kafka group)
+through :meth:`KafkaConnection.member`, so every Kafka client of an instance shares its settings.
 
 aiokafka reconnects by itself once started; the first connection is tried again until
 ``connect_timeout`` has passed, so an unreachable cluster at start-up is UNAVAILABLE naming it. ``ping``
@@ -24,6 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import Field
 
 from adapters.backends import BackendSettings, BackendType, Connection, Environment
+from adapters.pubsub.kafka import KafkaPubSub
 from adapters.queue.kafka import KafkaQueue
 from prism.errors import PrismError, internal
 
@@ -71,6 +73,15 @@ class KafkaSettings(BackendSettings):
     # Seconds a reader's fetch waits at the broker for new records (the latency of a change
     # made by another process, and the cost of an idle reader).
     fetch_wait: float = Field(default=0.05, gt=0, le=5)
+    # Seconds between two looks at the cluster's topics, for PubSub patterns: a subject's topic
+    # made by another process reaches this one's pattern subscriptions that much later (its
+    # messages are not lost: they are read from its start). Each look reads the metadata of
+    # every topic of the cluster.
+    pubsub_refresh: float = Field(default=2.0, gt=0, le=3600)
+    # Seconds a PubSub queue-group member may go silent before its Kafka group gives its
+    # partitions to the others (a broker refuses values outside its own bounds: Apache Kafka's
+    # are 6 to 1800 by default). Heartbeats go every tenth of it.
+    group_session_timeout: float = Field(default=10.0, ge=1, le=1800)
 
 
 class KafkaConnection(Connection):
@@ -115,6 +126,23 @@ class KafkaConnection(Connection):
             auto_offset_reset="earliest",
             fetch_max_wait_ms=int(self.settings.fetch_wait * 1000),
             max_partition_fetch_bytes=self.settings.max_message_bytes,
+        )
+
+    def member(self, group_id: str) -> AIOKafkaConsumer:
+        """A consumer in Kafka group ``group_id`` (partitions assigned by the group, positions
+        committed now and then and when it stops), not yet started."""
+        session_ms = int(self.settings.group_session_timeout * 1000)
+        return AIOKafkaConsumer(
+            **{**self._common(), "request_timeout_ms": max(int(self.settings.command_timeout * 1000), session_ms + 5000)},
+            group_id=group_id,
+            enable_auto_commit=True,
+            auto_commit_interval_ms=1000,
+            auto_offset_reset="latest",
+            fetch_max_wait_ms=int(self.settings.fetch_wait * 1000),
+            max_partition_fetch_bytes=self.settings.max_message_bytes,
+            session_timeout_ms=session_ms,
+            rebalance_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(session_ms // 10, 100),
         )
 
     def writer(self, *, batching: bool) -> AIOKafkaProducer:
@@ -200,5 +228,8 @@ BACKEND = BackendType(
     name="kafka",
     settings=KafkaSettings,
     connect=connect,
-    adapters={"QUEUE": lambda connection, environment: KafkaQueue(connection)},
+    adapters={
+        "QUEUE": lambda connection, environment: KafkaQueue(connection),
+        "PUBSUB": lambda connection, environment: KafkaPubSub(connection, environment.stream_buffer),
+    },
 )

@@ -65,6 +65,27 @@ class Delivery:
     published_at: float  # unix seconds
 
 
+@dataclass(frozen=True, slots=True)
+class FromTime:
+    """Start with the first message published at or after ``unix_ns`` that the backend holds."""
+
+    unix_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class AfterMessage:
+    """Start with the messages published after the one with this id (one this backend gave).
+    Not ``required`` (a resumed stream's cursor): an id the backend cannot place starts the
+    subscription live instead of refusing it."""
+
+    message_id: str
+    required: bool = True
+
+
+# Where a subscription starts on a backend with history (Capability.REPLAY); None: live.
+Start = FromTime | AfterMessage
+
+
 class Subscription(ABC, AsyncIterator[Delivery]):
     """One subscription's bounded buffer, fed by its backend with :meth:`offer`."""
 
@@ -171,5 +192,8 @@ class PubSubAdapter(ABC):
         pattern: tuple[str, ...],
         queue_group: str = "",
         overflow: Overflow = Overflow.END,
+        start: Start | None = None,
     ) -> Subscription:
-        """Register a subscription; it receives every message published after this returns."""
+        """Register a subscription; it receives every message published after this returns.
+        Only an adapter declaring Capability.REPLAY takes ``start`` (the service passes it to no
+        other): it then also receives what the backend holds from there on."""

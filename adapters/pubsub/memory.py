@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from adapters.capabilities import Capability
-from adapters.pubsub.base import Delivery, Overflow, PubSubAdapter, Subscription
+from adapters.pubsub.base import Delivery, Overflow, PubSubAdapter, Start, Subscription
 from adapters.pubsub.subjects import matches
 
 
@@ -111,6 +111,7 @@ class MemoryPubSub(PubSubAdapter):
         pattern: tuple[str, ...],
         queue_group: str = "",
         overflow: Overflow = Overflow.END,
+        start: Start | None = None,  # no history here: the service passes none (no Capability.REPLAY)
     ) -> Subscription:
         subscription = LocalSubscription(self, namespace, overflow)
         self.local[subscription.id] = subscription

@@ -45,7 +45,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSub
 
 from adapters.capabilities import Capability
-from adapters.pubsub.base import Delivery, Overflow, PubSubAdapter, Subscription
+from adapters.pubsub.base import Delivery, Overflow, PubSubAdapter, Start, Subscription
 from prism.errors import PrismError, invalid_argument
 
 if TYPE_CHECKING:
@@ -204,6 +204,7 @@ class NatsPubSub(PubSubAdapter):
         pattern: tuple[str, ...],
         queue_group: str = "",
         overflow: Overflow = Overflow.END,
+        start: Start | None = None,  # no history here: the service passes none (no Capability.REPLAY)
     ) -> Subscription:
         root = self._namespace_root(namespace)
         subject = self._subject(root, pattern)

@@ -40,7 +40,7 @@ from redis import exceptions as rex
 from redis.asyncio.client import PubSub
 
 from adapters.capabilities import Capability
-from adapters.pubsub.base import Delivery, Overflow, PubSubAdapter, Subscription
+from adapters.pubsub.base import Delivery, Overflow, PubSubAdapter, Start, Subscription
 from adapters.pubsub.subjects import matches
 from prism.errors import PrismError
 
@@ -120,6 +120,7 @@ class RedisPubSub(PubSubAdapter):
         pattern: tuple[str, ...],
         queue_group: str = "",
         overflow: Overflow = Overflow.END,
+        start: Start | None = None,  # no history here: the service passes none (no Capability.REPLAY)
     ) -> Subscription:
         if self._task is None:
             self._task = asyncio.create_task(self._run())

@@ -47,7 +47,7 @@ from typing import Any
 import grpc
 
 from adapters.capabilities import Capability
-from adapters.pubsub.base import Delivery, Overflow, Subscription
+from adapters.pubsub.base import Delivery, Overflow, Start, Subscription
 from adapters.pubsub.memory import LocalSubscription, MemoryPubSub, Route, new_delivery
 from prism.errors import PrismError
 
@@ -224,6 +224,7 @@ class WorkersPubSub(MemoryPubSub):
         pattern: tuple[str, ...],
         queue_group: str = "",
         overflow: Overflow = Overflow.END,
+        start: Start | None = None,  # no history here: the service passes none (no Capability.REPLAY)
     ) -> Subscription:
         link = await self._hub()
         subscription = LocalSubscription(self, namespace, overflow)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from adapters.capabilities import Capability
-from adapters.pubsub.base import Overflow, Subscription
+from adapters.pubsub.base import AfterMessage, FromTime, Overflow, PubSubAdapter, Start, Subscription
 from adapters.pubsub.subjects import parse_pattern, parse_subject
 from app import metrics
 from app.backends import Backends
@@ -24,13 +24,31 @@ from app.pipeline import Call
 from app.services.capabilities import require
 from app.sessions import SessionStore
 from app.settings import Limits
-from prism.errors import PrismError, not_found, too_large
+from prism.errors import PrismError, invalid_argument, not_found, too_large
 from prism.v1 import config_pb2
 from prism.v1 import pubsub_pb2 as ps
 
 log = logging.getLogger(__name__)
 END_WAIT_SECONDS = 2.0
 OVERFLOW_OPTION = "overflow"
+
+
+def start_position(request: ps.PubSubSubscribeRequest, broker: PubSubAdapter, call: Call) -> Start | None:
+    """Where the subscription starts: ``start`` needs a backend with history (FAILED_PRECONDITION
+    elsewhere) and no queue group; ``cursor`` (what an EventSource's Last-Event-ID becomes)
+    resumes where the backend can, and is ignored where it cannot."""
+    which = request.WhichOneof("start")
+    if which is None:
+        if request.cursor and not request.queue_group and Capability.REPLAY in broker.capabilities:
+            return AfterMessage(request.cursor, required=False)
+        return None
+    field = "startTime" if which == "start_time" else "startAfter"
+    require(broker, Capability.REPLAY, call, field)
+    if request.queue_group:
+        raise invalid_argument(field, "a queue group goes on where the group left off: no start position with queueGroup")
+    if which == "start_time":
+        return FromTime(request.start_time.ToNanoseconds())
+    return AfterMessage(request.start_after)
 
 
 def overflow(config: config_pb2.ClientConfig) -> Overflow:
@@ -71,10 +89,9 @@ class PubSubService:
         broker = self.backends.for_pubsub(call.config)
         if request.queue_group:
             require(broker, Capability.QUEUE_GROUPS, call, "queueGroup")
+        start = start_position(request, broker, call)
         assert call.session is not None
-        subscription = await broker.subscribe(
-            call.config.namespace, pattern, request.queue_group, overflow(call.config)
-        )
+        subscription = await broker.subscribe(call.config.namespace, pattern, request.queue_group, overflow(call.config), start)
         ended_by: list[PrismError] = []  # the session's status, when closing or expiring it ended this
 
         async def end(status: PrismError | None) -> None:

@@ -5,7 +5,12 @@ directly: the contract a remote plugin adapter must pass as well.
 Each backend is a ``Site``: where ``open()`` gives an adapter as another gateway process would
 have it (its own connection; for ``workers``, another worker of one instance, so the first
 opened is the hub). Every test uses a namespace of its own. A capability a backend does not
-declare (``shared``) is checked for its honest absence and reported as refused.
+declare (``shared``, ``replay``) is checked for its honest absence and reported as refused.
+
+Order: every backend delivers one subject's messages in publish order. Across subjects a Site
+says whether it keeps publish order (``ordered``): Kafka orders per partition, and a subject is
+a topic of its own, so there the suite checks each subject's order and that nothing is
+missing or repeated.
 
 Adding a backend is one entry in ``SITES``.
 """
@@ -22,15 +27,27 @@ from typing import Any
 import grpc
 import pytest
 
+from adapters.backends.kafka import KafkaConnection, KafkaSettings
 from adapters.backends.nats import NatsConnection, NatsSettings
 from adapters.backends.redis import RedisClient, RedisSettings
 from adapters.capabilities import Capability
-from adapters.pubsub.base import OVERFLOWS, Delivery, Overflow, PubSubAdapter, Subscription
+from adapters.pubsub.base import (
+    OVERFLOWS,
+    AfterMessage,
+    Delivery,
+    FromTime,
+    Overflow,
+    PubSubAdapter,
+    Start,
+    Subscription,
+)
+from adapters.pubsub.kafka import KafkaPubSub
 from adapters.pubsub.memory import MemoryPubSub
 from adapters.pubsub.nats import NatsPubSub
 from adapters.pubsub.redis import RedisPubSub
 from adapters.pubsub.workers import WorkersPubSub, hub_address
 from prism.errors import PrismError
+from tests.kafka_broker import KAFKA_BOOTSTRAP, kafka_broker  # noqa: F401 (a fixture)
 from tests.servers import NATS_URL, REDIS_URL, unreachable
 
 WAIT = 10.0  # seconds; bound on every wait for something that must happen
@@ -40,6 +57,9 @@ RUN = uuid.uuid4().hex[:8]
 
 class Site:
     """Adapters opened on one backend, closed (with their connections) at the end."""
+
+    ordered = True  # deliveries of several subjects arrive in publish order
+    fixtures: tuple[str, ...] = ()  # requested before the site is made (a server the session starts)
 
     def __init__(self) -> None:
         self.opened: list[tuple[PubSubAdapter, Any]] = []
@@ -110,18 +130,40 @@ class RedisSite(Site):
         return RedisPubSub(client, buffer_size), client
 
 
+class KafkaSite(Site):
+    """The Tansu broker the session started (tests/kafka_broker.py). Patterns look for other
+    processes' topics every 0.2 s, and a queue group's Kafka group forms within seconds."""
+
+    ordered = False
+    fixtures = ("kafka_broker",)
+
+    def __init__(self, tmp: pathlib.Path) -> None:
+        super().__init__()
+
+    async def _make(self, buffer_size: int) -> tuple[PubSubAdapter, Any]:
+        settings = KafkaSettings(
+            bootstrap_servers=KAFKA_BOOTSTRAP, topic_prefix=f"pt{RUN}", pubsub_refresh=0.2, group_session_timeout=2
+        )
+        connection = KafkaConnection(settings)
+        await connection.start()
+        return KafkaPubSub(connection, buffer_size), connection
+
+
 # backend → its Site, made from a temporary directory of the test.
 SITES: dict[str, Callable[[pathlib.Path], Site]] = {
     "memory": MemorySite,
     "workers": WorkersSite,
     "nats": NatsSite,
     "redis": RedisSite,
+    "kafka": KafkaSite,
 }
 MATRIX = ("PubSub adapter", {b: b for b in SITES})  # for tests/conformance/conftest.py
 
 
 @pytest.fixture(params=list(SITES))
 async def site(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Site]:
+    for name in getattr(SITES[request.param], "fixtures", ()):
+        request.getfixturevalue(name)
     opened = SITES[request.param](tmp_path)
     yield opened
     await opened.close_all()
@@ -130,22 +172,49 @@ async def site(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncI
 class Bus:
     """A namespace of the test's own on one adapter, and the subscriptions made through it."""
 
-    def __init__(self, adapter: PubSubAdapter, namespace: str | None = None) -> None:
+    def __init__(self, adapter: PubSubAdapter, namespace: str | None = None, ordered: bool = True) -> None:
         self.adapter = adapter
         self.ns = namespace or f"n{uuid.uuid4().hex[:10]}"
+        self.ordered = ordered  # the site keeps publish order across subjects
         self.subscriptions: list[Subscription] = []
 
     def on(self, adapter: PubSubAdapter) -> Bus:
         """The same namespace through another adapter (another process)."""
-        return Bus(adapter, self.ns)
+        return Bus(adapter, self.ns, self.ordered)
 
     async def publish(self, subject: str, data: bytes = b"", **headers: str) -> str:
         return await self.adapter.publish(self.ns, tuple(subject.split(".")), data, headers)
 
-    async def subscribe(self, pattern: str, group: str = "", overflow: Overflow = Overflow.END) -> Subscription:
-        subscription = await self.adapter.subscribe(self.ns, tuple(pattern.split(".")), group, overflow)
+    async def subscribe(
+        self, pattern: str, group: str = "", overflow: Overflow = Overflow.END, start: Start | None = None
+    ) -> Subscription:
+        extra = {"start": start} if start is not None else {}
+        subscription = await self.adapter.subscribe(self.ns, tuple(pattern.split(".")), group, overflow, **extra)
         self.subscriptions.append(subscription)
         return subscription
+
+    def in_order(self, got: list[Delivery], expected: list[str]) -> None:
+        """``got`` are the deliveries with the message ids ``expected``, in publish order (of
+        each subject, where the site keeps order per subject only)."""
+        ids = [d.message_id for d in got]
+        if self.ordered:
+            assert ids == expected
+            return
+        assert sorted(ids) == sorted(expected), "each message once"
+        position = {message_id: i for i, message_id in enumerate(expected)}
+        for subject in {d.subject for d in got}:
+            of_subject = [position[d.message_id] for d in got if d.subject == subject]
+            assert of_subject == sorted(of_subject), f"{subject}: out of publish order"
+
+    def subjects_in_order(self, got: list[Delivery], expected: list[str]) -> None:
+        """``got`` were published to ``expected`` (one message each, or several of a subject
+        in order): exactly, or per subject where the site keeps order per subject only."""
+        if self.ordered:
+            assert subjects(got) == expected
+        else:
+            assert sorted(subjects(got)) == sorted(expected)
+            for subject in set(expected):
+                assert [d.subject for d in got if d.subject == subject] == [s for s in expected if s == subject]
 
     async def close(self) -> None:
         for subscription in self.subscriptions:
@@ -154,7 +223,7 @@ class Bus:
 
 @pytest.fixture
 async def bus(site: Site) -> AsyncIterator[Bus]:
-    made = Bus(await site.open())
+    made = Bus(await site.open(), ordered=site.ordered)
     yield made
     await made.close()
 
@@ -198,8 +267,8 @@ async def test_exact_star_and_greater_than_mean_the_same_everywhere(bus: Bus) ->
         await bus.publish(subject)
     await bus.publish("a.b")  # the exact one's sentinel
     assert subjects(await take(exact, 2)) == ["a.b", "a.b"]
-    assert subjects(await take(star, 4)) == ["a.b", "a.c", "a.end", "a.b"]
-    assert subjects(await take(rest, 5)) == ["a.b", "a.b.c", "a.c", "a.end", "a.b"]
+    bus.subjects_in_order(await take(star, 4), ["a.b", "a.c", "a.end", "a.b"])
+    bus.subjects_in_order(await take(rest, 5), ["a.b", "a.b.c", "a.c", "a.end", "a.b"])
 
 
 @pytest.mark.case("wildcards")
@@ -245,7 +314,7 @@ async def test_a_hundred_subscribers_each_get_every_message(bus: Bus) -> None:
     subscriptions = [await bus.subscribe("fan.*") for _ in range(100)]
     ids = [await bus.publish(f"fan.{i}", str(i).encode()) for i in range(20)]
     for subscription in subscriptions:
-        assert [d.message_id for d in await take(subscription, 20)] == ids
+        bus.in_order(await take(subscription, 20), ids)
 
 
 @pytest.mark.case("queue groups")
@@ -259,8 +328,8 @@ async def test_a_queue_group_shares_while_every_group_gets_everything(bus: Bus) 
         assert sorted(d.message_id for share in shares for d in share) == sorted(ids), "each once per group"
         assert all(shares), [len(s) for s in shares]
         for share in shares:  # a member's share arrives in publish order
-            assert [d.message_id for d in share] == [i for i in ids if i in {d.message_id for d in share}]
-    assert [d.message_id for d in await take(plain, 30)] == ids
+            bus.in_order(share, [i for i in ids if i in {d.message_id for d in share}])
+    bus.in_order(await take(plain, 30), ids)
 
 
 # --- Unsubscribe ----------------------------------------------------------------------------
@@ -285,7 +354,7 @@ async def test_close_ends_only_that_subscription(bus: Bus) -> None:
 
 @pytest.mark.case("flow control")
 async def test_overflow_ends_a_slow_subscription_and_never_the_others(site: Site) -> None:
-    bus = Bus(await site.open(buffer_size=4))
+    bus = Bus(await site.open(buffer_size=4), ordered=site.ordered)
     try:
         slow, fast = await bus.subscribe("s.>"), await bus.subscribe("s.>")
         ended = OVERFLOWS.labels(bus.ns, "end")
@@ -303,7 +372,7 @@ async def test_overflow_ends_a_slow_subscription_and_never_the_others(site: Site
 
 @pytest.mark.case("flow control")
 async def test_drop_oldest_keeps_the_latest_messages(site: Site) -> None:
-    bus = Bus(await site.open(buffer_size=4))
+    bus = Bus(await site.open(buffer_size=4), ordered=site.ordered)
     try:
         lagging = await bus.subscribe("d.*", overflow=Overflow.DROP_OLDEST)
         dropped = OVERFLOWS.labels(bus.ns, "drop_oldest")
@@ -351,7 +420,7 @@ async def test_another_process_publishes_to_subscribers_here(site: Site, request
     """A backend claiming ``shared`` delivers across processes: fan-out, groups spanning
     processes (each message once per group), in order. One not claiming it keeps messages in
     the process that published them."""
-    here = Bus(await site.open())
+    here = Bus(await site.open(), ordered=site.ordered)
     there = here.on(await site.open())
     try:
         everything = await here.subscribe("p.>")
@@ -363,7 +432,7 @@ async def test_another_process_publishes_to_subscribers_here(site: Site, request
             request.node.user_properties.append(("verdict", "refused"))
             return
         ids = [await there.publish(f"p.{i}") for i in range(20)]
-        assert [d.message_id for d in await take(everything, 20)] == ids
+        here.in_order(await take(everything, 20), ids)
         shares = await collect(members, 20)
         assert sorted(d.message_id for share in shares for d in share) == sorted(ids)
     finally:
@@ -396,8 +465,77 @@ async def test_workers_keep_delivering_when_the_hub_exits(tmp_path: pathlib.Path
         await site.close_all()
 
 
+# --- Replay ---------------------------------------------------------------------------------
+
+
+def refused_replay(bus: Bus, request: pytest.FixtureRequest) -> bool:
+    """A backend without ``replay`` is only checked for not claiming it: the service refuses
+    a start position before asking such an adapter (tests/conformance/test_pubsub.py)."""
+    if Capability.REPLAY in bus.adapter.capabilities:
+        return False
+    request.node.user_properties.append(("verdict", "refused"))
+    return True
+
+
+@pytest.mark.case("replay")
+async def test_a_subscription_starts_at_a_time(bus: Bus, request: pytest.FixtureRequest) -> None:
+    """From a time: what the backend holds from then on (published elsewhere in the
+    pattern's subjects too), then what comes next; nothing before it."""
+    if refused_replay(bus, request):
+        return
+    before = [await bus.publish(s) for s in ("r.a", "r.b.c", "x.a")]
+    await asyncio.sleep(0.01)
+    since = time.time_ns()
+    after = [await bus.publish(s, s.encode()) for s in ("r.a", "r.b", "x.b", "r.b.c")]
+    everything = await bus.subscribe("r.>", start=FromTime(0))
+    from_since = await bus.subscribe("r.>", start=FromTime(since))
+    live = [await bus.publish("r.c"), await bus.publish("r.a")]
+    bus.in_order(await take(everything, 7), [before[0], before[1], after[0], after[1], after[3], *live])
+    got = await take(from_since, 5)
+    bus.in_order(got, [after[0], after[1], after[3], *live])
+    assert (got[0].subject, got[0].data) in {("r.a", b"r.a"), ("r.b", b"r.b"), ("r.b.c", b"r.b.c")}
+
+
+@pytest.mark.case("replay")
+async def test_a_subscription_resumes_after_a_message(bus: Bus, request: pytest.FixtureRequest) -> None:
+    """After a message id: the messages published after it, of its subject and the others,
+    then what comes next. An id the backend never gave is refused naming the field, unless
+    it is only a cursor (an EventSource's Last-Event-ID): then the subscription starts live."""
+    if refused_replay(bus, request):
+        return
+    ids = [await bus.publish(s) for s in ("m.a", "m.b", "m.a", "m.c", "m.b", "m.a")]
+    resumed = await bus.subscribe("m.*", start=AfterMessage(ids[2]))
+    bus.in_order(await take(resumed, 3), ids[3:])
+    with pytest.raises(PrismError) as bad:
+        await bus.subscribe("m.*", start=AfterMessage("not-an-id"))
+    assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and bad.value.message.startswith("startAfter:")
+    lenient = await bus.subscribe("m.*", start=AfterMessage("not-an-id", required=False))
+    last = await bus.publish("m.z")
+    assert [d.message_id for d in await take(resumed, 1)] == [last]
+    assert [d.message_id for d in await take(lenient, 1)] == [last], "a cursor it cannot place: live"
+
+
+@pytest.mark.case("replay")
+async def test_a_replay_sees_topics_of_another_process(site: Site, request: pytest.FixtureRequest) -> None:
+    """A subject another process publishes to first, after the replaying subscription began,
+    reaches it from its first message."""
+    here = Bus(await site.open(), ordered=site.ordered)
+    try:
+        if refused_replay(here, request):
+            return
+        there = here.on(await site.open())
+        first = await here.publish("o.first")
+        replaying = await here.subscribe("o.>", start=AfterMessage(first))
+        live = await here.subscribe("o.>")
+        ids = [await there.publish(f"o.new.{i}") for i in range(3)]
+        here.in_order(await take(replaying, 3), ids)
+        here.in_order(await take(live, 3), ids)
+    finally:
+        await here.close()
+
+
 @pytest.mark.case("claimed capabilities")
 async def test_claimed_capabilities_are_the_ones_exercised(bus: Bus) -> None:
-    checked = {Capability.WILDCARDS, Capability.QUEUE_GROUPS, Capability.SHARED}
+    checked = {Capability.WILDCARDS, Capability.QUEUE_GROUPS, Capability.SHARED, Capability.REPLAY}
     assert bus.adapter.capabilities <= checked, bus.adapter.capabilities - checked
     assert {Capability.WILDCARDS, Capability.QUEUE_GROUPS} <= bus.adapter.capabilities

@@ -37,12 +37,18 @@ class PubSubPublishResponse(_message.Message):
     def __init__(self, message_id: _Optional[str] = ...) -> None: ...
 
 class PubSubSubscribeRequest(_message.Message):
-    __slots__ = ("subject", "queue_group")
+    __slots__ = ("subject", "queue_group", "start_time", "start_after", "cursor")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
     subject: str
     queue_group: str
-    def __init__(self, subject: _Optional[str] = ..., queue_group: _Optional[str] = ...) -> None: ...
+    start_time: _timestamp_pb2.Timestamp
+    start_after: str
+    cursor: str
+    def __init__(self, subject: _Optional[str] = ..., queue_group: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_after: _Optional[str] = ..., cursor: _Optional[str] = ...) -> None: ...
 
 class PubSubMessage(_message.Message):
     __slots__ = ("message_id", "subject", "data", "headers", "published_at")
