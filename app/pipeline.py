@@ -154,6 +154,10 @@ class Pipeline:
         # call as a whole (once per call, also for a stream of requests).
         self.message_steps: list[Step] = [self._check_request]
         self.call_steps: list[Step] = [self._check_pattern, self._authorize, self._rate_limit]
+        # A stream of requests (client streaming, bidirectional) opens with the call steps but
+        # the rate limit, and each request counts against the rate limit as a call would.
+        self.stream_steps = [step for step in self.call_steps if step != self._rate_limit]
+        self.request_steps = [*self.message_steps, self._rate_limit]
 
     def asgi_peer(self, scope: Mapping[str, Any]) -> str | None:
         """The verified client-certificate identity of an HTTP request, for ``peer``."""
@@ -398,7 +402,7 @@ class Pipeline:
             with self._current(span):
                 with self._step("authenticate"):
                     call = await self.begin(method, metadata, transport, peer)
-                for step in self.call_steps:
+                for step in self.stream_steps:
                     await step(call, None)
         except PrismError as error:
             self._refused(call, method, transport, error, metadata, started, span)
@@ -413,7 +417,7 @@ class Pipeline:
     async def _checked(self, call: Call, requests: Requests) -> AsyncIterator[Message]:
         try:
             async for request in requests:
-                for step in self.message_steps:
+                for step in self.request_steps:
                     await step(call, request)
                 yield request
         finally:

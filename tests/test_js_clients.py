@@ -152,6 +152,18 @@ def test_grpc_js_bidirectional_transaction(node: str, hypercorn_gateway: Gateway
     assert seen["committed"] and seen["updatedRows"] == 1 and seen["rolledBack"] is True, seen
 
 
+@pytest.mark.parametrize("path", ["grpc-port", "http-port"])
+def test_grpc_js_client_streaming_publish(node: str, hypercorn_gateway: GatewayProcess, path: str) -> None:
+    """PubSubService/PublishStream, client streaming, on both native gRPC paths: one answer
+    for the whole stream, every message delivered in order, a bad one refused by its place."""
+    target = hypercorn_gateway.grpc_target if path == "grpc-port" else f"127.0.0.1:{hypercorn_gateway.http_port}"
+    seen = grpc_js(node, hypercorn_gateway, "publishStream", target)
+    assert seen["published"] == 3 and seen["lastMessageId"], seen
+    assert seen["received"] == ["grpc_js.stream.a", "grpc_js.stream.b", "grpc_js.stream.c"], seen
+    assert seen["refused"]["code"] == "INVALID_ARGUMENT" and seen["refused"]["message"].startswith("request[1].subject"), seen
+    assert seen["after"] == "grpc_js.stream.d", "the message before the refused one stays published"
+
+
 def test_grpc_js_unary_calls_with_proto_loader(node: str, gateway: GatewayProcess) -> None:
     seen = grpc_js(node, gateway, "unary")
     assert seen["value"] == [0, 1, 254, 255] and seen["etag"]

@@ -24,7 +24,7 @@ from app.pipeline import Call
 from app.services.capabilities import require
 from app.sessions import SessionStore
 from app.settings import Limits
-from prism.errors import PrismError, invalid_argument, not_found, too_large
+from prism.errors import PrismError, invalid_argument, not_found, prefixed, too_large
 from prism.v1 import config_pb2
 from prism.v1 import pubsub_pb2 as ps
 
@@ -74,13 +74,30 @@ class PubSubService:
         self._open: dict[str, tuple[str, Subscription]] = {}  # served here: id → (session id, subscription)
 
     async def Publish(self, request: ps.PubSubPublishRequest, call: Call) -> ps.PubSubPublishResponse:
+        return ps.PubSubPublishResponse(message_id=await self._publish(request, call))
+
+    async def PublishStream(
+        self, requests: AsyncIterator[ps.PubSubPublishRequest], call: Call
+    ) -> ps.PublishStreamResponse:
+        """Each message published before the next is read, so order and rate limits hold as
+        for Publish; a refusal names the message by its place in the stream."""
+        response = ps.PublishStreamResponse()
+        async for request in requests:
+            try:
+                response.last_message_id = await self._publish(request, call)
+            except PrismError as exc:
+                raise prefixed(exc, f"request[{response.published}].") from None
+            response.published += 1
+        return response
+
+    async def _publish(self, request: ps.PubSubPublishRequest, call: Call) -> str:
         subject = parse_subject(request.subject)
         if len(request.data) > self.limits.max_value_bytes:
             raise too_large("data", len(request.data), self.limits.max_value_bytes)
         broker = self.backends.for_pubsub(call.config)
         message_id = await broker.publish(call.config.namespace, subject, request.data, request.headers)
         metrics.PUBLISHED.labels("pubsub", call.config.namespace).inc()
-        return ps.PubSubPublishResponse(message_id=message_id)
+        return message_id
 
     async def Subscribe(
         self, request: ps.PubSubSubscribeRequest, call: Call

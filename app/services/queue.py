@@ -32,7 +32,7 @@ from app.pipeline import Call
 from app.services.capabilities import require
 from app.settings import Limits
 from app.tracing import Tracing
-from prism.errors import PrismError, invalid_argument, too_large
+from prism.errors import PrismError, invalid_argument, prefixed, too_large
 from prism.v1 import config_pb2
 from prism.v1 import queue_pb2 as q
 
@@ -66,14 +66,6 @@ def check_name(name: str, field: str) -> str:
     if not NAME.fullmatch(name):
         raise invalid_argument(field, "must be 1 to 249 of A-Z a-z 0-9 . _ -, starting with a letter or digit")
     return name
-
-
-def _prefixed(error: PrismError, prefix: str) -> PrismError:
-    """An adapter's refusal of an entry as its place in the request names it
-    (``entries[2].idempotencyToken``)."""
-    if error.field is None:
-        return error
-    return PrismError(error.code, prefix + error.message, field=prefix + error.field)
 
 
 def _message(delivery: Delivery) -> q.QueueMessage:
@@ -170,7 +162,7 @@ class QueueService:
         try:
             published = await queue.publish_one(namespace, topic, entry)
         except PrismError as exc:
-            raise _prefixed(exc, "entry.") from None
+            raise prefixed(exc, "entry.") from None
         metrics.PUBLISHED.labels("queue", namespace).inc()
         self._watch(queue, namespace, topic, "")
         return q.QueuePublishResponse(
@@ -201,7 +193,7 @@ class QueueService:
             if outcome is None:
                 outcome = next(stored)
                 if isinstance(outcome, PrismError):
-                    outcome = _prefixed(outcome, f"entries[{i}].")
+                    outcome = prefixed(outcome, f"entries[{i}].")
             if isinstance(outcome, PrismError):
                 response.results.add().status.CopyFrom(outcome.to_status())
             else:

@@ -97,6 +97,34 @@ const scenarios = {
     };
   },
 
+  /** Client streaming: PublishStream of three messages (each delivered to a subscriber),
+   *  then a stream whose second message has a wildcard subject, refused by its place. */
+  async publishStream() {
+    const metadata = await session("events");
+    const call = pubsub.subscribe({ subject: "grpc_js.stream.*" }, metadata);
+    const deliveries = call[Symbol.asyncIterator]();
+    await deliveries.next(); // live
+    const publishStream = (messages) =>
+      new Promise((resolve) => {
+        const stream = pubsub.publishStream(metadata, deadline(), (error, response) =>
+          resolve(error ? { code: grpc.status[error.code], message: error.details } : response),
+        );
+        for (const message of messages) stream.write(message);
+        stream.end();
+      });
+    const sent = await publishStream(["a", "b", "c"].map((n) => ({ subject: `grpc_js.stream.${n}`, data: Buffer.from(n) })));
+    const received = [];
+    for (let i = 0; i < 3; i++) received.push((await deliveries.next()).value.message.subject);
+    const refused = await publishStream([
+      { subject: "grpc_js.stream.d", data: Buffer.from("d") },
+      { subject: "grpc_js.stream.*", data: Buffer.from("e") },
+    ]);
+    const after = (await deliveries.next()).value.message.subject; // what came before the refusal
+    call.on("error", () => {});
+    call.cancel();
+    return { published: Number(sent.published), lastMessageId: sent.lastMessageId, received, refused, after };
+  },
+
   /** Server streaming: Subscribe, Publish, read the delivery, cancel. */
   async subscribe() {
     const metadata = await session("events");
@@ -119,5 +147,5 @@ if (!(name in scenarios)) {
 try {
   console.log(JSON.stringify(await scenarios[name]()));
 } finally {
-  for (const client of [sessions, kv, pubsub]) client.close();
+  for (const client of [sessions, kv, pubsub, transact]) client.close();
 }

@@ -126,6 +126,14 @@ def invalid_argument(field: str, problem: str) -> PrismError:
     return PrismError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {problem}", field=field)
 
 
+def prefixed(error: PrismError, prefix: str) -> PrismError:
+    """A refusal of one part of a request as the request names that part (``entries[2].`` +
+    ``idempotencyToken``); a refusal naming no field stays as it is."""
+    if error.field is None:
+        return error
+    return PrismError(error.code, prefix + error.message, field=prefix + error.field)
+
+
 def not_found(message: str) -> PrismError:
     return PrismError(grpc.StatusCode.NOT_FOUND, message)
 

@@ -36,6 +36,14 @@ class PubSubPublishResponse(_message.Message):
     message_id: str
     def __init__(self, message_id: _Optional[str] = ...) -> None: ...
 
+class PublishStreamResponse(_message.Message):
+    __slots__ = ("published", "last_message_id")
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    LAST_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    published: int
+    last_message_id: str
+    def __init__(self, published: _Optional[int] = ..., last_message_id: _Optional[str] = ...) -> None: ...
+
 class PubSubSubscribeRequest(_message.Message):
     __slots__ = ("subject", "queue_group", "start_time", "start_after", "cursor")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]

@@ -41,6 +41,11 @@ class PubSubServiceStub:
                 request_serializer=prism_dot_v1_dot_pubsub__pb2.PubSubPublishRequest.SerializeToString,
                 response_deserializer=prism_dot_v1_dot_pubsub__pb2.PubSubPublishResponse.FromString,
                 _registered_method=True)
+        self.PublishStream = channel.stream_unary(
+                '/prism.v1.PubSubService/PublishStream',
+                request_serializer=prism_dot_v1_dot_pubsub__pb2.PubSubPublishRequest.SerializeToString,
+                response_deserializer=prism_dot_v1_dot_pubsub__pb2.PublishStreamResponse.FromString,
+                _registered_method=True)
         self.Subscribe = channel.unary_stream(
                 '/prism.v1.PubSubService/Subscribe',
                 request_serializer=prism_dot_v1_dot_pubsub__pb2.PubSubSubscribeRequest.SerializeToString,
@@ -60,6 +65,17 @@ class PubSubServiceServicer:
 
     def Publish(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishStream(self, request_iterator, context):
+        """Many publishes in one call, answered once when the client ends its stream: for producers
+        that need no answer per message. Each message is checked, counted against the rate limits
+        and published in the order sent; one that is refused ends the call with its error naming
+        it (`request[3].subject`), and the messages before it stay published. Native gRPC (either
+        path) only: over HTTP, send Publish calls on one connection.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -86,6 +102,11 @@ def add_PubSubServiceServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=prism_dot_v1_dot_pubsub__pb2.PubSubPublishRequest.FromString,
                     response_serializer=prism_dot_v1_dot_pubsub__pb2.PubSubPublishResponse.SerializeToString,
+            ),
+            'PublishStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.PublishStream,
+                    request_deserializer=prism_dot_v1_dot_pubsub__pb2.PubSubPublishRequest.FromString,
+                    response_serializer=prism_dot_v1_dot_pubsub__pb2.PublishStreamResponse.SerializeToString,
             ),
             'Subscribe': grpc.unary_stream_rpc_method_handler(
                     servicer.Subscribe,
@@ -127,6 +148,33 @@ class PubSubService:
             '/prism.v1.PubSubService/Publish',
             prism_dot_v1_dot_pubsub__pb2.PubSubPublishRequest.SerializeToString,
             prism_dot_v1_dot_pubsub__pb2.PubSubPublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/prism.v1.PubSubService/PublishStream',
+            prism_dot_v1_dot_pubsub__pb2.PubSubPublishRequest.SerializeToString,
+            prism_dot_v1_dot_pubsub__pb2.PublishStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
