@@ -15,11 +15,14 @@ reader at a time, again and again until the timed seconds reach the run's durati
 least one whole read). Per backend:
 
     direct        the backend's own client in a client process, the keyset statements
-                  ``adapters/reader/sql.py`` writes for this read, verbatim:
+                  ``adapters/reader/sql.py`` writes for this read, the columns read raw:
                       SELECT "id", "label", "amount", "flag", "at" FROM "<table>"
                           ORDER BY "id" ASC LIMIT $1                                 (first page)
                       SELECT … FROM "<table>" WHERE (("id" > $1::int8))
                           ORDER BY "id" ASC LIMIT $2                                 (the others)
+                  (verbatim on SQLite; the gateway's Postgres statement reads "at" as the
+                  database's own RFC 3339 text instead — ``to_char`` in a CASE for the years
+                  1000–9999, see adapters/reader/postgres.py — the same WHERE, ORDER BY, LIMIT)
                   postgres: asyncpg, a pool of 1..10 like the adapter's, one connection
                   acquired per page (as the adapter does), ``fetch`` → Records;
                   sqlite: aiosqlite on the same file with the backend's pragmas (WAL,
@@ -38,8 +41,9 @@ reading its own database with that client gets. The gateway, per page, checks it
 the stream's deadline, runs the same statement with LIMIT 1,001 (one row more, to know whether
 another page follows; the direct client instead stops at a short page, so it runs one statement
 more at the end), turns every value into JSON (numbers, strings, booleans; timestamps as RFC
-3339 text), builds a protobuf Struct per row within the page's byte budget, signs a
-continuation cursor, and encodes the page for its transport (protobuf, or JSON for SSE) — then
+3339 text) column by column, takes the rows that fit the page's byte budget, signs a
+continuation cursor, and encodes the page for its transport straight from the columns
+(protobuf Structs' wire bytes, or JSON for SSE: ``app/services/reader_pages.py``) — then
 fetches the next page only once the transport has sent this one (backpressure: a full Read
 holds one page). Its client decodes and checks every page: that cost lands on the same 2 cores
 (*client CPU*), as the direct client's decoding does.

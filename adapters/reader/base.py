@@ -6,7 +6,8 @@ configuration exposes as collections, with keyset pagination.
         ▼
     plan(schema, Query)  filter, sort (the key appended as tie-breaker), projection → SQL, once
         │
-        ├─ rows(plan, after, limit)  the next ``limit`` rows strictly after position ``after``
+        ├─ batch(plan, after, limit) the next ``limit`` rows strictly after position ``after``,
+        │                            column by column (``rows``: the same, a Row each)
         └─ count(plan)               how many rows match the filter
 
 Every backend gives these the same meaning; ``tests/conformance/test_reader_adapter.py`` checks
@@ -52,7 +53,7 @@ them against an adapter directly, ``tests/conformance/test_reader.py`` through t
    ``and``/``or`` combine one or more filters.
 4. **Order.** Rows come in the requested order of fields, each ascending or descending, then by
    the key columns not already in it, ascending: a total order, so a position (the sort values
-   of a row) says exactly where a page ended. ``rows`` answers the rows strictly after the
+   of a row) says exactly where a page ended. ``batch`` answers the rows strictly after the
    position, by a keyset condition on the sort fields — never OFFSET — so a page costs the
    same wherever it starts.
 5. **Concurrent changes** between pages (each page is its own statement, reading what is
@@ -66,7 +67,7 @@ them against an adapter directly, ``tests/conformance/test_reader.py`` through t
    change loses or repeats a row.
 6. **Positions** are the raw sort values of a row; ``encode_position`` makes them JSON for a
    cursor and ``decode_position`` checks them on the way back (INVALID_ARGUMENT ``cursor``).
-7. **Giving up.** A caller cancelled while it waits for ``rows`` or ``count`` (its deadline, its
+7. **Giving up.** A caller cancelled while it waits for ``batch`` or ``count`` (its deadline, its
    client gone) stops the statement in the database, so the connection is free for the next.
 
 Errors are :class:`~prism.errors.PrismError`, so no driver exception crosses the contract:
@@ -82,6 +83,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -224,6 +226,31 @@ class Row:
     position: tuple[Any, ...]  # the raw sort values (``Query.order``): where a page after it starts
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The rows one statement read, column by column: what a page is built from without an
+    object per row. ``columns[i]`` holds field ``fields[i]`` of every row as JSON values;
+    ``raw`` keeps the driver's rows, whose sort values (at ``order`` in each) are a row's
+    position, taken only for the rows a cursor names."""
+
+    fields: tuple[str, ...]
+    columns: Sequence[Sequence[Json]]
+    raw: Sequence[Sequence[Any]]
+    order: Sequence[int]
+    types: Sequence[AbstractSet[type] | None] | None = None  # each column's value types, where known
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def position(self, index: int) -> tuple[Any, ...]:
+        raw = self.raw[index]
+        return tuple([raw[i] for i in self.order])
+
+    def rows(self) -> list[Row]:
+        fields, columns = self.fields, zip(*self.columns, strict=True)
+        return [Row(dict(zip(fields, values, strict=True)), self.position(i)) for i, values in enumerate(columns)]
+
+
 # --- Planning a query (shared: the same checks and order on every backend) ---------------------
 
 
@@ -317,7 +344,9 @@ def rfc3339(value: datetime.datetime) -> str:
     """The one JSON form of a timestamp: UTC, microseconds, ``Z`` (naive means UTC)."""
     if value.tzinfo is not None:
         value = value.astimezone(datetime.UTC).replace(tzinfo=None)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if value.year >= 1000:  # isoformat writes what strftime does, in a third of the time
+        return value.isoformat(timespec="microseconds") + "Z"
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # (strftime writes years before 1000 unpadded)
 
 
 def json_number(value: int | float) -> Json:
@@ -327,6 +356,33 @@ def json_number(value: int | float) -> Json:
     if math.isfinite(value):
         return value
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+_NONE = type(None)
+_PLAIN_NUMBER_TYPES = frozenset({int, float, _NONE})
+
+
+def plain_numbers(values: Sequence[Any]) -> frozenset[type] | None:
+    """The types of a column's values when every one is None, an int within ±2^53 or a finite
+    float — what :func:`json_number` leaves as it is, so the column needs no converting — else
+    None. A few passes over the column, each a loop in C."""
+    types = frozenset(map(type, values))
+    if not types <= _PLAIN_NUMBER_TYPES:
+        return None
+    present = values if _NONE not in types else [v for v in values if v is not None]
+    if not present:
+        return types
+    if float in types:
+        try:
+            if not all(map(math.isfinite, present)):
+                return None
+        except OverflowError:  # an int beyond a double's range
+            return None
+    if int in types:
+        ints = present if float not in types else [v for v in present if type(v) is int]
+        if min(ints) < -EXACT_DOUBLE or max(ints) > EXACT_DOUBLE:
+            return None
+    return types
 
 
 def check(collection: Collection, found: Found) -> Schema:
@@ -449,9 +505,13 @@ class ReaderAdapter(ABC):
         """Compile ``query`` (fields, order and filter already checked against ``schema``)."""
 
     @abstractmethod
-    async def rows(self, plan: Plan, after: tuple[Any, ...] | None, limit: int) -> list[Row]:
+    async def batch(self, plan: Plan, after: tuple[Any, ...] | None, limit: int) -> Batch:
         """Up to ``limit`` rows in the plan's order, strictly after position ``after`` (None:
-        from the first)."""
+        from the first), column by column (what the service builds pages from)."""
+
+    async def rows(self, plan: Plan, after: tuple[Any, ...] | None, limit: int) -> list[Row]:
+        """The same rows as :meth:`batch`, a :class:`Row` each."""
+        return (await self.batch(plan, after, limit)).rows()
 
     @abstractmethod
     async def count(self, plan: Plan) -> int:

@@ -6,6 +6,10 @@ so a value beyond an int4 column's range still compares, and btree indexes serve
 comparison. Strings compare ``COLLATE "C"`` (code point order, as SQLite) unless the column's
 collation is C already — then an ordinary index serves a string sort key; otherwise give it an
 index ``COLLATE "C"``. ``timestamp`` without time zone is read and compared as UTC.
+
+A timestamp field's JSON text is written by the database for the years 1000–9999 (``to_char``
+in UTC, the form :func:`rfc3339` writes: no datetime made and formatted per row in the
+gateway), and by rfc3339 from the value for the rest (infinities, other years), as before.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ from __future__ import annotations
 import datetime
 import decimal
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from adapters.reader.base import (
     DEMO_FIELDS,
+    Batch,
     Collection,
     Column,
     Found,
@@ -28,15 +34,15 @@ from adapters.reader.base import (
     Plan,
     Query,
     ReaderAdapter,
-    Row,
     Schema,
     bad_cursor,
     demo_rows,
     json_number,
     mismatch,
+    plain_numbers,
     rfc3339,
 )
-from adapters.reader.sql import Dialect, SqlPlan, Statement
+from adapters.reader.sql import ColumnOutput, Dialect, SqlPlan, Statement
 
 if TYPE_CHECKING:  # the pool's module imports this one
     from adapters.backends.postgres import PostgresPool
@@ -76,6 +82,7 @@ UNIQUE = """
 SELECT i.indkey::int2[] AS keys, i.indnkeyatts AS width FROM pg_index i
 WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
 """
+TIMESTAMP_TEXT = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'  # to_char's pattern for rfc3339's form
 DEMO_LOCK = 0x7072_6973_6D72_6472  # an advisory lock id of the demo table's creation ("prismrdr")
 
 
@@ -93,6 +100,40 @@ def _timestamp(value: Any) -> Json:
 
 def _integer(value: Any) -> Json:
     return None if value is None else json_number(value)
+
+
+# Faster passes over a whole column, giving what the functions above give value by value (and,
+# where the pass learned them, the types of the values it gives).
+
+_STRINGS = frozenset({str})
+
+
+def _as_are(values: Sequence[Any]) -> tuple[Sequence[Json], AbstractSet[type] | None]:
+    return values, None
+
+
+def _integers(values: Sequence[Any]) -> tuple[Sequence[Json], AbstractSet[type] | None]:
+    types = plain_numbers(values)
+    return (values, types) if types is not None else (list(map(_integer, values)), None)
+
+
+def _numbers(values: Sequence[Any]) -> tuple[Sequence[Json], AbstractSet[type] | None]:
+    if (types := plain_numbers(values)) is not None:  # float8, float4
+        return values, types
+    if set(map(type, values)) == {decimal.Decimal}:  # numeric
+        floats = list(map(float, values))
+        if (types := plain_numbers(floats)) is not None:
+            return floats, types
+    return list(map(_number, values)), None
+
+
+def _timestamps(texts: Sequence[Any], values: Sequence[Any]) -> tuple[Sequence[Json], AbstractSet[type] | None]:
+    """A timestamp column read as PostgreSQL's own RFC 3339 text (``selected``) for the years
+    1000–9999, and as the value itself for the others (null there), which :func:`rfc3339` writes
+    as it always did."""
+    if set(map(type, texts)) == _STRINGS:  # no null, every one in those years: the common case
+        return texts, _STRINGS
+    return [_timestamp(value) if text is None else text for text, value in zip(texts, values, strict=True)], None
 
 
 class PostgresDialect(Dialect):
@@ -117,6 +158,35 @@ class PostgresDialect(Dialect):
             Kind.STRING: _as_is,
             Kind.BOOLEAN: _as_is,
             Kind.TIMESTAMP: _timestamp,
+        }[column.kind]
+
+    def selected(self, column: Column) -> tuple[str, ...]:
+        """A timestamp between the years 1000 and 9999 formatted by the database, exactly as
+        :func:`rfc3339` formats it (``to_char`` in UTC: no datetime made, no formatting in the
+        gateway), and the value itself only outside those years, where rfc3339 writes it."""
+        ref = self.identifier(column.name)
+        if column.kind is not Kind.TIMESTAMP:
+            return (ref,)
+        if column.sql_type == "timestamptz":
+            low, high, utc = "'1000-01-01 00:00:00+00'::timestamptz", "'10000-01-01 00:00:00+00'::timestamptz", f"{ref} AT TIME ZONE 'UTC'"
+        else:  # timestamp: UTC already
+            low, high, utc = "'1000-01-01'::timestamp", "'10000-01-01'::timestamp", ref
+        inside = f"{ref} >= {low} AND {ref} < {high}"
+        # Named apart: ORDER BY "f" would otherwise find the second one (a CASE takes its ELSE's
+        # name) besides the column. No field name holds a "#".
+        text = f"to_char({utc}, '{TIMESTAMP_TEXT}')"
+        return (
+            f'CASE WHEN {inside} THEN {text} END AS "#{column.name}"',
+            f'CASE WHEN {inside} THEN NULL ELSE {ref} END AS "#{column.name}#"',
+        )
+
+    def output_column(self, column: Column) -> ColumnOutput:
+        return {
+            Kind.INTEGER: _integers,
+            Kind.NUMBER: _numbers,
+            Kind.STRING: _as_are,
+            Kind.BOOLEAN: _as_are,
+            Kind.TIMESTAMP: _timestamps,
         }[column.kind]
 
 
@@ -186,11 +256,10 @@ class PostgresReader(ReaderAdapter):
     def plan(self, schema: Schema, query: Query) -> Plan:
         return SqlPlan(DIALECT, schema, query)
 
-    async def rows(self, plan: Plan, after: tuple[Any, ...] | None, limit: int) -> list[Row]:
+    async def batch(self, plan: Plan, after: tuple[Any, ...] | None, limit: int) -> Batch:
         assert isinstance(plan, SqlPlan)
         sql, params = plan.page(after, limit)
-        convert = plan.row
-        return [convert(r) for r in await self._fetch(plan.schema.collection, sql, params)]
+        return plan.batch(await self._fetch(plan.schema.collection, sql, params))
 
     async def count(self, plan: Plan) -> int:
         assert isinstance(plan, SqlPlan)

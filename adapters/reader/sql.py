@@ -21,12 +21,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from adapters.reader.base import (
     IDENTIFIER,
     ORDERED,
     AllOf,
+    Batch,
     Column,
     Condition,
     Filter,
@@ -35,7 +37,6 @@ from adapters.reader.base import (
     Op,
     Plan,
     Query,
-    Row,
     Schema,
     SortKey,
 )
@@ -43,6 +44,11 @@ from adapters.reader.base import (
 COMPARISON = {Op.LT: "<", Op.LTE: "<=", Op.GT: ">", Op.GTE: ">="}
 MAX_CODE_POINT = 0x10FFFF
 SURROGATES = range(0xD800, 0xE000)
+
+
+# A page's values of one column (a sequence per expression selected for it) → their JSON values,
+# and those values' types when known.
+ColumnOutput = Callable[..., tuple[Sequence[Json], AbstractSet[type] | None]]
 
 
 class Dialect(ABC):
@@ -74,6 +80,19 @@ class Dialect(ABC):
     @abstractmethod
     def output(self, column: Column) -> Callable[[Any], Json]:
         """The function turning the column's raw values into JSON values (None stays None)."""
+
+    def output_column(self, column: Column) -> ColumnOutput:
+        """The function turning a page's values of the column (one per row) into JSON values:
+        ``output`` on each, or a faster pass over the whole column that gives the same values
+        (and, when that pass learned them, the types of those values). It takes one sequence
+        per expression ``selected`` gives."""
+        convert = self.output(column)
+        return lambda values: (list(map(convert, values)), None)
+
+    def selected(self, column: Column) -> tuple[str, ...]:
+        """What the SELECT list reads for the column's output: the column itself, or
+        expressions the database computes it with (``output_column`` gets one value of each)."""
+        return (self.identifier(column.name),)
 
 
 class Statement:
@@ -182,21 +201,36 @@ def order_by(dialect: Dialect, schema: Schema, order: Sequence[SortKey]) -> str:
 
 
 class SqlPlan(Plan):
-    """A query as SQL text and bound filter values, plus how a result row becomes a :class:`Row`."""
+    """A query as SQL text and bound filter values, plus how result rows become a :class:`Batch`."""
 
     def __init__(self, dialect: Dialect, schema: Schema, query: Query) -> None:
         self.dialect, self.schema, self.query = dialect, schema, query
         order_fields = [key.field for key in query.order]
-        names = list(query.fields) + [f for f in order_fields if f not in query.fields]
-        self.select = ", ".join(dialect.identifier(name) for name in names)
+        # The SELECT list: each projected field's output (the column, or expressions computing
+        # its JSON value), then the raw sort fields no output is.
+        items: list[str] = []
+        raw_at: dict[str, int] = {}  # where a field's raw value is in a result row
+        self.inputs: list[tuple[int, ...]] = []  # each projected field's items
+        for name in query.fields:
+            selected = dialect.selected(schema.columns[name])
+            self.inputs.append(tuple(range(len(items), len(items) + len(selected))))
+            if selected == (dialect.identifier(name),):
+                raw_at[name] = len(items)
+            items += selected
+        for name in order_fields:
+            if name not in raw_at:
+                raw_at[name] = len(items)
+                items.append(dialect.identifier(name))
+        self.select = ", ".join(items)
         self.relation = dialect.relation(schema.collection.table)
         statement = Statement(dialect)
         self.filter = where(statement, schema, query.filter) if query.filter is not None else ""
         self.filter_params = statement.params
         self.order_by = order_by(dialect, schema, query.order)
         self.fields = query.fields
-        self.outputs = [dialect.output(schema.columns[name]) for name in query.fields]
-        self.positions = [names.index(f) for f in order_fields]
+        self.outputs = [dialect.output_column(schema.columns[name]) for name in query.fields]
+        self.positions = tuple(raw_at[f] for f in order_fields)
+        self.simple = all(i == (n,) for n, i in enumerate(self.inputs))  # field n is item n
 
     def page(self, after: Sequence[Any] | None, limit: int) -> tuple[str, list[Any]]:
         statement = Statement(self.dialect, self.filter_params)
@@ -212,7 +246,14 @@ class SqlPlan(Plan):
         where_clause = f" WHERE {self.filter}" if self.filter else ""
         return f"SELECT count(*) FROM {self.relation}{where_clause}", list(self.filter_params)
 
-    def row(self, raw: Sequence[Any]) -> Row:
-        """A result row (the projected fields first, then the other sort fields) as a Row."""
-        values = {name: convert(value) for name, convert, value in zip(self.fields, self.outputs, raw, strict=False)}
-        return Row(values, tuple([raw[i] for i in self.positions]))
+    def batch(self, raw: Sequence[Sequence[Any]]) -> Batch:
+        """Result rows (the projected fields' items first, then the other raw sort fields) as a
+        Batch: each projected column converted in one pass."""
+        if not raw:
+            return Batch(self.fields, [() for _ in self.fields], raw, self.positions)
+        if self.simple:  # zip(*raw) transposes; zipped with the converters it stops after the fields
+            converted = [convert(values) for convert, values in zip(self.outputs, zip(*raw, strict=True), strict=False)]
+        else:
+            items = list(zip(*raw, strict=True))
+            converted = [convert(*[items[i] for i in inputs]) for convert, inputs in zip(self.outputs, self.inputs, strict=True)]
+        return Batch(self.fields, [c[0] for c in converted], raw, self.positions, [c[1] for c in converted])

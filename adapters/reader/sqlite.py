@@ -17,13 +17,15 @@ import datetime
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
 import grpc
 
 from adapters.reader.base import (
     DEMO_FIELDS,
+    Batch,
     Collection,
     Column,
     Found,
@@ -32,14 +34,14 @@ from adapters.reader.base import (
     Plan,
     Query,
     ReaderAdapter,
-    Row,
     Schema,
     demo_rows,
     json_number,
     mismatch,
+    plain_numbers,
     rfc3339,
 )
-from adapters.reader.sql import Dialect, SqlPlan, Statement
+from adapters.reader.sql import ColumnOutput, Dialect, SqlPlan, Statement
 from adapters.sqlite_worker import SqliteWorker
 from prism.errors import PrismError, internal
 
@@ -95,6 +97,37 @@ def _timestamp(value: Any) -> Json:
     return value
 
 
+# Faster passes over a whole column, giving what the functions above give value by value (and,
+# where the pass learned them, the types of the values it gives).
+
+_STRINGS = frozenset({str})
+_BOOLEANS = frozenset({bool})
+
+
+def _numbers(values: Sequence[Any]) -> tuple[Sequence[Json], AbstractSet[type] | None]:
+    types = plain_numbers(values)
+    return (values, types) if types is not None else (list(map(_integer, values)), None)
+
+
+def _strings(values: Sequence[Any]) -> tuple[Sequence[Json], AbstractSet[type] | None]:
+    return values, None
+
+
+def _booleans(values: Sequence[Any]) -> tuple[Sequence[Json], AbstractSet[type] | None]:
+    if set(map(type, values)) == {int}:
+        return list(map(bool, values)), _BOOLEANS
+    return list(map(_boolean, values)), None
+
+
+def _timestamps(values: Sequence[Any]) -> tuple[Sequence[Json], AbstractSet[type] | None]:
+    """Canonical text, the common case, as it is: strings of the canonical length, every one
+    ending in Z (every CANONICAL_LENGTH-th character of them end to end)."""
+    if set(map(type, values)) == _STRINGS and set(map(len, values)) == {CANONICAL_LENGTH}:
+        if "".join(values)[CANONICAL_LENGTH - 1 :: CANONICAL_LENGTH] == "Z" * len(values):
+            return values, _STRINGS
+    return list(map(_timestamp, values)), None
+
+
 class SqliteDialect(Dialect):
     # Backquotes, not double quotes: SQLite reads a double-quoted name that matches no column as
     # a string literal, so a column dropped after the check would silently compare as text.
@@ -120,6 +153,15 @@ class SqliteDialect(Dialect):
             Kind.STRING: _as_is,
             Kind.BOOLEAN: _boolean,
             Kind.TIMESTAMP: _timestamp,
+        }[column.kind]
+
+    def output_column(self, column: Column) -> ColumnOutput:
+        return {
+            Kind.INTEGER: _numbers,
+            Kind.NUMBER: _numbers,
+            Kind.STRING: _strings,
+            Kind.BOOLEAN: _booleans,
+            Kind.TIMESTAMP: _timestamps,
         }[column.kind]
 
 
@@ -232,11 +274,10 @@ class SqliteReader(ReaderAdapter):
     def plan(self, schema: Schema, query: Query) -> Plan:
         return SqlPlan(DIALECT, schema, query)
 
-    async def rows(self, plan: Plan, after: tuple[Any, ...] | None, limit: int) -> list[Row]:
+    async def batch(self, plan: Plan, after: tuple[Any, ...] | None, limit: int) -> Batch:
         assert isinstance(plan, SqlPlan)
         sql, params = plan.page(after, limit)
-        convert = plan.row
-        return await self._run(lambda con: [convert(r) for r in con.execute(sql, params)], plan.schema.collection)
+        return await self._run(lambda con: plan.batch(con.execute(sql, params).fetchall()), plan.schema.collection)
 
     async def count(self, plan: Plan) -> int:
         assert isinstance(plan, SqlPlan)

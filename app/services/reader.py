@@ -11,6 +11,10 @@ row, so a stream always advances). The stream ends after the last page (empty
 ``nextCursor``), or when the request's deadline (``reader.deadline_seconds``) leaves no time for
 the next page: it then ends with an empty page whose ``nextCursor`` resumes where it stopped.
 
+Pages are built from the adapter's columns (``Batch``) by ``app/services/reader_pages.py``,
+which encodes them for the transport that sends them (protobuf, or JSON for SSE and Connect)
+with no protobuf Struct built per row.
+
 A cursor is the position of the last row sent, signed (``app/services/cursors.py``) for the
 namespace and backend of the session and bound to the collection, filter and order; a cursor
 altered, expired, or sent with another filter or order is INVALID_ARGUMENT naming ``cursor``.
@@ -33,6 +37,7 @@ from adapters.reader.base import (
     ORDERED,
     AllOf,
     AnyOf,
+    Batch,
     Collection,
     Condition,
     Filter,
@@ -42,7 +47,6 @@ from adapters.reader.base import (
     Plan,
     Query,
     ReaderAdapter,
-    Row,
     Schema,
     SortKey,
     complete_order,
@@ -51,6 +55,7 @@ from adapters.reader.base import (
 )
 from app.pipeline import Call
 from app.services.cursors import Cursors
+from app.services.reader_pages import EncodedPage, PageRows
 from app.settings import Reader as ReaderSettings
 from prism.errors import PrismError, invalid_argument, not_found, unauthenticated
 from prism.v1 import config_pb2
@@ -75,10 +80,6 @@ MAX_IN_VALUES = 1000
 MAX_FILTER_DEPTH = 8
 MAX_CURSOR_CHARS = 64 * 1024
 CURSOR_RESERVE = 256  # bytes of a page's budget kept for its cursor until the real one is known
-
-
-def _varint_size(value: int) -> int:
-    return max(1, (value.bit_length() + 6) // 7)
 
 
 def _shown(text: str) -> str:
@@ -286,11 +287,11 @@ class ReaderService:
             while True:
                 if ended:
                     raise ended[0]
-                rows = await self._fetch(checked, position, rows_per_page + 1, deadline - loop.time())
-                if rows is None:  # out of time: the client resumes from here
+                batch = await self._fetch(checked, position, rows_per_page + 1, deadline - loop.time())
+                if batch is None:  # out of time: the client resumes from here
                     yield r.Page(next_cursor=self._cursor(checked, position))
                     return
-                page, position, more = self._page(checked, rows, rows_per_page, page_bytes)
+                page, position, more = self._page(checked, batch, rows_per_page, page_bytes)
                 yield page
                 if not more:
                     return
@@ -298,49 +299,39 @@ class ReaderService:
             call.session.release_stream(stream_id)
 
     @staticmethod
-    async def _fetch(checked: _Request, position: tuple[Any, ...] | None, limit: int, seconds: float) -> list[Row] | None:
+    async def _fetch(checked: _Request, position: tuple[Any, ...] | None, limit: int, seconds: float) -> Batch | None:
         """The next rows, or None when they do not come within ``seconds``."""
         if seconds <= 0:
             return None
         timeout = asyncio.timeout(seconds)
         try:
             async with timeout:
-                return await checked.adapter.rows(checked.plan, position, limit)
+                return await checked.adapter.batch(checked.plan, position, limit)
         except TimeoutError:
             if timeout.expired():
                 return None
             raise
 
     def _page(
-        self, checked: _Request, rows: list[Row], rows_per_page: int, page_bytes: int
-    ) -> tuple[r.Page, tuple[Any, ...] | None, bool]:
+        self, checked: _Request, batch: Batch, rows_per_page: int, page_bytes: int
+    ) -> tuple[r.Page | EncodedPage, tuple[Any, ...] | None, bool]:
         """The page the rows fill within both bounds, the position it ends at, and whether
-        rows remain after it."""
-        page = r.Page()
-        added = page.rows.add
-        budget, size, last = page_bytes - CURSOR_RESERVE, 0, None
-        for row in rows[:rows_per_page]:
-            struct: struct_pb2.Struct = added()
-            struct.update(row.values)
-            encoded = struct.ByteSize()
-            cost = 1 + _varint_size(encoded) + encoded
-            if last is not None and size + cost > budget:
-                del page.rows[-1]
-                break
-            size += cost
-            last = row
-        taken = len(page.rows)
-        if last is None:  # no rows at all: the end
-            return page, None, False
-        more = taken < len(rows)
+        rows remain after it. Rows are taken while the encoded page stays within the budget
+        less CURSOR_RESERVE (the first row always); then, should the real cursor take the page
+        past ``page_bytes`` (long string sort keys), rows are given back."""
+        count = min(len(batch), rows_per_page)
+        if count == 0:  # no rows at all: the end
+            return r.Page(), None, False
+        rows = PageRows(batch.fields, batch.columns, count, batch.types)
+        taken = rows.fitting(page_bytes - CURSOR_RESERVE)
+        more = taken < len(batch)
+        cursor = ""
         if more:
-            page.next_cursor = self._cursor(checked, last.position)
-            # The real cursor may be longer than the reserve (long string sort keys): give back rows.
-            while page.ByteSize() > page_bytes and len(page.rows) > 1:
-                del page.rows[-1]
-                last = rows[len(page.rows) - 1]
-                page.next_cursor = self._cursor(checked, last.position)
-        return page, last.position, more
+            cursor = self._cursor(checked, batch.position(taken - 1))
+            while not rows.within(taken, cursor, page_bytes) and taken > 1:
+                taken -= 1
+                cursor = self._cursor(checked, batch.position(taken - 1))
+        return EncodedPage(rows, taken, cursor), batch.position(taken - 1), more
 
 
 def _scalar(value: struct_pb2.Value, where: str) -> Json:

@@ -63,10 +63,14 @@ _TRUE, _FALSE = {"true", "1"}, {"false", "0"}
 
 
 def to_json(message: Message) -> bytes:
+    if not isinstance(message, Message):  # a response encoded by its service (a Reader page: app/services/reader_pages.py)
+        return message.to_json()  # type: ignore[attr-defined]
     return json.dumps(to_dict(message), separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def to_dict(message: Message) -> dict[str, Any]:
+    if not isinstance(message, Message):  # as in to_json
+        return json.loads(message.to_json())  # type: ignore[attr-defined,no-any-return]
     return encoder(message.DESCRIPTOR)(message)
 
 

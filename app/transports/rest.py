@@ -219,7 +219,25 @@ def _event(response: Message, count: int) -> ServerSentEvent:
     inner = getattr(response, "message", None)  # a PubSub delivery's message
     inner_id = getattr(inner, "message_id", "") if isinstance(inner, Message) else ""
     event_id = getattr(response, "message_id", "") or inner_id or getattr(response, "next_cursor", "") or str(count)
+    if not isinstance(response, Message):  # a Reader page, its JSON made by its service (app/services/reader_pages.py)
+        return _OneLine(response.to_json(), event_id)  # type: ignore[attr-defined]
     return ServerSentEvent(data=json_codec.to_json(response).decode(), event="message", id=event_id)
+
+
+class _OneLine(ServerSentEvent):
+    """A message event whose data is JSON already encoded, written as ServerSentEvent writes
+    it without splitting, decoding and encoding it again: the same bytes when the JSON is one
+    line (which it is: JSON text holds no raw line break), else ServerSentEvent's own."""
+
+    def __init__(self, data: bytes, event_id: str) -> None:
+        super().__init__(data=None, event="message", id=event_id)
+        self.payload = data
+
+    def encode(self) -> bytes:
+        if b"\n" in self.payload or b"\r" in self.payload:
+            return ServerSentEvent(data=self.payload.decode(), event="message", id=self.id).encode()
+        event_id = self._LINE_SEP_EXPR.sub("", self.id or "").encode()
+        return b"".join((b"id: ", event_id, b"\r\nevent: message\r\ndata: ", self.payload, b"\r\n\r\n"))
 
 
 def _resumed(request: Message, metadata: dict[str, str]) -> Message:

@@ -686,9 +686,9 @@ class Counting:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def rows(self, plan: Any, after: Any, limit: int) -> Any:
+    async def batch(self, plan: Any, after: Any, limit: int) -> Any:
         self.fetched += 1
-        return await self.inner.rows(plan, after, limit)
+        return await self.inner.batch(plan, after, limit)
 
 
 class HeldStreams:
@@ -731,6 +731,7 @@ async def test_the_next_page_is_read_only_when_the_previous_one_is_taken(suite: 
         first, second = await anext(pages), await anext(pages)
         await asyncio.sleep(0.2)
         assert len(first.rows) == len(second.rows) == 10 and adapter.fetched == 2
+        assert [int(row.fields["id"].number_value) for row in second.rows] == list(range(11, 21))
         assert session.held, "the stream is held by its session while it is open"
         await pages.aclose()  # type: ignore[attr-defined]
         assert adapter.fetched == 2 and not session.held

@@ -850,6 +850,60 @@ async def test_postgres_types_numeric_int4_and_timestamp_without_time_zone(site:
 
 
 @pytest.mark.case("values")
+@pytest.mark.parametrize("site", ["postgres"], indirect=True)
+async def test_postgres_timestamps_read_as_rfc3339_writes_them_in_every_year(site: Any) -> None:
+    """The database writes a timestamp's text for the years 1000–9999 (``to_char``), the gateway
+    for the others (``rfc3339`` of the value asyncpg reads): both columns types, every year,
+    infinities and nulls give what rfc3339 gives for the value itself, and sort keys among them
+    still make positions."""
+    import asyncpg
+
+    from adapters.reader.postgres import _timestamp
+
+    name = f"reader_test_{RUN}_{next(COUNTER)}"
+    await site.execute(f"CREATE TABLE {name} (id int8 PRIMARY KEY, tz timestamptz, naive timestamp)")
+    rng = random.Random(13)
+    seconds = [rng.uniform(-62135596800, 253402300798) for _ in range(400)]  # years 1 to 9999
+    seconds += [-30610224000.0, -30610224000.000001, 253402300798.999999, 0.0, 1e9 + 0.000001]  # the edges of 1000
+    stamps = [datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(seconds=x) for x in seconds]
+    literals = ["infinity", "-infinity", "10000-01-01 00:00:00+00", "0001-01-01 00:00:00+00 BC", None]
+    try:
+        await site.execute(f"INSERT INTO {name} VALUES ($1, $2, $3)", [[i, t, t.replace(tzinfo=None)] for i, t in enumerate(stamps)])
+        offset = len(stamps)
+        for i, literal in enumerate(literals):
+            value = "NULL" if literal is None else f"'{literal}'"
+            await site.execute(f"INSERT INTO {name} VALUES ({offset + i}, {value}::timestamptz, {value}::timestamp)")
+        adapter = await site.open()
+        schema = await adapter.prepare(Collection("t", name, ("id",), ("id", "tz", "naive")))
+        con = await asyncpg.connect(POSTGRES_DSN)
+        try:
+            order = complete_order(schema, [SortKey("tz"), SortKey("naive", True)])
+            for i in range(len(stamps) + len(literals)):
+                try:  # the value as asyncpg reads it, written by the value-by-value path
+                    raw = await con.fetchrow(f"SELECT tz, naive FROM {name} WHERE id = $1", i)
+                    expected: Any = {"id": i, "tz": _timestamp(raw["tz"]), "naive": _timestamp(raw["naive"])}
+                except (OverflowError, ValueError) as exc:  # beyond a datetime: the read fails as before
+                    expected = type(exc)
+                plan = adapter.plan(schema, Query(("id", "tz", "naive"), order, Condition("id", Op.EQ, i)))
+                if isinstance(expected, type):
+                    with pytest.raises(expected):
+                        await adapter.rows(plan, None, 5)
+                    continue
+                (row,) = await adapter.rows(plan, None, 5)
+                assert row.values == expected, (i, raw)
+        finally:
+            await con.close()
+        # Ordered by both timestamps through cursors, years 1000–9999 only (the rest cannot all be read).
+        inside = Condition("id", Op.LT, offset)
+        plan = adapter.plan(schema, Query(("id", "tz"), complete_order(schema, [SortKey("tz"), SortKey("naive", True)]), inside))
+        rows = await read_all(adapter, plan, 7)
+        assert [r.values["id"] for r in rows] == sorted(range(offset), key=lambda i: stamps[i])
+        assert [r.values["tz"] for r in rows] == [rfc3339(stamps[r.values["id"]]) for r in rows]
+    finally:
+        await site.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+@pytest.mark.case("values")
 @pytest.mark.parametrize("site", ["sqlite"], indirect=True)
 async def test_sqlite_declared_types_give_the_kinds_and_other_timestamp_text_reads_as_an_instant(site: Any) -> None:
     """SQLite types are declared, not enforced: the declaration picks the kind. Timestamp text
