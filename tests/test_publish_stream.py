@@ -7,7 +7,6 @@ stream has no session. (grpc-js: tests/test_js_clients.py.)"""
 from __future__ import annotations
 
 import asyncio
-import pathlib
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
