@@ -344,9 +344,7 @@ def rfc3339(value: datetime.datetime) -> str:
     """The one JSON form of a timestamp: UTC, microseconds, ``Z`` (naive means UTC)."""
     if value.tzinfo is not None:
         value = value.astimezone(datetime.UTC).replace(tzinfo=None)
-    if value.year >= 1000:  # isoformat writes what strftime does, in a third of the time
-        return value.isoformat(timespec="microseconds") + "Z"
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # (strftime writes years before 1000 unpadded)
+    return value.isoformat(timespec="microseconds") + "Z"  # four-digit years, as RFC 3339 has them
 
 
 def json_number(value: int | float) -> Json:
