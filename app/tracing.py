@@ -37,6 +37,7 @@ log = logging.getLogger("prism.tracing")
 
 # The W3C trace-context headers a message carries.
 TRACE_HEADERS = ("traceparent", "tracestate")
+NOT_RECORDED = contextlib.nullcontext()  # reusable: it holds no state
 
 
 class TracingSettings(BaseModel):
@@ -141,7 +142,11 @@ class Tracing:
         finally:
             otel_context.detach(token)
 
-    def step(self, name: str) -> contextlib.AbstractContextManager[Span]:
+    def step(self, name: str) -> contextlib.AbstractContextManager[object]:
+        """A child span of the current one; none under a call its sampler left out (it would
+        be left out too, and making it costs as much as a recorded one's start)."""
+        if not trace.get_current_span().is_recording():
+            return NOT_RECORDED
         return self.tracer.start_as_current_span(name)
 
     @staticmethod

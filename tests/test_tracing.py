@@ -146,3 +146,21 @@ tracing: {{exporter: file, file: {span_file}}}
     assert received["kind"] == "SpanKind.CONSUMER" and received["context"]["trace_id"] == f"0x{trace_id}"
     in_publish = {s["context"]["span_id"] for s in [publish, *tree(exported, trace_id, "prism.v1.QueueService/Publish")[1]]}
     assert received["parent_id"] in in_publish, "the delivery continues the publish's trace"
+
+
+def test_an_unsampled_call_makes_no_step_spans_a_sampled_parent_s_does() -> None:
+    """Step spans cost as much to start unsampled as sampled: under a call the sampler left out
+    there are none; a client's sampled traceparent still gets them at sample_ratio 0."""
+    from app.tracing import NOT_RECORDED, Tracing, TracingSettings
+
+    tracing = Tracing(TracingSettings(exporter="discard", sample_ratio=0.0))
+    try:
+        unsampled = tracing.server_span("/p.S/M", "p.S", "M", "grpc", {})
+        with tracing.current(unsampled):
+            assert tracing.step("execute") is NOT_RECORDED
+        sampled_parent = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+        sampled = tracing.server_span("/p.S/M", "p.S", "M", "grpc", sampled_parent)
+        with tracing.current(sampled), tracing.step("execute") as step:
+            assert step is not NOT_RECORDED and step.is_recording()
+    finally:
+        tracing.shutdown()
