@@ -91,7 +91,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import grpc
 
@@ -516,6 +516,67 @@ class Transaction(ABC):
 
     def _interrupt(self) -> None:
         """Stop the statement under way, if the backend can (the caller stopped waiting)."""
+
+
+# --- Calls that go together ------------------------------------------------------------------------
+
+Item = TypeVar("Item")
+
+
+class Batcher(Generic[Item, T]):
+    """Calls that arrive while one runs go together in the next, so a burst costs one round trip
+    (one transaction) instead of one each — group commit. ``run`` takes the items and returns
+    one outcome per item, in order: its result, or the exception that call raises; an exception
+    ``run`` raises is every item's. At most one ``run`` is under way at a time, so there is no
+    added wait when calls come one by one. A call cancelled before its batch started is left
+    out; one cancelled later is not stopped (its outcome is dropped)."""
+
+    def __init__(self, run: Callable[[list[Item]], Awaitable[Sequence[T | BaseException]]], name: str) -> None:
+        self._run = run
+        self._name = name
+        self._pending: list[tuple[Item, asyncio.Future[T]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, item: Item) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._pending.append((item, future))
+        if self._task is None:
+            self._task = loop.create_task(self._drain(), name=self._name)
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = [(item, future) for item, future in self._pending if not future.done()]
+                self._pending = []
+                if not batch:
+                    continue
+                try:
+                    outcomes: Sequence[T | BaseException] = await self._run([item for item, _ in batch])
+                except BaseException as exc:
+                    for _, future in batch:
+                        if future.done():
+                            continue
+                        if isinstance(exc, asyncio.CancelledError):
+                            future.cancel()
+                        else:
+                            future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():  # its caller left meanwhile
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self._task = None
+            pending, self._pending = self._pending, []
+            for _, future in pending:  # only when cancelled (the adapter closing): they end too
+                future.cancel()
 
 
 # --- Wake-ups for the listener ---------------------------------------------------------------------

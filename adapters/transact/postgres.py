@@ -19,10 +19,17 @@ without the type modifier, so the column's own length or precision check applies
 PostgreSQL's input functions then parse them as they would a literal — numbers, booleans,
 timestamps, UUIDs — and json/jsonb columns take the JSON of any value.
 
-A **Write** runs BEGIN (the namespace's isolation level), the key's claim, the data statement,
-the mailbox row (one statement), COMMIT: four round trips, five with an idempotency key. A
-serialization failure or deadlock (SQLSTATE 40001, 40P01) is retried while the deadline allows:
-the whole Write is one transaction, so a retry is safe. An **interactive transaction** holds one
+A **Write** is one statement (``write_statement``): the data write, the head row's increment,
+the mailbox row and its ``pg_notify`` as data-modifying CTEs, the mailbox's taking their row
+from the data write's (an UPDATE or DELETE that finds no row writes nothing). At READ COMMITTED
+without an idempotency key that statement is its own transaction: one round trip. It checks
+that its implicit transaction really runs at READ COMMITTED (the sessions' default, which a
+database or role may set otherwise) and writes nothing if not; the adapter then runs every
+Write as BEGIN (the namespace's isolation level), the statement, COMMIT — as it always does at
+the other levels, and with an idempotency key, whose claim comes between BEGIN and the
+statement (which also records the result under the key). A serialization failure or deadlock
+(SQLSTATE 40001, 40P01) is retried while the deadline allows: the whole Write is one
+transaction, so a retry is safe. An **interactive transaction** holds one
 pooled connection until it ends; at most ``max_transactions`` (half the pool) are open at once,
 so they never starve the other patterns of connections. No connection goes back to the pool
 inside a transaction: every failure path runs ROLLBACK, or terminates the connection when that
@@ -35,7 +42,10 @@ and wakes its listeners on each notification, so a listener waits for commits, n
 interval. A claim looks first without locking (most wake-ups find nothing to take), then locks
 the cursor rows of the mailboxes it takes ``FOR UPDATE SKIP LOCKED``: two listeners claiming at
 once take different mailboxes, and one re-checks a cursor another just leased (PostgreSQL
-re-evaluates the lease condition on the row it locks). Cursors live apart from the heads, so a
+re-evaluates the lease condition on the row it locks); one more statement takes the rows of all
+of them and leases them (BEGIN, PICK, TAKE, COMMIT, whatever the number of mailboxes). Marks
+that arrive together — a claim's mailboxes are delivered concurrently — go in one round trip
+and one transaction (``executemany``), in key order. Cursors live apart from the heads, so a
 claim never waits for a writer holding a head (an open Transaction holds its mailbox's head until
 it ends), and a writer never waits for the listener. Lease deadlines are the gateway's clock
 (unix ns), as the Queue's: listeners sharing a database must keep their clocks in step (NTP).
@@ -65,6 +75,7 @@ from adapters.keyvalue.postgres import SCHEMA_LOCK
 from adapters.transact.base import (
     KEY_WINDOW_SECONDS,
     ROLLBACK_SECONDS,
+    Batcher,
     Changes,
     Claim,
     Claimed,
@@ -159,16 +170,6 @@ APPEND = (
     "SELECT $1, $2, head.seq, $3, $4, $5, $6 FROM head RETURNING seq) "
     f"SELECT seq, pg_notify('{CHANNEL}', $1) FROM row"
 )
-# The same, recording the Write's result under its idempotency key ($7) in the same statement.
-APPEND_KEYED = (
-    "WITH head AS (INSERT INTO prism_transact_heads (namespace, mailbox, next) VALUES ($1, $2, 2) "
-    "ON CONFLICT (namespace, mailbox) DO UPDATE SET next = prism_transact_heads.next + 1 RETURNING next - 1 AS seq), "
-    "row AS (INSERT INTO prism_transact_mailbox (namespace, mailbox, seq, payload, headers, destination, committed_ns) "
-    "SELECT $1, $2, head.seq, $3, $4, $5, $6 FROM head RETURNING seq), "
-    "result AS (UPDATE prism_transact_keys k SET seq = row.seq, committed_ns = $6 FROM row "
-    "WHERE k.namespace = $1 AND k.key = $7) "
-    f"SELECT seq, pg_notify('{CHANNEL}', $1) FROM row"
-)
 CLAIM = (
     "INSERT INTO prism_transact_keys (namespace, key, fingerprint, expires_ns) VALUES ($1, $2, $3, $4) "
     "ON CONFLICT (namespace, key) DO UPDATE SET fingerprint = excluded.fingerprint, seq = NULL, "
@@ -186,10 +187,12 @@ STAMP = (
 ROUTED = "(h.namespace = ANY($1::text[]) OR (h.namespace, h.mailbox) IN (SELECT * FROM unnest($2::text[], $3::text[])))"
 # Mailboxes with undelivered rows and no live lease ($4: now), least recently leased first; the
 # look without a lock (a mailbox the listener has not seen yet has no cursor row).
+# (Its one value: whether one of them has no cursor yet, so the claim must make cursors first.)
 LOOK = (
-    "SELECT 1 FROM prism_transact_heads h LEFT JOIN prism_transact_cursors c "
+    "SELECT c.namespace IS NULL FROM prism_transact_heads h LEFT JOIN prism_transact_cursors c "
     "ON c.namespace = h.namespace AND c.mailbox = h.mailbox "
-    f"WHERE h.next - 1 > coalesce(c.delivered, 0) AND (c.holder IS NULL OR c.lease_until_ns <= $4) AND {ROUTED} LIMIT 1"
+    f"WHERE h.next - 1 > coalesce(c.delivered, 0) AND (c.holder IS NULL OR c.lease_until_ns <= $4) AND {ROUTED} "
+    "ORDER BY 1 DESC LIMIT 1"
 )
 NEW_CURSORS = (
     "INSERT INTO prism_transact_cursors (namespace, mailbox) SELECT h.namespace, h.mailbox "
@@ -208,26 +211,29 @@ NEXT_LEASE_END = (
     "ON h.namespace = c.namespace AND h.mailbox = c.mailbox "
     f"WHERE h.next - 1 > c.delivered AND c.holder IS NOT NULL AND c.lease_until_ns > $4 AND {ROUTED}"
 )
-# A mailbox's lowest undelivered rows: at most $3, within $4 bytes of payload (the first row
-# whatever its size when $5), leased to $6 until $7 and counted.
+# The picked mailboxes' lowest undelivered rows, in one statement ($1, $2, $3: the mailboxes as
+# PICK returned them, in its order, with their heads): at most $4 rows of each and $5 in all,
+# within $6 bytes of payload counted in that order (the claim's first row whatever its size),
+# leased to $7 until $8 and counted; their cursors leased to the same. A picked mailbox without
+# an undelivered row has had all its rows delivered (or dead-lettered): its cursor lagged and
+# catches up to its head. (A statement after PICK's: it reads the rows as they are once PICK
+# holds their cursors; and the UPDATE checks each row again as it updates it.)
 TAKE = (
-    "WITH first AS (SELECT seq, octet_length(payload) AS size FROM prism_transact_mailbox "
-    "WHERE namespace = $1 AND mailbox = $2 AND delivered_ns IS NULL AND dead_ns IS NULL ORDER BY seq LIMIT $3), "
-    "picked AS (SELECT seq FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS n, "
-    "sum(size) OVER (ORDER BY seq) AS total FROM first) f WHERE total <= $4 OR ($5 AND n = 1)) "
-    "UPDATE prism_transact_mailbox m SET lease_holder = $6, lease_until_ns = $7, attempts = m.attempts + 1 "
-    "FROM picked WHERE m.namespace = $1 AND m.mailbox = $2 AND m.seq = picked.seq "
-    "RETURNING m.seq, m.payload, m.headers, m.destination, m.committed_ns, m.attempts, m.refusals"
+    "WITH p AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS p(namespace, mailbox, head, k)), "
+    "first AS (SELECT p.k, x.seq, octet_length(x.payload) AS size FROM p CROSS JOIN LATERAL "
+    "(SELECT seq, payload FROM prism_transact_mailbox m WHERE m.namespace = p.namespace AND m.mailbox = p.mailbox "
+    "AND m.delivered_ns IS NULL AND m.dead_ns IS NULL ORDER BY seq LIMIT $4) x), "
+    "ranked AS (SELECT k, seq, row_number() OVER w AS n, sum(size) OVER w AS total FROM first WINDOW w AS (ORDER BY k, seq)), "
+    "taken AS (UPDATE prism_transact_mailbox m SET lease_holder = $7, lease_until_ns = $8, attempts = m.attempts + 1 "
+    "FROM ranked r JOIN p ON p.k = r.k WHERE r.n <= $5 AND (r.total <= $6 OR r.n = 1) "
+    "AND m.namespace = p.namespace AND m.mailbox = p.mailbox AND m.seq = r.seq AND m.delivered_ns IS NULL AND m.dead_ns IS NULL "
+    "RETURNING r.k, m.seq, m.payload, m.headers, m.destination, m.committed_ns, m.attempts, m.refusals), "
+    "leased AS (UPDATE prism_transact_cursors c SET holder = $7, lease_until_ns = $8 FROM p "
+    "WHERE c.namespace = p.namespace AND c.mailbox = p.mailbox AND p.k IN (SELECT k FROM taken)), "
+    "caught AS (UPDATE prism_transact_cursors c SET delivered = greatest(c.delivered, p.head) FROM p "
+    "WHERE c.namespace = p.namespace AND c.mailbox = p.mailbox AND p.k NOT IN (SELECT k FROM first)) "
+    "SELECT * FROM taken"
 )
-LEASE = (
-    "UPDATE prism_transact_cursors c SET holder = $1, lease_until_ns = $2 "
-    "FROM unnest($3::text[], $4::text[]) AS t(namespace, mailbox) WHERE c.namespace = t.namespace AND c.mailbox = t.mailbox"
-)
-PENDING = (
-    "SELECT true FROM prism_transact_mailbox WHERE namespace = $1 AND mailbox = $2 "
-    "AND delivered_ns IS NULL AND dead_ns IS NULL LIMIT 1"
-)
-CATCH_UP = "UPDATE prism_transact_cursors SET delivered = greatest(delivered, $3) WHERE namespace = $1 AND mailbox = $2"
 # The cursor's UPDATE runs first (a data-modifying CTE the query does not read runs last), so
 # a mark locks cursor then rows, as a claim does: the two never deadlock. ``failed`` records a
 # Failure on row $8 (none: 0) — its error $9, $10 more refusals, dead-lettered when $11 — only
@@ -351,6 +357,72 @@ def data_statement(write: DataWrite, columns: Mapping[str, Column]) -> tuple[str
     return f"DELETE FROM {t} WHERE {where}", order
 
 
+# A Write's statement: the data write and the mailbox row in one statement (``write_statement``).
+# ``gate`` holds one row when the statement may write: always inside an explicit BEGIN; without
+# one (the statement is its own transaction) only if that transaction runs at READ COMMITTED —
+# the session's default, checked by the statement itself, so a database whose default is
+# another level gets the explicit path instead and nothing is written at the wrong level.
+GATE_IMPLICIT = "gate AS (SELECT 1 WHERE current_setting('transaction_isolation') = 'read committed')"
+GATE_EXPLICIT = "gate AS (SELECT 1)"
+MAILBOX_PARAMS = 6  # namespace, mailbox, payload, headers, destination, committed_ns (then the key, if any)
+
+
+def write_statement(write: DataWrite, columns: Mapping[str, Column], *, implicit: bool, keyed: bool) -> tuple[str, list[str]]:
+    """A Write as one statement, and the order of its bound data columns (the mailbox's values
+    follow them, then the idempotency key). Its one result row, when ``gate`` passed: the
+    mailbox sequence — NULL when the data write found no row (UPDATE, DELETE), and then nothing
+    was written: the mailbox CTEs take their row from the data write's. No row at all: the gate
+    refused (not READ COMMITTED without BEGIN), nothing written. The data write runs first (the
+    head reads its result), so locks are taken as the separate statements took them: the data
+    row, then the mailbox's head row (held until commit: sequences commit in order)."""
+    table, row = write.table, write.row
+    names = table.ordered(row)
+    t = quoted(table.name)
+    order: list[str] = []
+
+    def param(name: str) -> str:
+        order.append(name)
+        return f"${len(order)}::text::{columns[name].type}"
+
+    if write.operation in (Operation.INSERT, Operation.UPSERT):
+        values = ", ".join(param(n) for n in names)
+        data = f"INSERT INTO {t} ({', '.join(map(quoted, names))}) SELECT {values} FROM gate"
+        if write.operation is Operation.UPSERT:
+            sets = [n for n in names if n not in table.key] or [table.key[0]]
+            data += f" ON CONFLICT ({', '.join(map(quoted, table.key))}) DO UPDATE SET "
+            data += ", ".join(f"{quoted(n)} = excluded.{quoted(n)}" for n in sets)
+    elif write.operation is Operation.UPDATE:
+        sets = ", ".join(f"{quoted(n)} = {param(n)}" for n in names if n not in table.key)
+        where = " AND ".join(f"{quoted(k)} = {param(k)}" for k in table.key)
+        data = f"UPDATE {t} SET {sets} WHERE {where} AND EXISTS (SELECT FROM gate)"
+    else:
+        where = " AND ".join(f"{quoted(k)} = {param(k)}" for k in table.key)
+        data = f"DELETE FROM {t} WHERE {where} AND EXISTS (SELECT FROM gate)"
+    n = len(order)
+    ns, mailbox, payload, headers, destination, now = (f"${n + i}" for i in range(1, MAILBOX_PARAMS + 1))
+    parts = [
+        GATE_IMPLICIT if implicit else GATE_EXPLICIT,
+        f"data AS ({data} RETURNING 1)",
+        f"head AS (INSERT INTO prism_transact_heads (namespace, mailbox, next) SELECT {ns}::text, {mailbox}::text, 2 "
+        "WHERE EXISTS (SELECT FROM data) ON CONFLICT (namespace, mailbox) DO UPDATE SET next = prism_transact_heads.next + 1 "
+        "RETURNING next - 1 AS seq)",
+        "row AS (INSERT INTO prism_transact_mailbox (namespace, mailbox, seq, payload, headers, destination, committed_ns) "
+        f"SELECT {ns}::text, {mailbox}::text, head.seq, {payload}::bytea, {headers}::text, {destination}::text, {now}::int8 "
+        "FROM head RETURNING seq)",
+    ]
+    if keyed:
+        key = f"${n + MAILBOX_PARAMS + 1}"
+        parts.append(
+            f"result AS (UPDATE prism_transact_keys k SET seq = row.seq, committed_ns = {now}::int8 FROM row "
+            f"WHERE k.namespace = {ns}::text AND k.key = {key}::bytea)"
+        )
+    sql = (
+        f"WITH {', '.join(parts)} "
+        f"SELECT (SELECT seq FROM row) AS seq, (SELECT pg_notify('{CHANNEL}', {ns}::text) FROM row) FROM gate"
+    )
+    return sql, order
+
+
 def _count(status: str) -> int:
     """Rows affected, from a command tag ("INSERT 0 1", "UPDATE 3", "DELETE 0")."""
     return int(status.rsplit(" ", 1)[-1])
@@ -415,7 +487,11 @@ class PostgresTransact(TransactAdapter):
         self.key_window_ns = int(key_window * 1e9)
         self._schema: asyncio.Task[None] | None = None
         self._tables: dict[Table, dict[str, Column]] = {}
-        self._statements: dict[tuple[Table, Operation, tuple[str, ...]], tuple[str, list[str]]] = {}
+        self._statements: dict[tuple[Table, Operation, tuple[str, ...], str], tuple[str, list[str]]] = {}
+        # Whether a READ COMMITTED Write without a key runs as one statement without BEGIN: until
+        # the database says its sessions' default isolation is another level (the gate refuses).
+        self._implicit = True
+        self._marks: Batcher[tuple[Any, ...], None] = Batcher(self._mark_batch, "postgres-transact-marks")
         self._open: set[PostgresTransaction] = set()
         self._opening = 0  # begins waiting for a connection
         self._keyed = 0
@@ -442,18 +518,29 @@ class PostgresTransact(TransactAdapter):
             self._tables[table] = columns
         return columns
 
+    def _migrated(self) -> bool:
+        schema = self._schema
+        return schema is not None and schema.done() and not schema.cancelled() and schema.exception() is None
+
     async def prepare(self, table: Table) -> None:
         await self._ready(table)
 
-    def statement(self, write: DataWrite, columns: Mapping[str, Column]) -> tuple[str, list[Any]]:
-        """The data write's SQL (remembered by shape) and its bound values."""
-        shape = (write.table, write.operation, tuple(write.table.ordered(write.row)))
+    def statement(self, write: DataWrite, columns: Mapping[str, Column], kind: str = "step") -> tuple[str, list[Any]]:
+        """The data write's SQL (remembered by shape) and its bound values: ``step`` the data
+        statement alone (a Transaction's), ``implicit``/``explicit``/``keyed`` a Write's whole
+        statement (``write_statement``; the mailbox's values go after these)."""
+        shape = (write.table, write.operation, tuple(write.table.ordered(write.row)), kind)
         if (found := self._statements.get(shape)) is None:
             if len(self._statements) >= STATEMENTS_KEPT:
                 self._statements.clear()
-            found = self._statements[shape] = data_statement(write, columns)
+            if kind == "step":
+                found = data_statement(write, columns)
+            else:
+                found = write_statement(write, columns, implicit=kind == "implicit", keyed=kind == "keyed")
+            self._statements[shape] = found
         sql, order = found
-        return sql, [_text(write.row[name], columns[name]) for name in order]
+        row = write.row
+        return sql, [_text(row[name], columns[name]) for name in order]
 
     def forget(self, table: Table) -> None:
         """The table changed under us: check it again on next use."""
@@ -486,12 +573,14 @@ class PostgresTransact(TransactAdapter):
         if idempotency_key:
             self._keyed += 1
             purge = self._keyed % PURGE_EVERY == 1
+        headers = json.dumps(dict(mailbox.headers)) if mailbox.headers else "{}"
         for attempt in range(RETRIES + 1):
             try:
                 async with asyncio.timeout_at(deadline):
-                    columns = await self._ready(data.table)
-                    sql, values = self.statement(data, columns)
-                    return await self._write_once(namespace, data, mailbox, sql, values, isolation, idempotency_key, fingerprint, purge)
+                    columns = self._tables.get(data.table) if self._migrated() else None
+                    if columns is None:
+                        columns = await self._ready(data.table)
+                    return await self._write_once(namespace, data, columns, mailbox, headers, isolation, idempotency_key, fingerprint, purge)
             except TimeoutError:
                 raise timed_out("write", time_limit) from None
             except PrismError as exc:
@@ -508,18 +597,29 @@ class PostgresTransact(TransactAdapter):
         self,
         namespace: str,
         data: DataWrite,
+        columns: Mapping[str, Column],
         mailbox: MailboxWrite,
-        sql: str,
-        values: list[Any],
+        headers: str,
         isolation: Isolation,
         key: str,
         fingerprint: bytes,
         purge: bool,
     ) -> WriteResult:
+        """One try. Without a key at READ COMMITTED: one statement, its own transaction (one
+        round trip). Otherwise BEGIN at the isolation level, the key's claim, the statement,
+        COMMIT."""
         async with self.pool.connection() as con:
             try:
-                await con.execute(BEGIN[isolation])
                 now = time.time_ns()
+                common = (namespace, mailbox.mailbox, mailbox.payload, headers, mailbox.destination, now)
+                if not key and isolation is Isolation.READ_COMMITTED and self._implicit and not con.is_in_transaction():
+                    sql, values = self.statement(data, columns, "implicit")
+                    found = await self._run(con, data, sql, *values, *common)
+                    if found is not None:  # the gate passed: committed (or nothing, NOT_FOUND)
+                        return self._written(data, found[0], now)
+                    self._implicit = False  # the sessions' default is another level: BEGIN from now on
+                    log.info("postgres transact: sessions do not default to READ COMMITTED; Writes run BEGIN … COMMIT")
+                await con.execute(BEGIN[isolation])
                 if key:
                     raw_key = key.encode()
                     if not await con.fetchval(CLAIM, namespace, raw_key, fingerprint, now + self.key_window_ns, now):
@@ -535,25 +635,41 @@ class PostgresTransact(TransactAdapter):
                         return WriteResult(found["seq"], found["committed_ns"], replayed=True)
                     if purge:
                         await con.execute(PURGE, now)
-                try:
-                    count = _count(await con.execute(sql, *values))
-                except asyncpg.PostgresError as exc:
-                    if exc.sqlstate in ("42P01", "42703"):
-                        self.forget(data.table)
-                    raise mapped(exc, data) from exc
-                if count == 0 and data.operation in (Operation.UPDATE, Operation.DELETE):
+                    sql, values = self.statement(data, columns, "keyed")
+                    found = await self._run(con, data, sql, *values, *common, raw_key)
+                else:
+                    sql, values = self.statement(data, columns, "explicit")
+                    found = await self._run(con, data, sql, *values, *common)
+                if found is None or found[0] is None:  # nothing written: leave the transaction as it came
+                    await con.execute("ROLLBACK")
                     raise no_row(data.table, data.row)
-                headers = json.dumps(dict(mailbox.headers))
-                common = (namespace, mailbox.mailbox, mailbox.payload, headers, mailbox.destination, now)
-                seq = await (con.fetchval(APPEND_KEYED, *common, raw_key) if key else con.fetchval(APPEND, *common))
                 await con.execute("COMMIT")
-                self.watchers.notify()  # this process's listeners at once; others by NOTIFY
-                return WriteResult(seq, now, replayed=False)
+                return self._written(data, found[0], now)
             except BaseException as exc:
-                await asyncio.shield(_abort(con))
+                # A refusal answered outside a transaction (the one statement's own rolled back,
+                # or ROLLBACK already sent) leaves nothing to undo; anything else is rolled back,
+                # or the connection closed.
+                if not isinstance(exc, PrismError) or con.is_in_transaction():
+                    await asyncio.shield(_abort(con))
                 if isinstance(exc, Exception) and not isinstance(exc, PrismError):
                     raise mapped(exc) from exc
                 raise
+
+    async def _run(self, con: asyncpg.Connection, data: DataWrite, sql: str, *args: Any) -> asyncpg.Record | None:
+        try:
+            return await con.fetchrow(sql, *args)
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate in ("42P01", "42703"):
+                self.forget(data.table)
+            # A constraint of the mailbox tables (none refuses a well-formed row) is not the data row's.
+            table = getattr(exc, "table_name", None) or ""
+            raise mapped(exc, None if table.startswith("prism_transact_") else data) from exc
+
+    def _written(self, data: DataWrite, seq: int | None, now: int) -> WriteResult:
+        if seq is None:  # the data write found no row (UPDATE, DELETE): nothing was written
+            raise no_row(data.table, data.row)
+        self.watchers.notify()  # this process's listeners at once; others by NOTIFY
+        return WriteResult(seq, now, replayed=False)
 
     # --- Interactive transactions ---------------------------------------------------------------
 
@@ -606,9 +722,11 @@ class PostgresTransact(TransactAdapter):
         routed = (sorted(routes.namespaces), [ns for ns, _ in pairs], [mailbox for _, mailbox in pairs])
         async with self.pool.connection() as con:
             try:
-                if not await con.fetchval(LOOK, *routed, now):  # most wake-ups: nothing to take
+                found = await con.fetchrow(LOOK, *routed, now)
+                if found is None:  # most wake-ups: nothing to take
                     return Claim((), await con.fetchval(NEXT_LEASE_END, *routed, now))
-                return await self._lease(con, holder, routed, now + int(lease * 1e9), rows, max_bytes, mailboxes)
+                until = now + int(lease * 1e9)
+                return await self._lease(con, holder, routed, until, rows, max_bytes, mailboxes, found[0])
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 raise mapped(exc) from exc
 
@@ -621,40 +739,35 @@ class PostgresTransact(TransactAdapter):
         rows: int,
         max_bytes: int,
         mailboxes: int,
+        new_cursors: bool,
     ) -> Claim:
-        batches: list[Claimed] = []
+        """BEGIN, cursors for mailboxes seen for the first time, PICK (locks their cursors),
+        TAKE (the rows and the leases), COMMIT."""
         try:
             await con.execute("BEGIN")
-            await con.execute(NEW_CURSORS, *routed)
-            now = time.time_ns()
-            rows_left, bytes_left = rows, max_bytes
-            picked = await con.fetch(PICK, *routed, now, mailboxes)
-            share = -(-rows // max(1, len(picked)))  # rows per mailbox: a backlog in one leaves room for the others
-            for ns, mailbox, head, epoch in picked:
-                if rows_left <= 0 or bytes_left <= 0:
-                    break  # its cursor stays locked until COMMIT, untouched
-                limit = min(share, rows_left)
-                taken = await con.fetch(TAKE, ns, mailbox, limit, bytes_left, not batches, holder, until)
-                if not taken:
-                    if await con.fetchval(PENDING, ns, mailbox):
-                        break  # its rows do not fit in what is left of the claim
-                    await con.execute(CATCH_UP, ns, mailbox, head)  # all delivered already: the cursor lagged
-                    continue
-                found = tuple(
-                    sorted(
-                        (MailboxRow(mailbox, r[0], r[1], json.loads(r[2]), r[3], r[4], None, r[5], r[6]) for r in taken),
-                        key=lambda row: row.sequence,
-                    )
-                )
-                batches.append(Claimed(ns, mailbox, found, epoch))
-                rows_left -= len(found)
-                bytes_left -= sum(len(r.payload) for r in found)
-            if batches:
-                await con.execute(LEASE, holder, until, [b.namespace for b in batches], [b.mailbox for b in batches])
+            if new_cursors:
+                await con.execute(NEW_CURSORS, *routed)
+            picked = await con.fetch(PICK, *routed, time.time_ns(), mailboxes)
+            taken = []
+            if picked:
+                share = -(-rows // len(picked))  # rows per mailbox: a backlog in one leaves room for the others
+                taken = await con.fetch(
+                    TAKE, [p[0] for p in picked], [p[1] for p in picked], [p[2] for p in picked],
+                    share, rows, max_bytes, holder, until,
+                )  # fmt: skip
             await con.execute("COMMIT")
         except BaseException:
             await asyncio.shield(_abort(con))
             raise
+        rows_of: dict[int, list[MailboxRow]] = {}
+        for k, seq, payload, headers, destination, committed_ns, attempts, refusals in taken:
+            mailbox = picked[k - 1][1]
+            row = MailboxRow(mailbox, seq, payload, json.loads(headers), destination, committed_ns, None, attempts, refusals)
+            rows_of.setdefault(k, []).append(row)
+        batches = []
+        for k in sorted(rows_of):
+            ns, mailbox, _, epoch = picked[k - 1]
+            batches.append(Claimed(ns, mailbox, tuple(sorted(rows_of[k], key=lambda row: row.sequence)), epoch))
         return Claim(tuple(batches))
 
     async def mark_delivered(
@@ -667,14 +780,26 @@ class PostgresTransact(TransactAdapter):
         retry_after: float = 0.0,
         failure: Failure | None = None,
     ) -> None:
-        await self._ready()
+        if not self._migrated():
+            await self._ready()
         first, last = (min(sequences), max(sequences)) if sequences else (1, 0)
         failed = (failure.sequence, failure.text, int(failure.refused), failure.dead) if failure else (0, None, 0, False)
+        await self._marks.submit((namespace, mailbox, time.time_ns(), first, last, holder, int(retry_after * 1e9), *failed))
+
+    async def _mark_batch(self, marks: list[tuple[Any, ...]]) -> list[None]:
+        """The marks that came together (a claim's mailboxes, delivered concurrently): one
+        round trip, one transaction (``executemany`` is atomic). In key order, so two batches
+        lock cursors in the same order and never deadlock."""
+        ordered = sorted(marks, key=lambda mark: (mark[0], mark[1]))
         async with self.pool.connection() as con:
             try:
-                await con.execute(MARK, namespace, mailbox, time.time_ns(), first, last, holder, int(retry_after * 1e9), *failed)
+                if len(ordered) == 1:
+                    await con.execute(MARK, *ordered[0])
+                else:
+                    await con.executemany(MARK, ordered)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 raise mapped(exc) from exc
+        return [None] * len(marks)
 
     async def delete_delivered(self, namespace: str, *, before_ns: int, limit: int) -> int:
         await self._ready()

@@ -7,14 +7,19 @@
     prism_transact_keys     Write idempotency keys: fingerprint and the first result, until expiry
     prism_transact_cursors  the listener's, per mailbox: delivered up to, lease holder and deadline
 
-A **Write** is one job on the backend's :class:`SqliteWorker` thread, ``BEGIN IMMEDIATE`` to
-``COMMIT``, so the whole transaction runs without yielding the thread and nobody else's statement
-lands inside it. SQLite has one writer at a time (across every process on the file). While
-another connection holds the write lock, a Write does not park the shared thread (every other
-pattern's statements queue behind it): its job waits ``LOCK_WAIT`` at most (``busy_timeout``,
-then restored) and gives up, and the Write tries again from the event loop, until its deadline.
-The job checks the deadline again before committing, so a Write that answers DEADLINE_EXCEEDED
-has written nothing.
+A **Write** runs in one job on the backend's :class:`SqliteWorker` thread, ``BEGIN IMMEDIATE``
+to ``COMMIT``, so the whole transaction runs without yielding the thread and nobody else's
+statement lands inside it. Writes that arrive while one such job is queued or running go
+together in the next (group commit, :class:`~adapters.transact.base.Batcher`): one transaction,
+each Write in a savepoint of its own — one that fails is rolled back to its savepoint alone,
+the others commit, and every Write is answered only after the COMMIT. SQLite has one writer at
+a time (across every process on the file), so this is the order they would have run in anyway,
+without a BEGIN and a COMMIT (and the write lock taken and given back) per Write. While another
+connection holds the write lock, a Write does not park the shared thread (every other pattern's
+statements queue behind it): its job waits ``LOCK_WAIT`` at most (``busy_timeout``, then
+restored) and gives up, and the Writes try again from the event loop, until their deadlines.
+Each Write's deadline is checked again after its statements, before its savepoint is kept, so a
+Write that answers DEADLINE_EXCEEDED has written nothing.
 
 An **interactive transaction** stays open across awaits, so it cannot run on the shared worker
 (every other caller's statement would join it). Each one gets a connection of its own: a worker
@@ -28,8 +33,9 @@ interrupted (``sqlite3.Connection.interrupt``) before the rollback runs behind i
 
 **The listener's side.** A claim first looks without a lock (most wake-ups find nothing to
 take), then leases under ``BEGIN IMMEDIATE`` — the file's one writer at a time is what keeps two
-claims, in any processes, from taking the same mailbox. Claims and marks wait ``LOCK_WAIT`` at
-most for the write lock, as Writes do. Wake-ups: a commit through this adapter wakes its watchers
+claims, in any processes, from taking the same mailbox. Marks that arrive together (a claim's
+mailboxes are delivered concurrently) share one write transaction. Claims and marks wait
+``LOCK_WAIT`` at most for the write lock, as Writes do. Wake-ups: a commit through this adapter wakes its watchers
 at once; another connection's (another process, or a transaction's own connection) is noticed by
 ``PRAGMA data_version``, which moves when another connection commits to the file, read every
 ``poll_seconds`` (50 ms) while someone watches: SQLite has no notification across processes.
@@ -59,6 +65,7 @@ from adapters.capabilities import Capability
 from adapters.sqlite_worker import SqliteWorker
 from adapters.transact.base import (
     KEY_WINDOW_SECONDS,
+    Batcher,
     Changes,
     Claim,
     Claimed,
@@ -257,30 +264,64 @@ class _Write:
     purge: bool
 
 
-def _write(c: sqlite3.Connection, w: _Write) -> tuple[int, int, bool]:
-    """(sequence, committed_ns, replayed): one transaction, or nothing written."""
-    left_ms = int((w.deadline - time.monotonic()) * 1000)
-    if left_ms <= 0:
-        raise _Expired
+Outcome = tuple[int, int, bool] | BaseException  # (sequence, committed_ns, replayed), or what that Write raises
+
+
+def _write_batch(c: sqlite3.Connection, writes: list[_Write]) -> list[Outcome]:
+    """The Writes queued meanwhile, in one transaction (group commit): each in a savepoint of
+    its own, so one that fails — refused, NOT_FOUND, past its deadline — is rolled back alone and
+    the others commit; each is answered only after the COMMIT. A failure that ends the whole
+    transaction (the write lock not granted within ``LOCK_WAIT``, a full disk) is every
+    remaining Write's, and none of them wrote anything."""
+    outcomes: list[Outcome | None] = [None] * len(writes)
+    now = time.monotonic()
+    live = []
+    for i, w in enumerate(writes):
+        if w.deadline <= now:
+            outcomes[i] = _Expired()
+        else:
+            live.append(i)
+    if not live:
+        return outcomes  # type: ignore[return-value]
+    left_ms = int((min(writes[i].deadline for i in live) - now) * 1000)
     (busy,) = c.execute("PRAGMA busy_timeout").fetchone()
-    c.execute(f"PRAGMA busy_timeout = {min(left_ms, int(LOCK_WAIT * 1000)):d}")  # an int, never a client's
+    c.execute(f"PRAGMA busy_timeout = {max(1, min(left_ms, int(LOCK_WAIT * 1000))):d}")  # an int, never a client's
     try:
         c.execute("BEGIN IMMEDIATE")
         try:
-            result = _write_body(c, w)
-            if result[2]:
-                c.execute("ROLLBACK")  # a replay writes nothing
-                return result
-            if time.monotonic() > w.deadline:
-                raise _Expired
-            c.execute("COMMIT")
-            return result
-        except BaseException:
+            alone = len(live) == 1  # no savepoint needed: the transaction is the Write's
+            for i in live:
+                w = writes[i]
+                if not alone:
+                    c.execute("SAVEPOINT w")
+                try:
+                    result = _write_body(c, w)
+                    if not result[2] and time.monotonic() > w.deadline:
+                        raise _Expired
+                except BaseException as exc:
+                    if not c.in_transaction:  # the statement ended the transaction: nothing stays
+                        raise
+                    if alone:
+                        c.execute("ROLLBACK")
+                    else:
+                        c.execute("ROLLBACK TO w")
+                        c.execute("RELEASE w")
+                    outcomes[i] = exc
+                    continue
+                if not alone:
+                    c.execute("RELEASE w")  # a replay wrote nothing: releasing it keeps nothing
+                outcomes[i] = result
+            if c.in_transaction:
+                c.execute("COMMIT")
+        except BaseException as exc:
             if c.in_transaction:  # never leave the shared connection inside a transaction
                 c.execute("ROLLBACK")
-            raise
+            for i in live:
+                if outcomes[i] is None or not isinstance(outcomes[i], BaseException):
+                    outcomes[i] = exc
     finally:
         c.execute(f"PRAGMA busy_timeout = {int(busy):d}")
+    return outcomes  # type: ignore[return-value]
 
 
 def _write_body(c: sqlite3.Connection, w: _Write) -> tuple[int, int, bool]:
@@ -571,6 +612,8 @@ class SqliteTransact(TransactAdapter):
         self._open: set[SqliteTransaction] = set()
         self._opening = 0  # begins waiting for their connection
         self._keyed = 0  # keyed Writes so far, for the expired-key sweep
+        self._writes: Batcher[_Write, tuple[int, int, bool]] = Batcher(self._write_batch, "sqlite-transact-writes")
+        self._marks: Batcher[_MarkJob, None] = Batcher(self._mark_batch, "sqlite-transact-marks")
 
     async def _run(self, job: Callable[..., T], *args: Any) -> T:
         try:
@@ -580,6 +623,10 @@ class SqliteTransact(TransactAdapter):
 
     async def _ready(self, table: Table | None = None) -> None:
         """The mailbox tables exist, and ``table`` matches its declaration (checked once)."""
+        schema = self._schema
+        if schema is not None and schema.done() and not schema.cancelled() and schema.exception() is None:
+            if table is None or table in self._prepared:
+                return  # every call after the first: nothing to wait for
         if self._schema is None or (self._schema.done() and (self._schema.cancelled() or self._schema.exception())):
             self._schema = asyncio.ensure_future(self._run(_create_schema))
         await asyncio.shield(self._schema)
@@ -621,7 +668,7 @@ class SqliteTransact(TransactAdapter):
         pause = LOCK_WAIT / 5
         while True:
             try:
-                seq, committed_ns, replayed = await self.worker.run(lambda c: _write(c, job))
+                seq, committed_ns, replayed = await self._writes.submit(job)
                 if not replayed:
                     self.watchers.notify()
                 return WriteResult(seq, committed_ns, replayed)
@@ -637,6 +684,14 @@ class SqliteTransact(TransactAdapter):
             # Another connection holds the write lock: let the thread serve others meanwhile.
             await asyncio.sleep(random.uniform(0, pause))
             pause = min(pause * 2, 4 * LOCK_WAIT)
+
+    def _write_batch(self, writes: list[_Write]) -> asyncio.Future[list[Outcome]]:
+        return self.worker.run(lambda c: _write_batch(c, writes))
+
+    def _mark_batch(self, jobs: list[_MarkJob]) -> asyncio.Future[list[None]]:
+        """The marks that came together (a claim's mailboxes, delivered concurrently): one write
+        transaction for all of them."""
+        return self.worker.run(lambda c: _with_write_lock(c, lambda c: [_mark(c, job) for job in jobs]))
 
     def _mapped(self, exc: BaseException, data: DataWrite) -> PrismError:
         if "no such" in str(exc):
@@ -717,7 +772,7 @@ class SqliteTransact(TransactAdapter):
         job = _MarkJob(holder, namespace, mailbox, sequences, int(retry_after * 1e9), failure)
         while True:
             try:
-                await self.worker.run(lambda c: _with_write_lock(c, lambda c: _mark(c, job)))
+                await self._marks.submit(job)
                 return
             except _Busy as exc:
                 if time.monotonic() > patience:

@@ -149,9 +149,12 @@ class PostgresSite:
         self.opened: list[tuple[TransactAdapter, PostgresPool]] = []
         self.tables: list[str] = []
         self.trigger = ""
+        self.functions: list[str] = []
 
-    async def open(self, **options: Any) -> TransactAdapter:
-        pool = PostgresPool(PostgresSettings(dsn=POSTGRES_DSN, pool_size=4))
+    async def open(self, *, session: str = "", **options: Any) -> TransactAdapter:
+        """``session``: server settings of its connections, as DSN parameters (``a=b&c=d``)."""
+        dsn = f"{POSTGRES_DSN}{'&' if '?' in POSTGRES_DSN else '?'}{session}" if session else POSTGRES_DSN
+        pool = PostgresPool(PostgresSettings(dsn=dsn, pool_size=4))
         await pool.start()
         adapter = PostgresTransact(pool, **options)
         await adapter.start()
@@ -194,6 +197,17 @@ class PostgresSite:
             f"WHEN (NEW.destination = '{EXPLODE}') EXECUTE FUNCTION {self.trigger}()"
         )
 
+    async def record_isolation(self, table: str) -> None:
+        """A trigger of this test's own: every row inserted into ``table`` gets, as its
+        ``status``, the isolation level of the transaction that inserted it."""
+        function = f"prism_test_isolation_{uuid.uuid4().hex[:10]}"
+        await self.sql(
+            f"CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN NEW.status := current_setting('transaction_isolation'); RETURN NEW; END $$"
+        )
+        self.functions.append(function)
+        await self.sql(f'CREATE TRIGGER {function} BEFORE INSERT ON "{table}" FOR EACH ROW EXECUTE FUNCTION {function}()')
+
     @contextlib.asynccontextmanager
     async def blocking(self, table: str, key: str) -> AsyncIterator[None]:
         """The row ``key`` locked by another connection: a write of it waits."""
@@ -231,6 +245,8 @@ class PostgresSite:
             await pool.close()
         for table in self.tables:
             await self.sql(f'DROP TABLE IF EXISTS "{table}"')
+        for function in self.functions:  # their triggers went with the tables
+            await self.sql(f"DROP FUNCTION IF EXISTS {function}()")
         if self.trigger:
             await self.sql(f"DROP TRIGGER IF EXISTS {self.trigger} ON prism_transact_mailbox")
             await self.sql(f"DROP FUNCTION IF EXISTS {self.trigger}()")
@@ -370,6 +386,46 @@ async def test_a_failing_mailbox_write_leaves_no_data_row(site: Any, env: Env) -
         assert transaction.state is State.ROLLED_BACK
     assert await env.rows() == {}
     assert await env.sequences() == []
+    await site.assert_clean(env.adapter)
+
+
+@pytest.mark.case("atomicity")
+async def test_writes_arriving_together_succeed_or_fail_each_alone(site: Any, env: Env) -> None:
+    """Writes arriving at once (on SQLite they share one transaction, a savepoint each): every
+    refused one leaves nothing behind, every other one commits, and the mailbox is numbered
+    without a gap, each row as its Write answered."""
+    await env.write(Operation.INSERT, {"id": "taken"})
+    await site.fail_mailbox()
+    calls, codes, committed = [], [], set()
+    for i in range(30):
+        kind = i % 5
+        if kind == 0:
+            calls.append(env.write(Operation.INSERT, {"id": "taken"}))
+            codes.append(grpc.StatusCode.ALREADY_EXISTS)
+        elif kind == 1:
+            calls.append(env.write(Operation.UPDATE, {"id": f"nobody{i}", "qty": 1}))
+            codes.append(grpc.StatusCode.NOT_FOUND)
+        elif kind == 2:  # the data row is written, then the mailbox row refused
+            calls.append(env.write(Operation.INSERT, {"id": f"explode{i}"}, destination=EXPLODE))
+            codes.append(grpc.StatusCode.FAILED_PRECONDITION)
+        elif kind == 3:
+            calls.append(env.write(Operation.INSERT, {"id": f"forbidden{i}", "status": "forbidden"}))
+            codes.append(grpc.StatusCode.FAILED_PRECONDITION)
+        else:
+            calls.append(env.write(Operation.INSERT, {"id": f"ok{i}", "qty": i}, payload=f"ok{i}".encode()))
+            codes.append(None)
+            committed.add(f"ok{i}")
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert [r.code if isinstance(r, PrismError) else None for r in results] == codes, results
+    rows = await env.rows()
+    assert set(rows) == {"taken", *committed}
+    written = {r.mailbox_sequence: r for r in results if isinstance(r, WriteResult)}
+    assert sorted(written) == list(range(2, 2 + len(committed)))
+    mailbox = await env.adapter.mailbox_rows(env.ns, "orders")
+    assert [r.sequence for r in mailbox] == list(range(1, 2 + len(committed)))
+    for row in mailbox[1:]:
+        assert row.committed_ns == written[row.sequence].committed_ns
+        assert rows[row.payload.decode()]["qty"] == int(row.payload[2:])
     await site.assert_clean(env.adapter)
 
 
@@ -595,6 +651,38 @@ async def test_sequences_commit_in_order_under_concurrency(site: Any, env: Env) 
     assert (await env.rows())["hot"]["status"] == rows[-1].payload.decode()
     assert rows[-1].committed_ns == last.committed_ns
     await site.assert_clean(env.adapter)
+
+
+@pytest.mark.case("order and isolation")
+async def test_writes_run_at_the_configured_isolation_level(site: Any, env: Env) -> None:
+    """Every level, as asked. On PostgreSQL a trigger records the level each data row was
+    written at: a READ COMMITTED Write without a key is one statement without BEGIN, so it runs
+    at the sessions' default level — checked by the statement itself, and where the default is
+    another level (the second adapter's sessions default to SERIALIZABLE) the Write runs BEGIN
+    … COMMIT at the level asked instead. SQLite runs every write transaction serializably."""
+    levels = {
+        Isolation.READ_COMMITTED: "read committed",
+        Isolation.REPEATABLE_READ: "repeatable read",
+        Isolation.SERIALIZABLE: "serializable",
+    }
+    adapters = [env.adapter]
+    if isinstance(site, PostgresSite):
+        await site.record_isolation(env.table.name)
+        adapters.append(await site.open(session="default_transaction_isolation=serializable"))
+    n = 0
+    for adapter in adapters:
+        for isolation, name in levels.items():
+            for key in ("", f"k{n}"):
+                n += 1
+                result = await env.write(Operation.INSERT, {"id": f"r{n}"}, key=key, isolation=isolation, adapter=adapter)
+                assert (result.mailbox_sequence, result.replayed) == (n, False)
+                if isinstance(site, PostgresSite):
+                    assert (await env.rows())[f"r{n}"]["status"] == name, (adapter, isolation, key)
+    if isinstance(site, PostgresSite):  # the one-statement Write where it can run, BEGIN where it cannot
+        assert [adapter._implicit for adapter in adapters] == [True, False]  # type: ignore[attr-defined]
+    assert await env.sequences() == list(range(1, n + 1))
+    for adapter in adapters:
+        await site.assert_clean(adapter)
 
 
 # --- Bad input ---------------------------------------------------------------------------------------
