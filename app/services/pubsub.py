@@ -38,6 +38,8 @@ def start_position(request: ps.PubSubSubscribeRequest, broker: PubSubAdapter, ca
     elsewhere) and no queue group; ``cursor`` (what an EventSource's Last-Event-ID becomes)
     resumes where the backend can, and is ignored where it cannot."""
     which = request.WhichOneof("start")
+    if which == "start_after" and not request.start_after:
+        which = None  # `?startAfter=` with nothing after it: no message named, no start
     if which is None:
         if request.cursor and not request.queue_group and Capability.REPLAY in broker.capabilities:
             return AfterMessage(request.cursor, required=False)
