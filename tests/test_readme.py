@@ -112,7 +112,7 @@ from adapters.keyvalue.redis import RedisKeyValue
 from adapters.keyvalue.sqlite import SqliteKeyValue
 from adapters.pubsub.kafka import KafkaPubSub
 from adapters.pubsub.memory import MemoryPubSub
-from adapters.pubsub.nats import NatsPubSub
+from adapters.pubsub.nats import NatsHistoryPubSub, NatsPubSub
 from adapters.pubsub.redis import RedisPubSub
 from adapters.pubsub.workers import WorkersPubSub
 from adapters.queue.kafka import KafkaQueue
@@ -133,12 +133,14 @@ DECLARED = {
     ("Queue", "kafka"): KafkaQueue.capabilities,
     ("PubSub", "memory"): MemoryPubSub.capabilities,  # one worker; across workers WorkersPubSub's
     ("PubSub", "nats"): NatsPubSub.capabilities,
+    ("PubSub", "nats-history"): NatsHistoryPubSub.capabilities,  # pubsub_history: true
     ("PubSub", "redis"): RedisPubSub.capabilities,
     ("PubSub", "kafka"): KafkaPubSub.capabilities,
     ("PubSub", "workers"): WorkersPubSub.capabilities,  # the adapter suite's column ("… adapter" is dropped)
     ("PubSub adapter", "memory"): MemoryPubSub.capabilities,
     ("PubSub adapter", "workers"): WorkersPubSub.capabilities,
     ("PubSub adapter", "nats"): NatsPubSub.capabilities,
+    ("PubSub adapter", "nats-history"): NatsHistoryPubSub.capabilities,
     ("PubSub adapter", "redis"): RedisPubSub.capabilities,
     ("PubSub adapter", "kafka"): KafkaPubSub.capabilities,
 }

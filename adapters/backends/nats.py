@@ -22,10 +22,10 @@ import nats.errors as nerr
 import nats.js.errors as jerr
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from adapters.backends import BackendSettings, BackendType, Connection, Environment
-from adapters.pubsub.nats import NatsPubSub
+from adapters.pubsub.nats import NatsHistoryPubSub, NatsPubSub
 from adapters.queue.nats import NatsQueue
 from prism.errors import PrismError, internal
 
@@ -58,6 +58,19 @@ class NatsSettings(BackendSettings):
     prefix: str = Field(default="PRISMQ", pattern=r"^[A-Za-z0-9-]{1,32}$")
     # Seconds JetStream remembers a publish's idempotency token (the stream's duplicate window).
     dedup_window: float = Field(default=120.0, gt=0, le=7 * 86400)
+    # PubSub history: a JetStream stream (<prefix>_pubsub, file storage) keeps what is published
+    # to this backend's PubSub subjects, so a subscription may start in the past (replay). Kept
+    # for at most ``pubsub_max_age`` seconds and ``pubsub_max_bytes`` bytes, the oldest
+    # discarded first (0: no such limit; not both). Every gateway on a prefix should agree.
+    pubsub_history: bool = False
+    pubsub_max_age: float = Field(default=86400.0, ge=0)
+    pubsub_max_bytes: int = Field(default=1 << 30, ge=0)
+
+    @model_validator(mode="after")
+    def _history_is_bounded(self) -> NatsSettings:
+        if self.pubsub_history and not self.pubsub_max_age and not self.pubsub_max_bytes:
+            raise ValueError("pubsub_history needs a limit: pubsub_max_age or pubsub_max_bytes above 0")
+        return self
 
 
 def where(url: str) -> str:
@@ -160,6 +173,8 @@ BACKEND = BackendType(
     connect=connect,
     adapters={
         "QUEUE": lambda connection, environment: NatsQueue(connection),
-        "PUBSUB": lambda connection, environment: NatsPubSub(connection, environment.stream_buffer),
+        "PUBSUB": lambda connection, environment: (
+            NatsHistoryPubSub if connection.settings.pubsub_history else NatsPubSub
+        )(connection, environment.stream_buffer),
     },
 )

@@ -27,6 +27,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
+import nats
+import nats.js.errors
 import pytest
 from google.protobuf import timestamp_pb2
 
@@ -39,10 +41,16 @@ from tests.kafka_broker import KAFKA_BOOTSTRAP, kafka_broker  # noqa: F401 (a fi
 from tests.kafka_broker import unavailable as kafka_unavailable
 from tests.servers import NATS_URL, REDIS_URL, unreachable
 
+# NATS keeping PubSub history (replay) in a stream of this run's own, deleted at the end.
+HISTORY_PREFIX = f"PH{uuid.uuid4().hex[:8]}"
 # Backend name → its entry in the suite's server configuration. One PUBSUB config per backend.
 BACKENDS: dict[str, str] = {
     "memory": "{type: memory}",
     "nats": f'{{type: nats, url: "{NATS_URL}"}}',
+    "nats-history": (
+        f'{{type: nats, url: "{NATS_URL}", prefix: "{HISTORY_PREFIX}", pubsub_history: true, '
+        "pubsub_max_age: 600, pubsub_max_bytes: 67108864}"
+    ),
     "redis": f'{{type: redis, url: "{REDIS_URL}"}}',
     # The broker the tests start (tests/kafka_broker.py); patterns look for topics other
     # gateways made every 0.2 s, and a queue group's Kafka group forms within seconds on Tansu.
@@ -51,7 +59,7 @@ BACKENDS: dict[str, str] = {
         "pubsub_refresh: 0.2, group_session_timeout: 2}"
     ),
 }
-SERVERS: dict[str, str] = {"nats": NATS_URL, "redis": REDIS_URL}  # backend → its server
+SERVERS: dict[str, str] = {"nats": NATS_URL, "nats-history": NATS_URL, "redis": REDIS_URL}  # backend → its server
 PER_SUBJECT_ORDER = {"kafka"}  # backends keeping publish order per subject, not across subjects
 CONFIG_OF = {backend: f"pubsub-{backend}" for backend in BACKENDS}
 CONFIGS = list(CONFIG_OF.values())
@@ -190,6 +198,22 @@ def kafka_running(request: pytest.FixtureRequest) -> None:
     """The Kafka broker runs before any gateway of this module starts (the tests start it)."""
     if "kafka" not in UNREACHABLE:
         request.getfixturevalue("kafka_broker")
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def nats_history_removed() -> AsyncIterator[None]:
+    """After the module's gateways stop: the history stream of ``nats-history``, and the Queue
+    adapter's buckets on that backend (every pattern of a backend starts)."""
+    yield
+    if "nats-history" in UNREACHABLE:
+        return
+    nc = await nats.connect(NATS_URL, connect_timeout=5, allow_reconnect=False)
+    try:
+        for stream in (f"{HISTORY_PREFIX}_pubsub", f"KV_{HISTORY_PREFIX}-heads", f"KV_{HISTORY_PREFIX}-acks"):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await nc.jetstream().delete_stream(stream)
+    finally:
+        await nc.close()
 
 
 @pytest.fixture(scope="module")

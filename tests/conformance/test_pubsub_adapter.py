@@ -18,6 +18,7 @@ Adding a backend is one entry in ``SITES``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import time
 import uuid
@@ -26,6 +27,7 @@ from typing import Any
 
 import grpc
 import pytest
+from nats.js.errors import NotFoundError
 
 from adapters.backends.kafka import KafkaConnection, KafkaSettings
 from adapters.backends.nats import NatsConnection, NatsSettings
@@ -43,7 +45,7 @@ from adapters.pubsub.base import (
 )
 from adapters.pubsub.kafka import KafkaPubSub
 from adapters.pubsub.memory import MemoryPubSub
-from adapters.pubsub.nats import NatsPubSub
+from adapters.pubsub.nats import NatsHistoryPubSub, NatsPubSub
 from adapters.pubsub.redis import RedisPubSub
 from adapters.pubsub.workers import WorkersPubSub, hub_address
 from prism.errors import PrismError
@@ -53,6 +55,7 @@ from tests.servers import NATS_URL, REDIS_URL, unreachable
 WAIT = 10.0  # seconds; bound on every wait for something that must happen
 BUFFER = 1024
 RUN = uuid.uuid4().hex[:8]
+HISTORY_PREFIX = f"PTH{RUN}"
 
 
 class Site:
@@ -118,6 +121,29 @@ class NatsSite(Site):
         return NatsPubSub(connection, buffer_size), connection
 
 
+class NatsHistorySite(NatsSite):
+    """NATS keeping PubSub history (``pubsub_history``) in a stream of this run's own,
+    deleted at the end of the module."""
+
+    async def _make(self, buffer_size: int) -> tuple[PubSubAdapter, Any]:
+        settings = NatsSettings(url=NATS_URL, prefix=HISTORY_PREFIX, pubsub_history=True, pubsub_max_age=600)
+        connection = NatsConnection(settings)
+        await connection.start()
+        return NatsHistoryPubSub(connection, buffer_size), connection
+
+
+async def delete_nats_streams(*names: str) -> None:
+    """Delete JetStream streams (those a run made for itself), where they are."""
+    connection = NatsConnection(NatsSettings(url=NATS_URL))
+    await connection.start()
+    try:
+        for name in names:
+            with contextlib.suppress(NotFoundError):
+                await connection.js.delete_stream(name)
+    finally:
+        await connection.close()
+
+
 class RedisSite(Site):
     def __init__(self, tmp: pathlib.Path) -> None:
         if why := unreachable(REDIS_URL):
@@ -154,10 +180,18 @@ SITES: dict[str, Callable[[pathlib.Path], Site]] = {
     "memory": MemorySite,
     "workers": WorkersSite,
     "nats": NatsSite,
+    "nats-history": NatsHistorySite,
     "redis": RedisSite,
     "kafka": KafkaSite,
 }
 MATRIX = ("PubSub adapter", {b: b for b in SITES})  # for tests/conformance/conftest.py
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def nats_history_removed() -> AsyncIterator[None]:
+    yield
+    if not unreachable(NATS_URL):
+        await delete_nats_streams(f"{HISTORY_PREFIX}_pubsub")
 
 
 @pytest.fixture(params=list(SITES))
