@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import ssl
 import subprocess
@@ -233,7 +234,12 @@ async def test_the_asgi_server_can_serve_the_grpc_port(tmp_path: pathlib.Path, s
     port — under pyvoy another process, so the session store is the shared one."""
     gateway = start_gateway(tmp_path, server, env={"PRISM_GRPC__SERVER": "asgi"})
     try:
-        async with httpx.AsyncClient(timeout=5) as http:
+        async with httpx.AsyncClient(timeout=5) as http:  # under pyvoy another process: it may start later
+            for _ in range(100):
+                with contextlib.suppress(httpx.ConnectError):
+                    if (await http.get(f"http://127.0.0.1:{gateway.grpc_port}/healthz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
             assert (await http.get(f"http://127.0.0.1:{gateway.grpc_port}/healthz")).status_code == 200
         rest, client = RestClient(gateway.base_url), GrpcClient(gateway.grpc_target)
         try:
