@@ -50,7 +50,7 @@ from app.pipeline import Call
 from app.services.queue import HEADER_NAME, MAX_HEADER_BYTES, MAX_HEADERS
 from app.settings import Settings, SettingsError, TransactNamespace
 from app.tracing import Tracing
-from prism.errors import PrismError, failed_precondition, invalid_argument, too_large
+from prism.errors import PrismError, failed_precondition, invalid_argument, prefixed, too_large
 from prism.v1 import config_pb2
 from prism.v1 import transact_pb2 as t
 
@@ -92,9 +92,7 @@ def _value(value: struct_pb2.Value, field: str) -> Value:
 
 def _prefixed(error: PrismError, prefix: str) -> PrismError:
     """An adapter's refusal of ``row.<column>`` as the client spells it (``data.row.total``)."""
-    if error.field is None or not error.field.startswith("row"):
-        return error
-    return PrismError(error.code, prefix + error.message, field=prefix + error.field)
+    return prefixed(error, prefix) if (error.field or "").startswith("row") else error
 
 
 class TransactService:
