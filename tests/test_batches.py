@@ -1,4 +1,4 @@
-"""app/transports/batches.py: a stream read ahead into batches keeps order, bounds what it
+"""app/batches.py: a stream read ahead into batches keeps order, bounds what it
 reads ahead, reports an error after the messages before it, and closes the stream."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from app.transports.batches import batches
+from app.batches import batches
 
 
 class Source:

@@ -31,7 +31,7 @@ def test_every_service_of_the_rfc_is_in_the_contract() -> None:
         "SessionService": ["CreateSession", "GetSession", "Heartbeat", "CloseSession"],
         "ConfigService": ["ListConfigs", "GetConfig", "RegisterConfig", "ValidateConfig"],
         "KeyValueService": ["Get", "Set", "Delete", "Exists", "BatchGet", "BatchSet", "BatchDelete", "Scan"],
-        "QueueService": ["Publish", "PublishBatch", "Subscribe", "Acknowledge", "Nack", "Commit", "Seek", "GetTopicInfo"],
+        "QueueService": ["Publish", "PublishBatch", "Subscribe", "SubscribeBatches", "Acknowledge", "Nack", "Commit", "Seek", "GetTopicInfo"],
         "PubSubService": ["Publish", "Subscribe", "Unsubscribe"],
         "ReaderService": ["Read", "Query", "Count"],
         "TransactService": ["Write", "Transaction"],

@@ -59,6 +59,8 @@ def test_readme_examples_run_as_written(tmp_path: pathlib.Path) -> None:
     assert '"payload":"eyJpZCI6IDF9","partitionKey":"customer-42","headers":{},"deliveryAttempt":1' in out
     assert '{"acknowledged":1}' in out
     assert '{"partition":1,"lowOffset":"0","highOffset":"1","committedOffset":"1","lag":"0"}' in out
+    assert re.search(r'data: \{"messages":\[\{"messageId":"0-0",.*"payload":"eyJpZCI6IDJ9".*\},'
+                     r'\{"messageId":"1-1",.*"payload":"eyJpZCI6IDN9"', out)  # one SubscribeBatches event, both
 
 
 # --- the samples agree with each other -------------------------------------------------------

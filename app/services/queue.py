@@ -28,6 +28,7 @@ from adapters.queue.base import (
     at_time,
 )
 from app import metrics
+from app.batches import batches
 from app.pipeline import Call
 from app.services.capabilities import require
 from app.settings import Limits
@@ -54,6 +55,7 @@ ACK_DEADLINE_PATTERN = (
     r"|3[0-5][0-9]{2}(?:\.[0-9]{1,9})?|3600(?:\.0{1,9})?)s$"
 )
 DEFAULT_MAX_IN_FLIGHT = 100
+DEFAULT_MAX_BATCH = 100  # SubscribeBatches: messages in one response, at most
 START = {
     q.START_POSITION_UNSPECIFIED: Start.COMMITTED,
     q.START_POSITION_COMMITTED: Start.COMMITTED,
@@ -239,9 +241,35 @@ class QueueService:
         )
 
     async def Subscribe(self, request: q.QueueSubscribeRequest, call: Call) -> AsyncIterator[q.QueueMessage]:
+        if request.max_batch:
+            raise invalid_argument("maxBatch", "is for SubscribeBatches; Subscribe sends one message a response")
         queue, namespace = self._queue(call)
         topic = check_name(request.topic, "topic")
         options = self._options(queue, call, request)
+        async for message in self._deliveries(queue, namespace, topic, options, call):
+            yield message
+
+    async def SubscribeBatches(
+        self, request: q.QueueSubscribeRequest, call: Call
+    ) -> AsyncIterator[q.QueueMessageBatch]:
+        """Subscribe's deliveries, what is ready together in one response: a consumer that is
+        behind reads a backlog at a client's cost per response, not per message."""
+        queue, namespace = self._queue(call)
+        topic = check_name(request.topic, "topic")
+        options = self._options(queue, call, request)
+        cap = self.limits.stream_buffer
+        if not 0 <= request.max_batch <= cap:
+            raise invalid_argument("maxBatch", f"must be between 1 and {cap} (0: {DEFAULT_MAX_BATCH})")
+        limit = min(request.max_batch or DEFAULT_MAX_BATCH, options.max_in_flight)
+        async for ready in batches(self._deliveries(queue, namespace, topic, options, call), limit):
+            batch = q.QueueMessageBatch()
+            batch.messages.extend(ready)
+            yield batch
+
+    async def _deliveries(
+        self, queue: QueueAdapter, namespace: str, topic: str, options: ConsumeOptions, call: Call
+    ) -> AsyncIterator[q.QueueMessage]:
+        """A consumer in ``options.group`` for as long as the stream is read."""
         assert call.session is not None
         consumer = await queue.consume(namespace, topic, options)
         ended_by: list[PrismError] = []  # the session's status, when closing or expiring it ended this

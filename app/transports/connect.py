@@ -27,11 +27,11 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2
 
+from app.batches import batches, read_ahead
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
 from app.transports import json_codec
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map, respond, respond_error
-from app.transports.batches import batches, read_ahead
 from prism.errors import PrismError, invalid_argument, too_large, unsupported_media_type
 
 UNARY_TYPES = {"application/json": "json", "application/proto": "proto"}

@@ -29,10 +29,10 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from app.batches import READ_AHEAD, batches, read_ahead
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map
-from app.transports.batches import READ_AHEAD, batches, read_ahead
 from app.transports.grpc_standard import StandardServices
 from app.transports.grpc_web import trailer_fields
 from prism.errors import PrismError, invalid_argument, too_large

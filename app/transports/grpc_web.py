@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from app.batches import batches, read_ahead
 from app.methods import Method
 from app.pipeline import Pipeline, status_of
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map, respond_error
-from app.transports.batches import batches, read_ahead
 from prism.errors import PrismError, invalid_argument, unsupported_media_type
 
 TRAILER_FLAG = 0x80

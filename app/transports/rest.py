@@ -26,11 +26,11 @@ from typing import Any
 from google.protobuf.message import Message
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
+from app.batches import batches, read_ahead
 from app.methods import Method
 from app.pipeline import SESSION_HEADER, Decode, Pipeline, status_of
 from app.transports import json_codec
 from app.transports.asgi_util import Receive, RequestBody, Scope, Send, header_map, respond, respond_error
-from app.transports.batches import batches, read_ahead
 from prism.errors import PrismError, invalid_argument, unsupported_media_type
 
 log = logging.getLogger("prism.rest")

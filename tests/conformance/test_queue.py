@@ -111,16 +111,24 @@ class Subscriber:
     """One Subscribe stream, read in the background so a test can also show that nothing
     arrives (waiting on the stream itself would cancel it)."""
 
-    def __init__(self, topic: Topic, client: Client, request: q.QueueSubscribeRequest) -> None:
+    def __init__(self, topic: Topic, client: Client, request: q.QueueSubscribeRequest, batched: bool = False) -> None:
         self.topic, self.group = topic, request.consumer_group
-        self.stream: AsyncIterator[Message] = client.stream(QS + "Subscribe", request, topic.token)  # type: ignore[assignment]
+        rpc = "SubscribeBatches" if batched else "Subscribe"
+        self.stream: AsyncIterator[Message] = client.stream(QS + rpc, request, topic.token)  # type: ignore[assignment]
+        self.batched = batched
+        self.batch_sizes: list[int] = []  # SubscribeBatches: messages in each response
         self.inbox: asyncio.Queue[q.QueueMessage | BaseException] = asyncio.Queue()
         self.task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         try:
-            async for message in self.stream:
-                self.inbox.put_nowait(message)  # type: ignore[arg-type]
+            async for response in self.stream:
+                if self.batched:
+                    self.batch_sizes.append(len(response.messages))  # type: ignore[attr-defined]
+                    for message in response.messages:  # type: ignore[attr-defined]
+                        self.inbox.put_nowait(message)
+                else:
+                    self.inbox.put_nowait(response)  # type: ignore[arg-type]
             self.inbox.put_nowait(StopAsyncIteration())
         except Exception as exc:
             self.inbox.put_nowait(exc)
@@ -199,9 +207,9 @@ class Topic:
         assert all(r.status.code == 0 for r in results), results
         return list(results)
 
-    def subscribe(self, group: str, client: Client | None = None, **options: Any) -> Subscriber:
+    def subscribe(self, group: str, client: Client | None = None, batched: bool = False, **options: Any) -> Subscriber:
         request = q.QueueSubscribeRequest(topic=self.name, consumer_group=group, **options)
-        subscriber = Subscriber(self, client or self.client, request)
+        subscriber = Subscriber(self, client or self.client, request, batched)
         self.subscribers.append(subscriber)
         return subscriber
 
@@ -386,6 +394,35 @@ async def test_messages_round_trip_on_every_transport(
         assert (message.topic, message.partition_key, message.delivery_attempt) == (topic.name, "k/ключ", 1)
         assert dict(message.headers) == {"trace": "t-1", "tenant": "ключ"}
         assert before - 1 <= message.published_at.ToNanoseconds() / 1e9 <= time.time() + 1
+
+
+@pytest.mark.case("round trip")
+@pytest.mark.parametrize("transport", ["grpc", "rest", "grpc-web"])
+async def test_subscribe_batches_delivers_a_backlog_in_batches_on_every_transport(
+    topic: Topic, queue_gateway: GatewayProcess, client_factory, transport: str
+) -> None:
+    """SubscribeBatches: a backlog arrives each message once, in offset order per partition, in
+    fewer responses than messages and none above ``max_batch``; acknowledging them settles
+    every one. (No partition key: a key's next message would wait for the previous one's
+    acknowledgement.)"""
+    client = client_factory(transport, queue_gateway)
+    here = (await open_topic(client, topic.config)).topic(topic.name)
+    bodies = [str(i).encode() for i in range(250)]
+    for start in range(0, len(bodies), 100):
+        await here.publish_all(*bodies[start : start + 100])
+    subscriber = here.subscribe("g", batched=True, start=q.START_POSITION_EARLIEST, max_batch=40, max_in_flight=250)
+    try:
+        received = await subscriber.take(len(bodies))
+        assert sorted(payloads(received), key=int) == bodies
+        for partition in {m.partition for m in received}:
+            offsets = [m.offset for m in received if m.partition == partition]
+            assert offsets == sorted(offsets), partition
+        assert await here.ack("g", *received) == len(bodies)
+        await subscriber.nothing()
+    finally:
+        await here.close()
+    assert sum(subscriber.batch_sizes) == len(bodies)
+    assert max(subscriber.batch_sizes) <= 40 and len(subscriber.batch_sizes) < len(bodies), subscriber.batch_sizes
 
 
 # --- Order --------------------------------------------------------------------------------------
@@ -625,6 +662,17 @@ async def test_max_in_flight_bounds_unacknowledged_deliveries(topic: Topic) -> N
     await subscriber.nothing()
 
 
+@pytest.mark.case("max in flight")
+async def test_a_batch_never_holds_more_than_max_in_flight(topic: Topic) -> None:
+    await topic.publish_all(*[b"m"] * 30)
+    subscriber = topic.subscribe("g", batched=True, start=q.START_POSITION_EARLIEST, max_in_flight=7)
+    first = await subscriber.take(7)
+    await subscriber.nothing()  # every lease is handed out and none acknowledged
+    assert subscriber.batch_sizes and max(subscriber.batch_sizes) <= 7
+    assert await topic.ack("g", *first) == 7
+    await subscriber.take(7)
+
+
 # --- Commit and seek ----------------------------------------------------------------------------
 
 
@@ -744,11 +792,16 @@ async def test_topic_info_reports_offsets_committed_offsets_and_lag(topic: Topic
         ({"dead_letter_topic": "dead"}, "maxDeliveryAttempts"),
         ({"max_delivery_attempts": -1}, "maxDeliveryAttempts"),
         ({"start": 9}, "start"),
+        ({"max_batch": 10}, "maxBatch"),  # Subscribe sends one message a response
+        ({"max_batch": -1, "batched": True}, "maxBatch"),
+        ({"max_batch": 1_000_000, "batched": True}, "maxBatch"),
+        ({"topic": "a b", "batched": True}, "topic"),
     ],
 )
 async def test_a_bad_subscription_is_refused_naming_the_field(topic: Topic, options: dict[str, Any], field: str) -> None:
-    request = {"topic": topic.name, "consumer_group": "g", **options}
-    subscriber = Subscriber(topic, topic.client, q.QueueSubscribeRequest(**request))
+    batched = options.get("batched", False)  # SubscribeBatches, else Subscribe
+    request = {"topic": topic.name, "consumer_group": "g", **{k: v for k, v in options.items() if k != "batched"}}
+    subscriber = Subscriber(topic, topic.client, q.QueueSubscribeRequest(**request), batched)
     try:
         with pytest.raises(CallError) as caught:
             await subscriber.next()

@@ -91,7 +91,7 @@ class PublishBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[PublishResult, _Mapping]]] = ...) -> None: ...
 
 class QueueSubscribeRequest(_message.Message):
-    __slots__ = ("topic", "consumer_group", "start", "ack_deadline", "max_in_flight", "max_delivery_attempts", "dead_letter_topic")
+    __slots__ = ("topic", "consumer_group", "start", "ack_deadline", "max_in_flight", "max_delivery_attempts", "dead_letter_topic", "max_batch")
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_GROUP_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class QueueSubscribeRequest(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_DELIVERY_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTER_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     topic: str
     consumer_group: str
     start: StartPosition
@@ -106,7 +107,8 @@ class QueueSubscribeRequest(_message.Message):
     max_in_flight: int
     max_delivery_attempts: int
     dead_letter_topic: str
-    def __init__(self, topic: _Optional[str] = ..., consumer_group: _Optional[str] = ..., start: _Optional[_Union[StartPosition, str]] = ..., ack_deadline: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., max_delivery_attempts: _Optional[int] = ..., dead_letter_topic: _Optional[str] = ...) -> None: ...
+    max_batch: int
+    def __init__(self, topic: _Optional[str] = ..., consumer_group: _Optional[str] = ..., start: _Optional[_Union[StartPosition, str]] = ..., ack_deadline: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., max_delivery_attempts: _Optional[int] = ..., dead_letter_topic: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class QueueMessage(_message.Message):
     __slots__ = ("message_id", "topic", "partition", "offset", "payload", "partition_key", "headers", "delivery_attempt", "published_at")
@@ -136,6 +138,12 @@ class QueueMessage(_message.Message):
     delivery_attempt: int
     published_at: _timestamp_pb2.Timestamp
     def __init__(self, message_id: _Optional[str] = ..., topic: _Optional[str] = ..., partition: _Optional[int] = ..., offset: _Optional[int] = ..., payload: _Optional[bytes] = ..., partition_key: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., delivery_attempt: _Optional[int] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class QueueMessageBatch(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[QueueMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[QueueMessage, _Mapping]]] = ...) -> None: ...
 
 class AcknowledgeRequest(_message.Message):
     __slots__ = ("topic", "consumer_group", "message_ids")
