@@ -8,10 +8,12 @@ refusing clearly instead of hanging.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import h2.config
@@ -19,6 +21,9 @@ import h2.connection
 import h2.events
 import pytest
 
+from app.methods import all_methods
+from app.transports.grpc_asgi import GrpcAsgiApp
+from app.transports.grpc_standard import StandardServices
 from prism.v1 import keyvalue_pb2 as kv
 from prism.v1 import pubsub_pb2 as ps
 from prism.v1 import session_pb2
@@ -152,3 +157,35 @@ async def test_a_server_without_trailers_refuses_native_grpc_clearly(granian_gat
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await create(session_pb2.CreateSessionRequest(config_name="kv"), timeout=5)
         assert refused.value.code() != grpc.StatusCode.DEADLINE_EXCEEDED  # an answer, not a hang
+
+
+async def test_a_call_whose_client_has_gone_ends_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """When the server's send raises because the client reset the stream (pyvoy raises its
+    ClientDisconnectedError; h2load leaves calls in flight at the end of every run), there is
+    nobody to answer: the call ends without an error logged or raised to the server."""
+    methods = {m.path: m for m in all_methods()}
+    get = methods["/prism.v1.KeyValueService/Get"]
+
+    class Answering:  # the pipeline's part: an answer is ready
+        @staticmethod
+        def asgi_peer(scope: dict[str, Any]) -> str:
+            return "127.0.0.1"
+
+        @staticmethod
+        async def unary(method: Any, decode: Any, *args: Any) -> Any:
+            await decode()
+            return kv.GetResponse(key="k")
+
+    app = GrpcAsgiApp([get], Answering(), StandardServices([]), 1 << 20)  # type: ignore[arg-type]
+    scope = {"type": "http", "path": get.path, "headers": [(b"content-type", b"application/grpc")]}
+    body = [{"type": "http.request", "body": _framed(kv.GetRequest(key="k").SerializeToString()), "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return body.pop() if body else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise OSError("the client reset the stream")  # what the ASGI spec has a server raise
+
+    with caplog.at_level(logging.ERROR):
+        await app(scope, receive, send)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -177,13 +177,16 @@ class GrpcAsgiApp:
             if watcher is None or not watcher.done():
                 raise
             return  # the client reset the stream: nobody to answer
+        except ClientGone:
+            return  # a send found the stream reset (a unary call has no watcher): nobody to answer
         except Exception as exc:
             if body.disconnected:
                 return  # the client reset the stream while sending: nobody to answer
             error = status_of(exc)
             await body.drain(self.max_body)
         finished.set()  # from here on a disconnect is the normal end of the exchange
-        await stream.finish(error)
+        with contextlib.suppress(ClientGone):
+            await stream.finish(error)
 
 
 # Reset watchers of open streams. A watcher is never cancelled while it waits in receive()
@@ -200,10 +203,22 @@ async def _cancel_on_reset(receive: Receive, task: asyncio.Task[object] | None, 
         task.cancel()
 
 
+class ClientGone(Exception):
+    """A send failed because the client reset the stream or closed the connection: the ASGI
+    spec has the server raise then (pyvoy raises its ClientDisconnectedError), and a call that
+    finds nobody to answer is not an error of the gateway's."""
+
+
 class _Stream:
     def __init__(self, send: Send) -> None:
-        self.send = send
+        self._asgi_send = send
         self.started = False
+
+    async def send(self, message: dict[str, object]) -> None:
+        try:
+            await self._asgi_send(message)
+        except Exception as exc:
+            raise ClientGone from exc
 
     async def _start(self) -> None:
         self.started = True
