@@ -147,3 +147,5 @@ async def test_unsubscribing_stops_every_consumer_and_task(adapter: KafkaPubSub)
     watcher = adapter._watcher
     assert watcher is not None
     await asyncio.wait_for(watcher, WAIT)  # it ends at its next look, finding no reader
+    await adapter.close()
+    assert live.consumer._closed and live.task.done()  # the idle reader's consumer is not left open

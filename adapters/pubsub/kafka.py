@@ -699,7 +699,7 @@ class KafkaPubSub(PubSubAdapter):
         else:
             if self.live is None or self.live.failed:
                 if self.live is not None:
-                    self.readers.discard(self.live)
+                    await self.live.close()  # its consumer too; its members were ended when it failed
                 self.live = Live(self)
             reader = self.live
         subscription.reader = reader
@@ -720,7 +720,8 @@ class KafkaPubSub(PubSubAdapter):
     async def close(self) -> None:
         for subscription in list(self.subscriptions.values()):
             await subscription.close()
-        for reader in list(self.readers):
+        idle = [self.live] if self.live is not None and self.live not in self.readers else []
+        for reader in [*self.readers, *idle]:  # the live reader stays, idle, without members
             await reader.close()
         if self._watcher is not None:
             self._watcher.cancel()
