@@ -32,7 +32,7 @@ def test_every_service_of_the_rfc_is_in_the_contract() -> None:
         "ConfigService": ["ListConfigs", "GetConfig", "RegisterConfig", "ValidateConfig"],
         "KeyValueService": ["Get", "Set", "Delete", "Exists", "BatchGet", "BatchSet", "BatchDelete", "Scan"],
         "QueueService": ["Publish", "PublishBatch", "Subscribe", "SubscribeBatches", "Acknowledge", "Nack", "Commit", "Seek", "GetTopicInfo"],
-        "PubSubService": ["Publish", "Subscribe", "Unsubscribe"],
+        "PubSubService": ["Publish", "Subscribe", "SubscribeBatches", "Unsubscribe"],
         "ReaderService": ["Read", "Query", "Count"],
         "TransactService": ["Write", "Transaction"],
         "HealthService": ["Live", "Ready"],

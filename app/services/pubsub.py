@@ -16,10 +16,19 @@ from collections.abc import AsyncIterator
 import grpc
 
 from adapters.capabilities import Capability
-from adapters.pubsub.base import AfterMessage, FromTime, Overflow, PubSubAdapter, Start, Subscription
+from adapters.pubsub.base import (
+    AfterMessage,
+    Delivery,
+    FromTime,
+    Overflow,
+    PubSubAdapter,
+    Start,
+    Subscription,
+)
 from adapters.pubsub.subjects import parse_pattern, parse_subject
 from app import metrics
 from app.backends import Backends
+from app.batches import batches
 from app.pipeline import Call
 from app.services.capabilities import require
 from app.sessions import SessionStore
@@ -30,6 +39,7 @@ from prism.v1 import pubsub_pb2 as ps
 
 log = logging.getLogger(__name__)
 END_WAIT_SECONDS = 2.0
+DEFAULT_MAX_BATCH = 100  # SubscribeBatches: messages in one response, at most
 OVERFLOW_OPTION = "overflow"
 
 
@@ -104,6 +114,40 @@ class PubSubService:
     async def Subscribe(
         self, request: ps.PubSubSubscribeRequest, call: Call
     ) -> AsyncIterator[ps.PubSubSubscribeResponse]:
+        if request.max_batch:
+            raise invalid_argument("maxBatch", "is for SubscribeBatches; Subscribe sends one message a response")
+        async for subscription_id, delivery in self._deliveries(request, call):
+            response = ps.PubSubSubscribeResponse(subscription_id=subscription_id)
+            if delivery is not None:
+                _fill(response.message, delivery)
+            yield response
+
+    async def SubscribeBatches(
+        self, request: ps.PubSubSubscribeRequest, call: Call
+    ) -> AsyncIterator[ps.PubSubMessageBatch]:
+        """Subscribe's deliveries, what is ready together in one response."""
+        cap = self.limits.stream_buffer
+        if not 0 <= request.max_batch <= cap:
+            raise invalid_argument("maxBatch", f"must be between 1 and {cap} (0: {DEFAULT_MAX_BATCH})")
+        deliveries = self._deliveries(request, call)
+        ready = batches(deliveries, request.max_batch or DEFAULT_MAX_BATCH)
+        try:
+            subscription_id, _ = await anext(deliveries)
+            yield ps.PubSubMessageBatch(subscription_id=subscription_id)  # live
+            async for together in ready:
+                batch = ps.PubSubMessageBatch(subscription_id=subscription_id)
+                add = batch.messages.add
+                for _, delivery in together:
+                    _fill(add(), delivery)  # type: ignore[arg-type]
+                yield batch
+        finally:
+            await ready.aclose()  # its read-ahead task stops and closes the deliveries
+            await deliveries.aclose()  # (or they were never handed to it)
+
+    async def _deliveries(
+        self, request: ps.PubSubSubscribeRequest, call: Call
+    ) -> AsyncIterator[tuple[str, Delivery | None]]:
+        """(subscription id, None) once the subscription is live, then (id, delivery) each."""
         pattern = parse_pattern(request.subject)
         broker = self.backends.for_pubsub(call.config)
         if request.queue_group:
@@ -122,20 +166,11 @@ class PubSubService:
         call.session.hold_stream(subscription.id, end)
         try:
             await self.sessions.stream_opened(subscription.id, call.session.session_id)
-            yield ps.PubSubSubscribeResponse(subscription_id=subscription.id)
+            yield subscription.id, None
             delivered = metrics.DELIVERED.labels("pubsub", call.config.namespace)
             async for delivery in subscription:
                 delivered.inc()
-                response = ps.PubSubSubscribeResponse(subscription_id=subscription.id)
-                message = response.message
-                message.message_id, message.subject, message.data = (
-                    delivery.message_id,
-                    delivery.subject,
-                    delivery.data,
-                )
-                message.headers.update(delivery.headers)
-                message.published_at.FromNanoseconds(int(delivery.published_at * 1e9))
-                yield response
+                yield subscription.id, delivery
             if ended_by:  # not a clean end: the client must open a new session
                 raise ended_by[0]
         finally:
@@ -168,3 +203,9 @@ class PubSubService:
                 break
             await asyncio.sleep(0.05)
         return ps.UnsubscribeResponse()
+
+
+def _fill(message: ps.PubSubMessage, delivery: Delivery) -> None:
+    message.message_id, message.subject, message.data = delivery.message_id, delivery.subject, delivery.data
+    message.headers.update(delivery.headers)
+    message.published_at.FromNanoseconds(int(delivery.published_at * 1e9))

@@ -14,6 +14,7 @@ import dataclasses
 import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 from adapters.capabilities import Capability
 from adapters.queue.base import (
@@ -261,10 +262,11 @@ class QueueService:
         if not 0 <= request.max_batch <= cap:
             raise invalid_argument("maxBatch", f"must be between 1 and {cap} (0: {DEFAULT_MAX_BATCH})")
         limit = min(request.max_batch or DEFAULT_MAX_BATCH, options.max_in_flight)
-        async for ready in batches(self._deliveries(queue, namespace, topic, options, call), limit):
-            batch = q.QueueMessageBatch()
-            batch.messages.extend(ready)
-            yield batch
+        async with aclosing(batches(self._deliveries(queue, namespace, topic, options, call), limit)) as ready:
+            async for together in ready:  # closed at once when the client leaves: its leases go back now
+                batch = q.QueueMessageBatch()
+                batch.messages.extend(together)
+                yield batch
 
     async def _deliveries(
         self, queue: QueueAdapter, namespace: str, topic: str, options: ConsumeOptions, call: Call

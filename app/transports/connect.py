@@ -22,6 +22,7 @@ import contextlib
 import json
 import struct
 import zlib
+from contextlib import aclosing
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -143,9 +144,10 @@ class ConnectApp:
                 responses = await self.pipeline.stream(method, decode, headers, "connect", peer)
                 try:
                     await start()
-                    async for batch in batches(responses, read_ahead(method)):  # what is ready together goes in one send
-                        frames = b"".join(envelope(_encode(response, codec)) for response in batch)
-                        await send({"type": "http.response.body", "body": frames, "more_body": True})
+                    async with aclosing(batches(responses, read_ahead(method))) as ready:  # what is ready together: one send
+                        async for batch in ready:
+                            frames = b"".join(envelope(_encode(response, codec)) for response in batch)
+                            await send({"type": "http.response.body", "body": frames, "more_body": True})
                 finally:
                     await responses.aclose()  # type: ignore[attr-defined]
         except Exception as exc:

@@ -25,6 +25,7 @@ import re
 import struct
 import zlib
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -239,8 +240,9 @@ class _Stream:
 
     async def send_all(self, responses: AsyncIterator[Message], ahead: int = READ_AHEAD) -> None:
         try:
-            async for batch in batches(responses, ahead):  # what is ready together goes in one send
-                await self.send_messages(batch)
+            async with aclosing(batches(responses, ahead)) as ready:  # what is ready together goes in one send
+                async for batch in ready:
+                    await self.send_messages(batch)
         finally:
             await responses.aclose()  # type: ignore[attr-defined]
 

@@ -15,6 +15,7 @@ import binascii
 import struct
 import urllib.parse
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -153,11 +154,12 @@ class _Writer:
     async def stream(self, responses: AsyncIterator[Message], ahead: int) -> None:
         error: PrismError | None = None
         try:
-            async for batch in batches(responses, ahead):  # what is ready together goes in one send
-                if not self.started:
-                    await self._start(None)
-                body = b"".join(self._encode(frame(response.SerializeToString())) for response in batch)
-                await self.send({"type": "http.response.body", "body": body, "more_body": True})
+            async with aclosing(batches(responses, ahead)) as ready:  # what is ready together goes in one send
+                async for batch in ready:
+                    if not self.started:
+                        await self._start(None)
+                    body = b"".join(self._encode(frame(response.SerializeToString())) for response in batch)
+                    await self.send({"type": "http.response.body", "body": body, "more_body": True})
         except Exception as exc:
             error = status_of(exc)
         finally:

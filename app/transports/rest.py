@@ -21,6 +21,7 @@ import asyncio
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from google.protobuf.message import Message
@@ -215,9 +216,12 @@ def _event(response: Message, count: int) -> ServerSentEvent:
     ``message_id`` (a browser acknowledges ``event.lastEventId``), a page's ``next_cursor`` (an
     EventSource that reconnects sends it back as Last-Event-ID and resumes after that page);
     else its position in the stream. A PubSub delivery is named by its message's id: an
-    EventSource that reconnects sends it back as Last-Event-ID, the request's ``cursor``."""
+    EventSource that reconnects sends it back as Last-Event-ID, the request's ``cursor``. A
+    batch of messages is named by its last message's id."""
     inner = getattr(response, "message", None)  # a PubSub delivery's message
     inner_id = getattr(inner, "message_id", "") if isinstance(inner, Message) else ""
+    if batch := getattr(response, "messages", None):  # a SubscribeBatches response
+        inner_id = batch[-1].message_id
     event_id = getattr(response, "message_id", "") or inner_id or getattr(response, "next_cursor", "") or str(count)
     if not isinstance(response, Message):  # a Reader page, its JSON made by its service (app/services/reader_pages.py)
         return _OneLine(response.to_json(), event_id)  # type: ignore[attr-defined]
@@ -260,12 +264,13 @@ async def _events(first: asyncio.Future[Message], responses: AsyncIterator[Messa
         if head is not None:
             count += 1
             yield _event(head, count)
-            async for batch in batches(responses, ahead):  # what is ready together goes in one send
-                chunk = []
-                for response in batch:
-                    count += 1
-                    chunk.append(_event(response, count).encode())
-                yield b"".join(chunk)
+            async with aclosing(batches(responses, ahead)) as ready:  # what is ready together goes in one send
+                async for batch in ready:
+                    chunk = []
+                    for response in batch:
+                        count += 1
+                        chunk.append(_event(response, count).encode())
+                    yield b"".join(chunk)
         yield ServerSentEvent(data="{}", event="end")
     except Exception as exc:
         yield ServerSentEvent(data=status_of(exc).to_json().decode(), event="error")

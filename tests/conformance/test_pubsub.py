@@ -26,6 +26,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import grpc
 import httpx
 import nats
 import nats.js.errors
@@ -325,6 +326,60 @@ async def test_delivery_carries_concrete_subject_data_headers_and_id(bus: Bus) -
     assert empty_id != message_id
 
 
+async def publish_stream(gateway: GatewayProcess, token: str, requests: list[ps.PubSubPublishRequest]) -> None:
+    """The messages published in order by one PublishStream call: back to back, so they reach
+    a subscriber together."""
+    async with grpc.aio.insecure_channel(gateway.grpc_target) as channel:
+        call = channel.stream_unary(
+            PS + "PublishStream", request_serializer=ps.PubSubPublishRequest.SerializeToString,
+            response_deserializer=ps.PublishStreamResponse.FromString,
+        )  # fmt: skip
+        answer = await asyncio.wait_for(call(iter(requests), metadata=(("x-prism-session", token),)), WAIT)
+    assert answer.published == len(requests)
+
+
+@pytest.mark.case("delivery")
+@pytest.mark.parametrize("transport", ["grpc", "rest", "grpc-web"])
+async def test_subscribe_batches_delivers_every_message_once_in_order(
+    bus: Bus, pubsub_gateway: GatewayProcess, client_factory, transport: str
+) -> None:
+    """SubscribeBatches: the first response names the live subscription; then every message of
+    a burst of 200 once, in publish order, none above ``maxBatch`` to a response (how many a
+    response holds is what was waiting when it was sent: tests/test_pubsub_batches.py). Over
+    SSE an event's id is its last message's id, so an EventSource that reconnects resumes
+    after the batch."""
+    pattern = bus.s("b.*")
+    request = ps.PubSubSubscribeRequest(subject=pattern, max_batch=16)
+    stream = client_factory(transport, pubsub_gateway).stream(PS + "SubscribeBatches", request, bus.token)
+    sse = sse_with_ids(pubsub_gateway.base_url, bus.token, pattern, rpc="subscribeBatches")
+    try:
+        first = await asyncio.wait_for(anext(stream), WAIT)
+        assert first.subscription_id and not first.messages  # type: ignore[attr-defined]
+        assert "subscriptionId" in (await asyncio.wait_for(anext(sse), WAIT))[1]
+        sent = [ps.PubSubPublishRequest(subject=bus.s(f"b.{i % 3}"), data=str(i).encode()) for i in range(200)]
+        await publish_stream(pubsub_gateway, bus.token, sent)
+        sizes, got = [], []
+        while len(got) < len(sent):
+            batch = await asyncio.wait_for(anext(stream), WAIT)
+            assert batch.subscription_id == first.subscription_id  # type: ignore[attr-defined]
+            sizes.append(len(batch.messages))  # type: ignore[attr-defined]
+            got += batch.messages  # type: ignore[attr-defined]
+        order = [int(m.data) for m in got]
+        assert sorted(order) == list(range(200)), "each message once"
+        for k in range(1 if bus.ordered else 3):  # publish order (of each subject, where kept per subject)
+            of_subject = [i for i in order if bus.ordered or i % 3 == k]
+            assert of_subject == sorted(of_subject)
+        assert max(sizes) <= 16, sizes
+        seen = 0
+        while seen < len(sent):  # the same burst as events
+            event_id, body = await asyncio.wait_for(anext(sse), WAIT)
+            assert body["messages"] and event_id == body["messages"][-1]["messageId"]
+            seen += len(body["messages"])
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+        await sse.aclose()
+
+
 # --- Fan-out and queue groups ---------------------------------------------------------------
 
 
@@ -514,6 +569,19 @@ async def test_invalid_pattern_is_refused(bus: Bus, pattern: str) -> None:
     error = await refused(anext(subscriber.stream))
     assert error.code == "INVALID_ARGUMENT"
     assert error.message.startswith("subject:"), error.message
+
+
+@pytest.mark.case("validation")
+@pytest.mark.parametrize(
+    ("rpc", "max_batch", "subject"),
+    [("Subscribe", 10, "a"), ("SubscribeBatches", -1, "a"), ("SubscribeBatches", 1_000_000, "a"), ("SubscribeBatches", 0, "a..b")],
+)
+async def test_a_bad_batch_subscription_is_refused_naming_the_field(bus: Bus, rpc: str, max_batch: int, subject: str) -> None:
+    request = ps.PubSubSubscribeRequest(subject=subject, max_batch=max_batch)
+    error = await refused(anext(bus.client.stream(PS + rpc, request, bus.token)))
+    assert error.code == "INVALID_ARGUMENT"
+    field = "subject" if max_batch == 0 else "maxBatch"
+    assert error.message.startswith(f"{field}:"), error.message
 
 
 @pytest.mark.case("validation")
@@ -986,10 +1054,12 @@ async def test_a_subscription_starts_in_the_past_where_the_backend_keeps_history
         await bus.close()
 
 
-async def sse_with_ids(base_url: str, token: str, pattern: str, last_event_id: str = "") -> AsyncIterator[tuple[str, dict]]:
+async def sse_with_ids(
+    base_url: str, token: str, pattern: str, last_event_id: str = "", rpc: str = "subscribe"
+) -> AsyncIterator[tuple[str, dict]]:
     """What an EventSource does, reconnecting with ``Last-Event-ID`` when given: (id, JSON)
     of each message event."""
-    url = f"{base_url}/v1/subjects/{pattern}:subscribe"
+    url = f"{base_url}/v1/subjects/{pattern}:{rpc}"
     headers = {"accept": "text/event-stream", **({"last-event-id": last_event_id} if last_event_id else {})}
     async with httpx.AsyncClient(timeout=None) as http:
         async with http.stream("GET", url, params={"prism_session": token}, headers=headers) as response:

@@ -539,8 +539,9 @@ async def test_nack_gives_a_message_back_at_once_with_the_next_attempt(topic: To
 
 
 @pytest.mark.case("disconnect")
-async def test_a_leaving_subscriber_s_messages_go_to_the_group_at_once(topic: Topic) -> None:
-    leaving = topic.subscribe("g", start=q.START_POSITION_EARLIEST, ack_deadline=seconds(30), max_in_flight=2)
+@pytest.mark.parametrize("batched", [False, True], ids=["Subscribe", "SubscribeBatches"])
+async def test_a_leaving_subscriber_s_messages_go_to_the_group_at_once(topic: Topic, batched: bool) -> None:
+    leaving = topic.subscribe("g", batched=batched, start=q.START_POSITION_EARLIEST, ack_deadline=seconds(30), max_in_flight=2)
     await topic.publish_all(b"1", b"2", b"3")
     held = await leaving.take(2)
     staying = topic.subscribe("g", ack_deadline=seconds(30))

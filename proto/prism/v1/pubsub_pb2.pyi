@@ -8,7 +8,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -45,18 +45,20 @@ class PublishStreamResponse(_message.Message):
     def __init__(self, published: _Optional[int] = ..., last_message_id: _Optional[str] = ...) -> None: ...
 
 class PubSubSubscribeRequest(_message.Message):
-    __slots__ = ("subject", "queue_group", "start_time", "start_after", "cursor")
+    __slots__ = ("subject", "queue_group", "start_time", "start_after", "cursor", "max_batch")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_GROUP_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     START_AFTER_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     subject: str
     queue_group: str
     start_time: _timestamp_pb2.Timestamp
     start_after: str
     cursor: str
-    def __init__(self, subject: _Optional[str] = ..., queue_group: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_after: _Optional[str] = ..., cursor: _Optional[str] = ...) -> None: ...
+    max_batch: int
+    def __init__(self, subject: _Optional[str] = ..., queue_group: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_after: _Optional[str] = ..., cursor: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
 
 class PubSubMessage(_message.Message):
     __slots__ = ("message_id", "subject", "data", "headers", "published_at")
@@ -86,6 +88,14 @@ class PubSubSubscribeResponse(_message.Message):
     subscription_id: str
     message: PubSubMessage
     def __init__(self, subscription_id: _Optional[str] = ..., message: _Optional[_Union[PubSubMessage, _Mapping]] = ...) -> None: ...
+
+class PubSubMessageBatch(_message.Message):
+    __slots__ = ("subscription_id", "messages")
+    SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    subscription_id: str
+    messages: _containers.RepeatedCompositeFieldContainer[PubSubMessage]
+    def __init__(self, subscription_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[PubSubMessage, _Mapping]]] = ...) -> None: ...
 
 class UnsubscribeRequest(_message.Message):
     __slots__ = ("subscription_id",)

@@ -51,6 +51,11 @@ class PubSubServiceStub:
                 request_serializer=prism_dot_v1_dot_pubsub__pb2.PubSubSubscribeRequest.SerializeToString,
                 response_deserializer=prism_dot_v1_dot_pubsub__pb2.PubSubSubscribeResponse.FromString,
                 _registered_method=True)
+        self.SubscribeBatches = channel.unary_stream(
+                '/prism.v1.PubSubService/SubscribeBatches',
+                request_serializer=prism_dot_v1_dot_pubsub__pb2.PubSubSubscribeRequest.SerializeToString,
+                response_deserializer=prism_dot_v1_dot_pubsub__pb2.PubSubMessageBatch.FromString,
+                _registered_method=True)
         self.Unsubscribe = channel.unary_unary(
                 '/prism.v1.PubSubService/Unsubscribe',
                 request_serializer=prism_dot_v1_dot_pubsub__pb2.UnsubscribeRequest.SerializeToString,
@@ -88,6 +93,15 @@ class PubSubServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeBatches(self, request, context):
+        """Subscribe with the messages that are ready together in one response, up to max_batch: a
+        subscriber that is behind (a burst, a fan-out) pays a client's per-response cost once per
+        batch. The first response carries only the subscription id and means it is live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Unsubscribe(self, request, context):
         """Ends one subscription (its stream closes cleanly); others are untouched.
         """
@@ -112,6 +126,11 @@ def add_PubSubServiceServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=prism_dot_v1_dot_pubsub__pb2.PubSubSubscribeRequest.FromString,
                     response_serializer=prism_dot_v1_dot_pubsub__pb2.PubSubSubscribeResponse.SerializeToString,
+            ),
+            'SubscribeBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeBatches,
+                    request_deserializer=prism_dot_v1_dot_pubsub__pb2.PubSubSubscribeRequest.FromString,
+                    response_serializer=prism_dot_v1_dot_pubsub__pb2.PubSubMessageBatch.SerializeToString,
             ),
             'Unsubscribe': grpc.unary_unary_rpc_method_handler(
                     servicer.Unsubscribe,
@@ -202,6 +221,33 @@ class PubSubService:
             '/prism.v1.PubSubService/Subscribe',
             prism_dot_v1_dot_pubsub__pb2.PubSubSubscribeRequest.SerializeToString,
             prism_dot_v1_dot_pubsub__pb2.PubSubSubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/prism.v1.PubSubService/SubscribeBatches',
+            prism_dot_v1_dot_pubsub__pb2.PubSubSubscribeRequest.SerializeToString,
+            prism_dot_v1_dot_pubsub__pb2.PubSubMessageBatch.FromString,
             options,
             channel_credentials,
             insecure,
