@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -228,6 +229,9 @@ def _event(response: Message, count: int) -> ServerSentEvent:
     return ServerSentEvent(data=json_codec.to_json(response).decode(), event="message", id=event_id)
 
 
+LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what ServerSentEvent removes from an id
+
+
 class _OneLine(ServerSentEvent):
     """A message event whose data is JSON already encoded, written as ServerSentEvent writes
     it without splitting, decoding and encoding it again: the same bytes when the JSON is one
@@ -240,7 +244,7 @@ class _OneLine(ServerSentEvent):
     def encode(self) -> bytes:
         if b"\n" in self.payload or b"\r" in self.payload:
             return ServerSentEvent(data=self.payload.decode(), event="message", id=self.id).encode()
-        event_id = self._LINE_SEP_EXPR.sub("", self.id or "").encode()
+        event_id = LINE_BREAK.sub("", self.id or "").encode()
         return b"".join((b"id: ", event_id, b"\r\nevent: message\r\ndata: ", self.payload, b"\r\n\r\n"))
 
 
