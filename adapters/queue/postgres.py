@@ -464,11 +464,12 @@ class PostgresQueue(QueueAdapter):
         )
         owned = [(entries[i].idempotency_token, appended[i]) for i, _ in placed if entries[i].idempotency_token]
         if owned:
-            await con.execute(
-                "UPDATE prism_queue_tokens AS t SET partition = u.partition, seq = u.seq "
-                "FROM unnest($3::bytea[], $4::integer[], $5::bigint[]) AS u(token, partition, seq) "
-                "WHERE t.namespace=$1 AND t.topic=$2 AND t.token = u.token",
-                ns, topic, [t.encode() for t, _ in owned], [p.partition for _, p in owned], [p.offset for _, p in owned],
+            # One statement per token, by primary key, pipelined in one round trip: an UPDATE …
+            # FROM unnest(…) join was planned as a scan of every token of the topic (misjudged
+            # row counts), and publishing slowed as a topic's tokens grew.
+            await con.executemany(
+                "UPDATE prism_queue_tokens SET partition = $4, seq = $5 WHERE namespace=$1 AND topic=$2 AND token=$3",
+                [(ns, topic, token.encode(), published.partition, published.offset) for token, published in owned],
             )
             for token, published in owned:
                 stored[token] = (entries[first_of[token]].fingerprint(), published)
