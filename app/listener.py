@@ -6,13 +6,16 @@ rows become Queue messages or PubSub deliveries, at least once, in order per mai
         │          or at once when the Write went through this process; poll_seconds as a safety net
         ▼
     claim(holder, routes): whole mailboxes leased to this listener, their lowest undelivered rows
-        │ mailboxes in parallel, each one's rows in sequence order
+        │ in rounds: each mailbox's next run of rows to one destination; the runs of every
+        │ mailbox to the same destination in one publish (a mailbox's next run waits for the
+        │ acknowledgement of its last: its order)
         ▼
-    Queue.publish   topic   = the row's destination, else the mailbox's name
+    Queue.publish   topic   = the row's destination, else the mailbox's name (one batch publish)
                     key     = the mailbox's name (one partition: the topic keeps the mailbox's order)
                     token   = from (epoch, sequence) where the queue deduplicates: a row published
                               again after a crash is stored once
-    PubSub.publish  subject = the row's destination, else the mailbox's name
+    PubSub.publish  subject = the row's destination, else the mailbox's name (one message a call:
+                              each mailbox's in turn, the mailboxes side by side)
         │ headers: the row's own (its traceparent among them) + prism-mailbox, prism-mailbox-sequence
         ▼
     mark_delivered: the published run stamped delivered; the mailbox is given back (after a
@@ -32,7 +35,10 @@ means the rows behind it wait); ``attempts`` in the mailbox table counts the tri
 says why. An outage (UNAVAILABLE, a timeout, any error that does not say the row is wrong) is
 retried for ever. A refusal (:func:`refused`: the destination says this row can never go) is
 counted in ``refusals``; at ``max_delivery_attempts`` refusals the row is dead-lettered
-(``dead_ns``), logged, and its mailbox goes on with the rows behind it.
+(``dead_ns``), logged, and its mailbox goes on with the rows behind it. A publish of several
+mailboxes' runs that fails as a whole fails each of them — except a refusal, which cannot say
+whose row it meant: those runs are published again one mailbox at a time, so a refusal counts
+against its own mailbox only.
 
 Runs in every gateway process (``app/gateway.py``) unless ``mailbox_listener.in_gateway`` is
 false, or alone: ``prism listener`` (:func:`run_alone`). Any number of listeners share the work.
@@ -43,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import logging
 import os
 import random
@@ -75,13 +80,17 @@ from app.backends import Backends
 from app.configs import from_settings
 from app.settings import MailboxListenerSettings, NamedConfig, Settings, SettingsError
 from app.tracing import Tracing
-from prism.errors import PrismError, failed_precondition
+from prism.errors import PrismError, failed_precondition, internal
 
 log = logging.getLogger("prism.listener")
 
 RETRY_BASE = 0.1  # seconds before the first retry of a failed delivery; doubles per attempt
 LEASE_MARGIN = 0.1  # share of the lease (1 s at most) left unused: no publish runs up to its very end
 CLOSE_WAIT = 5.0  # seconds a closing listener lets the deliveries under way finish and be marked
+# Claims begin at most this often. A row that commits while the listener is idle is claimed at
+# once; under load, the rows that commit meanwhile go together in the next claim (a claim, a
+# publish and a mark cost about the same for one row as for many), at the price of this much lag.
+CLAIM_EVERY = 0.02
 SWEEP_SECONDS = (0.05, 60.0)  # sweeps come every retain_delivered_seconds, within these bounds
 SWEEP_BATCH = 500  # rows deleted per statement: a short transaction each
 SWEEP_PAUSE = 0.01  # seconds between two batches of one sweep: writers get the lock meanwhile
@@ -134,9 +143,7 @@ def message_headers(mailbox: str, row: MailboxRow) -> dict[str, str]:
     return {**row.headers, MAILBOX_HEADER: mailbox, SEQUENCE_HEADER: str(row.sequence)}
 
 
-@dataclass(slots=True)
-class Progress:
-    sent: int = 0  # rows of the batch published so far, in order
+Outgoing = tuple[Claimed, MailboxRow]  # a row on its way, with the claim of its mailbox
 
 
 class Target(ABC):
@@ -146,9 +153,12 @@ class Target(ABC):
         self.config, self.namespace, self.capabilities = config, namespace, capabilities
 
     @abstractmethod
-    async def send(self, batch: Claimed, progress: Progress) -> None:
-        """Publish the batch's rows in order, counting each in ``progress``; the first refusal
-        or outage raises (a PrismError) and stops it."""
+    async def publish(self, destination: str, rows: Sequence[Outgoing]) -> Sequence[BaseException | None]:
+        """Publish ``rows`` — runs of one or more mailboxes, each mailbox's in sequence order —
+        to ``destination`` (a Queue topic or PubSub subject) in as few calls as the destination
+        allows. One outcome per row, in order: None once the destination has acknowledged it,
+        else why not (a PrismError). Raising fails every row. A row after a failed row of its
+        mailbox does not count as published, whatever its outcome (it goes again: at least once)."""
 
 
 class QueueTarget(Target):
@@ -163,17 +173,15 @@ class QueueTarget(Target):
         name = f"{batch.epoch}\0{batch.namespace}\0{batch.mailbox}\0{row.sequence}".encode()
         return "prism-mailbox-" + hashlib.sha256(name).hexdigest()[:48]
 
-    async def send(self, batch: Claimed, progress: Progress) -> None:
-        # Consecutive rows for one topic go in one publish (the adapter stores them in order).
-        for topic, run in itertools.groupby(batch.rows, key=lambda r: r.destination or batch.mailbox):
-            rows = list(run)
-            entries = [
-                Entry(r.payload, batch.mailbox, message_headers(batch.mailbox, r), self._token(batch, r)) for r in rows
-            ]
-            for result in await self.queue.publish(self.namespace, topic, entries):
-                if isinstance(result, PrismError):
-                    raise result
-                progress.sent += 1
+    async def publish(self, destination: str, rows: Sequence[Outgoing]) -> Sequence[BaseException | None]:
+        # One batch publish for every mailbox's run: the adapter stores the entries in order,
+        # each mailbox's on one partition (its name is the key), and answers per entry.
+        entries = [
+            Entry(row.payload, batch.mailbox, message_headers(batch.mailbox, row), self._token(batch, row))
+            for batch, row in rows
+        ]
+        results = await self.queue.publish(self.namespace, destination, entries)
+        return [result if isinstance(result, PrismError) else None for result in results]
 
 
 class PubSubTarget(Target):
@@ -181,11 +189,50 @@ class PubSubTarget(Target):
         super().__init__(config, namespace, broker.capabilities)
         self.broker = broker
 
-    async def send(self, batch: Claimed, progress: Progress) -> None:
-        for row in batch.rows:
-            subject = parse_subject(row.destination or batch.mailbox, "destination")  # checked at Write: a guard
-            await self.broker.publish(self.namespace, subject, row.payload, message_headers(batch.mailbox, row))
-            progress.sent += 1
+    async def publish(self, destination: str, rows: Sequence[Outgoing]) -> Sequence[BaseException | None]:
+        # A PubSub publish takes one message: each mailbox's rows one after the other (its
+        # order), the mailboxes side by side.
+        subject = parse_subject(destination, "destination")  # checked at Write: a guard
+        outcomes: list[BaseException | None] = [None] * len(rows)
+        by_mailbox: dict[int, list[int]] = {}
+        for i, (batch, _) in enumerate(rows):
+            by_mailbox.setdefault(id(batch), []).append(i)
+
+        async def mailbox(indexes: list[int]) -> None:
+            for n, i in enumerate(indexes):
+                batch, row = rows[i]
+                try:
+                    await self.broker.publish(self.namespace, subject, row.payload, message_headers(batch.mailbox, row))
+                except Exception as exc:
+                    for j in indexes[n:]:  # the rows behind it wait: their mailbox's order
+                        outcomes[j] = exc
+                    return
+
+        await asyncio.gather(*(mailbox(indexes) for indexes in by_mailbox.values()))
+        return outcomes
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One claimed mailbox on its way: how many of its rows went out, and what stopped it."""
+
+    batch: Claimed
+    target: Target | None
+    sent: int = 0  # rows published (acknowledged by the destination) so far, in order
+    error: BaseException | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.error is None and self.sent < len(self.batch.rows)
+
+    def run(self) -> tuple[str, int]:
+        """The destination of the next row, and the end of the run of rows going there."""
+        rows, mailbox = self.batch.rows, self.batch.mailbox
+        destination = rows[self.sent].destination or mailbox
+        end = self.sent + 1
+        while end < len(rows) and (rows[end].destination or mailbox) == destination:
+            end += 1
+        return destination, end
 
 
 @dataclass
@@ -280,7 +327,12 @@ class MailboxListener:
         assert self._changes is not None
         options = self.options
         failures = 0
+        started = time.monotonic() - CLAIM_EVERY  # the first claim at once
         while not self._closing:
+            if (left := started + CLAIM_EVERY - time.monotonic()) > 0:
+                await self._sleep(left)  # under load, what commits meanwhile goes in the next claim
+                if self._closing:
+                    break
             self._changes.arm()  # before looking: a commit from now on wakes the wait below
             started = time.monotonic()
             try:
@@ -303,8 +355,7 @@ class MailboxListener:
                 continue
             failures = 0
             if claim.batches:
-                deadline = started + options.lease_seconds - self.margin
-                await asyncio.gather(*(self._deliver(batch, deadline) for batch in claim.batches))
+                await self._deliver(claim.batches, started + options.lease_seconds - self.margin)
                 continue  # more may be waiting: look again at once
             wait = options.poll_seconds
             if claim.retry_ns is not None:  # another holder's lease ends then (a crashed listener's too)
@@ -322,58 +373,104 @@ class MailboxListener:
     def _backoff(self, attempts: int) -> float:
         return min(self.options.max_retry_seconds, RETRY_BASE * 2 ** min(max(attempts - 1, 0), 30))
 
-    async def _deliver(self, batch: Claimed, deadline: float) -> None:
-        """Publish one mailbox's rows in order while the lease lives, then mark what went out.
-        Never raises: a failure is logged, counted and retried after a pause — or, a row
-        refused ``max_delivery_attempts`` times, dead-lettered so the rows behind it go on."""
-        progress = Progress()
-        error: BaseException | None = None
-        target = self.routes.target(batch.namespace, batch.mailbox)
+    async def _deliver(self, batches: Sequence[Claimed], deadline: float) -> None:
+        """Publish the claimed mailboxes' rows, each mailbox's in order, while the lease lives;
+        then mark what went out. Never raises: a failure is logged, counted and retried after a
+        pause — or, a row refused ``max_delivery_attempts`` times, dead-lettered so the rows
+        behind it go on."""
+        deliveries = [Delivery(batch, self.routes.target(batch.namespace, batch.mailbox)) for batch in batches]
         try:
-            if target is None:  # claims take routed mailboxes only: a guard
-                raise failed_precondition(f"no route for mailbox {batch.mailbox!r}")
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await target.send(batch, progress)
+                await self._publish(deliveries)
         except TimeoutError:
-            error = TimeoutError(f"the lease of {self.options.lease_seconds:g}s ran out")
-        except Exception as exc:
-            error = exc
+            for delivery in deliveries:
+                if delivery.pending:
+                    delivery.error = TimeoutError(f"the lease of {self.options.lease_seconds:g}s ran out")
         finally:  # also when cancelled (close): what went out is marked, the rest given back
-            sent = batch.rows[: progress.sent]
-            failure = self._failure(batch, progress.sent, error, target)
-            retry = self._retry(batch, progress.sent, failure)
-            settle = asyncio.ensure_future(self._settle(batch, sent, retry, failure))
+            outcomes = [(d, self._failure(d)) for d in deliveries]
+            settle = asyncio.ensure_future(
+                asyncio.gather(*(self._settle(d.batch, d.batch.rows[: d.sent], self._retry(d, f), f) for d, f in outcomes))
+            )
             self._settling.add(settle)
             settle.add_done_callback(self._settling.discard)
             await asyncio.shield(settle)
-        if error is not None:
-            FAILURES.labels(batch.namespace).inc()
-            self._report(batch, progress.sent, error, failure, retry, target)
+        for delivery, failure in outcomes:
+            if delivery.error is not None:
+                FAILURES.labels(delivery.batch.namespace).inc()
+                self._report(delivery, failure, self._retry(delivery, failure))
 
-    def _failure(self, batch: Claimed, sent: int, error: BaseException | None, target: Target | None) -> Failure | None:
+    async def _publish(self, deliveries: Sequence[Delivery]) -> None:
+        """In rounds: every mailbox's next run of rows to one destination, the runs for the same
+        destination together in one publish (the common case — every row to one topic — is one
+        publish for the whole claim), until each mailbox is done or stopped."""
+        while True:
+            groups: dict[tuple[int, str], tuple[Target, str, list[tuple[Delivery, int]]]] = {}
+            for delivery in deliveries:
+                if not delivery.pending:
+                    continue
+                if delivery.target is None:  # claims take routed mailboxes only: a guard
+                    delivery.error = failed_precondition(f"no route for mailbox {delivery.batch.mailbox!r}")
+                    continue
+                destination, end = delivery.run()
+                group = groups.setdefault((id(delivery.target), destination), (delivery.target, destination, []))
+                group[2].append((delivery, end))
+            if not groups:
+                return
+            if len(groups) == 1:
+                await self._publish_runs(*next(iter(groups.values())))
+            else:
+                await asyncio.gather(*(self._publish_runs(*group) for group in groups.values()))
+
+    async def _publish_runs(self, target: Target, destination: str, runs: list[tuple[Delivery, int]]) -> None:
+        """One publish of several mailboxes' runs (``(delivery, end)``: its rows up to ``end``);
+        each mailbox counts the rows acknowledged before its first failure."""
+        rows = [(d.batch, row) for d, end in runs for row in d.batch.rows[d.sent : end]]
+        try:
+            outcomes = await target.publish(destination, rows)
+        except Exception as exc:
+            if len(runs) > 1 and refused(exc):  # which row was refused? Each mailbox's run on its own
+                await asyncio.gather(*(self._publish_runs(target, destination, [run]) for run in runs))
+                return
+            for delivery, _ in runs:
+                delivery.error = exc
+            return
+        at = 0
+        for delivery, end in runs:
+            count = end - delivery.sent
+            for outcome in outcomes[at : at + count]:
+                if outcome is not None:
+                    delivery.error = outcome
+                    break
+                delivery.sent += 1
+            at += count
+            if delivery.error is None and delivery.sent < end:  # fewer outcomes than rows: a bug, not a delivery
+                delivery.error = internal()
+
+    def _failure(self, delivery: Delivery) -> Failure | None:
         """What the row the delivery stopped at gets recorded: the error, a refusal counted,
         dead-lettered at the limit. None: nothing failed, or the failure came after the last row."""
+        error, batch, sent = delivery.error, delivery.batch, delivery.sent
         if error is None or sent >= len(batch.rows):
             return None
         row = batch.rows[sent]
         refusal = refused(error)
         limit = self.options.max_delivery_attempts
         dead = refusal and limit > 0 and row.refusals + 1 >= limit
-        where = target.config if target is not None else "nowhere"
+        where = delivery.target.config if delivery.target is not None else "nowhere"
         return Failure(row.sequence, f"{error_text(error)} (delivering to {where})", refusal, dead)
 
-    def _retry(self, batch: Claimed, sent: int, failure: Failure | None) -> float:
+    def _retry(self, delivery: Delivery, failure: Failure | None) -> float:
         """The pause before the mailbox is claimed again: none unless a row is left to retry."""
         if failure is None or failure.dead:
             return 0.0
-        return self._backoff(batch.rows[sent].attempts)
+        return self._backoff(delivery.batch.rows[delivery.sent].attempts)
 
-    def _report(
-        self, batch: Claimed, sent: int, error: BaseException, failure: Failure | None, retry: float, target: Target | None
-    ) -> None:
+    def _report(self, delivery: Delivery, failure: Failure | None, retry: float) -> None:
         """One WARNING per failed delivery, saying what happens to the row next."""
+        batch, sent, error = delivery.batch, delivery.sent, delivery.error
+        assert error is not None
         where = f"{batch.namespace}/{batch.mailbox}"
-        config = target.config if target is not None else "nowhere"
+        config = delivery.target.config if delivery.target is not None else "nowhere"
         if failure is not None and failure.dead:
             self.dead_lettered += 1
             DEAD_LETTERED.labels(batch.namespace).inc()

@@ -25,9 +25,10 @@ text, total double precision, status text), created before the gateway starts. P
                   writes (values bound as text and cast to the column types, ``INSERT … ON
                   CONFLICT (id) DO UPDATE``); the adapter's APPEND statement (the head row's
                   ``INSERT … ON CONFLICT DO UPDATE SET next = next + 1`` that numbers the
-                  mailbox, the mailbox row's INSERT and ``pg_notify`` in one statement, on a
-                  channel nobody listens to) — the two statements an interactive Transaction
-                  runs; COMMIT: four round trips.
+                  mailbox and the mailbox row's INSERT in one statement) — the two statements
+                  an interactive Transaction runs; COMMIT: four round trips. (The adapter wakes
+                  other processes' listeners with a NOTIFY after the commit, coalesced; the
+                  direct side wakes nobody.)
         sqlite    sqlite3 on a thread of its own (one connection, the backend's pragmas: WAL,
                   synchronous=NORMAL), each Write one job on that thread: BEGIN IMMEDIATE; the
                   adapter's upsert; the head row's upsert … RETURNING; the mailbox row's
@@ -35,14 +36,21 @@ text, total double precision, status text), created before the gateway starts. P
     direct, tuned   for reference: the same client doing what the adapter does since it was
               tuned (issue 14's benchmark), so the gateway is also compared with a direct
               client as clever as itself:
-        postgres  the adapter's Write statement (``write_statement``): the upsert, the head,
-                  the mailbox row and pg_notify in one statement that is its own transaction
-                  (READ COMMITTED, the sessions' default) — one round trip.
+        postgres  the adapter's Write statement (``write_statement``): the upsert, the head
+                  and the mailbox row in one statement that is its own transaction (READ
+                  COMMITTED, the sessions' default) — one round trip.
         sqlite    group commit: the Writes queued while the thread is busy go in one
-                  transaction, a savepoint each (the adapter's ``Batcher`` on the event loop).
+                  transaction (the adapter's ``Batcher`` on the event loop; no savepoints: the
+                  adapter takes them only to run a group again in which a Write failed).
+    direct, NOTIFY in the transaction   Postgres, for reference: the direct row's transaction
+              with ``pg_notify`` in its APPEND statement, as the adapter's was until the NOTIFY
+              moved after the commit (on a channel nobody listens to): PostgreSQL serializes the
+              commits of transactions that NOTIFY on one database-wide lock held through their
+              WAL flush, so this is the baseline earlier runs of this section measured.
 
     gateway/direct = gateway Writes/s ÷ direct Writes/s, same backend; issue 14's target ≥ 50%
     vs tuned direct = gateway Writes/s ÷ tuned direct Writes/s (for reference)
+    vs direct with NOTIFY = gateway Writes/s ÷ that row's Writes/s (Postgres, for reference)
 
     gateway, listener off   for reference, once that gateway has stopped: a second gateway from
               the same configuration with ``mailbox_listener.in_gateway: false`` and the same
@@ -69,7 +77,9 @@ exactly the rows the client wrote, the mailbox table exactly its mailbox rows, a
 every one of them is delivered within the drain limit and the listener's delivered counter
 grew by the same number. The namespaces' rows (mailbox, heads, cursors, queue), the data
 tables and the direct rows' tables are removed afterwards (and first, should an interrupted run
-have left any).
+have left any), and the gateway's tables they were deleted from are vacuumed: the direct rows get
+new tables every run, and on a server without autovacuum (this machine's) the gateway's would
+otherwise carry the dead rows of every earlier run, which its scans then read.
 
     python -m benchmarks.run --only transact [--quick]
     python -m benchmarks.transact --backend postgres --side direct --table T --duration 2   (one client run)
@@ -244,9 +254,13 @@ async def direct_postgres(args: argparse.Namespace, meter: Meter) -> dict[str, A
     write = DataWrite(table, Operation.UPSERT, _data_row(args.run, 0, 0))
     data_sql, order = adapter.data_statement(write, columns)
     append = direct.renamed(adapter.APPEND)
+    if args.notify:  # the adapter's APPEND as it was: pg_notify in the transaction
+        if "pg_notify" in append or not append.endswith("SELECT seq FROM row"):
+            raise AssertionError(f"APPEND changed: {append[-80:]}")
+        append = append.removesuffix("SELECT seq FROM row") + f"SELECT seq, pg_notify('{DIRECT_CHANNEL}', $1) FROM row"
     begin = adapter.BEGIN[adapter.Isolation.READ_COMMITTED]
-    # tuned: the adapter's own Write statement — the upsert, the head, the mailbox row and
-    # pg_notify in one statement that is its own transaction (READ COMMITTED: the default)
+    # tuned: the adapter's own Write statement — the upsert, the head and the mailbox row in
+    # one statement that is its own transaction (READ COMMITTED: the default)
     one_sql, one_order = adapter.write_statement(write, columns, implicit=True, keyed=False)
     one_sql = direct.renamed(one_sql)
     if one_order != order:
@@ -301,7 +315,7 @@ async def direct_postgres(args: argparse.Namespace, meter: Meter) -> dict[str, A
                     await con.execute(f"DROP TABLE IF EXISTS {direct.prefix}{name}")
         finally:
             await pool.close()
-    return meter.result(statements=[one_sql] if args.tuned else [begin, data_sql, append, "COMMIT"])
+    return meter.result(statements=[one_sql] if args.tuned else [begin, data_sql, append, "COMMIT"], notify=args.notify)
 
 
 # SQLite: copied from adapters/transact/sqlite.py (_next_sequence, _append; inside its functions).
@@ -351,18 +365,16 @@ async def direct_sqlite(args: argparse.Namespace, meter: Meter) -> dict[str, Any
         return seq
 
     def grouped(writes: list[tuple[list[Any], str]]) -> list[int]:
-        """tuned: the Writes queued meanwhile in one transaction, a savepoint each (as the
-        adapter groups them; none fails here)."""
+        """tuned: the Writes queued meanwhile in one transaction (as the adapter groups them:
+        savepoints only when one fails, and none fails here)."""
         con.execute("BEGIN IMMEDIATE")
         try:
             sequences = []
             for values, mailbox in writes:
-                con.execute("SAVEPOINT w")
                 now = time.time_ns()
                 con.execute(data_sql, values)
                 seq: int = con.execute(head, (namespace, mailbox)).fetchone()[0]
                 con.execute(append, (namespace, mailbox, seq, PAYLOAD, "{}", DESTINATION, now))
-                con.execute("RELEASE w")
                 sequences.append(seq)
             con.execute("COMMIT")
         except BaseException:
@@ -437,6 +449,8 @@ def client_main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=list(BACKENDS), required=True)
     parser.add_argument("--side", choices=("direct", "gateway"), required=True)
+    parser.add_argument("--notify", action="store_true",
+                        help="direct on postgres: pg_notify in the APPEND statement, as the adapter's was")
     parser.add_argument("--tuned", action="store_true",
                         help="direct: as the adapter does it (Postgres one statement, SQLite grouped commits)")
     parser.add_argument("--run", default=uuid.uuid4().hex[:8], help="names this run's rows, mailboxes and tables")
@@ -656,16 +670,18 @@ TUNED = {"postgres": "one statement", "sqlite": "grouped commits"}  # what the t
 def _measured(ctx: Context, backend: str, side: str, measure: Callable[[], dict[str, Any]]) -> Row:
     spec = BACKENDS[backend]
     target = {"direct": f"{spec.direct} directly", "direct-tuned": f"{spec.direct} directly, {TUNED[backend]} (for reference)",
+              "direct-notify": f"{spec.direct} directly, NOTIFY in the transaction (for reference)",
               "gateway": "gateway (granian), gRPC Write", "gateway-no-listener": "gateway, listener off (for reference)"}[side]
     return {"id": f"transact/{backend}/{side}", "backend": spec.label, "target": target,
             "in_flight": f"{IN_FLIGHT} ({IN_FLIGHT} mailboxes)", **ctx.least_disturbed(measure)}
 
 
-def _direct(ctx: Context, backend: str, work: pathlib.Path, *, tuned: bool = False) -> dict[str, Any]:
+def _direct(ctx: Context, backend: str, work: pathlib.Path, *, tuned: bool = False, notify: bool = False) -> dict[str, Any]:
     d = ctx.durations
     return ctx.client(
         "benchmarks.transact", "--backend", backend, "--side", "direct", "--duration", str(d.throughput),
-        "--warmup", str(d.warmup), "--workdir", str(work), *(["--tuned"] if tuned else []), backend=BACKENDS[backend].process,
+        "--warmup", str(d.warmup), "--workdir", str(work), *(["--tuned"] if tuned else []),
+        *(["--notify"] if notify else []), backend=BACKENDS[backend].process,
     )
 
 
@@ -690,6 +706,9 @@ def run(ctx: Context) -> dict[str, Any]:
                 rows.append(_measured(ctx, backend, "gateway", lambda backend=backend: _gateway_row(ctx, gw, backend)))
                 rows.append(_measured(ctx, backend, "direct-tuned",
                                       lambda backend=backend: _direct(ctx, backend, work, tuned=True)))
+                if backend == "postgres":
+                    rows.append(_measured(ctx, backend, "direct-notify",
+                                          lambda backend=backend: _direct(ctx, backend, work, notify=True)))
         with ctx.serving(SECTION, f"{load}, listener off") as servers:
             gw = _start(ctx, servers, work, sqlite_file, table, listener=False)
             for backend, rows in by_backend.items():
@@ -705,6 +724,8 @@ def run(ctx: Context) -> dict[str, Any]:
                 row["ratio_vs_direct"] = round(row["writes_per_s"] / rate["direct"], 3)
             if side.startswith("gateway") and rate.get("direct-tuned"):
                 row["ratio_vs_tuned"] = round(row["writes_per_s"] / rate["direct-tuned"], 3)
+            if side.startswith("gateway") and rate.get("direct-notify"):
+                row["ratio_vs_notify"] = round(row["writes_per_s"] / rate["direct-notify"], 3)
     return {"title": TITLE, "rows": rows, "targets": targets(rows), "namespaces": [s.namespace for s in BACKENDS.values()],
             "table": table, "leftover_before": leftover, "removed_after": removed}
 
@@ -712,20 +733,32 @@ def run(ctx: Context) -> dict[str, Any]:
 async def cleanup() -> dict[str, int]:
     """Remove the bench namespaces' rows from the gateway's tables on Postgres (mailbox, heads,
     keys, cursors, and the queue the listener delivered to), and every bench data table and
-    direct-row table (this run's, or an interrupted run's). SQLite's files are scratch."""
+    direct-row table (this run's, or an interrupted run's); vacuum the gateway's tables rows were
+    deleted from (what autovacuum would do, on a server that runs none). SQLite's files are
+    scratch."""
     import asyncpg
 
-    removed = {"postgres_rows": 0, "postgres_tables": 0}
+    removed = {"postgres_rows": 0, "postgres_tables": 0, "vacuumed": 0}
     namespaces = [spec.namespace for spec in BACKENDS.values()]
     con = await asyncpg.connect(POSTGRES_DSN, timeout=5)
     try:
         # Every gateway table with a namespace column: the Transact tables and the Queue's.
+        emptied = []
         for found in await con.fetch(
             "SELECT table_name FROM information_schema.columns WHERE table_schema = current_schema() "
             "AND column_name = 'namespace' AND (table_name LIKE 'prism\\_transact\\_%' OR table_name LIKE 'prism\\_queue\\_%')"
         ):
             status = await con.execute(f'DELETE FROM "{found["table_name"]}" WHERE namespace = ANY($1::text[])', namespaces)
             removed["postgres_rows"] += int(status.split()[-1])
+            if int(status.split()[-1]):
+                emptied.append(found["table_name"])
+        await con.execute("SET lock_timeout = '5s'")  # another session's VACUUM or migration: skip, not wait
+        for name in emptied:
+            try:
+                await con.execute(f'VACUUM "{name}"')
+                removed["vacuumed"] += 1
+            except asyncpg.LockNotAvailableError:
+                pass
         for found in await con.fetch("SELECT tablename FROM pg_tables WHERE tablename LIKE $1", TABLE_PREFIX.replace("_", "\\_") + "%"):
             await con.execute(f'DROP TABLE IF EXISTS "{found["tablename"]}"')
             removed["postgres_tables"] += 1
@@ -764,6 +797,7 @@ TABLE = Table(
         Column("Writes/s", "writes_per_s", rps),
         Column("gateway/direct", "ratio_vs_direct", ratio),
         Column("vs tuned direct", "ratio_vs_tuned", ratio),
+        Column("vs direct with NOTIFY", "ratio_vs_notify", ratio),
         Column("p50 ms", "p50_ms", _ms),
         Column("p99 ms", "p99_ms", _ms),
         Column("lag p50 ms", "lag_p50_ms", _ms),
@@ -797,12 +831,15 @@ def markdown(section: dict[str, Any], old: dict[str, Row] | None, old_label: str
         "statements in one transaction with the backend's own client in a client process on tables made from the "
         "adapter's DDL — asyncpg (pool of 10; BEGIN READ COMMITTED, the adapter's upsert and APPEND statements, "
         "COMMIT: four round trips) or sqlite3 on one thread (BEGIN IMMEDIATE, upsert, head upsert, mailbox INSERT, "
-        "COMMIT as one job per Write); it delivers nothing and keeps no idempotency keys (benchmarks/transact.py says "
-        "exactly what it does and does not do).",
+        "COMMIT as one job per Write); it delivers nothing, wakes no listener and keeps no idempotency keys "
+        "(benchmarks/transact.py says exactly what it does and does not do).",
         "- *direct, tuned* (for reference; *vs tuned direct*): the same client doing what the adapter itself does — "
-        "on Postgres the adapter's one Write statement (upsert, head, mailbox row and pg_notify; its own READ "
-        "COMMITTED transaction: one round trip), on SQLite group commit (the Writes queued meanwhile in one "
-        "transaction, a savepoint each).",
+        "on Postgres the adapter's one Write statement (upsert, head and mailbox row; its own READ COMMITTED "
+        "transaction: one round trip), on SQLite group commit (the Writes queued meanwhile in one transaction).",
+        "- *direct, NOTIFY in the transaction* (Postgres, for reference; *vs direct with NOTIFY*): the direct row "
+        "with `pg_notify` in its APPEND statement, as the adapter's mailbox statement had it until its NOTIFY moved "
+        "after the commit — the baseline of this section's earlier runs (NOTIFY serializes commits on a "
+        "database-wide lock held through each one's WAL flush).",
         "- *gateway, listener off*: the same load on a second gateway started, after the first stopped, from the "
         "same configuration with `mailbox_listener.in_gateway: false` (nothing delivered): the Writes' own cost, the "
         "like-for-like comparison with the direct rows (which deliver nothing either); the target applies to the "
@@ -815,7 +852,9 @@ def markdown(section: dict[str, Any], old: dict[str, Row] | None, old_label: str
         "hold exactly the client's Writes; every gateway mailbox row delivered, and the listener's delivered "
         "counter grew by as many.",
         f"- Removed afterwards: {section.get('removed_after')} (left from an earlier run beforehand: "
-        f"{section.get('leftover_before')}).",
+        f"{section.get('leftover_before')}); the gateway's tables they were deleted from are vacuumed, before and "
+        "after (a server without autovacuum would otherwise keep every earlier run's dead rows in the gateway's "
+        "tables, while the direct rows get new tables each run).",
     ]
     return out
 

@@ -23,7 +23,7 @@ import pathlib
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -40,13 +40,12 @@ from adapters.transact import sqlite as lite
 from adapters.transact.base import (
     MAILBOX_HEADER,
     SEQUENCE_HEADER,
-    Claimed,
     Failure,
     MailboxRow,
     Routes,
     TransactAdapter,
 )
-from app.listener import MailboxListener, Progress, QueueTarget, RouteTable, refused
+from app.listener import MailboxListener, Outgoing, QueueTarget, RouteTable, refused
 from app.settings import MailboxListenerSettings
 from prism.errors import PrismError
 from tests.conformance.test_transact_adapter import SITES, Env, new_env
@@ -166,18 +165,24 @@ class ScriptedTarget(QueueTarget):
         self.script = script
         self.log: list[tuple[str, int]] = []
 
-    async def send(self, batch: Claimed, progress: Progress) -> None:
-        for i, row in enumerate(batch.rows):
-            codes = self.script.get((batch.mailbox, row.sequence))
-            if codes:
-                before = Claimed(batch.namespace, batch.mailbox, batch.rows[:i], batch.epoch)
-                await self._send(before, progress)
-                raise PrismError(codes.pop(0), f"row {row.sequence} is not welcome", field="payload")
-        await self._send(batch, progress)
-
-    async def _send(self, batch: Claimed, progress: Progress) -> None:
-        await super().send(batch, progress)
-        self.log.extend((batch.mailbox, r.sequence) for r in batch.rows)
+    async def publish(self, destination: str, rows: Sequence[Outgoing]) -> Sequence[BaseException | None]:
+        outcomes: list[BaseException | None] = [None] * len(rows)
+        stopped: dict[str, PrismError] = {}  # mailbox → the error its scripted row met
+        sendable = []
+        for i, (batch, row) in enumerate(rows):
+            if batch.mailbox in stopped:  # behind a failed row of its mailbox: not sent
+                outcomes[i] = stopped[batch.mailbox]
+            elif codes := self.script.get((batch.mailbox, row.sequence)):
+                stopped[batch.mailbox] = outcomes[i] = PrismError(codes.pop(0), f"row {row.sequence} is not welcome", field="payload")
+            else:
+                sendable.append(i)
+        if sendable:
+            published = await super().publish(destination, [rows[i] for i in sendable])
+            for i, outcome in zip(sendable, published, strict=True):
+                outcomes[i] = outcome
+                if outcome is None:
+                    self.log.append((rows[i][0].mailbox, rows[i][1].sequence))
+        return outcomes
 
 
 async def test_a_poison_row_is_dead_lettered_and_the_rows_behind_it_go_on_in_order(

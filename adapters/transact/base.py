@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import uuid
@@ -245,6 +246,16 @@ class Claimed:
 class Claim:
     batches: tuple[Claimed, ...]
     retry_ns: int | None = None  # nothing claimed: when the earliest lease held elsewhere ends (unix ns)
+
+
+def headers_text(headers: Mapping[str, str]) -> str:
+    """A mailbox row's headers as stored (JSON); most rows have none."""
+    return json.dumps(dict(headers)) if headers else "{}"
+
+
+def headers_of(text: str) -> dict[str, str]:
+    """A stored row's headers."""
+    return {} if text == "{}" else json.loads(text)
 
 
 def check_row(table: Table, operation: Operation, row: Mapping[str, Value]) -> None:

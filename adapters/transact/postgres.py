@@ -19,8 +19,8 @@ without the type modifier, so the column's own length or precision check applies
 PostgreSQL's input functions then parse them as they would a literal — numbers, booleans,
 timestamps, UUIDs — and json/jsonb columns take the JSON of any value.
 
-A **Write** is one statement (``write_statement``): the data write, the head row's increment,
-the mailbox row and its ``pg_notify`` as data-modifying CTEs, the mailbox's taking their row
+A **Write** is one statement (``write_statement``): the data write, the head row's increment
+and the mailbox row as data-modifying CTEs, the mailbox's taking their row
 from the data write's (an UPDATE or DELETE that finds no row writes nothing). At READ COMMITTED
 without an idempotency key that statement is its own transaction: one round trip. It checks
 that its implicit transaction really runs at READ COMMITTED (the sessions' default, which a
@@ -35,17 +35,23 @@ so they never starve the other patterns of connections. No connection goes back 
 inside a transaction: every failure path runs ROLLBACK, or terminates the connection when that
 fails (the server then rolls back).
 
-**The listener's side.** Every mailbox row is appended with ``pg_notify('prism_transact', …)`` in
-the same statement, which PostgreSQL delivers when (and only if) the transaction commits: a
-watching adapter holds one LISTEN connection of its own (not from the pool, reopened when lost)
-and wakes its listeners on each notification, so a listener waits for commits, not a polling
-interval. A claim looks first without locking (most wake-ups find nothing to take), then locks
-the cursor rows of the mailboxes it takes ``FOR UPDATE SKIP LOCKED``: two listeners claiming at
-once take different mailboxes, and one re-checks a cursor another just leased (PostgreSQL
-re-evaluates the lease condition on the row it locks); one more statement takes the rows of all
-of them and leases them (BEGIN, PICK, TAKE, COMMIT, whatever the number of mailboxes). Marks
-that arrive together — a claim's mailboxes are delivered concurrently — go in one round trip
-and one transaction (``executemany``), in key order. Cursors live apart from the heads, so a
+**The listener's side.** A commit that added mailbox rows wakes this process's listeners at
+once, and other processes' by ``NOTIFY prism_transact`` sent after it (``committed``): one for
+all the commits of the last few milliseconds, in a transaction of its own that does not wait for
+its WAL flush. Not inside the Write: PostgreSQL serializes the commits of transactions that
+NOTIFY on one database-wide lock held until their commit is flushed, so every Write would wait
+for the one before's flush. (A crash between a commit and its NOTIFY costs a listener elsewhere
+its ``poll_seconds``, never a row.) A watching adapter holds one LISTEN connection of its own
+(not from the pool, reopened when lost) and wakes its listeners on each notification but its
+own (the payload names the sending adapter), so a listener waits for commits, not a polling
+interval. A claim looks first without locking (most wake-ups find nothing to take), then, in
+one statement that is its own transaction (``CLAIM_ROWS``, whatever the number of mailboxes),
+locks the cursor rows of the mailboxes it takes ``FOR UPDATE SKIP LOCKED`` — two listeners
+claiming at once take different mailboxes, and one re-checks a cursor another just leased
+(PostgreSQL re-evaluates the lease condition on the row it locks) — and takes and leases their
+rows. Marks that arrive together — a claim's mailboxes are delivered together — go in one
+statement (``MARKS``), whose commit does not wait for its WAL flush: a mark the database
+forgets in a crash is a delivery made again (at least once). Cursors live apart from the heads, so a
 claim never waits for a writer holding a head (an open Transaction holds its mailbox's head until
 it ends), and a writer never waits for the listener. Lease deadlines are the gateway's clock
 (unix ns), as the Queue's: listeners sharing a database must keep their clocks in step (NTP).
@@ -95,6 +101,8 @@ from adapters.transact.base import (
     check_mailbox,
     check_row,
     conflict,
+    headers_of,
+    headers_text,
     key_reused,
     no_row,
     quoted,
@@ -162,14 +170,21 @@ BEGIN = {
     Isolation.REPEATABLE_READ: "BEGIN ISOLATION LEVEL REPEATABLE READ",
     Isolation.SERIALIZABLE: "BEGIN ISOLATION LEVEL SERIALIZABLE",
 }
-CHANNEL = "prism_transact"  # NOTIFY channel of committed mailbox rows; the payload is the namespace
+CHANNEL = "prism_transact"  # NOTIFY channel of committed mailbox rows; the payload is the sending adapter's id
 APPEND = (
     "WITH head AS (INSERT INTO prism_transact_heads (namespace, mailbox, next) VALUES ($1, $2, 2) "
     "ON CONFLICT (namespace, mailbox) DO UPDATE SET next = prism_transact_heads.next + 1 RETURNING next - 1 AS seq), "
     "row AS (INSERT INTO prism_transact_mailbox (namespace, mailbox, seq, payload, headers, destination, committed_ns) "
     "SELECT $1, $2, head.seq, $3, $4, $5, $6 FROM head RETURNING seq) "
-    f"SELECT seq, pg_notify('{CHANNEL}', $1) FROM row"
+    "SELECT seq FROM row"
 )
+# After commits (``_announce``): a transaction of its own that only notifies, committed without
+# waiting for its WAL flush (nothing in it needs to survive a crash), one simple query (no
+# parameters: the payload is the adapter's id, hex). A NOTIFY holds a database-wide lock from
+# its commit's start to its end — inside a Write, every Write's commit would queue for it,
+# each behind the one before's WAL flush.
+ANNOUNCE = "BEGIN; SET LOCAL synchronous_commit TO off; SELECT pg_notify('{channel}', '{sender}'); COMMIT"
+ANNOUNCE_EVERY = 0.02  # seconds: at most one NOTIFY this often; the commits meanwhile share it
 CLAIM = (
     "INSERT INTO prism_transact_keys (namespace, key, fingerprint, expires_ns) VALUES ($1, $2, $3, $4) "
     "ON CONFLICT (namespace, key) DO UPDATE SET fingerprint = excluded.fingerprint, seq = NULL, "
@@ -200,55 +215,69 @@ NEW_CURSORS = (
     "WHERE c.namespace = h.namespace AND c.mailbox = h.mailbox) "
     "ORDER BY h.namespace, h.mailbox ON CONFLICT DO NOTHING"  # in key order: two claimers never deadlock here
 )
-PICK = (
-    "SELECT c.namespace, c.mailbox, h.next - 1 AS head, c.epoch FROM prism_transact_cursors c "
-    "JOIN prism_transact_heads h ON h.namespace = c.namespace AND h.mailbox = c.mailbox "
-    f"WHERE h.next - 1 > c.delivered AND (c.holder IS NULL OR c.lease_until_ns <= $4) AND {ROUTED} "
-    "ORDER BY c.lease_until_ns, c.namespace, c.mailbox LIMIT $5 FOR UPDATE OF c SKIP LOCKED"
-)
 NEXT_LEASE_END = (
     "SELECT min(c.lease_until_ns) FROM prism_transact_cursors c JOIN prism_transact_heads h "
     "ON h.namespace = c.namespace AND h.mailbox = c.mailbox "
     f"WHERE h.next - 1 > c.delivered AND c.holder IS NOT NULL AND c.lease_until_ns > $4 AND {ROUTED}"
 )
-# The picked mailboxes' lowest undelivered rows, in one statement ($1, $2, $3: the mailboxes as
-# PICK returned them, in its order, with their heads): at most $4 rows of each and $5 in all,
-# within $6 bytes of payload counted in that order (the claim's first row whatever its size),
-# leased to $7 until $8 and counted; their cursors leased to the same. A picked mailbox without
-# an undelivered row has had all its rows delivered (or dead-lettered): its cursor lagged and
-# catches up to its head. (A statement after PICK's: it reads the rows as they are once PICK
-# holds their cursors; and the UPDATE checks each row again as it updates it.)
-TAKE = (
-    "WITH p AS (SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS p(namespace, mailbox, head, k)), "
+# A claim, one statement (its own transaction). ``picked``: at most $5 mailboxes with undelivered
+# rows and no live lease, least recently leased first, their cursors locked FOR UPDATE SKIP
+# LOCKED (two claims at once take different mailboxes; a cursor another claim leased or a mark
+# moved since the statement's snapshot is checked again as it is now: PostgreSQL re-evaluates the
+# condition on the row it locks). Then their lowest undelivered rows: at most $6 in all, shared
+# between the mailboxes (each its ceil(share)), within $7 bytes of payload counted in that order
+# (the claim's first row whatever its size), leased to $8 until $9 and counted; their cursors
+# leased to the same. The rows are read in the statement's snapshot, which may predate another
+# holder's mark; the UPDATE checks each row again as it updates it (still undelivered, not
+# dead), so a row delivered meanwhile is not taken again. A picked mailbox without an
+# undelivered row has had all its rows delivered (or dead-lettered): its cursor lagged and
+# catches up to its head.
+CLAIM_ROWS = (
+    "WITH picked AS MATERIALIZED (SELECT c.namespace, c.mailbox, h.next - 1 AS head, c.epoch, c.lease_until_ns AS since "
+    "FROM prism_transact_cursors c JOIN prism_transact_heads h ON h.namespace = c.namespace AND h.mailbox = c.mailbox "
+    f"WHERE h.next - 1 > c.delivered AND (c.holder IS NULL OR c.lease_until_ns <= $4) AND {ROUTED} "
+    "ORDER BY c.lease_until_ns, c.namespace, c.mailbox LIMIT $5 FOR UPDATE OF c SKIP LOCKED), "
+    "p AS MATERIALIZED (SELECT namespace, mailbox, head, epoch, row_number() OVER (ORDER BY since, namespace, mailbox) AS k, "
+    "count(*) OVER () AS mailboxes FROM picked), "
     "first AS (SELECT p.k, x.seq, octet_length(x.payload) AS size FROM p CROSS JOIN LATERAL "
     "(SELECT seq, payload FROM prism_transact_mailbox m WHERE m.namespace = p.namespace AND m.mailbox = p.mailbox "
-    "AND m.delivered_ns IS NULL AND m.dead_ns IS NULL ORDER BY seq LIMIT $4) x), "
+    "AND m.delivered_ns IS NULL AND m.dead_ns IS NULL ORDER BY seq LIMIT ceil($6::float8 / p.mailboxes)::int8) x), "
     "ranked AS (SELECT k, seq, row_number() OVER w AS n, sum(size) OVER w AS total FROM first WINDOW w AS (ORDER BY k, seq)), "
-    "taken AS (UPDATE prism_transact_mailbox m SET lease_holder = $7, lease_until_ns = $8, attempts = m.attempts + 1 "
-    "FROM ranked r JOIN p ON p.k = r.k WHERE r.n <= $5 AND (r.total <= $6 OR r.n = 1) "
+    "taken AS (UPDATE prism_transact_mailbox m SET lease_holder = $8, lease_until_ns = $9, attempts = m.attempts + 1 "
+    "FROM ranked r JOIN p ON p.k = r.k WHERE r.n <= $6 AND (r.total <= $7 OR r.n = 1) "
     "AND m.namespace = p.namespace AND m.mailbox = p.mailbox AND m.seq = r.seq AND m.delivered_ns IS NULL AND m.dead_ns IS NULL "
     "RETURNING r.k, m.seq, m.payload, m.headers, m.destination, m.committed_ns, m.attempts, m.refusals), "
-    "leased AS (UPDATE prism_transact_cursors c SET holder = $7, lease_until_ns = $8 FROM p "
+    "leased AS (UPDATE prism_transact_cursors c SET holder = $8, lease_until_ns = $9 FROM p "
     "WHERE c.namespace = p.namespace AND c.mailbox = p.mailbox AND p.k IN (SELECT k FROM taken)), "
     "caught AS (UPDATE prism_transact_cursors c SET delivered = greatest(c.delivered, p.head) FROM p "
     "WHERE c.namespace = p.namespace AND c.mailbox = p.mailbox AND p.k NOT IN (SELECT k FROM first)) "
-    "SELECT * FROM taken"
+    "SELECT t.k, p.namespace, p.mailbox, p.epoch, t.seq, t.payload, t.headers, t.destination, t.committed_ns, "
+    "t.attempts, t.refusals FROM taken t JOIN p ON p.k = t.k"
 )
-# The cursor's UPDATE runs first (a data-modifying CTE the query does not read runs last), so
-# a mark locks cursor then rows, as a claim does: the two never deadlock. ``failed`` records a
-# Failure on row $8 (none: 0) — its error $9, $10 more refusals, dead-lettered when $11 — only
-# while $6 holds the mailbox (the statement's snapshot, before the cursor's UPDATE gives it back).
-MARK = (
-    "WITH done AS (UPDATE prism_transact_mailbox SET delivered_ns = $3 WHERE namespace = $1 AND mailbox = $2 "
-    "AND seq BETWEEN $4 AND $5 AND delivered_ns IS NULL), "
-    "failed AS (UPDATE prism_transact_mailbox m SET last_error = $9, refusals = m.refusals + $10::integer, "
-    "dead_ns = CASE WHEN $11::boolean THEN $3 END WHERE m.namespace = $1 AND m.mailbox = $2 AND m.seq = $8 "
-    "AND m.delivered_ns IS NULL AND m.dead_ns IS NULL AND EXISTS (SELECT 1 FROM prism_transact_cursors c "
-    "WHERE c.namespace = $1 AND c.mailbox = $2 AND c.holder = $6)) "
-    "UPDATE prism_transact_cursors SET delivered = greatest(delivered, $5), "
-    "holder = CASE WHEN holder = $6 AND $7::bigint = 0 THEN NULL ELSE holder END, "
-    "lease_until_ns = CASE WHEN holder = $6 AND $7::bigint > 0 THEN $3 + $7::bigint ELSE lease_until_ns END "
-    "WHERE namespace = $1 AND mailbox = $2"
+# The marks that came together, one statement ($1 … $11: one array element per mark; its own
+# transaction). The cursors' UPDATE runs first (a data-modifying CTE the query does not read runs
+# last), so a mark locks cursors then rows, as a claim does: the two never deadlock. ``failed``
+# records a Failure on a mark's row ``failed`` (none: 0) — its error, more refusals,
+# dead-lettered when ``dead`` — only while ``holder`` holds the mailbox (the statement's
+# snapshot, before the cursors' UPDATE gives it back). Its commit does not wait for its WAL flush
+# (``set_config``, for this transaction only): a mark a crash of the database forgets leaves its
+# rows leased and undelivered, and they are delivered again once the lease runs out — as after
+# a listener's crash (at least once).
+MARKS = (
+    "WITH m AS MATERIALIZED (SELECT u.*, set_config('synchronous_commit', 'off', true) AS unflushed FROM unnest("
+    "$1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::text[], $7::int8[], $8::int8[], $9::text[], "
+    "$10::int4[], $11::bool[]) AS u(namespace, mailbox, now, first, last, holder, retry, failed, error, refusals, dead)), "
+    "done AS (UPDATE prism_transact_mailbox t SET delivered_ns = m.now FROM m WHERE t.namespace = m.namespace "
+    "AND t.mailbox = m.mailbox AND t.seq BETWEEN m.first AND m.last AND t.delivered_ns IS NULL), "
+    "failed AS (UPDATE prism_transact_mailbox t SET last_error = m.error, refusals = t.refusals + m.refusals, "
+    "dead_ns = CASE WHEN m.dead THEN m.now END FROM m WHERE m.failed > 0 AND t.namespace = m.namespace "
+    "AND t.mailbox = m.mailbox AND t.seq = m.failed AND t.delivered_ns IS NULL AND t.dead_ns IS NULL "
+    "AND EXISTS (SELECT 1 FROM prism_transact_cursors c WHERE c.namespace = m.namespace AND c.mailbox = m.mailbox "
+    "AND c.holder = m.holder)) "
+    "UPDATE prism_transact_cursors c SET delivered = greatest(c.delivered, m.last), "
+    "holder = CASE WHEN c.holder = m.holder AND m.retry = 0 THEN NULL ELSE c.holder END, "
+    "lease_until_ns = CASE WHEN c.holder = m.holder AND m.retry > 0 THEN m.now + m.retry ELSE c.lease_until_ns END "
+    "FROM m WHERE c.namespace = m.namespace AND c.mailbox = m.mailbox"
 )
 # Retention: at most $3 of namespace $1's rows delivered before $2, oldest first (a range of
 # prism_transact_delivered); rows another transaction has locked are left for the next batch.
@@ -416,10 +445,7 @@ def write_statement(write: DataWrite, columns: Mapping[str, Column], *, implicit
             f"result AS (UPDATE prism_transact_keys k SET seq = row.seq, committed_ns = {now}::int8 FROM row "
             f"WHERE k.namespace = {ns}::text AND k.key = {key}::bytea)"
         )
-    sql = (
-        f"WITH {', '.join(parts)} "
-        f"SELECT (SELECT seq FROM row) AS seq, (SELECT pg_notify('{CHANNEL}', {ns}::text) FROM row) FROM gate"
-    )
+    sql = f"WITH {', '.join(parts)} SELECT (SELECT seq FROM row) AS seq FROM gate"
     return sql, order
 
 
@@ -492,6 +518,10 @@ class PostgresTransact(TransactAdapter):
         # the database says its sessions' default isolation is another level (the gate refuses).
         self._implicit = True
         self._marks: Batcher[tuple[Any, ...], None] = Batcher(self._mark_batch, "postgres-transact-marks")
+        self._announce_sql = ANNOUNCE.format(channel=CHANNEL, sender=self.id)
+        self._announce_due = False
+        self._announce_failed = False
+        self._announcer: asyncio.Task[None] | None = None
         self._open: set[PostgresTransaction] = set()
         self._opening = 0  # begins waiting for a connection
         self._keyed = 0
@@ -551,6 +581,9 @@ class PostgresTransact(TransactAdapter):
         await self.watchers.close()
         for transaction in list(self._open):
             await transaction.rollback()
+        if self._announcer is not None:  # the last commits' NOTIFY goes out before the pool closes
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._announcer)
 
     # --- Write ----------------------------------------------------------------------------------
 
@@ -573,7 +606,7 @@ class PostgresTransact(TransactAdapter):
         if idempotency_key:
             self._keyed += 1
             purge = self._keyed % PURGE_EVERY == 1
-        headers = json.dumps(dict(mailbox.headers)) if mailbox.headers else "{}"
+        headers = headers_text(mailbox.headers)
         for attempt in range(RETRIES + 1):
             try:
                 async with asyncio.timeout_at(deadline):
@@ -668,8 +701,38 @@ class PostgresTransact(TransactAdapter):
     def _written(self, data: DataWrite, seq: int | None, now: int) -> WriteResult:
         if seq is None:  # the data write found no row (UPDATE, DELETE): nothing was written
             raise no_row(data.table, data.row)
-        self.watchers.notify()  # this process's listeners at once; others by NOTIFY
+        self.committed()
         return WriteResult(seq, now, replayed=False)
+
+    def committed(self) -> None:
+        """A mailbox row committed: this process's listeners are woken at once, other
+        processes' by a NOTIFY sent after it (``_announce``)."""
+        self.watchers.notify()
+        self._announce_due = True
+        if self._announcer is None:
+            self._announcer = asyncio.get_running_loop().create_task(self._announce(), name="postgres-transact-announce")
+
+    async def _announce(self) -> None:
+        """NOTIFY for the commits since the last one, at most every ``ANNOUNCE_EVERY`` seconds,
+        until none came meanwhile. After the commit, not inside it: a crash in between costs a
+        listener elsewhere its ``poll_seconds`` (its safety net), never a row."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._announce_due:
+                self._announce_due = False
+                started = loop.time()
+                try:
+                    async with self.pool.connection() as con:
+                        await con.execute(self._announce_sql)
+                except Exception as exc:  # the database is down: its listeners poll, and the next commit tries again
+                    if not self._announce_failed:
+                        log.warning("postgres transact: cannot notify other listeners (%s: %s)", type(exc).__name__, exc)
+                    self._announce_failed = True
+                else:
+                    self._announce_failed = False
+                await asyncio.sleep(max(0.0, started + ANNOUNCE_EVERY - loop.time()))
+        finally:
+            self._announcer = None
 
     # --- Interactive transactions ---------------------------------------------------------------
 
@@ -709,7 +772,7 @@ class PostgresTransact(TransactAdapter):
                 "ORDER BY seq LIMIT $4",
                 namespace, mailbox, after, limit,
             )
-        return [MailboxRow(mailbox, r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+        return [MailboxRow(mailbox, r[0], r[1], headers_of(r[2]), *r[3:]) for r in rows]
 
     # --- The listener's side ------------------------------------------------------------------
 
@@ -725,50 +788,20 @@ class PostgresTransact(TransactAdapter):
                 found = await con.fetchrow(LOOK, *routed, now)
                 if found is None:  # most wake-ups: nothing to take
                     return Claim((), await con.fetchval(NEXT_LEASE_END, *routed, now))
+                if found[0]:  # a mailbox seen for the first time: its cursor first
+                    await con.execute(NEW_CURSORS, *routed)
                 until = now + int(lease * 1e9)
-                return await self._lease(con, holder, routed, until, rows, max_bytes, mailboxes, found[0])
+                taken = await con.fetch(CLAIM_ROWS, *routed, time.time_ns(), mailboxes, rows, max_bytes, holder, until)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 raise mapped(exc) from exc
-
-    @staticmethod
-    async def _lease(
-        con: asyncpg.Connection,
-        holder: str,
-        routed: tuple[list[str], list[str], list[str]],
-        until: int,
-        rows: int,
-        max_bytes: int,
-        mailboxes: int,
-        new_cursors: bool,
-    ) -> Claim:
-        """BEGIN, cursors for mailboxes seen for the first time, PICK (locks their cursors),
-        TAKE (the rows and the leases), COMMIT."""
-        try:
-            await con.execute("BEGIN")
-            if new_cursors:
-                await con.execute(NEW_CURSORS, *routed)
-            picked = await con.fetch(PICK, *routed, time.time_ns(), mailboxes)
-            taken = []
-            if picked:
-                share = -(-rows // len(picked))  # rows per mailbox: a backlog in one leaves room for the others
-                taken = await con.fetch(
-                    TAKE, [p[0] for p in picked], [p[1] for p in picked], [p[2] for p in picked],
-                    share, rows, max_bytes, holder, until,
-                )  # fmt: skip
-            await con.execute("COMMIT")
-        except BaseException:
-            await asyncio.shield(_abort(con))
-            raise
-        rows_of: dict[int, list[MailboxRow]] = {}
-        for k, seq, payload, headers, destination, committed_ns, attempts, refusals in taken:
-            mailbox = picked[k - 1][1]
-            row = MailboxRow(mailbox, seq, payload, json.loads(headers), destination, committed_ns, None, attempts, refusals)
-            rows_of.setdefault(k, []).append(row)
-        batches = []
-        for k in sorted(rows_of):
-            ns, mailbox, _, epoch = picked[k - 1]
-            batches.append(Claimed(ns, mailbox, tuple(sorted(rows_of[k], key=lambda row: row.sequence)), epoch))
-        return Claim(tuple(batches))
+        batches: dict[int, tuple[str, str, str, list[MailboxRow]]] = {}
+        for k, ns, mailbox, epoch, seq, payload, headers, destination, committed_ns, attempts, refusals in taken:
+            row = MailboxRow(mailbox, seq, payload, headers_of(headers), destination, committed_ns, None, attempts, refusals)
+            batches.setdefault(k, (ns, mailbox, epoch, []))[3].append(row)
+        return Claim(tuple(
+            Claimed(ns, mailbox, tuple(sorted(found, key=lambda row: row.sequence)), epoch)
+            for ns, mailbox, epoch, found in (batches[k] for k in sorted(batches))
+        ))  # fmt: skip
 
     async def mark_delivered(
         self,
@@ -784,19 +817,24 @@ class PostgresTransact(TransactAdapter):
             await self._ready()
         first, last = (min(sequences), max(sequences)) if sequences else (1, 0)
         failed = (failure.sequence, failure.text, int(failure.refused), failure.dead) if failure else (0, None, 0, False)
+        # (namespace, mailbox, now, first, last, holder, retry, failed, error, refusals, dead): MARKS' columns
         await self._marks.submit((namespace, mailbox, time.time_ns(), first, last, holder, int(retry_after * 1e9), *failed))
 
     async def _mark_batch(self, marks: list[tuple[Any, ...]]) -> list[None]:
         """The marks that came together (a claim's mailboxes, delivered concurrently): one
-        round trip, one transaction (``executemany`` is atomic). In key order, so two batches
-        lock cursors in the same order and never deadlock."""
-        ordered = sorted(marks, key=lambda mark: (mark[0], mark[1]))
+        statement, one round trip, in key order. (Two marks of one mailbox in a batch — two
+        holders' — go in statements one after the other: a statement updates a row once.)"""
+        rounds: list[list[tuple[Any, ...]]] = []
+        seen: dict[tuple[str, str], int] = {}
+        for mark in sorted(marks, key=lambda mark: (mark[0], mark[1])):
+            turn = seen[(mark[0], mark[1])] = seen.get((mark[0], mark[1]), -1) + 1
+            if turn == len(rounds):
+                rounds.append([])
+            rounds[turn].append(mark)
         async with self.pool.connection() as con:
             try:
-                if len(ordered) == 1:
-                    await con.execute(MARK, *ordered[0])
-                else:
-                    await con.executemany(MARK, ordered)
+                for batch in rounds:
+                    await con.execute(MARKS, *(list(column) for column in zip(*batch, strict=True)))
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 raise mapped(exc) from exc
         return [None] * len(marks)
@@ -829,7 +867,7 @@ class PostgresTransact(TransactAdapter):
                 )
                 lost = asyncio.Event()
                 con.add_termination_listener(lambda _, lost=lost: lost.set())
-                await con.add_listener(CHANNEL, lambda *_: watchers.notify())
+                await con.add_listener(CHANNEL, lambda _con, _pid, _channel, sender: sender != self.id and watchers.notify())
                 pause = 0.1
                 watchers.notify()
                 while not lost.is_set():
@@ -874,7 +912,7 @@ class PostgresTransaction(Transaction):
             raise mapped(exc, write) from exc
 
     async def _mailbox(self, write: MailboxWrite) -> int:
-        headers = json.dumps(dict(write.headers))
+        headers = headers_text(write.headers)
         try:
             seq: int = await self.con.fetchval(
                 APPEND, self.namespace, write.mailbox, write.payload, headers, write.destination, time.time_ns()
@@ -894,7 +932,7 @@ class PostgresTransaction(Transaction):
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             raise mapped(exc) from exc
         if self.written:
-            self.adapter.watchers.notify()
+            self.adapter.committed()
         return now
 
     async def _rollback(self) -> None:

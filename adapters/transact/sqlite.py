@@ -11,8 +11,10 @@ A **Write** runs in one job on the backend's :class:`SqliteWorker` thread, ``BEG
 to ``COMMIT``, so the whole transaction runs without yielding the thread and nobody else's
 statement lands inside it. Writes that arrive while one such job is queued or running go
 together in the next (group commit, :class:`~adapters.transact.base.Batcher`): one transaction,
-each Write in a savepoint of its own — one that fails is rolled back to its savepoint alone,
-the others commit, and every Write is answered only after the COMMIT. SQLite has one writer at
+and every Write is answered only after the COMMIT. When one of them fails, the transaction is
+rolled back and run again with each Write in a savepoint of its own — the one that fails is
+rolled back to its savepoint alone, the others commit (savepoints only then: they cost two
+statements a Write). SQLite has one writer at
 a time (across every process on the file), so this is the order they would have run in anyway,
 without a BEGIN and a COMMIT (and the write lock taken and given back) per Write. While another
 connection holds the write lock, a Write does not park the shared thread (every other pattern's
@@ -85,6 +87,8 @@ from adapters.transact.base import (
     check_mailbox,
     check_row,
     conflict,
+    headers_of,
+    headers_text,
     key_reused,
     no_row,
     quoted,
@@ -167,23 +171,39 @@ def _bound(value: Value) -> Any:
 
 def data_statement(write: DataWrite) -> tuple[str, list[Any]]:
     """The SQL (declared names, quoted) and its bound values for one data write."""
-    table, row = write.table, write.row
-    names = table.ordered(row)
+    sql, order = _shape(write.table, write.operation, tuple(write.table.ordered(write.row)))
+    row = write.row
+    return sql, [_bound(row[n]) for n in order]
+
+
+_SHAPES: dict[tuple[Table, Operation, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
+SHAPES_KEPT = 1000  # data statement texts remembered (then forgotten all at once)
+
+
+def _shape(table: Table, operation: Operation, names: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The SQL of a data write of these columns, and the order its values bind in: written once
+    per shape (table, operation, columns), remembered."""
+    if (found := _SHAPES.get((table, operation, names))) is not None:
+        return found
     t = quoted(table.name)
-    if write.operation in (Operation.INSERT, Operation.UPSERT):
+    if operation in (Operation.INSERT, Operation.UPSERT):
         sql = f"INSERT INTO {t} ({', '.join(map(quoted, names))}) VALUES ({', '.join('?' for _ in names)})"
-        if write.operation is Operation.UPSERT:
+        if operation is Operation.UPSERT:
             sets = [n for n in names if n not in table.key] or [table.key[0]]
             sql += f" ON CONFLICT ({', '.join(map(quoted, table.key))}) DO UPDATE SET "
             sql += ", ".join(f"{quoted(n)} = excluded.{quoted(n)}" for n in sets)
-        return sql, [_bound(row[n]) for n in names]
-    where = " AND ".join(f"{quoted(k)} = ?" for k in table.key)
-    keys = [_bound(row[k]) for k in table.key]
-    if write.operation is Operation.UPDATE:
-        sets = [n for n in names if n not in table.key]
-        sql = f"UPDATE {t} SET {', '.join(f'{quoted(n)} = ?' for n in sets)} WHERE {where}"
-        return sql, [_bound(row[n]) for n in sets] + keys
-    return f"DELETE FROM {t} WHERE {where}", keys
+        found = sql, names
+    else:
+        where = " AND ".join(f"{quoted(k)} = ?" for k in table.key)
+        if operation is Operation.UPDATE:
+            sets = tuple(n for n in names if n not in table.key)
+            found = f"UPDATE {t} SET {', '.join(f'{quoted(n)} = ?' for n in sets)} WHERE {where}", sets + table.key
+        else:
+            found = f"DELETE FROM {t} WHERE {where}", table.key
+    if len(_SHAPES) >= SHAPES_KEPT:
+        _SHAPES.clear()
+    _SHAPES[(table, operation, names)] = found
+    return found
 
 
 def _create_schema(c: sqlite3.Connection) -> None:
@@ -240,7 +260,7 @@ def _append(c: sqlite3.Connection, ns: str, write: MailboxWrite, committed_ns: i
     c.execute(
         "INSERT INTO prism_transact_mailbox (namespace, mailbox, seq, payload, headers, destination, committed_ns) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (ns, write.mailbox, seq, write.payload, json.dumps(dict(write.headers)), write.destination, committed_ns),
+        (ns, write.mailbox, seq, write.payload, headers_text(write.headers), write.destination, committed_ns),
     )
     return seq
 
@@ -268,11 +288,12 @@ Outcome = tuple[int, int, bool] | BaseException  # (sequence, committed_ns, repl
 
 
 def _write_batch(c: sqlite3.Connection, writes: list[_Write]) -> list[Outcome]:
-    """The Writes queued meanwhile, in one transaction (group commit): each in a savepoint of
-    its own, so one that fails — refused, NOT_FOUND, past its deadline — is rolled back alone and
-    the others commit; each is answered only after the COMMIT. A failure that ends the whole
-    transaction (the write lock not granted within ``LOCK_WAIT``, a full disk) is every
-    remaining Write's, and none of them wrote anything."""
+    """The Writes queued meanwhile, in one transaction (group commit); each is answered only
+    after the COMMIT. First without savepoints: when none fails — nearly always — that is all.
+    When one fails — refused, NOT_FOUND, past its deadline — the transaction is rolled back and
+    run again with each Write in a savepoint of its own, so the failing one is rolled back alone
+    and the others commit. A failure that ends the whole transaction (the write lock not granted
+    within ``LOCK_WAIT``, a full disk) is every remaining Write's, and none of them wrote anything."""
     outcomes: list[Outcome | None] = [None] * len(writes)
     now = time.monotonic()
     live = []
@@ -287,41 +308,51 @@ def _write_batch(c: sqlite3.Connection, writes: list[_Write]) -> list[Outcome]:
     (busy,) = c.execute("PRAGMA busy_timeout").fetchone()
     c.execute(f"PRAGMA busy_timeout = {max(1, min(left_ms, int(LOCK_WAIT * 1000))):d}")  # an int, never a client's
     try:
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            alone = len(live) == 1  # no savepoint needed: the transaction is the Write's
-            for i in live:
-                w = writes[i]
-                if not alone:
-                    c.execute("SAVEPOINT w")
-                try:
-                    result = _write_body(c, w)
-                    if not result[2] and time.monotonic() > w.deadline:
-                        raise _Expired
-                except BaseException as exc:
-                    if not c.in_transaction:  # the statement ended the transaction: nothing stays
-                        raise
-                    if alone:
-                        c.execute("ROLLBACK")
-                    else:
-                        c.execute("ROLLBACK TO w")
-                        c.execute("RELEASE w")
-                    outcomes[i] = exc
-                    continue
-                if not alone:
-                    c.execute("RELEASE w")  # a replay wrote nothing: releasing it keeps nothing
-                outcomes[i] = result
-            if c.in_transaction:
-                c.execute("COMMIT")
-        except BaseException as exc:
-            if c.in_transaction:  # never leave the shared connection inside a transaction
-                c.execute("ROLLBACK")
-            for i in live:
-                if outcomes[i] is None or not isinstance(outcomes[i], BaseException):
-                    outcomes[i] = exc
+        if not _group(c, writes, live, outcomes, savepoints=False):
+            _group(c, writes, live, outcomes, savepoints=True)
     finally:
         c.execute(f"PRAGMA busy_timeout = {int(busy):d}")
     return outcomes  # type: ignore[return-value]
+
+
+def _group(c: sqlite3.Connection, writes: list[_Write], live: list[int], outcomes: list[Outcome | None], *, savepoints: bool) -> bool:
+    """The ``live`` Writes in one transaction, their outcomes set. Without savepoints, a Write
+    that fails rolls the whole transaction back: False (run them again with savepoints) — unless
+    it was the only one, whose failure it is."""
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        for i in live:
+            w = writes[i]
+            if savepoints:
+                c.execute("SAVEPOINT w")
+            try:
+                result = _write_body(c, w)
+                if not result[2] and time.monotonic() > w.deadline:
+                    raise _Expired
+            except BaseException as exc:
+                if not c.in_transaction:  # the statement ended the transaction: nothing stays
+                    raise
+                if savepoints:
+                    c.execute("ROLLBACK TO w")
+                    c.execute("RELEASE w")
+                    outcomes[i] = exc
+                    continue
+                c.execute("ROLLBACK")
+                if len(live) > 1:
+                    return False
+                outcomes[i] = exc
+                return True
+            if savepoints:
+                c.execute("RELEASE w")  # a replay wrote nothing: releasing it keeps nothing
+            outcomes[i] = result
+        c.execute("COMMIT")
+    except BaseException as exc:
+        if c.in_transaction:  # never leave the shared connection inside a transaction
+            c.execute("ROLLBACK")
+        for i in live:
+            if outcomes[i] is None or not isinstance(outcomes[i], BaseException):
+                outcomes[i] = exc
+    return True
 
 
 def _write_body(c: sqlite3.Connection, w: _Write) -> tuple[int, int, bool]:
@@ -368,7 +399,7 @@ def _mailbox_rows(c: sqlite3.Connection, ns: str, mailbox: str, after: int, limi
         "coalesce(last_error, '') FROM prism_transact_mailbox WHERE namespace=? AND mailbox=? AND seq > ? ORDER BY seq LIMIT ?",
         (ns, mailbox, after, limit),
     ).fetchall()
-    return [MailboxRow(mailbox, s, p, json.loads(h), *rest) for s, p, h, *rest in rows]
+    return [MailboxRow(mailbox, s, p, headers_of(h), *rest) for s, p, h, *rest in rows]
 
 
 # --- The listener's side --------------------------------------------------------------------------
@@ -381,7 +412,7 @@ ROUTED = (
 # Mailboxes with undelivered rows (the head is past what was delivered) and no live lease, least
 # recently leased first. A mailbox the listener has not seen yet has no cursor row.
 PICK = (
-    "SELECT h.namespace, h.mailbox, h.next - 1 FROM prism_transact_heads h "
+    "SELECT h.namespace, h.mailbox, h.next - 1, c.epoch FROM prism_transact_heads h "
     "LEFT JOIN prism_transact_cursors c ON c.namespace = h.namespace AND c.mailbox = h.mailbox "
     f"WHERE h.next - 1 > coalesce(c.delivered, 0) AND (c.holder IS NULL OR c.lease_until_ns <= ?) AND {ROUTED} "
     "ORDER BY coalesce(c.lease_until_ns, 0), h.namespace, h.mailbox LIMIT ?"
@@ -471,10 +502,15 @@ def _lease(c: sqlite3.Connection, job: _ClaimJob) -> Claim:
     rows_left, bytes_left = job.rows, job.max_bytes
     picked = c.execute(PICK, (now, *job.routes, job.mailboxes)).fetchall()
     share = -(-job.rows // max(1, len(picked)))  # rows per mailbox: a backlog in one leaves room for the others
-    for ns, mailbox, head in picked:
+    for ns, mailbox, head, epoch in picked:
         if rows_left <= 0 or bytes_left <= 0:
             break
-        c.execute("INSERT OR IGNORE INTO prism_transact_cursors (namespace, mailbox) VALUES (?, ?)", (ns, mailbox))
+        if epoch is None:  # a mailbox seen for the first time: its cursor
+            (epoch,) = c.execute(
+                "INSERT INTO prism_transact_cursors (namespace, mailbox) VALUES (?, ?) "
+                "ON CONFLICT DO UPDATE SET epoch = epoch RETURNING epoch",
+                (ns, mailbox),
+            ).fetchone()
         limit = min(share, rows_left)
         taken = c.execute(
             TAKE, (ns, mailbox, limit, bytes_left, not batches, job.holder, until, ns, mailbox)
@@ -489,12 +525,11 @@ def _lease(c: sqlite3.Connection, job: _ClaimJob) -> Claim:
             )
             continue
         taken.sort()
-        (epoch,) = c.execute(
-            "UPDATE prism_transact_cursors SET holder = ?, lease_until_ns = ? WHERE namespace = ? AND mailbox = ? "
-            "RETURNING epoch",
+        c.execute(
+            "UPDATE prism_transact_cursors SET holder = ?, lease_until_ns = ? WHERE namespace = ? AND mailbox = ?",
             (job.holder, until, ns, mailbox),
-        ).fetchone()
-        rows = tuple(MailboxRow(mailbox, s, p, json.loads(h), d, c_ns, None, a, r) for s, p, h, d, c_ns, a, r in taken)
+        )
+        rows = tuple(MailboxRow(mailbox, s, p, headers_of(h), d, c_ns, None, a, r) for s, p, h, d, c_ns, a, r in taken)
         batches.append(Claimed(ns, mailbox, rows, epoch))
         rows_left -= len(rows)
         bytes_left -= sum(len(r.payload) for r in rows)
@@ -523,20 +558,18 @@ def _mark(c: sqlite3.Connection, job: _MarkJob) -> None:
             "AND seq BETWEEN ? AND ? AND delivered_ns IS NULL",
             (now, ns, mailbox, first, last),
         )
-        c.execute(
-            "UPDATE prism_transact_cursors SET delivered = max(delivered, ?) WHERE namespace = ? AND mailbox = ?",
-            (last, ns, mailbox),
-        )
-    if job.retry_after_ns > 0:  # kept, so nobody claims it before then
-        c.execute(
-            "UPDATE prism_transact_cursors SET lease_until_ns = ? WHERE namespace = ? AND mailbox = ? AND holder = ?",
-            (now + job.retry_after_ns, ns, mailbox, holder),
-        )
     else:
-        c.execute(
-            "UPDATE prism_transact_cursors SET holder = NULL WHERE namespace = ? AND mailbox = ? AND holder = ?",
-            (ns, mailbox, holder),
-        )
+        last = 0
+    # Delivered up to the run's last row; the mailbox given back — at once, or kept until the
+    # pause ends so nobody claims it before (only while the holder still has it).
+    retry = job.retry_after_ns
+    c.execute(
+        "UPDATE prism_transact_cursors SET delivered = max(delivered, ?), "
+        "holder = CASE WHEN holder = ? AND ? = 0 THEN NULL ELSE holder END, "
+        "lease_until_ns = CASE WHEN holder = ? AND ? > 0 THEN ? ELSE lease_until_ns END "
+        "WHERE namespace = ? AND mailbox = ?",
+        (last, holder, retry, holder, retry, now + retry, ns, mailbox),
+    )
 
 
 def _record_failure(c: sqlite3.Connection, ns: str, mailbox: str, holder: str, failure: Failure, now: int) -> None:

@@ -103,6 +103,7 @@ class TransactService:
         self.settings = settings
         self.limits = settings.limits
         self.patterns = {c.name: c.pattern for c in settings.configs}  # a mailbox route's QUEUE or PUBSUB
+        self.traced = settings.tracing.exporter != "none"  # as Tracing.of decides: off, no trace to carry
         self.tables: dict[tuple[str, str], Table] = {
             (namespace, name): spec.table(name)
             for namespace, spec in settings.transact.items()
@@ -176,7 +177,8 @@ class TransactService:
         headers = dict(message.headers)
         # The call's trace travels with the row to whoever the listener delivers it to (a
         # client's own traceparent wins; with tracing off there is no trace to add).
-        Tracing.inject(headers)
+        if self.traced:
+            Tracing.inject(headers)
         return MailboxWrite(message.mailbox, message.payload, headers, message.destination)
 
     def _check_route(self, message: t.MailboxWrite, namespace: str, at: str) -> None:
@@ -208,9 +210,10 @@ class TransactService:
         key = request.idempotency_key
         if len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
             raise invalid_argument("idempotencyKey", f"longer than {MAX_IDEMPOTENCY_KEY_CHARS} characters")
-        # What a retry must repeat exactly: the request without its key.
-        unkeyed = t.WriteRequest(data=request.data, mailbox=request.mailbox)
-        fingerprint = hashlib.sha256(unkeyed.SerializeToString(deterministic=True)).digest() if key else b""
+        fingerprint = b""
+        if key:  # what a retry must repeat exactly: the request without its key
+            unkeyed = t.WriteRequest(data=request.data, mailbox=request.mailbox)
+            fingerprint = hashlib.sha256(unkeyed.SerializeToString(deterministic=True)).digest()
         try:
             result = await adapter.write(
                 namespace,

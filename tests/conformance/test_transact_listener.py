@@ -15,7 +15,7 @@ import pathlib
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ from adapters.transact.base import (
     Routes,
     TransactAdapter,
 )
-from app.listener import MailboxListener, Progress, QueueTarget, RouteTable
+from app.listener import MailboxListener, Outgoing, QueueTarget, RouteTable
 from app.settings import MailboxListenerSettings
 from prism.errors import PrismError
 from tests.conformance.test_transact_adapter import RC, SITES, Env, PostgresSite, SqliteSite, new_env
@@ -250,10 +250,11 @@ class RecordingTarget(QueueTarget):
         super().__init__("recorded", namespace, queue)
         self.holder, self.log = holder, log
 
-    async def send(self, batch: Claimed, progress: Progress) -> None:
-        await super().send(batch, progress)
+    async def publish(self, destination: str, rows: Sequence[Outgoing]) -> Sequence[BaseException | None]:
+        outcomes = await super().publish(destination, rows)
         now = time.monotonic()
-        self.log.extend(Published(self.holder[0], r.sequence, now) for r in batch.rows)
+        self.log.extend(Published(self.holder[0], row.sequence, now) for (_, row), o in zip(rows, outcomes, strict=True) if o is None)
+        return outcomes
 
 
 async def open_queue(site: Any) -> tuple[QueueAdapter, Any]:
@@ -364,13 +365,14 @@ class FlakyTarget(RecordingTarget):
         super().__init__(*args)
         self.refused, self.times = refused, times
 
-    async def send(self, batch: Claimed, progress: Progress) -> None:
-        if self.times and self.refused in sequences(batch):
+    async def publish(self, destination: str, rows: Sequence[Outgoing]) -> Sequence[BaseException | None]:
+        if self.times and any(row.sequence == self.refused for _, row in rows):  # one mailbox's rows
             self.times -= 1
-            before = Claimed(batch.namespace, batch.mailbox, tuple(r for r in batch.rows if r.sequence < self.refused), batch.epoch)
-            await super().send(before, progress)
-            raise PrismError(grpc.StatusCode.UNAVAILABLE, "the destination is down")
-        await super().send(batch, progress)
+            before = [(batch, row) for batch, row in rows if row.sequence < self.refused]
+            published = list(await super().publish(destination, before)) if before else []
+            down = PrismError(grpc.StatusCode.UNAVAILABLE, "the destination is down")
+            return published + [down] * (len(rows) - len(before))
+        return await super().publish(destination, rows)
 
 
 @pytest.mark.case("listener: delivery")
