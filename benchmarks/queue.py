@@ -3,8 +3,11 @@ the backend's own Python client doing the same work directly, per backend, in on
 
 One gateway (Granian, one worker, as ``prism serve`` runs) with a QUEUE config on each backend
 (``queue-<backend>``, bench-only namespace ``prism-bench-queue``; NATS with the stream prefix
-``PRISMBENCH``). Payloads are 100 bytes, no partition key (keys are the unit of order, and
-order costs every backend round trips: this is the unordered case), no headers, no token.
+``PRISMBENCH``; Kafka with the topic prefix ``prismbench``, on a Tansu broker the section starts
+for its run — ``benchmarks/kafka_broker.py``, the tests' broker: a free loopback port, memory
+storage, stopped at the section's end, also on failure). Payloads are 100 bytes, no partition
+key (keys are the unit of order, and order costs every backend round trips: this is the
+unordered case), no headers, no token.
 Per backend, messages/s of:
 
     publish ×1     gateway: Publish over native gRPC, h2load -c1 -m16 (16 calls in flight on one
@@ -38,6 +41,20 @@ pool size as the gateway's adapter, 10 connections):
               the PubAck); ×100: 100 js.publish_async, then every PubAck awaited; consume: a
               durable pull consumer (explicit ack), fetch(100) + ack_sync of each (the server
               confirms the acknowledgement, as the gateway's Acknowledge does)
+    kafka     aiokafka: a topic of 4 partitions (the adapter's default); a producer as a user
+              writes it (aiokafka's defaults — records sent while a request is out share the next
+              one — with acks="all", the adapter's); ×1: send_and_wait; ×100: 100 send, then
+              every delivery awaited; consume: a consumer group (joined before the timing),
+              getmany(max_records=100) + commit, per partition, past the last record of the
+              batch (aiokafka runs a consumer's commits one at a time, so the 4 in flight queue
+              in order); the group's join (seconds on Tansu) is outside the timing, where the
+              gateway's consumer joins its group (a ledger command) inside every round's. For
+              reference, ×1 and ×100 again with the producer the gateway's adapter has on
+              Tansu (``unbatched``: max_batch_size 1, one record of a partition per produce
+              request; ``batch_records`` is off by default because Tansu 0.6 reports a partition's
+              high offset after a batch as the batch's first offset + 1, and the adapter reads
+              high offsets for GetTopicInfo, Seek and a group's start): the gateway's ratio to
+              it is in the JSON (``ratio_vs_direct_unbatched``) and the notes, not the targets
 
     gateway/direct = gateway messages/s ÷ direct messages/s, same backend and work
 
@@ -62,6 +79,15 @@ are what a user of that client would write for an unordered work queue):
                       are; no order per key (the adapter keeps it in a key-value bucket), no
                       dead letters, no exact count of what an acknowledgement settled (the
                       adapter records each acknowledgement so a repeated one counts 0)
+    kafka             a commit is a position per partition, not an acknowledgement per message:
+                      no lease and no ack deadline (a record left uncommitted is delivered again
+                      only after a rebalance or restart, and with it everything after it), no
+                      negative acknowledgement, no attempt count, no dead letters, nothing
+                      acknowledged out of order, no idempotency tokens, no order per key across
+                      redeliveries; one consumer of the group, so no rebalancing meanwhile. The
+                      adapter keeps all of that in its ledger topic: every Acknowledge, and every
+                      batch a consumer takes, is a command appended to it and read back
+                      (adapters/queue/kafka.py), where the direct client's commit is one request
 
 Both sides' clients do the same work in the same shape. The consume client of the gateway
 acknowledges in batches, as a client library does (ACK_LINGER); acknowledging whatever had
@@ -79,15 +105,20 @@ same request answers OK (every entry of a batch OK), and the messages the topic 
 the timed run (GetTopicInfo high offsets, read once the topic stops growing: a call h2load
 gave up on may still be storing) are between h2load's successful calls × entries and that plus
 the calls in flight when it stopped (a gRPC error is HTTP 200 to h2load). Every
-client process counts what it stored and compares with the store, and every consume round must
-deliver each of its messages once, with the published payload, and have all acknowledged.
+client process counts what it stored and compares with the store (Kafka: the topic read back up
+to the offsets the broker acknowledged, since Tansu's end offsets undercount batches), and every
+consume round must deliver each of its messages once, with the published payload, and have all
+acknowledged (Kafka, direct: the group's committed offsets add up to the acknowledged count).
 
 Everything is removed afterwards: the namespace's queue rows, streams and keys, the direct
 rows' tables, keys and streams (each client drops its own), and anything left by an
-interrupted earlier run (the same sweep runs first).
+interrupted earlier run (the same sweep runs first). On Kafka: the gateway's topics (``prismbench.``,
+its ledger and snapshots ``prismbench-queue-…``), the direct rows' topics and every consumer
+group of either (DeleteGroups), before the section's broker, which held them in memory only, stops.
 
     python -m benchmarks.run --only queue [--quick]
     python -m benchmarks.queue --backend redis --side direct --work consume --duration 2   (one client run)
+    python -m benchmarks.queue --backend kafka --kafka 127.0.0.1:PORT --side direct --work publish --entries 100 [--variant unbatched]
 """
 
 from __future__ import annotations
@@ -108,7 +139,7 @@ from typing import Any
 import grpc
 import yaml
 
-from benchmarks import kv, loader, procs, report
+from benchmarks import kafka_broker, kv, loader, procs, report
 from benchmarks.context import DISTURBED, Context, backend_cpu_seconds
 from benchmarks.loader import Shape
 from benchmarks.report import Column, Row, Table, ratio, rps, share, text
@@ -122,6 +153,9 @@ DIRECT = "prism-bench-queue-direct"  # the direct rows' tables, keys and streams
 POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 NATS_URL = "nats://127.0.0.1:4222"
+KAFKA_PREFIX = "prismbench"  # the gateway's Kafka topics (and its ledger's) start with it
+KAFKA_PARTITIONS = 4  # of every Kafka topic, the gateway's (its adapter's default) and the direct rows'
+TANSU_NAME = "prismbenchtansu"  # the broker this section starts, by process name (15 characters at most)
 PAYLOAD = bytes(range(100))  # 100 bytes
 SINGLE = Shape(1, 16)  # Publish: 16 calls in flight on one connection
 BATCH = 100  # entries per PublishBatch
@@ -176,6 +210,9 @@ class Direct(ABC):
 
     async def start_consuming(self) -> None:
         """Join a consumer group, where the backend has them (after publishing)."""
+
+    async def check_consumed(self, acknowledged: int) -> None:
+        """After the consume rounds: the store agrees that ``acknowledged`` were settled."""
 
     @abstractmethod
     async def claim(self, limit: int) -> list[tuple[Any, bytes]]:
@@ -376,24 +413,175 @@ class NatsDirect(Direct):
         return int((await self.js.stream_info(self.stream)).state.messages)
 
 
+class KafkaDirect(Direct):
+    """aiokafka: a topic of KAFKA_PARTITIONS partitions; the producer as a user writes it
+    (aiokafka's defaults: records sent meanwhile share a batch; acks="all" as the adapter's);
+    a consumer group whose commit is the acknowledgement."""
+
+    BATCHING = True
+
+    async def open(self) -> None:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        if not KAFKA.bootstrap:
+            raise RuntimeError("kafka: no broker (--kafka host:port)")
+        self.topic = self.group = f"{DIRECT}.{self.name}"
+        self.tps = [TopicPartition(self.topic, p) for p in range(KAFKA_PARTITIONS)]
+        self.common: dict[str, Any] = {"bootstrap_servers": KAFKA.bootstrap, "request_timeout_ms": int(WAIT * 1000)}
+        self.consumer: Any = None
+        self.admin = AIOKafkaAdminClient(**self.common)
+        await self.admin.start()
+        await self.admin.create_topics([NewTopic(self.topic, KAFKA_PARTITIONS, 1)])
+        self.producer = AIOKafkaProducer(**self.common, acks="all", linger_ms=0,
+                                         **({} if self.BATCHING else {"max_batch_size": 1}))
+        await self.producer.start()
+        # stored() reads the topic back: Tansu 0.6 reports a partition's high offset after a
+        # batch of records as the batch's first offset + 1, so the end offsets undercount what a
+        # batching producer stored. It reads up to the ends the broker acknowledged.
+        self.counter = AIOKafkaConsumer(**self.common, group_id=None, enable_auto_commit=False,
+                                        auto_offset_reset="earliest")
+        await self.counter.start()
+        self.counter.assign(self.tps)
+        self.acknowledged_ends: dict[int, int] = {}  # partition → past the last offset the broker acknowledged
+        self.read_ends: dict[int, int] = {}  # partition → past the last offset stored() read
+        self.counted = 0
+
+    async def close(self) -> None:
+        try:
+            for client in (self.consumer, self.counter, self.producer):
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.stop()
+            await self.admin.delete_topics([self.topic])
+            if self.consumer is not None:
+                await delete_kafka_groups([self.group])
+        finally:
+            await self.admin.close()
+
+    def _acknowledged(self, metadata: Any) -> None:
+        ends = self.acknowledged_ends
+        ends[metadata.partition] = max(ends.get(metadata.partition, 0), metadata.offset + 1)
+
+    async def publish_one(self, payload: bytes) -> None:
+        self._acknowledged(await self.producer.send_and_wait(self.topic, payload))
+
+    async def publish_batch(self, payloads: list[bytes]) -> None:
+        sent = [await self.producer.send(self.topic, p) for p in payloads]
+        for metadata in await asyncio.gather(*sent):
+            self._acknowledged(metadata)
+
+    async def start_consuming(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        self.consumer = AIOKafkaConsumer(self.topic, **self.common, group_id=self.group, enable_auto_commit=False,
+                                         auto_offset_reset="earliest")
+        await self.consumer.start()
+        deadline = time.monotonic() + WAIT
+        while not self.consumer.assignment():  # joined (a few seconds on Tansu): outside the timing
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kafka: the consumer was not given {self.topic}'s partitions")
+            await asyncio.sleep(0.05)
+
+    async def claim(self, limit: int) -> list[tuple[Any, bytes]]:
+        batch = await self.consumer.getmany(timeout_ms=int(WAIT * 1000), max_records=limit)
+        return [((tp.partition, r.offset), r.value) for tp, records in batch.items() for r in records]
+
+    async def ack(self, handles: list[Any]) -> int:
+        """Commit, per partition, past the last of them: what a Kafka consumer's
+        acknowledgement is (aiokafka runs a consumer's commits one at a time, in order)."""
+        from aiokafka import TopicPartition
+
+        ends: dict[int, int] = {}
+        for partition, offset in handles:
+            ends[partition] = max(ends.get(partition, 0), offset + 1)
+        await self.consumer.commit({TopicPartition(self.topic, p): end for p, end in ends.items()})
+        return len(handles)
+
+    async def check_consumed(self, acknowledged: int) -> None:
+        committed = [await self.consumer.committed(tp) or 0 for tp in self.tps]
+        if sum(committed) != acknowledged:
+            raise RuntimeError(f"kafka: the group committed {sum(committed)} offsets, {acknowledged} acknowledged")
+
+    async def stored(self) -> int:
+        """Records in the topic up to the offsets the broker acknowledged: those read since the
+        last call, every partition read to its end (a record missing below it is not counted)."""
+        deadline = time.monotonic() + WAIT
+        while any(self.read_ends.get(p, 0) < end for p, end in self.acknowledged_ends.items()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kafka: read the topic to {self.read_ends}, acknowledged {self.acknowledged_ends}")
+            for tp, records in (await self.counter.getmany(timeout_ms=1000, max_records=10_000)).items():
+                self.counted += len(records)
+                self.read_ends[tp.partition] = records[-1].offset + 1
+        return self.counted
+
+
+async def delete_kafka_groups(groups: list[str]) -> int:
+    """Delete consumer groups (DeleteGroups at each one's coordinator: aiokafka's admin client
+    has no call for it); how many the broker deleted."""
+    from aiokafka.client import AIOKafkaClient, CoordinationType
+    from aiokafka.protocol.admin import DeleteGroupsRequest
+
+    client = AIOKafkaClient(bootstrap_servers=KAFKA.bootstrap, request_timeout_ms=int(WAIT * 1000))
+    await client.bootstrap()
+    deleted = 0
+    try:
+        for group in groups:
+            node = await client.coordinator_lookup(CoordinationType.GROUP, group)
+            answer = await client.send(node, DeleteGroupsRequest([group]))
+            failed = [(name, code) for name, code in answer.results if code]
+            if failed:
+                raise RuntimeError(f"kafka: deleting group {group}: error codes {failed}")
+            deleted += 1
+    finally:
+        await client.close()
+    return deleted
+
+
+class KafkaUnbatchedDirect(KafkaDirect):
+    """The same, with the producer the gateway's adapter has on Tansu (``batch_records`` off:
+    one record of a partition per produce request). For reference: publish rows only."""
+
+    BATCHING = False
+
+
+@dataclass
+class KafkaSite:
+    bootstrap: str = ""  # host:port of the broker the section started (a client run: --kafka)
+
+
+KAFKA = KafkaSite()
+
+
 @dataclass(frozen=True)
 class Backend:
     """One backend of the section: the gateway's settings entry and the direct client doing the
-    same work. Adding a backend (Kafka: aiokafka) is one :class:`Direct` and one entry here."""
+    same work. Adding a backend is one :class:`Direct` and one entry here."""
 
     label: str
-    settings: dict[str, Any]  # the gateway's backends entry
+    settings: Callable[[], dict[str, Any]]  # the gateway's backends entry
     process: str | None  # the server's process name: its CPU is counted apart (None: in process)
     direct: str  # the client the direct rows use, for the table
     make: Callable[[str, pathlib.Path], Direct]  # (a name unique to the run, scratch dir) → its queue
+    # Further direct clients, publish rows only, for reference (not in the ratio or the
+    # targets): variant → (the table's target, its queue).
+    references: dict[str, tuple[str, Callable[[str, pathlib.Path], Direct]]] = field(default_factory=dict)
 
 
 BACKENDS: dict[str, Backend] = {
-    "sqlite": Backend("SQLite", {"type": "sqlite", "path": "queue-bench.db"}, None, "aiosqlite", SqliteDirect),
-    "postgres": Backend("Postgres", {"type": "postgres", "dsn": POSTGRES_DSN}, "postgres", "asyncpg", PostgresDirect),
-    "redis": Backend("Redis", {"type": "redis", "url": REDIS_URL}, "redis-server", "redis.asyncio", RedisDirect),
-    "nats": Backend("NATS JetStream", {"type": "nats", "url": NATS_URL, "prefix": NATS_PREFIX}, "nats-server",
-                    "nats-py", NatsDirect),
+    "sqlite": Backend("SQLite", lambda: {"type": "sqlite", "path": "queue-bench.db"}, None, "aiosqlite",
+                      SqliteDirect),
+    "postgres": Backend("Postgres", lambda: {"type": "postgres", "dsn": POSTGRES_DSN}, "postgres", "asyncpg",
+                        PostgresDirect),
+    "redis": Backend("Redis", lambda: {"type": "redis", "url": REDIS_URL}, "redis-server", "redis.asyncio",
+                     RedisDirect),
+    "nats": Backend("NATS JetStream", lambda: {"type": "nats", "url": NATS_URL, "prefix": NATS_PREFIX},
+                    "nats-server", "nats-py", NatsDirect),
+    # The Tansu broker the section starts (benchmarks/kafka_broker.py), on a free port.
+    "kafka": Backend("Kafka (Tansu)", lambda: {"type": "kafka", "bootstrap_servers": KAFKA.bootstrap,
+                                               "topic_prefix": KAFKA_PREFIX},
+                     TANSU_NAME, "aiokafka", KafkaDirect,
+                     {"unbatched": ("aiokafka directly, unbatched (the adapter's producer)", KafkaUnbatchedDirect)}),
 }
 
 
@@ -452,8 +640,14 @@ async def _flat_out(work: Callable[[], Awaitable[None]], in_flight: int, seconds
     return done
 
 
+def _direct(args: argparse.Namespace) -> Direct:
+    spec = BACKENDS[args.backend]
+    make = spec.references[args.variant][1] if args.variant else spec.make
+    return make(uuid.uuid4().hex[:12], args.workdir)
+
+
 async def direct_publish(args: argparse.Namespace) -> dict[str, Any]:
-    queue = BACKENDS[args.backend].make(uuid.uuid4().hex[:12], args.workdir)
+    queue = _direct(args)
     await queue.open()
     meter = Meter()
     try:
@@ -532,7 +726,7 @@ async def _rounds(
 
 
 async def direct_consume(args: argparse.Namespace) -> dict[str, Any]:
-    queue = BACKENDS[args.backend].make(uuid.uuid4().hex[:12], args.workdir)
+    queue = _direct(args)
     await queue.open()
     published = 0
     try:
@@ -543,10 +737,11 @@ async def direct_consume(args: argparse.Namespace) -> dict[str, Any]:
             for start in range(0, count, BATCH):
                 await queue.publish_batch([PAYLOAD] * min(BATCH, count - start))
             published += count
-            if await queue.stored() != published:
-                raise RuntimeError("the queue does not hold what was published")
+            if (stored := await queue.stored()) != published:
+                raise RuntimeError(f"the queue holds {stored} messages, {published} were published")
 
         meter = await _rounds(args, publish, lambda count, meter: _consume(queue.claim, queue.ack, count, meter))
+        await queue.check_consumed(meter.messages)
     finally:
         await queue.close()
     return meter.result()
@@ -648,9 +843,15 @@ def client_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("."), help="sqlite: where its file goes")
     parser.add_argument("--grpc-port", type=int, help="gateway: its gRPC port")
     parser.add_argument("--token", default="", help="gateway: a session of its queue-<backend> config")
+    parser.add_argument("--kafka", default="", help="kafka: the broker's host:port")
+    parser.add_argument("--variant", default="", help="direct publish: a reference client of the backend "
+                        "(kafka: unbatched)")
     args = parser.parse_args(argv)
     if args.side == "gateway" and args.work != "consume":
         parser.error("the gateway's publish rows run under h2load, not this client")
+    if args.variant and (args.side != "direct" or args.variant not in BACKENDS[args.backend].references):
+        parser.error(f"--variant: {args.backend} has {sorted(BACKENDS[args.backend].references)} (direct side only)")
+    KAFKA.bootstrap = args.kafka
     run = {("direct", "publish"): direct_publish, ("direct", "consume"): direct_consume,
            ("gateway", "consume"): gateway_consume}[(args.side, args.work)]
     print(json.dumps(uvloop.run(run(args))))
@@ -661,7 +862,7 @@ def client_main(argv: list[str] | None = None) -> None:
 
 def write_config(path: pathlib.Path) -> pathlib.Path:
     path.write_text(yaml.safe_dump({
-        "backends": {name: b.settings for name, b in BACKENDS.items()},
+        "backends": {name: b.settings() for name, b in BACKENDS.items()},
         "configs": [
             {"name": f"queue-{name}", "pattern": "QUEUE", "backend": name, "namespace": NAMESPACE}
             for name in BACKENDS
@@ -763,19 +964,23 @@ def _gateway_publish(ctx: Context, gw: Gateway, backend: str, entries: int, work
 
 
 def _backend_rows(ctx: Context, gw: Gateway, backend: str, work: pathlib.Path) -> list[Row]:
-    """The six rows of one backend, each pair (direct, gateway) measured one right after the other."""
+    """The six rows of one backend, each pair (direct, gateway) measured one right after the
+    other; a reference client's publish rows (Kafka: unbatched, two more) between the two."""
     d, spec = ctx.durations, BACKENDS[backend]
     direct = ["benchmarks.queue", "--backend", backend, "--side", "direct", "--workdir", str(work)]
+    if backend == "kafka":
+        direct.append(f"--kafka={KAFKA.bootstrap}")
     publish = ["--work", "publish", "--duration", str(d.throughput), "--warmup", str(d.warmup)]
     consume = ["--work", "consume", "--messages", str(ROUND), "--duration", str(d.throughput)]
-    plan: list[tuple[str, str, Callable[[], dict[str, Any]]]] = [
-        ("publish-1", "direct", lambda: ctx.client(
-            *direct, *publish, "--entries", "1", "--in-flight", str(SINGLE.in_flight), backend=spec.process)),
-        ("publish-1", "gateway", lambda: _gateway_publish(ctx, gw, backend, 1, work)),
-        ("publish-100", "direct", lambda: ctx.client(
-            *direct, *publish, "--entries", str(BATCH), "--in-flight", str(BATCH_SHAPE.in_flight),
-            backend=spec.process)),
-        ("publish-100", "gateway", lambda: _gateway_publish(ctx, gw, backend, BATCH, work)),
+    plan: list[tuple[str, str, Callable[[], dict[str, Any]]]] = []
+    for kind, entries, shape in (("publish-1", 1, SINGLE), ("publish-100", BATCH, BATCH_SHAPE)):
+        calls = [*publish, "--entries", str(entries), "--in-flight", str(shape.in_flight)]
+        plan.append((kind, "direct", lambda calls=calls: ctx.client(*direct, *calls, backend=spec.process)))
+        for variant in spec.references:
+            plan.append((kind, f"direct-{variant}", lambda calls=calls, variant=variant: ctx.client(
+                *direct, *calls, f"--variant={variant}", backend=spec.process)))
+        plan.append((kind, "gateway", lambda entries=entries: _gateway_publish(ctx, gw, backend, entries, work)))
+    plan += [
         ("consume", "direct", lambda: ctx.client(*direct, *consume, backend=spec.process)),
         ("consume", "gateway", lambda: ctx.client(
             "benchmarks.queue", "--backend", backend, "--side", "gateway", *consume,
@@ -783,18 +988,28 @@ def _backend_rows(ctx: Context, gw: Gateway, backend: str, work: pathlib.Path) -
             server=gw.server, backend=spec.process)),
     ]
     rows: list[Row] = []
-    direct_rate: dict[str, float] = {}
+    direct_rate: dict[tuple[str, str], float] = {}  # (kind, side) → messages/s
     for kind, side, measure in plan:
         under_h2load = side == "gateway" and kind != "consume"  # measures again itself, on a fresh topic
         result = measure() if under_h2load else ctx.least_disturbed(measure)
         what, in_flight = WORKS[kind]
-        row = {"id": f"queue/{backend}/{kind}/{side}", "backend": spec.label, "work": what,
-               "target": "gateway (granian), gRPC" if side == "gateway" else f"{spec.direct} directly",
+        if side == "gateway":
+            target = "gateway (granian), gRPC"
+        elif side == "direct":
+            target = f"{spec.direct} directly"
+        else:
+            target = spec.references[side.removeprefix("direct-")][0]
+        row = {"id": f"queue/{backend}/{kind}/{side}", "backend": spec.label, "work": what, "target": target,
                "in_flight": in_flight, **result}
-        if side == "direct":
-            direct_rate[kind] = row["messages_per_s"]
-        elif direct_rate.get(kind):
-            row["ratio_vs_direct"] = round(row["messages_per_s"] / direct_rate[kind], 3)
+        if side != "gateway":
+            direct_rate[kind, side] = row["messages_per_s"]
+        else:
+            if direct_rate.get((kind, "direct")):
+                row["ratio_vs_direct"] = round(row["messages_per_s"] / direct_rate[kind, "direct"], 3)
+            for variant in spec.references:
+                if direct_rate.get((kind, f"direct-{variant}")):
+                    row[f"ratio_vs_direct_{variant}"] = round(
+                        row["messages_per_s"] / direct_rate[kind, f"direct-{variant}"], 3)
         rows.append(row)
     return rows
 
@@ -802,29 +1017,38 @@ def _backend_rows(ctx: Context, gw: Gateway, backend: str, work: pathlib.Path) -
 def run(ctx: Context) -> dict[str, Any]:
     work = ctx.subdir(SECTION)
     rows: list[Row] = []
-    leftover = asyncio.run(cleanup())
     removed: dict[str, int] = {}
     load = f"h2load Publish {SINGLE.label}, PublishBatch ×{BATCH} {BATCH_SHAPE.label}; consume + ack"
+    # Kafka: a Tansu broker of the section's own (memory storage), stopped on the way out.
+    broker = kafka_broker.Broker(kafka_broker.free_port(), name=TANSU_NAME)
+    broker.start()
     try:
-        with ctx.serving(SECTION, load) as servers:
-            server = procs.gateway(ctx.workdir, "granian", config=write_config(work / "prism.yaml"))
-            servers.append(server)
-            gw = Gateway(server, f"127.0.0.1:{server.grpc_port}")
-            for backend in BACKENDS:
-                gw.tokens[backend] = kv.create_session(gw.target, f"queue-{backend}")
-            server.record_idle()
-            for backend in BACKENDS:
-                rows += _backend_rows(ctx, gw, backend, work)
+        KAFKA.bootstrap = broker.bootstrap
+        leftover = asyncio.run(cleanup())
+        try:
+            with ctx.serving(SECTION, load) as servers:
+                server = procs.gateway(ctx.workdir, "granian", config=write_config(work / "prism.yaml"))
+                servers.append(server)
+                gw = Gateway(server, f"127.0.0.1:{server.grpc_port}")
+                for backend in BACKENDS:
+                    gw.tokens[backend] = kv.create_session(gw.target, f"queue-{backend}")
+                server.record_idle()
+                for backend in BACKENDS:
+                    rows += _backend_rows(ctx, gw, backend, work)
+        finally:
+            removed = asyncio.run(cleanup())
     finally:
-        removed = asyncio.run(cleanup())
+        broker.stop()
+    tansu = f"{pathlib.Path(broker.binary or 'tansu').name}, memory storage, {broker.bootstrap}"
     return {"title": TITLE, "rows": rows, "targets": targets(rows), "namespace": NAMESPACE,
-            "consume_round": ROUND, "leftover_before": leftover, "removed_after": removed}
+            "consume_round": ROUND, "kafka_broker": tansu, "leftover_before": leftover, "removed_after": removed}
 
 
 async def cleanup() -> dict[str, int]:
     """Remove the bench namespace's queues from the servers, and any direct-row table, key or
     stream an interrupted run left (each client drops its own)."""
-    removed = {"postgres_rows": 0, "postgres_tables": 0, "redis_keys": 0, "nats_streams": 0}
+    removed = {"postgres_rows": 0, "postgres_tables": 0, "redis_keys": 0, "nats_streams": 0,
+               "kafka_topics": 0, "kafka_groups": 0}
     import asyncpg
 
     con = await asyncpg.connect(POSTGRES_DSN, timeout=5)
@@ -866,6 +1090,23 @@ async def cleanup() -> dict[str, int]:
                 removed["nats_streams"] += 1
     finally:
         await nc.close()
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    if KAFKA.bootstrap:  # the section's own broker, in memory: only what this run made
+        admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA.bootstrap, request_timeout_ms=int(WAIT * 1000))
+        await admin.start()
+        try:
+            # The gateway's topics (its Queue topics, ledger and snapshots), the direct rows'
+            # topics, and their consumer groups (the gateway's mirror of its positions).
+            mine = (f"{KAFKA_PREFIX}.", f"{KAFKA_PREFIX}-", f"{DIRECT}.")
+            if groups := [g[0] for g in await admin.list_consumer_groups() if str(g[0]).startswith(mine)]:
+                removed["kafka_groups"] += await delete_kafka_groups(groups)
+            if topics := [t for t in await admin.list_topics() if t.startswith(mine)]:
+                await admin.delete_topics(topics)
+                removed["kafka_topics"] += len(topics)
+        finally:
+            await admin.close()
     return removed
 
 
@@ -916,9 +1157,9 @@ def markdown(section: dict[str, Any], old: dict[str, Row] | None, old_label: str
     out += [
         "- 100-byte payloads, no partition key. *gateway*: one Granian worker with a QUEUE config per backend "
         f"(namespace `{section.get('namespace')}`); publish rows under h2load (native gRPC, pre-framed body, "
-        "one connection), consume from a grpc.aio client process: one Subscribe stream, max_in_flight "
-        f"{MAX_IN_FLIGHT}, Acknowledge of {ACK_BATCH} ids or of what arrived within {ACK_LINGER * 1000:g} ms "
-        "(*ids per ack*), "
+        "one connection), consume from a grpc.aio client process: one SubscribeBatches stream (at most "
+        f"{ACK_BATCH} messages a response), max_in_flight {MAX_IN_FLIGHT}, Acknowledge of {ACK_BATCH} ids "
+        f"or of what arrived within {ACK_LINGER * 1000:g} ms (*ids per ack*), "
         f"{ACKS_IN_FLIGHT} in flight. *direct*: the "
         "backend's own Python client in a client process doing the same work with the same concurrency "
         "(benchmarks/queue.py says what each does). messages/s = stored (publish) or acknowledged (consume) "
@@ -932,6 +1173,20 @@ def markdown(section: dict[str, Any], old: dict[str, Row] | None, old_label: str
         f"- Removed afterwards: {section.get('removed_after')} (left from an earlier run beforehand: "
         f"{section.get('leftover_before')}).",
     ]
+    references = [r for r in section["rows"] if r.get("ratio_vs_direct_unbatched") is not None]
+    if section.get("kafka_broker") or references:
+        versus = "; ".join(f"{r['work']} {r['ratio_vs_direct_unbatched']:.2f}×" for r in references)
+        out.append(
+            f"- Kafka: a Tansu broker the section started ({section.get('kafka_broker')}), its process's CPU as "
+            "*backend CPU*. *direct* is aiokafka as a user writes it: records sent meanwhile share a produce "
+            "request. The gateway's adapter sends one record of a partition per request (`batch_records` off by "
+            "default: Tansu 0.6 reports a partition's high offset after a batch as the batch's first offset + 1, "
+            "and the adapter reads high offsets for GetTopicInfo, Seek and a group's start); the *unbatched* rows "
+            "are aiokafka with that producer, for reference (not in the targets). The gateway against them: "
+            f"{versus or '—'}. The direct consumer joins its group once, untimed; the gateway's consumer joins "
+            "(a ledger command) in every timed round, and every batch it takes and every Acknowledge is a "
+            "ledger command appended and read back."
+        )
     return out
 
 
