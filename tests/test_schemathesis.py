@@ -50,11 +50,11 @@ CHECKED_AGAINST_THE_COLLECTION = ("ReaderService_Read", "ReaderService_Query", "
 CHECKED_AGAINST_THE_DECLARATION = ("TransactService_Write",)
 # A start position needs a backend that keeps history (capability replay), which the session's
 # configuration picks and no static document knows: elsewhere it is FAILED_PRECONDITION (400).
-CHECKED_AGAINST_THE_BACKEND = ("PubSubService_Subscribe",)
+CHECKED_AGAINST_THE_BACKEND = ("PubSubService_Subscribe", "PubSubService_SubscribeBatches")
 # Streams whose first event waits for a message: schemathesis reads one event of a stream, and a
 # Queue subscription to an empty topic has none (its headers and pings come, its first event
 # never does), so the call would only time out. PubSub's first event confirms the subscription.
-SILENT_STREAMS = ("QueueService_Subscribe",)
+SILENT_STREAMS = ("QueueService_Subscribe", "QueueService_SubscribeBatches")
 POSITIVE_STATUSES = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]  # schemathesis' default
 
 # Which named configuration a data service's session needs; everything else gets a KeyValue one.
