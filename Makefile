@@ -11,8 +11,12 @@ setup:
 run: setup  ## the gateway on the embedded default: SQLite + in-process pub/sub, loopback
 	$(UV) run --frozen prism serve $(ARGS)
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a whole test module at a time, with
+# tests/faults alone at the end (tests/conftest.py); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(UV) run --frozen pytest $(ARGS)
+	$(UV) run --frozen pytest -n $(TEST_WORKERS) $(ARGS)
 
 test-faults: setup  ## tests/faults: stops and restarts the local PostgreSQL and Redis (opt-in; CI runs them)
 	PRISM_FAULT_TESTS=1 $(UV) run --frozen pytest tests/faults $(ARGS)

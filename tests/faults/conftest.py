@@ -1,7 +1,9 @@
 """Fault tests stop and start the machine's real PostgreSQL and Redis servers, so they are
 opt-in: they run only with ``PRISM_FAULT_TESTS=1`` (``make test-faults``; CI sets it), after
 every other test, and the run says so before the first test starts. Otherwise they are
-deselected (not skipped, so ``PRISM_REQUIRE_BACKENDS=1`` does not count them as failures)."""
+deselected (not skipped, so ``PRISM_REQUIRE_BACKENDS=1`` does not count them as failures).
+Under pytest-xdist (``make test``), tests/conftest.py's scheduler holds them back until every
+other worker has exited, then runs them in the last one."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ import pytest
 HERE = pathlib.Path(__file__).parent
 ENABLED = os.environ.get("PRISM_FAULT_TESTS") == "1"
 deselected: list[pytest.Item] = []
+ANNOUNCEMENT = (
+    "faults: PRISM_FAULT_TESTS=1: tests/faults will stop and restart the local PostgreSQL and Redis "
+    "servers at the end of this run, with no other test running (and leave both running)"
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -32,10 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # called for this conftest (loaded during collection) and shown under -q as well.
 def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> str | None:
     if ENABLED and any(item.path.is_relative_to(HERE) for item in items):
-        return (
-            "faults: PRISM_FAULT_TESTS=1: tests/faults will stop and restart the local PostgreSQL "
-            "and Redis servers at the end of this run (and leave both running)"
-        )
+        return ANNOUNCEMENT
     if deselected:
         return (
             f"faults: {len(deselected)} tests in tests/faults deselected: they restart the local "
