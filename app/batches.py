@@ -10,7 +10,7 @@ writer that keeps up, every batch is a single message, as before. Backpressure i
 writer that stops stops the reading after ``READ_AHEAD`` more messages.
 
 A stream of pages (a Reader's: responses that carry a ``next_cursor``) is not read ahead: a page
-is a batch already, and the next one is fetched only when the client has taken the previous.
+is a batch already, and the Reader reads at most one page ahead of the client itself.
 """
 
 from __future__ import annotations

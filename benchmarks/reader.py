@@ -43,9 +43,9 @@ another page follows; the direct client instead stops at a short page, so it run
 more at the end), turns every value into JSON (numbers, strings, booleans; timestamps as RFC
 3339 text) column by column, takes the rows that fit the page's byte budget, signs a
 continuation cursor, and encodes the page for its transport straight from the columns
-(protobuf Structs' wire bytes, or JSON for SSE: ``app/services/reader_pages.py``) — then
-fetches the next page only once the transport has sent this one (backpressure: a full Read
-holds one page). Its client decodes and checks every page: that cost lands on the same 2 cores
+(protobuf Structs' wire bytes, or JSON for SSE: ``app/services/reader_pages.py``) — and
+reads the next page while the transport sends this one, never further ahead (backpressure: a
+full Read holds two pages). Its client decodes and checks every page: that cost lands on the same 2 cores
 (*client CPU*), as the direct client's decoding does.
 
 Checked, so no fast failure is timed: every read, on every side, returns exactly the table's

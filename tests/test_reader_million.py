@@ -2,9 +2,9 @@
 
 The collection is seeded in the database itself (a recursive CTE on SQLite, generate_series on
 PostgreSQL: a second or two), then read whole by a client that checks every page follows the
-last. The gateway holds one page at a time: the next is fetched only when the transport has
-sent the previous one, and the transport's send waits for the client (HTTP/2 flow control on
-the gRPC port, the socket's on the SSE stream). The client stalls for two seconds after its
+last. The gateway reads one page ahead of what the transport has sent, no further, and the
+transport's send waits for the client (HTTP/2 flow control on the gRPC port, the socket's on
+the SSE stream). The client stalls for two seconds after its
 first page, time enough for the gateway to pile up the whole table if it read on regardless.
 Measured as the worker's RSS from /proc (``tests/test_slow_reader.py``), sampled every 20 ms
 during the read, against the RSS after a warm-up read: the growth stays under 50 MB. A stream that reaches the request deadline ends with

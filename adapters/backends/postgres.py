@@ -69,6 +69,7 @@ class PostgresPool(BackendConnection):
                 timeout=settings.connect_timeout,
                 command_timeout=settings.command_timeout,
                 server_settings={"application_name": "prism"},
+                reset=_keep_session,
             )
         except Exception as exc:
             if is_unavailable(exc):
@@ -134,6 +135,15 @@ async def _release(pool: asyncpg.Pool, con: asyncpg.Connection) -> None:
         await pool.release(con)
     except Exception as exc:
         log.debug("postgres connection dropped on release: %s: %s", type(exc).__name__, exc)
+
+
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """What the pool runs on release besides rolling back an open transaction (which asyncpg
+    always does): nothing. Its default reset query (advisory unlock, ``CLOSE ALL``,
+    ``UNLISTEN *``, ``RESET ALL``) is a round trip on every release, ~0.4 ms a call here, and
+    undoes state no adapter leaves on a pooled connection: settings are ``SET LOCAL`` /
+    ``set_config(..., true)``, locks ``pg_advisory_xact_lock``, and LISTEN runs on connections
+    of their own, never the pool's."""
 
 
 def connect(settings: PostgresSettings, environment: Environment) -> PostgresPool:

@@ -2,10 +2,12 @@
 cursor), rows read by any Reader adapter (``adapters/reader/base.py`` says what every backend
 guarantees).
 
-Read and Query are async generators of pages: the next page is fetched only when the transport
-asks for it, which it does once the previous one is sent (gRPC and HTTP/2 flow control, the
-ASGI server's ``send``). So a stream holds one page at a time however long it is, and a slow
-client slows the reads rather than filling memory. A page ends at ``pageSize`` rows, or earlier
+Read and Query are async generators of pages, read one page ahead: while the transport sends a
+page, the next one is fetched, and the one after only once the transport asks for it, which it
+does once the previous one is sent (gRPC and HTTP/2 flow control, the ASGI server's ``send``).
+So a stream holds at most two pages however long it is, and a slow client slows the reads
+rather than filling memory; a fast one gets the database's reading and the gateway's sending
+at the same time. A page ends at ``pageSize`` rows, or earlier
 when the next row would take the encoded page past ``maxPageBytes`` (a page holds at least one
 row, so a stream always advances). The stream ends after the last page (empty
 ``nextCursor``), or when the request's deadline (``reader.deadline_seconds``) leaves no time for
@@ -283,19 +285,32 @@ class ReaderService:
         stream_id = uuid.uuid4().hex
         assert call.session is not None
         call.session.hold_stream(stream_id, end)
+        # The next page is read while this one is sent: one page ahead, no more (the reads
+        # overlap the sends, and a client that stops reading stops them a page later).
+        ahead: asyncio.Future[Batch | None] | None = None
         try:
+            batch = await self._fetch(checked, position, rows_per_page + 1, deadline - loop.time())
             while True:
                 if ended:
                     raise ended[0]
-                batch = await self._fetch(checked, position, rows_per_page + 1, deadline - loop.time())
                 if batch is None:  # out of time: the client resumes from here
                     yield r.Page(next_cursor=self._cursor(checked, position))
                     return
                 page, position, more = self._page(checked, batch, rows_per_page, page_bytes)
+                if more:
+                    ahead = asyncio.ensure_future(
+                        self._fetch(checked, position, rows_per_page + 1, deadline - loop.time())
+                    )
                 yield page
-                if not more:
+                if ahead is None:
                     return
+                batch, ahead = await ahead, None
         finally:
+            if ahead is not None:  # the client left with a page on its way: stop reading it
+                ahead.cancel()
+                await asyncio.wait([ahead])
+                if not ahead.cancelled():
+                    ahead.exception()  # retrieved: a failed read-ahead nobody waits for is not an error
             call.session.release_stream(stream_id)
 
     @staticmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import pathlib
 import random
@@ -705,10 +706,11 @@ class HeldStreams:
 
 
 @pytest.mark.case("flow")
-async def test_the_next_page_is_read_only_when_the_previous_one_is_taken(suite: Suite, request: pytest.FixtureRequest) -> None:
-    """The service's pages are pulled, never pushed: a consumer that stops after two pages
-    has caused two reads, and closing the stream releases it at once (the RSS tests in
-    tests/test_reader_million.py show the transports pull only as their client reads)."""
+async def test_pages_are_read_at_most_one_ahead_of_the_consumer(suite: Suite, request: pytest.FixtureRequest) -> None:
+    """The service reads one page ahead of its consumer and no further: a consumer that stops
+    after two pages has caused three reads however long it waits, and closing the stream
+    releases it at once (the RSS tests in tests/test_reader_million.py show the transports
+    pull only as their client reads)."""
     request.node.user_properties.append(("backends", ["sqlite"]))
     from adapters.backends.sqlite import PRAGMAS
     from adapters.reader.sqlite import SqliteReader
@@ -730,11 +732,15 @@ async def test_the_next_page_is_read_only_when_the_previous_one_is_taken(suite: 
         pages = service.Read(r.ReadRequest(collection="big", page_size=10), call)  # type: ignore[arg-type]
         first, second = await anext(pages), await anext(pages)
         await asyncio.sleep(0.2)
-        assert len(first.rows) == len(second.rows) == 10 and adapter.fetched == 2
+        assert len(first.rows) == len(second.rows) == 10 and adapter.fetched == 3
         assert [int(row.fields["id"].number_value) for row in second.rows] == list(range(11, 21))
         assert session.held, "the stream is held by its session while it is open"
         await pages.aclose()  # type: ignore[attr-defined]
-        assert adapter.fetched == 2 and not session.held
+        assert adapter.fetched == 3 and not session.held
+        resumed = service.Read(r.ReadRequest(collection="big", page_size=10, cursor=second.next_cursor), call)  # type: ignore[arg-type]
+        async with contextlib.aclosing(resumed):
+            third = await anext(resumed)
+        assert [int(row.fields["id"].number_value) for row in third.rows] == list(range(21, 31))
     finally:
         await worker.close()
 
