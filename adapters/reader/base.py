@@ -82,7 +82,7 @@ import datetime
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import StrEnum
@@ -226,18 +226,39 @@ class Row:
     position: tuple[Any, ...]  # the raw sort values (``Query.order``): where a page after it starts
 
 
-@dataclass(frozen=True, slots=True)
+# A batch's columns as JSON values, and each column's value types where known.
+Columns = tuple[Sequence[Sequence[Json]], Sequence[AbstractSet[type] | None] | None]
+
+
 class Batch:
     """The rows one statement read, column by column: what a page is built from without an
     object per row. ``columns[i]`` holds field ``fields[i]`` of every row as JSON values;
     ``raw`` keeps the driver's rows, whose sort values (at ``order`` in each) are a row's
-    position, taken only for the rows a cursor names."""
+    position, taken only for the rows a cursor names.
 
-    fields: tuple[str, ...]
-    columns: Sequence[Sequence[Json]]
-    raw: Sequence[Sequence[Any]]
-    order: Sequence[int]
-    types: Sequence[AbstractSet[type] | None] | None = None  # each column's value types, where known
+    The columns are made from ``raw`` when first asked for (``convert``), so a reader can
+    start the next statement from where these rows end before paying for their values."""
+
+    __slots__ = ("_columns", "_convert", "fields", "order", "raw")
+
+    def __init__(
+        self, fields: tuple[str, ...], raw: Sequence[Sequence[Any]], order: Sequence[int], convert: Callable[[], Columns]
+    ) -> None:
+        self.fields, self.raw, self.order, self._convert = fields, raw, order, convert
+        self._columns: Columns | None = None
+
+    @property
+    def columns(self) -> Sequence[Sequence[Json]]:
+        return self._converted()[0]
+
+    @property
+    def types(self) -> Sequence[AbstractSet[type] | None] | None:
+        return self._converted()[1]
+
+    def _converted(self) -> Columns:
+        if self._columns is None:
+            self._columns = self._convert()
+        return self._columns
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -462,6 +483,11 @@ class ReaderAdapter(ABC):
 
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.SHARED, Capability.DURABLE})
     backend: ClassVar[str]
+    # Whether a page read ahead should start at once, before the current page is built and
+    # sent: yes where the statement runs in another process (the database server works
+    # meanwhile); no where it runs on a thread of this one, which would only contend with the
+    # page's building for the interpreter (measured on SQLite: ~15% fewer rows/s).
+    read_ahead_at_once: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._schemas: dict[Collection, Schema] = {}

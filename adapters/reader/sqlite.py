@@ -1,7 +1,7 @@
 """SQLite Reader: the embedded default, reading tables and views of the backend's SQLite file.
 
 Statements run on the backend's :class:`SqliteWorker` thread (shared with the file's other
-patterns), and each page's rows become JSON there too, so the event loop only sends them.
+patterns); their rows become JSON where the page is built (``Batch``).
 
 SQLite types are declared, not enforced; a field's kind comes from its declared type (see
 ``base.py``). Booleans are stored 0 and 1. Timestamps are UTC text in the canonical form
@@ -225,6 +225,7 @@ def _create_demo(con: sqlite3.Connection, table: str) -> None:
 
 
 class SqliteReader(ReaderAdapter):
+    read_ahead_at_once = False  # the statement runs on the worker thread: see ReaderAdapter
     backend = "sqlite"
 
     def __init__(self, worker: SqliteWorker) -> None:

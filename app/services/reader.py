@@ -285,9 +285,16 @@ class ReaderService:
         stream_id = uuid.uuid4().hex
         assert call.session is not None
         call.session.hold_stream(stream_id, end)
-        # The next page is read while this one is sent: one page ahead, no more (the reads
-        # overlap the sends, and a client that stops reading stops them a page later).
+        # The next page is read while this one is built and sent: one page ahead, no more (the
+        # reads overlap the rest, and a client that stops reading stops them a page later).
         ahead: asyncio.Future[Batch | None] | None = None
+
+        async def read_after(at: tuple[Any, ...] | None) -> asyncio.Future[Batch | None]:
+            read = asyncio.ensure_future(self._fetch(checked, at, rows_per_page + 1, deadline - loop.time()))
+            if checked.adapter.read_ahead_at_once:
+                await asyncio.sleep(0)  # the read starts now (its statement sent), not once this page is sent
+            return read
+
         try:
             batch = await self._fetch(checked, position, rows_per_page + 1, deadline - loop.time())
             while True:
@@ -296,21 +303,22 @@ class ReaderService:
                 if batch is None:  # out of time: the client resumes from here
                     yield r.Page(next_cursor=self._cursor(checked, position))
                     return
-                page, position, more = self._page(checked, batch, rows_per_page, page_bytes)
-                if more:
-                    ahead = asyncio.ensure_future(
-                        self._fetch(checked, position, rows_per_page + 1, deadline - loop.time())
-                    )
+                if len(batch) > rows_per_page:  # a full page, unless the byte budget cuts it
+                    ahead = await read_after(batch.position(rows_per_page - 1))
+                page, taken, more = self._page(checked, batch, rows_per_page, page_bytes)
+                position = batch.position(taken - 1) if taken else None
+                if ahead is not None and taken < rows_per_page:  # cut: read from where it ends
+                    await _stopped(ahead)
+                    ahead = None
+                if more and ahead is None:
+                    ahead = await read_after(position)
                 yield page
                 if ahead is None:
                     return
                 batch, ahead = await ahead, None
         finally:
             if ahead is not None:  # the client left with a page on its way: stop reading it
-                ahead.cancel()
-                await asyncio.wait([ahead])
-                if not ahead.cancelled():
-                    ahead.exception()  # retrieved: a failed read-ahead nobody waits for is not an error
+                await _stopped(ahead)
             call.session.release_stream(stream_id)
 
     @staticmethod
@@ -329,14 +337,14 @@ class ReaderService:
 
     def _page(
         self, checked: _Request, batch: Batch, rows_per_page: int, page_bytes: int
-    ) -> tuple[r.Page | EncodedPage, tuple[Any, ...] | None, bool]:
-        """The page the rows fill within both bounds, the position it ends at, and whether
+    ) -> tuple[r.Page | EncodedPage, int, bool]:
+        """The page the rows fill within both bounds, how many rows it takes, and whether
         rows remain after it. Rows are taken while the encoded page stays within the budget
         less CURSOR_RESERVE (the first row always); then, should the real cursor take the page
         past ``page_bytes`` (long string sort keys), rows are given back."""
         count = min(len(batch), rows_per_page)
         if count == 0:  # no rows at all: the end
-            return r.Page(), None, False
+            return r.Page(), 0, False
         rows = PageRows(batch.fields, batch.columns, count, batch.types)
         taken = rows.fitting(page_bytes - CURSOR_RESERVE)
         more = taken < len(batch)
@@ -346,7 +354,15 @@ class ReaderService:
             while not rows.within(taken, cursor, page_bytes) and taken > 1:
                 taken -= 1
                 cursor = self._cursor(checked, batch.position(taken - 1))
-        return EncodedPage(rows, taken, cursor), batch.position(taken - 1), more
+        return EncodedPage(rows, taken, cursor), taken, more
+
+
+async def _stopped(read: asyncio.Future[Any]) -> None:
+    """A read nobody will take, cancelled and waited for (a failure of it is nobody's error)."""
+    read.cancel()
+    await asyncio.wait([read])
+    if not read.cancelled():
+        read.exception()
 
 
 def _scalar(value: struct_pb2.Value, where: str) -> Json:

@@ -446,6 +446,12 @@ async def test_pages_are_bounded_by_bytes_and_a_row_alone_may_exceed_the_budget(
             assert page.ByteSize() > budget // 2, "a page ends early only when the next row does not fit"
     assert any(len(p.rows) == 1 and p.ByteSize() > budget for p in pages), "a 5,000-byte row comes alone"
     assert max(len(p.rows) for p in pages) > 5
+    # Fewer rows a page than the budget holds, but some rows long enough to cut a page early:
+    # the page read ahead from where a full one would end is dropped, the next starts where
+    # the cut one ended.
+    pages = await reader.pages("Read", r.ReadRequest(collection="wide", page_size=4, max_page_bytes=budget))
+    assert [row["id"] for row in rows_of(pages)] == list(range(1, 61))
+    assert {len(p.rows) for p in pages} >= {4, 1}, [len(p.rows) for p in pages]
 
 
 @pytest.mark.case("page bounds")
