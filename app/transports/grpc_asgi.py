@@ -118,6 +118,7 @@ class GrpcAsgiApp:
         stream = _Stream(send)
         body = RequestBody(receive)
         error: PrismError | None = None
+        answer: Message | None = None  # a unary call's response, sent with the end of the body
         task = asyncio.current_task()
         watcher: asyncio.Task[None] | None = None
         finished = asyncio.Event()
@@ -170,8 +171,7 @@ class GrpcAsgiApp:
                         responses = await self.pipeline.stream(method, decode, headers, "grpc", peer)
                         await stream.send_all(responses, read_ahead(method))
                     else:
-                        response = await self.pipeline.unary(method, decode, headers, "grpc", peer)
-                        await stream.send_message(response)
+                        answer = await self.pipeline.unary(method, decode, headers, "grpc", peer)
             except TimeoutError:
                 raise PrismError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within grpc-timeout {timeout}") from None
         except asyncio.CancelledError:
@@ -187,7 +187,7 @@ class GrpcAsgiApp:
             await body.drain(self.max_body)
         finished.set()  # from here on a disconnect is the normal end of the exchange
         with contextlib.suppress(ClientGone):
-            await stream.finish(error)
+            await stream.finish(error, answer)
 
 
 # Reset watchers of open streams. A watcher is never cancelled while it waits in receive()
@@ -225,18 +225,15 @@ class _Stream:
         self.started = True
         await self.send({"type": "http.response.start", "status": 200, "headers": RESPONSE_HEADERS, "trailers": True})
 
-    async def send_message(self, message: Message) -> None:
-        await self.send_messages([message])
-
-    async def send_messages(self, messages: list[Message]) -> None:
-        """Length-prefixed messages in one DATA send."""
+    async def send_messages(self, messages: list[Message], more: bool = True) -> None:
+        """Length-prefixed messages in one DATA send (``more``: the body goes on)."""
         if not self.started:
             await self._start()
         frames = []
         for message in messages:
             payload = message.SerializeToString()
             frames += (struct.pack(">BI", 0, len(payload)), payload)
-        await self.send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
+        await self.send({"type": "http.response.body", "body": b"".join(frames), "more_body": more})
 
     async def send_all(self, responses: AsyncIterator[Message], ahead: int = READ_AHEAD) -> None:
         try:
@@ -246,8 +243,7 @@ class _Stream:
         finally:
             await responses.aclose()  # type: ignore[attr-defined]
 
-    async def finish(self, error: PrismError | None) -> None:
-        if not self.started:
-            await self._start()
-        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+    async def finish(self, error: PrismError | None, last: Message | None = None) -> None:
+        """The end of the body (with ``last``, a unary call's response: one send less), then the trailers."""
+        await self.send_messages([last] if last is not None and error is None else [], more=False)
         await self.send({"type": TRAILERS, "headers": trailer_fields(error), "more_trailers": False})
