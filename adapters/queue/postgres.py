@@ -30,9 +30,14 @@ Locks, taken always in this order so that no two transactions wait for each othe
 Lease deadlines and publish times are the gateway's clock (unix ns), as on SQLite: gateways
 sharing a database must keep their clocks in step (NTP), well within the shortest ack deadline.
 
-Waking consumers: every change commits a ``NOTIFY prism_queue`` naming its namespace and
-topic. Each adapter holds one connection of its own (not from the pool) that LISTENs and wakes
-its consumers of that topic; its own changes wake them directly. That connection is opened when
+Waking consumers: a change wakes the adapter's own consumers of its topic at once, and other
+gateways' by a ``NOTIFY prism_queue`` naming the namespace and topic, sent after the commit
+(``ANNOUNCE``), not inside it: PostgreSQL holds one database-wide lock from a notifying
+transaction's commit through its WAL flush, so a NOTIFY in every publish and acknowledgement
+would make their commits take turns. Under load the topics changed within ``ANNOUNCE_EVERY``
+share one NOTIFY statement; a crash between a commit and its NOTIFY costs other gateways'
+consumers at most ``poll_seconds``, never a message. Each adapter holds one connection of its
+own (not from the pool) that LISTENs and wakes its consumers of the topics named. That connection is opened when
 the first consumer joins, kept until the adapter closes, and reopened after it is lost (a server
 restart); once listening again every consumer looks, for what was published meanwhile. A consumer also looks when a
 lease it saw runs out, and every ``poll_seconds`` (5 s) whatever happens: a slow fallback, not
@@ -90,6 +95,10 @@ if TYPE_CHECKING:  # the backend module imports this one to declare its adapters
 log = logging.getLogger("prism.adapters.postgres")
 
 CHANNEL = "prism_queue"
+# Other gateways' consumers of the changed topics are told after the commit, in one statement
+# whose commit need not wait for its WAL flush (a lost NOTIFY costs a poll, never a message).
+ANNOUNCE = "SELECT pg_notify($1, p), set_config('synchronous_commit', 'off', true) FROM unnest($2::text[]) AS p"
+ANNOUNCE_EVERY = 0.02  # seconds: at most one NOTIFY statement this often; the changes meanwhile share it
 
 # Applied in order; prism_schema remembers how many ran. Never edit a released entry: append.
 # Keys and tokens are bytea: a client's string may hold NUL, which text cannot.
@@ -246,6 +255,9 @@ class PostgresQueue(QueueAdapter):
         self._consumers: dict[tuple[str, str], set[PostgresConsumer]] = {}
         self._known: dict[tuple[str, str], int] = {}  # (namespace, topic) → partitions, for publishing
         self._listener: asyncio.Task[None] | None = None
+        self._due: set[str] = set()  # payloads of the topics changed since the last NOTIFY
+        self._announcer: asyncio.Task[None] | None = None
+        self._announce_failed = False
 
     async def start(self) -> None:
         async with self.pool.connection() as con:
@@ -258,6 +270,9 @@ class PostgresQueue(QueueAdapter):
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
+        if self._announcer is not None:  # the last changes' NOTIFY goes out before the pool closes
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._announcer)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
@@ -276,9 +291,34 @@ class PostgresQueue(QueueAdapter):
             for consumer in members:
                 consumer.wake()
 
-    async def _notify(self, con: asyncpg.Connection, namespace: str, topic: str) -> None:
-        """Tell every gateway's consumers of the topic, when the transaction commits."""
-        await con.execute("SELECT pg_notify($1, $2)", CHANNEL, self._payload(namespace, topic))
+    def _changed(self, namespace: str, topic: str) -> None:
+        """A committed change to the topic: its consumers here wake now, other gateways' by the
+        next NOTIFY (``_announce``)."""
+        self._wake(namespace, topic)
+        self._due.add(self._payload(namespace, topic))
+        if self._announcer is None:
+            self._announcer = asyncio.get_running_loop().create_task(self._announce(), name="postgres-queue-announce")
+
+    async def _announce(self) -> None:
+        """NOTIFY the topics changed since the last one, at most every ``ANNOUNCE_EVERY``
+        seconds, until none changed meanwhile."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._due:
+                payloads, self._due = sorted(self._due), set()
+                started = loop.time()
+                try:
+                    async with self.pool.connection() as con:
+                        await con.execute(ANNOUNCE, CHANNEL, payloads)
+                except Exception as exc:  # the database is down: other gateways' consumers poll
+                    if not self._announce_failed:
+                        log.warning("postgres queue: cannot notify other gateways (%s: %s)", type(exc).__name__, exc)
+                    self._announce_failed = True
+                else:
+                    self._announce_failed = False
+                await asyncio.sleep(max(0.0, started + ANNOUNCE_EVERY - loop.time()))
+        finally:
+            self._announcer = None
 
     def _payload(self, namespace: str, topic: str) -> str:
         return json.dumps([self.id, namespace, topic])
@@ -416,12 +456,10 @@ class PostgresQueue(QueueAdapter):
                 column.append(value)
             published.append(Published(message_id(partition, seq), partition, seq))
         await con.execute(
-            "WITH stored AS (INSERT INTO prism_queue_messages "
-            "(namespace, topic, partition, seq, key, headers, payload, published_ns) "
+            "INSERT INTO prism_queue_messages (namespace, topic, partition, seq, key, headers, payload, published_ns) "
             "SELECT $1, $2, u.* FROM unnest($3::integer[], $4::bigint[], $5::bytea[], $6::text[], $7::bytea[], $8::bigint[]) "
-            "AS u(partition, seq, key, headers, payload, published_ns)) "
-            "SELECT pg_notify($9, $10)",
-            ns, topic, *columns, CHANNEL, self._payload(ns, topic),
+            "AS u(partition, seq, key, headers, payload, published_ns)",
+            ns, topic, *columns,
         )
         return published
 
@@ -681,17 +719,16 @@ class PostgresQueue(QueueAdapter):
             # One statement locks the group's row (waiting for it, as every settle does: the
             # uncorrelated EXISTS runs once, before any delivery row is touched) and settles;
             # a delivery row another transaction changed meanwhile is checked again as it is
-            # now. Each settled message frees in-flight room, and the next message of its key:
-            # notify (once per transaction: the server folds repeats). The offsets' range
-            # bounds the scan, whatever the statistics say.
+            # now. Each settled message frees in-flight room, and the next message of its key
+            # (the caller announces the change). The offsets' range bounds the scan, whatever
+            # the statistics say.
             ordered = sorted(offsets)
             row = await con.fetchrow(
                 f"WITH locked AS (SELECT position FROM prism_queue_groups WHERE {GROUP} FOR UPDATE), "
-                f"settled AS (UPDATE prism_queue_deliveries SET {change} WHERE {GROUP} AND seq >= $8 AND seq <= $9 "
+                f"settled AS (UPDATE prism_queue_deliveries SET {change} WHERE {GROUP} AND seq >= $6 AND seq <= $7 "
                 "AND seq = ANY($5::bigint[]) AND NOT acked AND EXISTS (SELECT 1 FROM locked) RETURNING seq) "
-                "SELECT (SELECT position FROM locked), ARRAY(SELECT seq FROM settled), "
-                "(SELECT pg_notify($6, $7) WHERE EXISTS (SELECT 1 FROM settled))",
-                ns, topic, group, partition, ordered, CHANNEL, self._payload(ns, topic), ordered[0], ordered[-1],
+                "SELECT (SELECT position FROM locked), ARRAY(SELECT seq FROM settled)",
+                ns, topic, group, partition, ordered, ordered[0], ordered[-1],
             )
             position, settled = row[0], row[1]
             count += len(settled)
@@ -714,8 +751,6 @@ class PostgresQueue(QueueAdapter):
             "WHERE consumer=$1 AND NOT acked",
             consumer, [p for p, _ in handed_out], [s for _, s in handed_out],
         )
-        for ns, topic in {(r[0], r[1]) for r in holdings}:
-            await self._notify(con, ns, topic)
 
     async def _commit(self, con: asyncpg.Connection, ns: str, topic: str, group: str, partition: int, offset: int) -> None:
         await self._existing_partition(con, ns, topic, partition)
@@ -725,7 +760,6 @@ class PostgresQueue(QueueAdapter):
         await self._set_position(con, ns, topic, group, partition, offset)
         await con.execute(f"DELETE FROM prism_queue_deliveries WHERE {GROUP} AND seq < $5", ns, topic, group, partition, offset)
         await self._advance(con, ns, topic, group, partition, offset)
-        await self._notify(con, ns, topic)
 
     async def _seek(self, con: asyncpg.Connection, ns: str, topic: str, group: str, partition: int, target: SeekTarget) -> int:
         await self._existing_partition(con, ns, topic, partition)
@@ -758,7 +792,6 @@ class PostgresQueue(QueueAdapter):
             offset = high if committed is None else committed
         await self._set_position(con, ns, topic, group, partition, offset)
         await con.execute(f"DELETE FROM prism_queue_deliveries WHERE {GROUP}", ns, topic, group, partition)
-        await self._notify(con, ns, topic)
         return offset
 
     # --- The contract ---------------------------------------------------------------------------
@@ -769,7 +802,7 @@ class PostgresQueue(QueueAdapter):
         if results is None:
             async with self._transaction() as con:
                 results = await self._publish(con, namespace, topic, entries)
-        self._wake(namespace, topic)
+        self._changed(namespace, topic)
         return results
 
     async def _publish_fast(self, ns: str, topic: str, entries: list[Entry]) -> list[Published | PrismError] | None:
@@ -793,10 +826,10 @@ class PostgresQueue(QueueAdapter):
                 "published_ns) SELECT $1, $2, $3, taken.seq + u.i - 1, u.key, u.headers, u.payload, "
                 "taken.published_ns + u.i - 1 FROM taken, unnest($6::bytea[], $7::text[], $8::bytea[]) "
                 "WITH ORDINALITY AS u(key, headers, payload, i)) "
-                "SELECT taken.seq, pg_notify($9, $10) FROM taken",
+                "SELECT taken.seq FROM taken",
                 ns, topic, partition, len(entries), time.time_ns(),
                 [e.partition_key.encode() for e in entries], [_headers_json(e.headers) for e in entries],
-                [e.payload for e in entries], CHANNEL, self._payload(ns, topic),
+                [e.payload for e in entries],
             )
         if first is None:  # the topic is gone (deleted under us): the general path makes it again
             self._known.pop((ns, topic), None)
@@ -815,25 +848,25 @@ class PostgresQueue(QueueAdapter):
         async with self._transaction() as con:
             count = await self._settle(con, namespace, topic, group, message_ids, True)
         if count:
-            self._wake(namespace, topic)
+            self._changed(namespace, topic)
         return count
 
     async def negative_acknowledge(self, namespace: str, topic: str, group: str, message_ids: Sequence[str]) -> int:
         async with self._transaction() as con:
             count = await self._settle(con, namespace, topic, group, message_ids, False)
         if count:
-            self._wake(namespace, topic)
+            self._changed(namespace, topic)
         return count
 
     async def commit(self, namespace: str, topic: str, group: str, partition: int, offset: int) -> None:
         async with self._transaction() as con:
             await self._commit(con, namespace, topic, group, partition, offset)
-        self._wake(namespace, topic)
+        self._changed(namespace, topic)
 
     async def seek(self, namespace: str, topic: str, group: str, partition: int, target: SeekTarget) -> int:
         async with self._transaction() as con:
             offset = await self._seek(con, namespace, topic, group, partition, target)
-        self._wake(namespace, topic)
+        self._changed(namespace, topic)
         return offset
 
     async def topic_info(self, namespace: str, topic: str, group: str = "") -> list[PartitionInfo]:
@@ -883,7 +916,7 @@ class PostgresConsumer(LeasingConsumer):
             self._buffer.append(Leased(delivery, ends[lease_end]))
         if claim.dead_lettered:
             DEAD_LETTERED.labels(self.namespace).inc(claim.dead_lettered)
-            queue._wake(self.namespace, options.dead_letter_topic)
+            queue._changed(self.namespace, options.dead_letter_topic)
         wait = queue.poll_seconds  # a missed notification costs at most this long
         if claim.wake_at is not None:
             wait = min(wait, max(0.0, (claim.wake_at - time.time_ns()) / 1e9))
@@ -895,7 +928,7 @@ class PostgresConsumer(LeasingConsumer):
         # The database knows every lease of this consumer, unsent ones too.
         async with self.queue._transaction() as con:
             await self.queue._release(con, self.id, frozenset(self._handed_out))
-        self.queue._wake(self.namespace, self.topic)  # the group's other consumers take them over
+        self.queue._changed(self.namespace, self.topic)  # the group's other consumers take them over
 
     async def _leave(self) -> None:
         self.queue._unregister(self)
