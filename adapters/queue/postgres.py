@@ -32,10 +32,8 @@ sharing a database must keep their clocks in step (NTP), well within the shortes
 
 Waking consumers: a change wakes the adapter's own consumers of its topic at once, and other
 gateways' by a ``NOTIFY prism_queue`` naming the namespace and topic, sent after the commit
-(``ANNOUNCE``), not inside it: PostgreSQL holds one database-wide lock from a notifying
-transaction's commit through its WAL flush, so a NOTIFY in every publish and acknowledgement
-would make their commits take turns. Under load the topics changed within ``ANNOUNCE_EVERY``
-share one NOTIFY statement; a crash between a commit and its NOTIFY costs other gateways'
+(``adapters/postgres_notify.py``: in a NOTIFY inside every publish and acknowledgement their
+commits would take turns). A crash between a commit and its NOTIFY costs other gateways'
 consumers at most ``poll_seconds``, never a message. Each adapter holds one connection of its
 own (not from the pool) that LISTENs and wakes its consumers of the topics named. That connection is opened when
 the first consumer joins, kept until the adapter closes, and reopened after it is lost (a server
@@ -63,6 +61,7 @@ import asyncpg
 
 from adapters.capabilities import Capability
 from adapters.keyvalue.postgres import SCHEMA_LOCK
+from adapters.postgres_notify import AfterCommitNotifier
 from adapters.queue.base import (
     DEAD_LETTER_HEADERS,
     DEAD_LETTERED,
@@ -95,10 +94,6 @@ if TYPE_CHECKING:  # the backend module imports this one to declare its adapters
 log = logging.getLogger("prism.adapters.postgres")
 
 CHANNEL = "prism_queue"
-# Other gateways' consumers of the changed topics are told after the commit, in one statement
-# whose commit need not wait for its WAL flush (a lost NOTIFY costs a poll, never a message).
-ANNOUNCE = "SELECT pg_notify($1, p), set_config('synchronous_commit', 'off', true) FROM unnest($2::text[]) AS p"
-ANNOUNCE_EVERY = 0.02  # seconds: at most one NOTIFY statement this often; the changes meanwhile share it
 
 # Applied in order; prism_schema remembers how many ran. Never edit a released entry: append.
 # Keys and tokens are bytea: a client's string may hold NUL, which text cannot.
@@ -255,9 +250,7 @@ class PostgresQueue(QueueAdapter):
         self._consumers: dict[tuple[str, str], set[PostgresConsumer]] = {}
         self._known: dict[tuple[str, str], int] = {}  # (namespace, topic) → partitions, for publishing
         self._listener: asyncio.Task[None] | None = None
-        self._due: set[str] = set()  # payloads of the topics changed since the last NOTIFY
-        self._announcer: asyncio.Task[None] | None = None
-        self._announce_failed = False
+        self._notifier = AfterCommitNotifier(pool, CHANNEL, "postgres-queue")
 
     async def start(self) -> None:
         async with self.pool.connection() as con:
@@ -270,9 +263,7 @@ class PostgresQueue(QueueAdapter):
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
-        if self._announcer is not None:  # the last changes' NOTIFY goes out before the pool closes
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._announcer)
+        await self._notifier.close()
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
@@ -293,32 +284,9 @@ class PostgresQueue(QueueAdapter):
 
     def _changed(self, namespace: str, topic: str) -> None:
         """A committed change to the topic: its consumers here wake now, other gateways' by the
-        next NOTIFY (``_announce``)."""
+        next NOTIFY."""
         self._wake(namespace, topic)
-        self._due.add(self._payload(namespace, topic))
-        if self._announcer is None:
-            self._announcer = asyncio.get_running_loop().create_task(self._announce(), name="postgres-queue-announce")
-
-    async def _announce(self) -> None:
-        """NOTIFY the topics changed since the last one, at most every ``ANNOUNCE_EVERY``
-        seconds, until none changed meanwhile."""
-        loop = asyncio.get_running_loop()
-        try:
-            while self._due:
-                payloads, self._due = sorted(self._due), set()
-                started = loop.time()
-                try:
-                    async with self.pool.connection() as con:
-                        await con.execute(ANNOUNCE, CHANNEL, payloads)
-                except Exception as exc:  # the database is down: other gateways' consumers poll
-                    if not self._announce_failed:
-                        log.warning("postgres queue: cannot notify other gateways (%s: %s)", type(exc).__name__, exc)
-                    self._announce_failed = True
-                else:
-                    self._announce_failed = False
-                await asyncio.sleep(max(0.0, started + ANNOUNCE_EVERY - loop.time()))
-        finally:
-            self._announcer = None
+        self._notifier.notify(self._payload(namespace, topic))
 
     def _payload(self, namespace: str, topic: str) -> str:
         return json.dumps([self.id, namespace, topic])

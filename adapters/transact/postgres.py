@@ -78,6 +78,7 @@ import grpc
 
 from adapters.capabilities import Capability
 from adapters.keyvalue.postgres import SCHEMA_LOCK
+from adapters.postgres_notify import AfterCommitNotifier
 from adapters.transact.base import (
     KEY_WINDOW_SECONDS,
     ROLLBACK_SECONDS,
@@ -178,13 +179,6 @@ APPEND = (
     "SELECT $1, $2, head.seq, $3, $4, $5, $6 FROM head RETURNING seq) "
     "SELECT seq FROM row"
 )
-# After commits (``_announce``): a transaction of its own that only notifies, committed without
-# waiting for its WAL flush (nothing in it needs to survive a crash), one simple query (no
-# parameters: the payload is the adapter's id, hex). A NOTIFY holds a database-wide lock from
-# its commit's start to its end — inside a Write, every Write's commit would queue for it,
-# each behind the one before's WAL flush.
-ANNOUNCE = "BEGIN; SET LOCAL synchronous_commit TO off; SELECT pg_notify('{channel}', '{sender}'); COMMIT"
-ANNOUNCE_EVERY = 0.02  # seconds: at most one NOTIFY this often; the commits meanwhile share it
 CLAIM = (
     "INSERT INTO prism_transact_keys (namespace, key, fingerprint, expires_ns) VALUES ($1, $2, $3, $4) "
     "ON CONFLICT (namespace, key) DO UPDATE SET fingerprint = excluded.fingerprint, seq = NULL, "
@@ -518,10 +512,7 @@ class PostgresTransact(TransactAdapter):
         # the database says its sessions' default isolation is another level (the gate refuses).
         self._implicit = True
         self._marks: Batcher[tuple[Any, ...], None] = Batcher(self._mark_batch, "postgres-transact-marks")
-        self._announce_sql = ANNOUNCE.format(channel=CHANNEL, sender=self.id)
-        self._announce_due = False
-        self._announce_failed = False
-        self._announcer: asyncio.Task[None] | None = None
+        self._notifier = AfterCommitNotifier(pool, CHANNEL, "postgres-transact")
         self._open: set[PostgresTransaction] = set()
         self._opening = 0  # begins waiting for a connection
         self._keyed = 0
@@ -581,9 +572,7 @@ class PostgresTransact(TransactAdapter):
         await self.watchers.close()
         for transaction in list(self._open):
             await transaction.rollback()
-        if self._announcer is not None:  # the last commits' NOTIFY goes out before the pool closes
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._announcer)
+        await self._notifier.close()
 
     # --- Write ----------------------------------------------------------------------------------
 
@@ -706,33 +695,9 @@ class PostgresTransact(TransactAdapter):
 
     def committed(self) -> None:
         """A mailbox row committed: this process's listeners are woken at once, other
-        processes' by a NOTIFY sent after it (``_announce``)."""
+        processes' by a NOTIFY after it (``adapters/postgres_notify.py``)."""
         self.watchers.notify()
-        self._announce_due = True
-        if self._announcer is None:
-            self._announcer = asyncio.get_running_loop().create_task(self._announce(), name="postgres-transact-announce")
-
-    async def _announce(self) -> None:
-        """NOTIFY for the commits since the last one, at most every ``ANNOUNCE_EVERY`` seconds,
-        until none came meanwhile. After the commit, not inside it: a crash in between costs a
-        listener elsewhere its ``poll_seconds`` (its safety net), never a row."""
-        loop = asyncio.get_running_loop()
-        try:
-            while self._announce_due:
-                self._announce_due = False
-                started = loop.time()
-                try:
-                    async with self.pool.connection() as con:
-                        await con.execute(self._announce_sql)
-                except Exception as exc:  # the database is down: its listeners poll, and the next commit tries again
-                    if not self._announce_failed:
-                        log.warning("postgres transact: cannot notify other listeners (%s: %s)", type(exc).__name__, exc)
-                    self._announce_failed = True
-                else:
-                    self._announce_failed = False
-                await asyncio.sleep(max(0.0, started + ANNOUNCE_EVERY - loop.time()))
-        finally:
-            self._announcer = None
+        self._notifier.notify(self.id)
 
     # --- Interactive transactions ---------------------------------------------------------------
 
