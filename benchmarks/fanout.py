@@ -56,6 +56,7 @@ class Tally:
 
     def __init__(self, subscribers: int, stalled: int = -1) -> None:
         self.counts = [0] * subscribers
+        self.responses = 0  # responses (gRPC) or events (SSE) that carried deliveries
         self.cut = [False] * subscribers  # stream ended early (error): no longer waited for
         self.live = 0
         self.all_live = asyncio.Event()
@@ -73,6 +74,7 @@ class Tally:
 
     def delivered(self, index: int, n: int = 1) -> None:
         self.counts[index] += n
+        self.responses += 1
         self.progress.set()
 
     def failed(self, index: int, reason: str) -> None:
@@ -104,7 +106,7 @@ async def grpc_subscribers(args: argparse.Namespace, tally: Tally, token: str) -
 
     from prism.v1 import pubsub_pb2
 
-    request = pubsub_pb2.PubSubSubscribeRequest(subject=SUBJECT).SerializeToString()
+    request = pubsub_pb2.PubSubSubscribeRequest(subject=SUBJECT, linger_ms=args.linger_ms).SerializeToString()
     metadata = (("x-prism-session", token),)
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{args.grpc_port}") for _ in range(args.connections)]
 
@@ -113,23 +115,26 @@ async def grpc_subscribers(args: argparse.Namespace, tally: Tally, token: str) -
     own = [("grpc.http2.bdp_probe", 0)]
     stalled = grpc.aio.insecure_channel(f"127.0.0.1:{args.grpc_port}", options=own) if tally.stalled >= 0 else None
 
+    rpc = "SubscribeBatches" if args.batches else "Subscribe"
+    head_type = pubsub_pb2.PubSubMessageBatch if args.batches else pubsub_pb2.PubSubSubscribeResponse
+
     async def subscriber(index: int) -> None:
         channel = stalled if stalled is not None and index == tally.stalled else channels[index % len(channels)]
-        stub = channel.unary_stream("/prism.v1.PubSubService/Subscribe")
+        stub = channel.unary_stream(f"/prism.v1.PubSubService/{rpc}")
         call = stub(request, metadata=metadata)
         first = True
         try:
             async for raw in call:
                 if first:
-                    head = pubsub_pb2.PubSubSubscribeResponse.FromString(raw)
-                    if not head.subscription_id or head.HasField("message"):
+                    head = head_type.FromString(raw)
+                    if not head.subscription_id or head.ListFields()[1:]:
                         raise RuntimeError(f"unexpected first message {head!r}")
                     first = False
                     tally.on_live()
                     if index == tally.stalled:  # stop reading: what arrives waits in the transport
                         await tally.resume.wait()
                     continue
-                tally.delivered(index)
+                tally.delivered(index, len(pubsub_pb2.PubSubMessageBatch.FromString(raw).messages) if args.batches else 1)
             if index == tally.stalled:
                 tally.stall_end = tally.stall_end or "OK (stream ended)"
         except grpc.aio.AioRpcError as exc:
@@ -144,10 +149,12 @@ async def grpc_subscribers(args: argparse.Namespace, tally: Tally, token: str) -
 
 
 class _SSE(asyncio.Protocol):
-    """One text/event-stream over HTTP/1.1; counts ``event: message`` without parsing JSON."""
+    """One text/event-stream over HTTP/1.1; counts ``event: message`` without parsing JSON (with
+    ``batches``, the messages in each: a ``"messageId"`` key each, which base64 data cannot hold)."""
 
-    def __init__(self, index: int, tally: Tally) -> None:
+    def __init__(self, index: int, tally: Tally, batches: bool = False) -> None:
         self.index, self.tally = index, tally
+        self.marker = b'"messageId"' if batches else b"event: message"
         self.head = b""
         self.in_body = False
         self.tail = b""
@@ -171,7 +178,9 @@ class _SSE(asyncio.Protocol):
             self.in_body = True
             data, self.head = self.head[end + 4 :], b""
         text = self.tail + data
-        n = text.count(b"event: message")
+        n = text.count(self.marker)
+        if self.seen == 0 and b"event: message" in text:  # the first event: live (a batch's holds no message)
+            n += self.marker != b"event: message"
         if n:
             if self.seen == 0:
                 self.tally.on_live()
@@ -193,7 +202,7 @@ class _SSE(asyncio.Protocol):
                 self._end(f"{body['code']}: {body['message']} (SSE event: error)")
             except (ValueError, KeyError, TypeError):
                 self._end(f"event: error {found[1].decode(errors='replace') if found else ''}")
-        self.tail = text[-13:]  # shorter than the marker: no occurrence is counted twice
+        self.tail = text[-(len(self.marker) - 1) :]  # shorter than the marker: no occurrence is counted twice
 
     async def _resume_later(self) -> None:
         await self.tally.resume.wait()
@@ -215,7 +224,8 @@ class _SSE(asyncio.Protocol):
 async def sse_subscribers(args: argparse.Namespace, tally: Tally, token: str) -> list[asyncio.Task[None]]:
     loop = asyncio.get_running_loop()
     request = (
-        f"GET /v1/subjects/{SUBJECT}:subscribe?prism_session={token} HTTP/1.1\r\n"
+        f"GET /v1/subjects/{SUBJECT}:{'subscribeBatches' if args.batches else 'subscribe'}?prism_session={token}"
+        f"{f'&lingerMs={args.linger_ms}' if args.linger_ms else ''} HTTP/1.1\r\n"
         f"host: 127.0.0.1:{args.http_port}\r\naccept: text/event-stream\r\n\r\n"
     ).encode()
 
@@ -225,7 +235,7 @@ async def sse_subscribers(args: argparse.Namespace, tally: Tally, token: str) ->
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STALLED_RCVBUF)
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", args.http_port))
-        transport, protocol = await loop.create_connection(lambda: _SSE(index, tally), sock=sock)
+        transport, protocol = await loop.create_connection(lambda: _SSE(index, tally, args.batches), sock=sock)
         transport.write(request)
         try:
             await protocol.done
@@ -247,10 +257,30 @@ async def grpc_publisher(args: argparse.Namespace, token: str) -> tuple[Callable
     stub = channel.unary_unary("/prism.v1.PubSubService/Publish")
     metadata = (("x-prism-session", token),)
 
-    async def publish(data: bytes) -> None:
-        await stub(pubsub_pb2.PubSubPublishRequest(subject=SUBJECT, data=data).SerializeToString(), metadata=metadata)
+    if not args.publish_stream:
+        async def publish(data: bytes) -> None:
+            await stub(pubsub_pb2.PubSubPublishRequest(subject=SUBJECT, data=data).SerializeToString(), metadata=metadata)
 
-    return publish, channel.close
+        return publish, channel.close
+
+    # PublishStream: one client-streaming call, each message written without waiting for an
+    # answer (as nats-py's publish buffers), the one answer checked at the end.
+    call = channel.stream_unary("/prism.v1.PubSubService/PublishStream")(metadata=metadata)
+    sent = 0
+
+    async def write(data: bytes) -> None:
+        nonlocal sent
+        await call.write(pubsub_pb2.PubSubPublishRequest(subject=SUBJECT, data=data).SerializeToString())
+        sent += 1
+
+    async def close() -> None:
+        await call.done_writing()
+        answer = pubsub_pb2.PublishStreamResponse.FromString(await call)
+        await channel.close()
+        if answer.published != sent:
+            raise RuntimeError(f"PublishStream published {answer.published} of {sent}")
+
+    return write, close
 
 
 async def create_session(args: argparse.Namespace) -> str:
@@ -398,6 +428,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(elapsed, 3),
         "publish_seconds": round(publish_seconds, 3),
         "deliveries_per_s": round(delivered / elapsed, 1),
+        "deliveries_per_response": round(delivered / max(tally.responses, 1), 2),
         "client_cpu_share": round(cpu / elapsed, 3),
     }
     if args.stall >= 0:
@@ -446,6 +477,10 @@ def main() -> None:
     parser.add_argument("--nats-subject", default="prism-bench.direct.bench.fanout", help="nats: the subject")
     parser.add_argument("--nats-headers", action="store_true",
                         help="nats: publish with the headers the gateway's adapter adds (id, time)")
+    parser.add_argument("--batches", action="store_true", help="grpc/sse: subscribe with SubscribeBatches")
+    parser.add_argument("--linger-ms", type=int, default=0, help="with --batches: the subscriptions' lingerMs")
+    parser.add_argument("--publish-stream", action="store_true",
+                        help="grpc/sse: publish through one PublishStream call (no answer awaited per message)")
     parser.add_argument("--stall", type=int, default=-1, help="grpc/sse: this subscriber stops reading once live")
     args = parser.parse_args()
     print(json.dumps(uvloop.run(run(args))))

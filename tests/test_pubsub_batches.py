@@ -11,9 +11,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.pubsub.base import Delivery
 from adapters.pubsub.memory import MemoryPubSub
 from app.services.pubsub import PubSubService
+from app.services.pubsub_batches import EncodedBatch, fill
 from app.settings import Limits
+from app.transports import json_codec
 from prism.v1 import config_pb2
 from prism.v1 import pubsub_pb2 as ps
 
@@ -45,3 +51,30 @@ async def test_waiting_messages_come_in_batches_of_at_most_max_batch_in_order() 
     assert [m.message_id for m in got] == ids
     assert [(m.subject, m.data, dict(m.headers)) for m in got[:2]] == [("orders.0", b"0", {"h": "v"}), ("orders.1", b"1", {"h": "v"})]
     assert {b.subscription_id for b in batches} == {first.subscription_id}
+
+
+_text = st.text(max_size=12)
+_deliveries = st.builds(
+    Delivery,
+    message_id=_text,
+    subject=_text,
+    data=st.binary(max_size=24),
+    headers=st.dictionaries(_text, _text, max_size=3),
+    published_at=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(subscription_id=_text, deliveries=st.lists(_deliveries, max_size=5), again=st.integers(0, 2))
+def test_an_encoded_batch_is_what_protobuf_and_json_codec_print(subscription_id: str, deliveries: list[Delivery], again: int) -> None:
+    """Each delivery is encoded once and shared: the batch's bytes and JSON are the message's,
+    for the first subscriber and for those after it (``again``: batches encoded before)."""
+    expected = ps.PubSubMessageBatch(subscription_id=subscription_id)
+    for delivery in deliveries:
+        fill(expected.messages.add(), delivery)
+    for _ in range(again + 1):
+        batch = EncodedBatch(subscription_id, deliveries)
+        assert batch.SerializeToString() == expected.SerializeToString()
+        assert batch.as_message() == expected
+        assert batch.to_json() == json_codec.to_json(expected)
+        assert len({id(d.memo.get("pubsub.proto")) for d in deliveries}) == len(deliveries)  # one encoding each, kept

@@ -28,9 +28,9 @@ import uuid
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 from prometheus_client import Counter
@@ -63,6 +63,9 @@ class Delivery:
     data: bytes
     headers: Mapping[str, str]
     published_at: float  # unix seconds
+    # Encodings of this delivery, made once for every subscriber it is offered to (a fan-out
+    # offers one Delivery to all of them): see app/services/pubsub_batches.py.
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ class Subscription(ABC, AsyncIterator[Delivery]):
         self.buffer_size, self.overflow = buffer_size, overflow
         self._waiting: deque[Delivery] = deque()
         self._wakeup: asyncio.Future[None] | None = None
+        self._wanted = 1  # deliveries waiting that wake the reader (more while it lingers)
         self._ended = False
         self._error: PrismError | None = None
         self._detached: asyncio.Task[None] | None = None
@@ -122,8 +126,8 @@ class Subscription(ABC, AsyncIterator[Delivery]):
                 return
             self._waiting.popleft()
         self._waiting.append(delivery)
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        if len(self._waiting) >= self._wanted:
+            self._wake()
 
     def end(self, error: PrismError | None = None) -> None:
         """Stop delivery now: a pending ``__anext__`` raises ``error``, or ends cleanly without
@@ -133,8 +137,7 @@ class Subscription(ABC, AsyncIterator[Delivery]):
             return
         self._ended, self._error = True, error
         self._waiting.clear()
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        self._wake()
         self._detached = asyncio.get_running_loop().create_task(self._detach_quietly())
 
     async def close(self) -> None:
@@ -147,19 +150,63 @@ class Subscription(ABC, AsyncIterator[Delivery]):
         return self
 
     async def __anext__(self) -> Delivery:
+        if not await self._wait():
+            raise StopAsyncIteration
+        return self._waiting.popleft()
+
+    async def take(self, limit: int, linger: float = 0.0) -> list[Delivery]:
+        """Every delivery waiting, up to ``limit``, once there is one; [] when the subscription
+        ended cleanly. A reader that is behind takes what piled up in one call. With
+        ``linger`` (seconds), once one waits, up to that long more for ``limit`` of them."""
+        if not await self._wait():
+            return []
+        waiting = self._waiting
+        if linger > 0 and len(waiting) < limit:
+            await self._linger(limit, linger)
+            if not await self._wait():  # it ended meanwhile
+                return []
+        if len(waiting) <= limit:
+            taken = list(waiting)
+            waiting.clear()
+            return taken
+        return [waiting.popleft() for _ in range(limit)]
+
+    async def _wait(self) -> bool:
+        """True once a delivery waits; False when the subscription ended with none (its error
+        raised when it ended with one)."""
         while not self._waiting:
             if self._ended:
                 if self._error is not None:
                     raise self._error
-                raise StopAsyncIteration
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._wakeup = self._loop.create_future()
-            try:
-                await self._wakeup
-            finally:
-                self._wakeup = None
-        return self._waiting.popleft()
+                return False
+            await self._woken(1)
+        return True
+
+    async def _linger(self, count: int, seconds: float) -> None:
+        """Until ``count`` deliveries wait, the subscription ends, or ``seconds`` passed."""
+        if self._ended:
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        timer = loop.call_later(seconds, self._wake)
+        try:
+            await self._woken(count)
+        finally:
+            timer.cancel()
+
+    async def _woken(self, count: int) -> None:
+        """Until :meth:`offer` leaves ``count`` waiting, or the subscription ends (or a timer wakes it)."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._wanted = count
+        self._wakeup = self._loop.create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup, self._wanted = None, 1
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     async def _detach_quietly(self) -> None:
         try:

@@ -28,9 +28,9 @@ from adapters.pubsub.base import (
 from adapters.pubsub.subjects import parse_pattern, parse_subject
 from app import metrics
 from app.backends import Backends
-from app.batches import batches
 from app.pipeline import Call
 from app.services.capabilities import require
+from app.services.pubsub_batches import EncodedBatch, fill
 from app.sessions import SessionStore
 from app.settings import Limits
 from prism.errors import PrismError, invalid_argument, not_found, prefixed, too_large
@@ -40,6 +40,7 @@ from prism.v1 import pubsub_pb2 as ps
 log = logging.getLogger(__name__)
 END_WAIT_SECONDS = 2.0
 DEFAULT_MAX_BATCH = 100  # SubscribeBatches: messages in one response, at most
+MAX_LINGER_MS = 1000  # SubscribeBatches: the longest a waiting message waits for others
 OVERFLOW_OPTION = "overflow"
 
 
@@ -116,38 +117,32 @@ class PubSubService:
     ) -> AsyncIterator[ps.PubSubSubscribeResponse]:
         if request.max_batch:
             raise invalid_argument("maxBatch", "is for SubscribeBatches; Subscribe sends one message a response")
-        async for subscription_id, delivery in self._deliveries(request, call):
+        if request.linger_ms:
+            raise invalid_argument("lingerMs", "is for SubscribeBatches; Subscribe sends each message at once")
+        async for subscription_id, deliveries in self._deliveries(request, call, 1):
             response = ps.PubSubSubscribeResponse(subscription_id=subscription_id)
-            if delivery is not None:
-                _fill(response.message, delivery)
+            if deliveries:
+                fill(response.message, deliveries[0])
             yield response
 
-    async def SubscribeBatches(
-        self, request: ps.PubSubSubscribeRequest, call: Call
-    ) -> AsyncIterator[ps.PubSubMessageBatch]:
-        """Subscribe's deliveries, what is ready together in one response."""
+    async def SubscribeBatches(self, request: ps.PubSubSubscribeRequest, call: Call) -> AsyncIterator[EncodedBatch]:
+        """Subscribe's deliveries, what is waiting together in one response. Each message is
+        encoded once for all the subscribers it reaches (app/services/pubsub_batches.py)."""
         cap = self.limits.stream_buffer
         if not 0 <= request.max_batch <= cap:
             raise invalid_argument("maxBatch", f"must be between 1 and {cap} (0: {DEFAULT_MAX_BATCH})")
-        deliveries = self._deliveries(request, call)
-        ready = batches(deliveries, request.max_batch or DEFAULT_MAX_BATCH)
-        try:
-            subscription_id, _ = await anext(deliveries)
-            yield ps.PubSubMessageBatch(subscription_id=subscription_id)  # live
-            async for together in ready:
-                batch = ps.PubSubMessageBatch(subscription_id=subscription_id)
-                add = batch.messages.add
-                for _, delivery in together:
-                    _fill(add(), delivery)  # type: ignore[arg-type]
-                yield batch
-        finally:
-            await ready.aclose()  # its read-ahead task stops and closes the deliveries
-            await deliveries.aclose()  # (or they were never handed to it)
+        if not 0 <= request.linger_ms <= MAX_LINGER_MS:
+            raise invalid_argument("lingerMs", f"must be between 0 and {MAX_LINGER_MS}")
+        most, linger = request.max_batch or DEFAULT_MAX_BATCH, request.linger_ms / 1000
+        async for subscription_id, deliveries in self._deliveries(request, call, most, linger):
+            yield EncodedBatch(subscription_id, deliveries)
 
     async def _deliveries(
-        self, request: ps.PubSubSubscribeRequest, call: Call
-    ) -> AsyncIterator[tuple[str, Delivery | None]]:
-        """(subscription id, None) once the subscription is live, then (id, delivery) each."""
+        self, request: ps.PubSubSubscribeRequest, call: Call, most: int, linger: float = 0.0
+    ) -> AsyncIterator[tuple[str, list[Delivery]]]:
+        """(subscription id, []) once the subscription is live, then (id, the deliveries
+        waiting, at most ``most``) while it lasts: a reader that is behind takes what piled up
+        at once (and, with ``linger`` seconds, what arrives that much longer)."""
         pattern = parse_pattern(request.subject)
         broker = self.backends.for_pubsub(call.config)
         if request.queue_group:
@@ -166,11 +161,11 @@ class PubSubService:
         call.session.hold_stream(subscription.id, end)
         try:
             await self.sessions.stream_opened(subscription.id, call.session.session_id)
-            yield subscription.id, None
+            yield subscription.id, []
             delivered = metrics.DELIVERED.labels("pubsub", call.config.namespace)
-            async for delivery in subscription:
-                delivered.inc()
-                yield subscription.id, delivery
+            while deliveries := await subscription.take(most, linger):
+                delivered.inc(len(deliveries))
+                yield subscription.id, deliveries
             if ended_by:  # not a clean end: the client must open a new session
                 raise ended_by[0]
         finally:
@@ -204,8 +199,3 @@ class PubSubService:
             await asyncio.sleep(0.05)
         return ps.UnsubscribeResponse()
 
-
-def _fill(message: ps.PubSubMessage, delivery: Delivery) -> None:
-    message.message_id, message.subject, message.data = delivery.message_id, delivery.subject, delivery.data
-    message.headers.update(delivery.headers)
-    message.published_at.FromNanoseconds(int(delivery.published_at * 1e9))

@@ -42,6 +42,7 @@ from itertools import accumulate, islice, repeat
 from operator import add
 from typing import Any
 
+from app.services.protowire import varint, varint_size
 from prism.v1 import reader_pb2 as r
 
 _NONE = type(None)
@@ -51,19 +52,6 @@ _float_repr = float.__repr__  # what json.dumps prints for a finite double
 
 SMALL = 16384  # lengths below this have a varint of one or two bytes
 STRING_TABLE = 512  # string lengths (UTF-8 bytes) whose entry prefix is looked up, not built
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def varint_size(value: int) -> int:
-    return max(1, (value.bit_length() + 6) // 7)
 
 
 @cache

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -379,6 +380,31 @@ async def test_subscribe_batches_delivers_every_message_once_in_order(
         await sse.aclose()
 
 
+@pytest.mark.case("delivery")
+@pytest.mark.parametrize("transport", ["grpc", "rest", "grpc-web"])
+async def test_subscribe_batches_linger_waits_for_more_messages(
+    bus: Bus, pubsub_gateway: GatewayProcess, client_factory, transport: str
+) -> None:
+    """``lingerMs``: a waiting message waits up to that long for others before its response
+    goes. Ten messages published one call after another reach the subscriber at different
+    times and arrive in one response (``maxBatch`` of them: sent at once, not at the linger's
+    end); a message with nothing after it goes when the linger runs out, never before."""
+    request = ps.PubSubSubscribeRequest(subject=bus.s("l.*"), max_batch=10, linger_ms=800)
+    stream = client_factory(transport, pubsub_gateway).stream(PS + "SubscribeBatches", request, bus.token)
+    try:
+        first = await asyncio.wait_for(anext(stream), WAIT)
+        assert first.subscription_id and not first.messages  # type: ignore[attr-defined]
+        ids = [await bus.publish(bus.s(f"l.{i % 2}"), str(i).encode()) for i in range(10)]
+        bus.in_order(list((await asyncio.wait_for(anext(stream), WAIT)).messages), ids)  # type: ignore[attr-defined]
+        started = time.monotonic()
+        late = await bus.publish(bus.s("l.x"), b"late")
+        batch = await asyncio.wait_for(anext(stream), WAIT)
+        assert [m.message_id for m in batch.messages] == [late]  # type: ignore[attr-defined]
+        assert time.monotonic() - started >= 0.79
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
 # --- Fan-out and queue groups ---------------------------------------------------------------
 
 
@@ -581,6 +607,15 @@ async def test_a_bad_batch_subscription_is_refused_naming_the_field(bus: Bus, rp
     assert error.code == "INVALID_ARGUMENT"
     field = "subject" if max_batch == 0 else "maxBatch"
     assert error.message.startswith(f"{field}:"), error.message
+
+
+@pytest.mark.case("validation")
+@pytest.mark.parametrize(("rpc", "linger_ms"), [("Subscribe", 5), ("SubscribeBatches", -1), ("SubscribeBatches", 1001)])
+async def test_a_bad_linger_is_refused_naming_it(bus: Bus, rpc: str, linger_ms: int) -> None:
+    request = ps.PubSubSubscribeRequest(subject=bus.s("a"), linger_ms=linger_ms)
+    error = await refused(anext(bus.client.stream(PS + rpc, request, bus.token)))
+    assert error.code == "INVALID_ARGUMENT"
+    assert error.message.startswith("lingerMs:"), error.message
 
 
 @pytest.mark.case("validation")

@@ -29,7 +29,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prism/v1/pubsub.proto\x12\x08prism.v1\x1a\x15prism/v1/config.proto\x1a\x16prism/v1/options.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x01\n\x14PubSubPublishRequest\x12\x15\n\x07subject\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12<\n\x07headers\x18\x03 \x03(\x0b\x32+.prism.v1.PubSubPublishRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\x15PubSubPublishResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"C\n\x15PublishStreamResponse\x12\x11\n\tpublished\x18\x01 \x01(\x04\x12\x17\n\x0flast_message_id\x18\x02 \x01(\t\"\xb9\x01\n\x16PubSubSubscribeRequest\x12\x15\n\x07subject\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0bqueue_group\x18\x02 \x01(\t\x12\x30\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x15\n\x0bstart_after\x18\x04 \x01(\tH\x00\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\t\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x42\x07\n\x05start\"\xdb\x01\n\rPubSubMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x35\n\x07headers\x18\x04 \x03(\x0b\x32$.prism.v1.PubSubMessage.HeadersEntry\x12\x30\n\x0cpublished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x17PubSubSubscribeResponse\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12(\n\x07message\x18\x02 \x01(\x0b\x32\x17.prism.v1.PubSubMessage\"X\n\x12PubSubMessageBatch\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.prism.v1.PubSubMessage\"3\n\x12UnsubscribeRequest\x12\x1d\n\x0fsubscription_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x15\n\x13UnsubscribeResponse2\xef\x04\n\rPubSubService\x12u\n\x07Publish\x12\x1e.prism.v1.PubSubPublishRequest\x1a\x1f.prism.v1.PubSubPublishResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/subjects/{subject}:publish:\x01*\x12R\n\rPublishStream\x12\x1e.prism.v1.PubSubPublishRequest\x1a\x1f.prism.v1.PublishStreamResponse(\x01\x12|\n\tSubscribe\x12 .prism.v1.PubSubSubscribeRequest\x1a!.prism.v1.PubSubSubscribeResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/subjects/{subject}:subscribe0\x01\x12\x85\x01\n\x10SubscribeBatches\x12 .prism.v1.PubSubSubscribeRequest\x1a\x1c.prism.v1.PubSubMessageBatch\"/\x82\xd3\xe4\x93\x02)\x12\'/v1/subjects/{subject}:subscribeBatches0\x01\x12\x86\x01\n\x0bUnsubscribe\x12\x1c.prism.v1.UnsubscribeRequest\x1a\x1d.prism.v1.UnsubscribeResponse\":\x82\xd3\xe4\x93\x02\x34\"//v1/subscriptions/{subscription_id}:unsubscribe:\x01*\x1a\x04\x90\xb5\x18\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prism/v1/pubsub.proto\x12\x08prism.v1\x1a\x15prism/v1/config.proto\x1a\x16prism/v1/options.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa9\x01\n\x14PubSubPublishRequest\x12\x15\n\x07subject\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12<\n\x07headers\x18\x03 \x03(\x0b\x32+.prism.v1.PubSubPublishRequest.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\x15PubSubPublishResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"C\n\x15PublishStreamResponse\x12\x11\n\tpublished\x18\x01 \x01(\x04\x12\x17\n\x0flast_message_id\x18\x02 \x01(\t\"\xcc\x01\n\x16PubSubSubscribeRequest\x12\x15\n\x07subject\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0bqueue_group\x18\x02 \x01(\t\x12\x30\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x15\n\x0bstart_after\x18\x04 \x01(\tH\x00\x12\x0e\n\x06\x63ursor\x18\x05 \x01(\t\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12\x11\n\tlinger_ms\x18\x07 \x01(\x05\x42\x07\n\x05start\"\xdb\x01\n\rPubSubMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x35\n\x07headers\x18\x04 \x03(\x0b\x32$.prism.v1.PubSubMessage.HeadersEntry\x12\x30\n\x0cpublished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x17PubSubSubscribeResponse\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12(\n\x07message\x18\x02 \x01(\x0b\x32\x17.prism.v1.PubSubMessage\"X\n\x12PubSubMessageBatch\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.prism.v1.PubSubMessage\"3\n\x12UnsubscribeRequest\x12\x1d\n\x0fsubscription_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x15\n\x13UnsubscribeResponse2\xef\x04\n\rPubSubService\x12u\n\x07Publish\x12\x1e.prism.v1.PubSubPublishRequest\x1a\x1f.prism.v1.PubSubPublishResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/subjects/{subject}:publish:\x01*\x12R\n\rPublishStream\x12\x1e.prism.v1.PubSubPublishRequest\x1a\x1f.prism.v1.PublishStreamResponse(\x01\x12|\n\tSubscribe\x12 .prism.v1.PubSubSubscribeRequest\x1a!.prism.v1.PubSubSubscribeResponse\"(\x82\xd3\xe4\x93\x02\"\x12 /v1/subjects/{subject}:subscribe0\x01\x12\x85\x01\n\x10SubscribeBatches\x12 .prism.v1.PubSubSubscribeRequest\x1a\x1c.prism.v1.PubSubMessageBatch\"/\x82\xd3\xe4\x93\x02)\x12\'/v1/subjects/{subject}:subscribeBatches0\x01\x12\x86\x01\n\x0bUnsubscribe\x12\x1c.prism.v1.UnsubscribeRequest\x1a\x1d.prism.v1.UnsubscribeResponse\":\x82\xd3\xe4\x93\x02\x34\"//v1/subscriptions/{subscription_id}:unsubscribe:\x01*\x1a\x04\x90\xb5\x18\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -65,19 +65,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHSTREAMRESPONSE']._serialized_start=395
   _globals['_PUBLISHSTREAMRESPONSE']._serialized_end=462
   _globals['_PUBSUBSUBSCRIBEREQUEST']._serialized_start=465
-  _globals['_PUBSUBSUBSCRIBEREQUEST']._serialized_end=650
-  _globals['_PUBSUBMESSAGE']._serialized_start=653
-  _globals['_PUBSUBMESSAGE']._serialized_end=872
+  _globals['_PUBSUBSUBSCRIBEREQUEST']._serialized_end=669
+  _globals['_PUBSUBMESSAGE']._serialized_start=672
+  _globals['_PUBSUBMESSAGE']._serialized_end=891
   _globals['_PUBSUBMESSAGE_HEADERSENTRY']._serialized_start=302
   _globals['_PUBSUBMESSAGE_HEADERSENTRY']._serialized_end=348
-  _globals['_PUBSUBSUBSCRIBERESPONSE']._serialized_start=874
-  _globals['_PUBSUBSUBSCRIBERESPONSE']._serialized_end=966
-  _globals['_PUBSUBMESSAGEBATCH']._serialized_start=968
-  _globals['_PUBSUBMESSAGEBATCH']._serialized_end=1056
-  _globals['_UNSUBSCRIBEREQUEST']._serialized_start=1058
-  _globals['_UNSUBSCRIBEREQUEST']._serialized_end=1109
-  _globals['_UNSUBSCRIBERESPONSE']._serialized_start=1111
-  _globals['_UNSUBSCRIBERESPONSE']._serialized_end=1132
-  _globals['_PUBSUBSERVICE']._serialized_start=1135
-  _globals['_PUBSUBSERVICE']._serialized_end=1758
+  _globals['_PUBSUBSUBSCRIBERESPONSE']._serialized_start=893
+  _globals['_PUBSUBSUBSCRIBERESPONSE']._serialized_end=985
+  _globals['_PUBSUBMESSAGEBATCH']._serialized_start=987
+  _globals['_PUBSUBMESSAGEBATCH']._serialized_end=1075
+  _globals['_UNSUBSCRIBEREQUEST']._serialized_start=1077
+  _globals['_UNSUBSCRIBEREQUEST']._serialized_end=1128
+  _globals['_UNSUBSCRIBERESPONSE']._serialized_start=1130
+  _globals['_UNSUBSCRIBERESPONSE']._serialized_end=1151
+  _globals['_PUBSUBSERVICE']._serialized_start=1154
+  _globals['_PUBSUBSERVICE']._serialized_end=1777
 # @@protoc_insertion_point(module_scope)

@@ -45,20 +45,22 @@ class PublishStreamResponse(_message.Message):
     def __init__(self, published: _Optional[int] = ..., last_message_id: _Optional[str] = ...) -> None: ...
 
 class PubSubSubscribeRequest(_message.Message):
-    __slots__ = ("subject", "queue_group", "start_time", "start_after", "cursor", "max_batch")
+    __slots__ = ("subject", "queue_group", "start_time", "start_after", "cursor", "max_batch", "linger_ms")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_GROUP_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     START_AFTER_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LINGER_MS_FIELD_NUMBER: _ClassVar[int]
     subject: str
     queue_group: str
     start_time: _timestamp_pb2.Timestamp
     start_after: str
     cursor: str
     max_batch: int
-    def __init__(self, subject: _Optional[str] = ..., queue_group: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_after: _Optional[str] = ..., cursor: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    linger_ms: int
+    def __init__(self, subject: _Optional[str] = ..., queue_group: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_after: _Optional[str] = ..., cursor: _Optional[str] = ..., max_batch: _Optional[int] = ..., linger_ms: _Optional[int] = ...) -> None: ...
 
 class PubSubMessage(_message.Message):
     __slots__ = ("message_id", "subject", "data", "headers", "published_at")
