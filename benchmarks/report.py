@@ -167,6 +167,7 @@ TABLES: dict[str, Table] = {
             Column("cut off", "subscribers_cut_off"),
             Column("seconds", "seconds", lambda v: _num(v, 2)),
             Column("deliveries/s", "deliveries_per_s", rps),
+            Column("deliveries / client read", "deliveries_per_response", lambda v: _num(v, 1)),
             Column("vs baseline", "vs_baseline", lambda v: "—" if v is None else f"{v * 100:.1f}%"),
             Column("stalled subscriber", "stalled", text),
             Column("gateway RSS MB before → peak", "rss", text),
@@ -443,7 +444,12 @@ def _streams_notes(section: dict[str, Any]) -> list[str]:
         "first (live) message before publishing started. *window N*: the publisher stays at most N messages "
         "ahead of the slowest subscriber (the gateway's per-stream buffer is 1024); *unpaced*: it publishes "
         "flat out and slow subscribers may be cut off (RESOURCE_EXHAUSTED), counted as lost. *vs baseline*: "
-        "in-process rows against MemoryPubSub used directly, NATS rows against nats-py directly (plain publishes).",
+        "in-process rows against MemoryPubSub used directly, NATS rows against nats-py directly (plain publishes). "
+        "*deliveries / client read*: deliveries per gRPC response, or per socket read of the SSE clients.",
+        "NATS gateway rows: *SubscribeBatches lingerMs N* subscribe in batches (a waiting message waits up to N ms "
+        "for others, at most 100 a response) while the publisher writes every message into one PublishStream "
+        "call without awaiting an answer per message, as `nc.publish` buffers: the target rows. *Subscribe* "
+        "rows get one message a response and the publisher awaits each unary Publish: for reference.",
         "NATS rows: one gateway on Granian (one worker) with PUBSUB config `events-nats` on the local NATS server "
         f"(subject prefix `{section.get('nats_prefix')}`, namespace `{section.get('namespace')}`). *nats-py directly*: "
         "a client process with one connection, 100 core subscriptions (a counting callback each) on "

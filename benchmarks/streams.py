@@ -20,10 +20,14 @@ config ``events-nats`` uses the local NATS server, with the bench-only subject p
              reference. The gateway's adapter shares one NATS subscription among its
              subscriptions to the same pattern (adapters/pubsub/nats.py): NATS sends it each
              message once, and its 100 streams are fed from that one copy.
-    gateway  the same fan-out through the gateway: gRPC unary Publish, 100 gRPC server streams
-             (4 channels) or 100 SSE connections
+    gateway  the same fan-out through the gateway, 100 gRPC server streams (4 channels) or 100 SSE
+             connections: SubscribeBatches with lingerMs 20 and one PublishStream call (each
+             message written without awaiting an answer, as nats-py's publish buffers): the
+             target rows; and Subscribe (one message a response) with a unary Publish per
+             message, for reference
 
     gateway/direct = gateway deliveries/s ÷ direct (plain) deliveries/s; issue 12's target ≥ 50%
+    (the SubscribeBatches rows)
 
 Then a stalled subscriber, per transport: subscriber 0 stops reading once live (gRPC: stops
 iterating its call, on a channel of its own without BDP probing so its HTTP/2 window stays at
@@ -58,6 +62,7 @@ from benchmarks.procs import Server
 
 TITLE = "Streams: PubSub fan-out, 1 publisher → 100 subscribers"
 WINDOW = 256  # publisher at most this far ahead of the slowest subscriber (stream buffer: 1024)
+LINGER_MS = 20  # the batched rows' lingerMs: a message waits at most this long for others
 SUBJECT = "bench.fanout"  # benchmarks/fanout.py's subject, inside the config's namespace
 NATS_URL = "nats://127.0.0.1:4222"
 NATS_PREFIX = "PRISMBENCHPS"  # bench-only: the gateway's subjects, and the direct rows', start with it
@@ -212,13 +217,24 @@ def _nats_rows(ctx: Context) -> list[dict[str, Any]]:
         rows.append({**headed, "id": "streams/nats/direct-headers", "backend": "NATS",
                      "target": "nats-py directly, the adapter's headers", "transport": "—",
                      "publisher": f"window {WINDOW}"})
+        # Subscribe (one message a response) with a unary Publish per message: for reference.
         for transport, name in (("grpc", "gRPC"), ("sse", "SSE (HTTP/1.1)")):
             result = ctx.least_disturbed(
                 lambda t=transport: _fanout(ctx, gw, t, WINDOW, "--config", NATS_CONFIG, backend="nats-server"))
             ratio = round(result["deliveries_per_s"] / direct["deliveries_per_s"], 4)
             rows.append({**result, "id": f"streams/nats/{transport}/granian/paced", "backend": "NATS",
-                         "target": "gateway (granian)", "transport": name, "publisher": f"window {WINDOW}",
-                         "ratio_vs_direct": ratio, "vs_baseline": ratio,
+                         "target": "gateway (granian), Subscribe", "transport": name,
+                         "publisher": f"Publish, window {WINDOW}", "vs_baseline": ratio})
+        # The targets: SubscribeBatches with lingerMs, and PublishStream (no answer awaited per
+        # message, as nats-py's publish buffers).
+        for transport, name in (("grpc", "gRPC"), ("sse", "SSE (HTTP/1.1)")):
+            result = ctx.least_disturbed(
+                lambda t=transport: _fanout(ctx, gw, t, WINDOW, "--config", NATS_CONFIG, "--batches", "--linger-ms",
+                                            str(LINGER_MS), "--publish-stream", backend="nats-server"))
+            ratio = round(result["deliveries_per_s"] / direct["deliveries_per_s"], 4)
+            rows.append({**result, "id": f"streams/nats/{transport}/granian/batches", "backend": "NATS",
+                         "target": f"gateway (granian), SubscribeBatches lingerMs {LINGER_MS}", "transport": name,
+                         "publisher": f"PublishStream, window {WINDOW}", "ratio_vs_direct": ratio, "vs_baseline": ratio,
                          "ratio_vs_direct_headers": round(result["deliveries_per_s"] / headed["deliveries_per_s"], 4)})
         headed["ratio_vs_plain_direct"] = round(headed["deliveries_per_s"] / direct["deliveries_per_s"], 4)
         rows[1]["vs_baseline"] = headed["ratio_vs_plain_direct"]
