@@ -10,7 +10,8 @@ writer that keeps up, every batch is a single message, as before. Backpressure i
 writer that stops stops the reading after ``READ_AHEAD`` more messages.
 
 A stream of pages (a Reader's: responses that carry a ``next_cursor``) is not read ahead: a page
-is a batch already, and the Reader reads at most one page ahead of the client itself.
+is a batch already, and the Reader reads at most one page ahead of the client itself. Nor is a
+stream of message batches (SubscribeBatches): each holds what was waiting when it was made.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ READ_AHEAD = 64  # messages read from the stream and not yet sent, at most
 
 
 def read_ahead(method: Method) -> int:
-    """How far a transport may read ``method``'s responses ahead of the client: none for pages."""
-    return 0 if "next_cursor" in method.response_type.DESCRIPTOR.fields_by_name else READ_AHEAD
+    """How far a transport may read ``method``'s responses ahead of the client: none for pages
+    and for batches of messages, which hold what was ready already (read ahead, a stalled
+    client's batches would hold up to READ_AHEAD times ``max_batch`` messages)."""
+    fields = method.response_type.DESCRIPTOR.fields_by_name
+    return 0 if "next_cursor" in fields or "messages" in fields else READ_AHEAD
 
 
 class _End(Generic[T]):

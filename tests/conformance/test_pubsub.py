@@ -138,6 +138,31 @@ class Subscriber:
         await self.stream.aclose()  # type: ignore[attr-defined]
 
 
+class BatchSubscriber(Subscriber):
+    """One SubscribeBatches stream, read a message at a time (a batch is taken when the last
+    one's messages are used up)."""
+
+    def __init__(self, client: Client, token: str, pattern: str) -> None:
+        self.token = token
+        request = ps.PubSubSubscribeRequest(subject=pattern)
+        self.stream = client.stream(PS + "SubscribeBatches", request, token)  # type: ignore[assignment]
+        self.id = ""
+        self.ready: list[ps.PubSubMessage] = []
+
+    async def open(self) -> Subscriber:
+        first: ps.PubSubMessageBatch = await asyncio.wait_for(anext(self.stream), WAIT)  # type: ignore[arg-type]
+        assert first.subscription_id and not first.messages
+        self.id = first.subscription_id
+        return self
+
+    async def next(self) -> ps.PubSubMessage:
+        while not self.ready:
+            batch: ps.PubSubMessageBatch = await asyncio.wait_for(anext(self.stream), WAIT)  # type: ignore[arg-type]
+            assert batch.subscription_id == self.id
+            self.ready = list(batch.messages)
+        return self.ready.pop(0)
+
+
 class Bus:
     """A session on one PUBSUB config, a private subject root, and the streams it opened."""
 
@@ -662,21 +687,23 @@ def small_buffer_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[G
 @pytest.mark.case("flow control")
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize(
-    "slow_transport", ["grpc", "rest"]
+    ("slow_transport", "rpc"), [("grpc", "Subscribe"), ("rest", "Subscribe"), ("grpc", "SubscribeBatches"), ("rest", "SubscribeBatches")]
 )  # rest: the stream is server-sent events
 async def test_slow_subscriber_never_stalls_the_others(
-    small_buffer_gateway: GatewayProcess, client_factory, config: str, slow_transport: str
+    small_buffer_gateway: GatewayProcess, client_factory, config: str, slow_transport: str, rpc: str
 ) -> None:
     """A subscriber that stops reading is cut off with RESOURCE_EXHAUSTED once its buffer (16)
     and the transport's buffers are full; the publisher is never held up and the fast
     subscriber gets every message, in order. Messages are 64 KiB so 500 of them overflow any
     socket or HTTP/2 window. The publisher waits for the fast subscriber's copy of each message
     (a buffer of 16 is not meant to absorb a broker's bursts). They go to one subject, numbered
-    in a header: the buffer is what is tested, not 500 subjects (500 topics, on Kafka)."""
+    in a header: the buffer is what is tested, not 500 subjects (500 topics, on Kafka). A
+    SubscribeBatches stream holds no more (its transport reads no batch ahead)."""
     require(config)
     bus = await open_bus(client_factory("grpc", small_buffer_gateway), config)
     slow_client = client_factory(slow_transport, small_buffer_gateway)
-    slow = await Subscriber(slow_client, await open_session(slow_client, config), bus.s(">")).open()
+    subscriber = Subscriber if rpc == "Subscribe" else BatchSubscriber
+    slow = await subscriber(slow_client, await open_session(slow_client, config), bus.s(">")).open()
     changed = asyncio.Event()
     fast = Collector(await bus.subscribe(bus.s(">")), changed)
     count, payload = 500, b"p" * (64 * 1024)
