@@ -227,3 +227,26 @@ def test_an_sse_event_of_a_page_is_what_server_sent_event_writes() -> None:
         page = EncodedPage(PageRows(fields, columns, 2), 2, cursor)
         expected = ServerSentEvent(data=page.to_json().decode(), event="message", id=cursor or "7").encode()
         assert _event(page, 7).encode() == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("label_length", [3, 40, 200, 20000])
+def test_rows_of_fixed_size_parts_and_strings_encode_as_protobuf_would(label_length: int) -> None:
+    """The Reader's common page: numbers, a boolean, timestamps (strings all of one length: packed
+    with the numbers) and a string of varying length, rows shorter and longer than 127 bytes
+    (their tag and length packed too while every row's take the same bytes)."""
+    rng = random.Random(label_length)
+    count = 300
+    labels = ["é" * rng.randint(0, label_length) if label_length < 100 else "x" * rng.randint(label_length - 80, label_length) for _ in range(count)]
+    columns = [
+        list(range(count)),
+        labels,
+        [rng.uniform(-1e6, 1e6) for _ in range(count)],
+        [rng.random() < 0.5 for _ in range(count)],
+        [f"2026-01-0{i % 9 + 1}T09:00:00.000000Z" for i in range(count)],
+        [None] * count,
+    ]
+    fields = ("id", "label", "amount", "paid", "at", "note")
+    expected = reference(fields, columns, count, "cursor")
+    page = EncodedPage(PageRows(fields, columns, count), count, "cursor")
+    assert r.Page.FromString(page.SerializeToString()) == expected
+    assert len(page.SerializeToString()) == expected.ByteSize()

@@ -10,8 +10,8 @@ table look-ups), and a page is one ``join``. What the client receives is the sam
 
 - protobuf: every row a ``google.protobuf.Struct`` whose ``fields`` map holds each projected
   field: ``null_value``, ``number_value`` (a double), ``string_value`` or ``bool_value``, as
-  ``Struct.update`` sets them (the same wire size, so the same byte budget; map entries in
-  projection order, which protobuf leaves free);
+  ``Struct.update`` sets them (the same wire size, so the same byte budget; the fixed-size
+  entries first, then the strings: protobuf leaves a map's order free);
 - JSON: what ``json_format.MessageToDict`` and ``json.dumps(separators=(",", ":"),
   ensure_ascii=False)`` print for that message: numbers as doubles (``1.0``), strings through
   ``json``'s own encoder, ``{"rows":[…],"nextCursor":"…"}`` (a row's keys in projection order).
@@ -160,14 +160,14 @@ class _Column:
     booleans, all null, or any mix (then value by value). ``types``, when the adapter already
     knows them, saves a pass."""
 
-    __slots__ = ("_joined", "_lengths", "_longest", "_utf8", "field", "ints", "kind", "values")
+    __slots__ = ("_joined", "_lengths", "_longest", "_shortest", "_utf8", "field", "ints", "kind", "values")
 
     def __init__(self, field: Field, values: Sequence[Any], types: AbstractSet[type] | None = None) -> None:
         self.field, self.values = field, values
         self._utf8: list[bytes] | None = None  # strings' UTF-8, or a mixed column's entries
         self._lengths: list[int] | None = None  # strings' UTF-8 lengths
         self._joined: str | None = None  # strings, end to end
-        self._longest = -1  # the longest string's UTF-8 length, once known
+        self._longest = self._shortest = -1  # the longest and shortest string's UTF-8 length, once known
         if types is None:
             types = set(map(type, values))
         self.ints = False  # numbers that are all ints
@@ -204,15 +204,20 @@ class _Column:
         if self._lengths is None:
             ascii_only = self.joined().isascii()  # then UTF-8 length = length
             self._lengths = list(map(len, self.values if ascii_only else self.utf8()))
-            self._longest = max(self._lengths)
+            self._longest, self._shortest = max(self._lengths), min(self._lengths)
         return self._lengths
 
     def longest(self) -> int:
         self.lengths()
         return self._longest
 
-    def fixed(self) -> tuple[str, list[Iterable[Any]]] | None:
-        """A fixed-size entry (number, boolean, null) as ``struct`` format and arguments."""
+    def uniform(self) -> bool:
+        """Strings all of one UTF-8 length (timestamps, codes): entries of one size."""
+        return self.kind == STRING and self.longest() < STRING_TABLE and self._shortest == self._longest
+
+    def packed(self) -> tuple[str, list[Iterable[Any]]] | None:
+        """A fixed-size entry (number, boolean, null, string of a uniform length) as ``struct``
+        format and arguments."""
         field = self.field
         if self.kind == NUMBER:
             return f"{len(field.number)}sd", [repeat(field.number), self.values]
@@ -220,6 +225,9 @@ class _Column:
             return f"{len(field.true) - 1}s?", [repeat(field.true[:-1]), self.values]
         if self.kind == NULL:
             return f"{len(field.null)}s", [repeat(field.null)]
+        if self.uniform():
+            prefix = field.string_prefixes[self._longest]
+            return f"{len(prefix)}s{self._longest}s", [repeat(prefix), self.utf8()]
         return None
 
     def size(self) -> int | None:
@@ -320,6 +328,8 @@ class PageRows:
                 size = column.size()
                 if size is not None:
                     constant += size
+                elif column.uniform():
+                    constant += column.field.string_sizes[column.longest()]
                 elif column.kind == STRING and column.longest() <= column.field.short:
                     constant += column.field.short_prefix  # each entry: that prefix, then the string
                     varying.append(column.lengths())
@@ -384,29 +394,47 @@ class PageRows:
         return rows + (1 + varint_size(len(cursor)) + len(cursor) if cursor else 0)
 
     def proto(self, count: int, cursor: str) -> bytes:
-        """``Page`` bytes: each row's tag and length, its fixed-size entries packed in one
-        ``struct`` call, then its strings; the cursor last."""
+        """``Page`` bytes, row by row in as few pieces as it takes: the row's tag and length
+        (when every row's take as many bytes) and its fixed-size entries (numbers, booleans,
+        nulls, strings of one length) packed by one ``struct`` call with the entry prefix of
+        its first short string, then that string's bytes, then the other strings' entries;
+        the cursor last."""
         if count != self.count:
             return self._first(count).proto(count, cursor)
-        fixed_format, fixed_args, pieces = "<", [], []
-        for column in self.columns:
-            found = column.fixed()
-            if found is None:
-                pieces += column.pieces()
-            else:
-                fixed_format += found[0]
-                fixed_args += found[1]
-        if not pieces:  # every row the same size: its frame goes in the struct too
-            frame = _frame(self.lengths()[0]) if count else b""
-            pack = struct.Struct(f"<{len(frame)}s" + fixed_format[1:]).pack
-            rows = b"".join(map(pack, repeat(frame, count), *fixed_args))
+        lengths = self.lengths()
+        pieces: list[Iterable[bytes]] = []
+        run_format, run_args = "<", []  # the fixed-size run being gathered
+
+        def end_run() -> None:
+            nonlocal run_format, run_args
+            if run_args:  # (islice: a run of constants only is made of endless repeats)
+                pieces.append(islice(map(struct.Struct(run_format).pack, *run_args), count))
+            run_format, run_args = "<", []
+
+        frames = map(_row_frames().__getitem__, lengths) if self.longest() < SMALL else map(_frame, lengths)
+        if count and varint_size(max(lengths)) == varint_size(min(lengths)) < 3:  # every frame one size
+            run_format, run_args = f"<{1 + varint_size(lengths[0])}s", [frames]
         else:
-            lengths = self.lengths()
-            frames = map(_row_frames().__getitem__, lengths) if self.longest() < SMALL else map(_frame, lengths)
-            if fixed_args:
-                pieces.insert(0, islice(map(struct.Struct(fixed_format).pack, *fixed_args), count))  # (nulls: repeats)
-            pieces.insert(0, frames)
-            rows = b"".join(_interleave([b""] * len(pieces), count, list(enumerate(pieces))))
+            pieces.append(frames)
+        others = []  # entries of varying size, after the fixed ones (a map's entries may come in any order)
+        for column in self.columns:
+            found = column.packed()
+            if found is None:
+                others.append(column)
+            else:
+                run_format += found[0]
+                run_args += found[1]
+        for column in others:
+            if column.kind == STRING and column.longest() <= column.field.short:  # its prefix joins the run
+                run_format += f"{column.field.short_prefix}s"
+                run_args.append(map(column.field.string_prefixes.__getitem__, column.lengths()))
+                end_run()
+                pieces.append(column.utf8())
+            else:
+                end_run()
+                pieces += column.pieces()
+        end_run()
+        rows = b"".join(_interleave([b""] * len(pieces), count, list(enumerate(pieces))))
         if not cursor:
             return rows
         encoded = cursor.encode()
