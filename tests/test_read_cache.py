@@ -23,7 +23,7 @@ configs:
   - {name: eventual, pattern: KEY_VALUE, backend: local, namespace: cached, consistency: EVENTUAL,
      cache: {ttl_seconds: 60, max_entries: 100}}
   - {name: bounded, pattern: KEY_VALUE, backend: local, namespace: cached, consistency: BOUNDED_STALENESS,
-     max_staleness_seconds: 0.3, cache: {ttl_seconds: 60}}
+     max_staleness_seconds: 2, cache: {ttl_seconds: 60}}
 """
 GET, SET = "/prism.v1.KeyValueService/Get", "/prism.v1.KeyValueService/Set"
 
@@ -62,11 +62,11 @@ async def test_consistency_levels_and_invalidation(pair) -> None:
 
         assert await read("strong") == b"v2"  # STRONG bypasses the cache
         assert await read("eventual") == b"v1"  # EVENTUAL may serve the cached value
-        assert await read("bounded") == b"v1"  # younger than the bound: may too
+        assert await read("bounded") == b"v1"  # younger than the bound (2 s: slack for a slow machine): may too
         assert hits(a) >= before + 2
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(2.1)
         assert await read("eventual") == b"v1"  # within its 60 s ttl
-        assert await read("bounded") == b"v2"  # older than 0.3 s: re-read
+        assert await read("bounded") == b"v2"  # older than 2 s: re-read
         assert await read("eventual") == b"v2"  # one cache per namespace: the re-read refreshed it
 
         await client_a.call(SET, kv.SetRequest(key="k", value=b"v3"), tokens["eventual"])  # a write through A
