@@ -199,14 +199,23 @@ class Consumer(ABC, AsyncIterator[Delivery]):
     def __aiter__(self) -> Consumer:
         return self
 
-    @abstractmethod
     async def __anext__(self) -> Delivery:
         """The next delivery leased to this consumer, waiting as long as it takes;
         StopAsyncIteration once closed."""
+        taken = await self.take(1)
+        if not taken:
+            raise StopAsyncIteration
+        return taken[0]
+
+    @abstractmethod
+    async def take(self, limit: int) -> list[Delivery]:
+        """The next deliveries leased to this consumer, 1 to ``limit`` of them: those ready
+        now, waiting as long as it takes for the first; empty once closed. A caller that stops
+        waiting never strands a delivery: none is handed out before this returns."""
 
     @abstractmethod
     async def close(self) -> None:
-        """Leave the group: a pending ``__anext__`` ends, and every unacknowledged delivery
+        """Leave the group: a pending ``take`` ends, and every unacknowledged delivery
         of this consumer is deliverable to the group again at once. Idempotent."""
 
 
@@ -224,7 +233,7 @@ class LeasingConsumer(Consumer):
     ``max_in_flight`` messages (its leases, buffered or handed out) and leases nothing beyond
     them.
 
-    A claim runs as its own task: a caller that stops waiting for ``__anext__`` (a timeout,
+    A claim runs as its own task: a caller that stops waiting for ``take`` (a timeout,
     a cancelled stream) never strands leased messages between the backend and the buffer.
     While the reader takes messages from the buffer, a change (an acknowledgement freeing
     room, a publish) starts the next claim once the buffer is down to half of
@@ -241,7 +250,7 @@ class LeasingConsumer(Consumer):
         self.id = uuid.uuid4().hex
         self.options = options
         self._buffer: deque[Leased] = deque()
-        self._handed_out: set[tuple[int, int]] = set()  # (partition, offset) of leases __anext__ returned
+        self._handed_out: set[tuple[int, int]] = set()  # (partition, offset) of leases take returned
         self._turn = itertools.count()  # which partition a claim looks at first
         self._woken = asyncio.Event()  # set: something changed since the last claim started
         self._claiming: asyncio.Task[float | None] | None = None
@@ -281,17 +290,22 @@ class LeasingConsumer(Consumer):
         finally:
             self._productive = len(self._buffer) + self._popped > before
 
-    async def __anext__(self) -> Delivery:
+    async def take(self, limit: int) -> list[Delivery]:
+        buffer, handed_out = self._buffer, self._handed_out
         while not self._closed:
             now = time.monotonic()
-            while self._buffer:
-                leased = self._buffer.popleft()
+            taken: list[Delivery] = []
+            while buffer and len(taken) < limit:
+                leased = buffer.popleft()
                 self._popped += 1
                 if leased.lease_end > now:  # else its lease ran out while it waited here: maybe redelivered
-                    self._handed_out.add((leased.delivery.partition, leased.delivery.offset))
-                    if self._woken.is_set() and self._productive and len(self._buffer) < self._refill_below:
-                        self._start_claim()  # in the background: its leases join the buffer's end
-                    return leased.delivery
+                    delivery = leased.delivery
+                    handed_out.add((delivery.partition, delivery.offset))
+                    taken.append(delivery)
+            if taken:
+                if self._woken.is_set() and self._productive and len(buffer) < self._refill_below:
+                    self._start_claim()  # in the background: its leases join the buffer's end
+                return taken
             wait = await asyncio.shield(self._start_claim())
             if self._buffer or self._closed:
                 continue
@@ -300,7 +314,7 @@ class LeasingConsumer(Consumer):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._woken.wait()
-        raise StopAsyncIteration
+        return []
 
     async def close(self) -> None:
         if self._closed:
@@ -318,7 +332,7 @@ class LeasingConsumer(Consumer):
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
-    """Mark a claim's failure seen: the ``__anext__`` awaiting it raises it, or none is left."""
+    """Mark a claim's failure seen: the ``take`` awaiting it raises it, or none is left."""
     if not task.cancelled():
         task.exception()
 

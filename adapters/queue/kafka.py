@@ -37,7 +37,7 @@ How the contract maps onto the ledger, per group and partition:
   is for dead-lettering instead) and registers records whose key is held back as waiting.
 - **order per key**: a mark is leased only when no earlier mark of its key is pending, across
   the group's consumers and redeliveries; keyless marks have no order.
-- **consumers** hand out the leases the ledger gave them (what a cancelled ``__anext__`` left
+- **consumers** hand out the leases the ledger gave them (what a cancelled ``take`` left
   leased is handed out by the next one). Leaving releases its leases at once; leases it never
   handed out do not count as deliveries.
 - **idempotency tokens**: ``claim`` before the record is produced and ``stored`` after, per
@@ -773,7 +773,7 @@ class KafkaQueue(QueueAdapter):
                 await self._catch_up(stored.offset)
             try:
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
-                # arrives as the future completes, and a cancelled __anext__ must end.
+                # arrives as the future completes, and a cancelled take must end.
                 async with asyncio.timeout(max(self.timeout, 5.0)):
                     return await future
             except TimeoutError as exc:
@@ -1111,11 +1111,11 @@ class KafkaConsumer(Consumer):
     def _group(self) -> str:
         return self.options.group
 
-    async def __anext__(self) -> Delivery:
+    async def take(self, limit: int) -> list[Delivery]:
         async with self._lock:
             while True:
                 if self._closed:
-                    raise StopAsyncIteration
+                    return []
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     # A cancellation some await swallowed (Python 3.11's wait_for can, aiokafka
@@ -1124,9 +1124,9 @@ class KafkaConsumer(Consumer):
                 self._wake.clear()  # a change from here on ends the wait below
                 try:
                     with self.queue.connection.errors():
-                        delivery = await self._handed_out()
-                        if delivery is not None:
-                            return delivery
+                        taken = await self._handed_out(limit)
+                        if taken:
+                            return taken
                         if await self._take():
                             continue
                         await self._wait()
@@ -1144,27 +1144,34 @@ class KafkaConsumer(Consumer):
             del self._records[key]
         return leases
 
-    async def _handed_out(self) -> Delivery | None:
-        """The next lease the ledger gave this consumer that it has not handed out yet."""
+    async def _handed_out(self, limit: int) -> list[Delivery]:
+        """Up to ``limit`` leases the ledger gave this consumer that it has not handed out yet.
+        Nothing is awaited once one is handed out (a cancelled caller would strand it): a
+        lease that needs a write first ends the list, and the next call writes it."""
         leases = self._mine()
         fresh = sorted((p, o) for (p, o), mark in leases.items() if (p, o, mark.lease) not in self._handed)
+        taken: list[Delivery] = []
         if not fresh:
-            return None
+            return taken
         gone = await self._load(fresh)
         for p, o in fresh:
+            if len(taken) >= limit:
+                break
             mark = leases[(p, o)]
             record = self._records.get((p, o))
-            if (p, o) in gone:  # no longer in Kafka (retention): nothing to deliver
-                await self._done(p, o)
+            if (p, o) in gone or (record is not None and mark.dead):
+                if taken:
+                    break
+                if (p, o) in gone:  # no longer in Kafka (retention): nothing to deliver
+                    await self._done(p, o)
+                else:
+                    await self._dead_letter(record, mark.attempts)  # type: ignore[arg-type]
                 continue
             if record is None:  # not read this time: tried again on the next round
                 continue
-            if mark.dead:
-                await self._dead_letter(record, mark.attempts)
-                continue
             self._handed.add((p, o, mark.lease))
             headers, published_ns = decode_headers(record)
-            return Delivery(
+            taken.append(Delivery(
                 message_id=message_id(p, o),
                 topic=self.topic,
                 partition=p,
@@ -1174,8 +1181,8 @@ class KafkaConsumer(Consumer):
                 headers=headers,
                 delivery_attempt=mark.attempts,
                 published_ns=published_ns,
-            )
-        return None
+            ))
+        return taken
 
     async def _load(self, wanted: list[tuple[int, int]]) -> set[tuple[int, int]]:
         """Have the records of ``wanted`` leases (from what was read ahead, else read again);
@@ -1335,7 +1342,7 @@ class KafkaConsumer(Consumer):
         self._closed = True
         self._wake.set()
         try:
-            async with self._lock:  # a running __anext__ ends first
+            async with self._lock:  # a running take ends first
                 leases = self._mine()
                 unseen = [[p, o, mark.lease] for (p, o), mark in leases.items() if (p, o, mark.lease) not in self._handed]
                 try:

@@ -23,7 +23,7 @@ A message id is ``0-<offset>``: any process acknowledges it by stream sequence, 
 consumer (an ack subject ``$JS.ACK.<stream>.<consumer>.…`` names the sequence, so any connection
 may send it). Records carry the generation they belong to, so what a Seek left behind is ignored.
 
-A consumer pulls (pull requests of PULL_EXPIRES) only while ``__anext__`` is called and it has
+A consumer pulls (pull requests of PULL_EXPIRES) only while ``take`` is called and it has
 room: when its buffer is empty, and ahead, for a quarter of ``max_in_flight`` or more, once the
 buffer is down to half of it; besides its leases it holds at most ``max_in_flight`` messages
 waiting for their key's head (beyond that, and when its key stays blocked, it gives them back
@@ -1071,7 +1071,7 @@ class NatsQueue(QueueAdapter):
 
 
 class NatsConsumer(Consumer):
-    """Pulls from the group's consumer only while ``__anext__`` waits and it has room: at most
+    """Pulls from the group's consumer only while ``take`` waits and it has room: at most
     ``max_in_flight`` leases and buffered deliveries, and besides them at most as many messages
     held back behind their key's head. One task (the pump) handles, in order, what the server
     sends (deliveries, pull statuses) and the group's notices; another (the keeper) ends leases
@@ -1097,7 +1097,7 @@ class NatsConsumer(Consumer):
         self._keeper_due = 0.0  # when the keeper wakes by itself (0: it is awake)
         self._lingering = False  # closed, with requests still open at the server
         self._adopting = 0  # deliveries taken over from a closed consumer, not yet placed
-        self._refill_below = max(1, options.max_in_flight // 2)  # buffer size that lets __anext__ pull ahead
+        self._refill_below = max(1, options.max_in_flight // 2)  # buffer size that lets take pull ahead
         self._refill_min = max(1, options.max_in_flight // 4)  # room worth a pull ahead
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
@@ -1161,18 +1161,21 @@ class NatsConsumer(Consumer):
 
     # Handing out.
 
-    async def __anext__(self) -> Delivery:
+    async def take(self, limit: int) -> list[Delivery]:
         while True:
             self._changed.clear()  # before looking, so that a change while requesting is seen
             if self._closed:
-                raise StopAsyncIteration
+                return []
             now = time.monotonic()
             if self._buffer and len(self._buffer) < self._refill_below:
                 await self._refill(now)
-            while self._buffer:
+            taken: list[Delivery] = []
+            while self._buffer and len(taken) < limit:
                 pulled = self._buffer.popleft()
                 if now - pulled.touched < self.binding.ack_wait:  # else JetStream took it back
-                    return self._hand_out(pulled, now)
+                    taken.append(self._hand_out(pulled, now))
+            if taken:
+                return taken
             with self.queue.connection.errors():
                 await self._request(now)
             if not (self._buffer or self._closed):
@@ -1473,7 +1476,7 @@ class NatsConsumer(Consumer):
                         pulled.touched = now
                     if self._held or self._unsorted:
                         self._events.put_nowait(("recheck", None))
-                    self._changed.set()  # a waiting __anext__ may re-request
+                    self._changed.set()  # a waiting take may re-request
                 if self._held_count:
                     self._changed.set()  # … or probe for a redelivered head
             except Exception:  # never the end of the keeper: leases must still run out

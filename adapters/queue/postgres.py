@@ -332,7 +332,7 @@ class PostgresQueue(QueueAdapter):
                 self._wake_all()  # what changed while nobody listened
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.poll_seconds):  # not wait_for: see __anext__
+                        async with asyncio.timeout(self.poll_seconds):  # not wait_for: see LeasingConsumer.take
                             await lost.wait()
                     if not lost.is_set():  # a connection the OS has not reported dead yet
                         await con.fetchval("SELECT 1")

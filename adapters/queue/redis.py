@@ -65,6 +65,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -282,8 +283,9 @@ return partitions
 
 # KEYS: topic [, dead-letter topic]. ARGV: group, consumer, ack deadline ms, max in flight,
 # first partition, max delivery attempts, dead-letter topic name, topic name, now ms, ns
-# within it, default partitions. Returns {deliveries, ms until a lease that matters runs out
-# or -1}; a delivery is {partition, entry id, fields, attempt}.
+# within it, default partitions. Returns {deliveries, ms until a lease that matters runs out or
+# -1 (the consumer's own leases are not read: it times them itself), dead-lettered}; a delivery
+# is {partition, entry id, fields, attempt}.
 CLAIM = PRELUDE + """
 local tk, dtk = KEYS[1], KEYS[2]
 local g, c, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -295,20 +297,23 @@ local keyless = redis.call('HEXISTS', tk, 'keyless') == 1
 local out, wake_in = {}, -1
 local function soon(ms) if wake_in < 0 or ms < wake_in then wake_in = ms end end
 
--- This consumer's run-out leases go to the free owner; the rest are its live ones, and it
--- looks again when the first of them runs out (even with no room to take anything now).
+-- This consumer's run-out leases go to the free owner; the rest are its live ones. Only the
+-- run-out entries are read (XPENDING IDLE), the live ones counted from the summary: reading
+-- every lease cost more than the claim itself. When the first live one runs out, the
+-- consumer knows itself (each of its leases ends its ack deadline after the claim).
 local live = 0
 for p = 0, partitions - 1 do
   local s = stream(tk, p)
-  local mine = redis.pcall('XPENDING', s, g, '-', '+', LOOKAHEAD, c)
-  if not mine.err then
-    for _, e in ipairs(mine) do
-      if e[3] >= LEASE then
-        redis.call('XCLAIM', s, g, FREE, 0, e[1], 'IDLE', LEASE, 'JUSTID')
-      else
-        live = live + 1
-        soon(LEASE - e[3])
-      end
+  local summary = redis.pcall('XPENDING', s, g)
+  if not summary.err and summary[1] > 0 then
+    local held = 0
+    for _, owner in ipairs(summary[4]) do
+      if owner[1] == c then held = tonumber(owner[2]) end
+    end
+    if held > 0 then
+      local due = redis.call('XPENDING', s, g, 'IDLE', LEASE, '-', '+', LOOKAHEAD, c)
+      for _, e in ipairs(due) do redis.call('XCLAIM', s, g, FREE, 0, e[1], 'IDLE', LEASE, 'JUSTID') end
+      live = live + held - #due
     end
   end
 end
@@ -334,7 +339,6 @@ end
 local function lease(s, p, entry, attempt)
   redis.call('XCLAIM', s, g, c, 0, entry[1], 'IDLE', LEASE - deadline, 'RETRYCOUNT', attempt, 'JUSTID')
   out[#out + 1] = {p, entry[1], entry[2], attempt}
-  soon(deadline)
   room = room - 1
 end
 
@@ -342,17 +346,15 @@ for i = 0, partitions - 1 do
   if room <= 0 then break end
   local p = (first + i) % partitions
   local s = stream(tk, p)
-  local pending = redis.pcall('XPENDING', s, g, '-', '+', LOOKAHEAD)
+  -- Without keys a live lease holds nothing back: only run-out entries are read.
+  local pending
+  if keyless then
+    pending = redis.pcall('XPENDING', s, g, 'IDLE', LEASE, '-', '+', LOOKAHEAD)
+  else
+    pending = redis.pcall('XPENDING', s, g, '-', '+', LOOKAHEAD)
+  end
   if not pending.err then
     local window = LOOKAHEAD - #pending
-    -- Without keys a live lease holds nothing back: only run-out entries are read.
-    if keyless then
-      local due = {}
-      for _, e in ipairs(pending) do
-        if e[3] >= LEASE then due[#due + 1] = e else soon(LEASE - e[3]) end
-      end
-      pending = due
-    end
     local waiting = {}  -- keys with an earlier entry leased or waiting
     -- One pending entry: false once nothing more can be delivered from this partition.
     local function visit(e, entry)
@@ -414,7 +416,16 @@ for i = 0, partitions - 1 do
     if #fresh > 5 then
       for _, word in ipairs({'IDLE', LEASE - deadline, 'RETRYCOUNT', 1, 'JUSTID'}) do fresh[#fresh + 1] = word end
       redis.call(unpack(fresh))
-      soon(deadline)
+    end
+  end
+end
+-- Room left over: nothing more is deliverable now, so look again when the group's first
+-- lease runs out (on a keyed topic the loop above saw every lease it looked at).
+if keyless and room > 0 then
+  for p = 0, partitions - 1 do
+    local leased = redis.pcall('XPENDING', stream(tk, p), g, '-', '+', LOOKAHEAD)
+    if not leased.err then
+      for _, e in ipairs(leased) do soon(math.max(LEASE - e[3], 0)) end
     end
   end
 end
@@ -888,6 +899,7 @@ class RedisConsumer(LeasingConsumer):
         self.channel = self.key + b":wake"
         self._dead_key = topic_key(namespace, options.dead_letter_topic) if options.dead_letter_topic else None
         self._deadline_ms = min(max(round(options.ack_deadline * 1000), 1), LEASE_MS)
+        self._ends: deque[float] = deque()  # when this consumer's claims' leases end (monotonic)
 
     async def _claim(self) -> float | None:
         if self._closed:
@@ -905,10 +917,30 @@ class RedisConsumer(LeasingConsumer):
             taken, wake_in, dead = await self.queue._claim(keys=keys, args=args)
         if dead:
             DEAD_LETTERED.labels(self.namespace).inc(dead)
-        lease_end = started + self._deadline_ms / 1000
+        deadline = self._deadline_ms / 1000
+        lease_end = started + deadline  # at the latest: the script ran after this
         for partition, entry_id, fields, attempt in taken:
             self._buffer.append(Leased(_delivery(self.topic, partition, entry_id, fields, attempt), lease_end, entry_id))
-        return None if wake_in < 0 else wake_in / 1000 + WAKE_SLACK
+        return self._next_look(started, taken, deadline, None if wake_in < 0 else wake_in / 1000)
+
+    def _next_look(self, started: float, taken: list[Any], deadline: float, script: float | None) -> float | None:
+        """Seconds until the next claim without a wake-up: the script's answer (a lease of the
+        group it saw), or when this consumer's first live lease runs out, which the script no
+        longer reads. Those ends are kept per claim (``_ends``); one within 1/64 of the deadline
+        of the last one replaces it, so they stay few and a lease is looked at that much late
+        at most."""
+        now = time.monotonic()
+        ends = self._ends
+        if taken:
+            end = now + deadline  # Redis set the leases before now: they end by then
+            if ends and end - ends[-1] < deadline / 64:
+                ends[-1] = end
+            else:
+                ends.append(end)
+        while ends and ends[0] <= started:  # ended before the script ran: it saw them run out
+            ends.popleft()
+        waits = [w for w in (script, ends[0] - now if ends else None) if w is not None]
+        return min(waits) + WAKE_SLACK if waits else None
 
     async def _release(self, unsent: list[Leased]) -> None:
         # Redis releases what this consumer holds in the group's pending list, and the unsent

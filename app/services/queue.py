@@ -29,7 +29,6 @@ from adapters.queue.base import (
     at_time,
 )
 from app import metrics
-from app.batches import batches
 from app.pipeline import Call
 from app.services.capabilities import require
 from app.settings import Limits
@@ -71,18 +70,13 @@ def check_name(name: str, field: str) -> str:
     return name
 
 
-def _message(delivery: Delivery) -> q.QueueMessage:
-    """Once per delivered message: the map and the timestamp are set field by field, which
-    costs half of passing them to the constructor and ``FromNanoseconds``."""
-    message = q.QueueMessage(
-        message_id=delivery.message_id,
-        topic=delivery.topic,
-        partition=delivery.partition,
-        offset=delivery.offset,
-        payload=delivery.payload,
-        partition_key=delivery.partition_key,
-        delivery_attempt=delivery.delivery_attempt,
-    )
+def _fill(message: q.QueueMessage, delivery: Delivery) -> q.QueueMessage:
+    """``message`` (new, or a batch's next entry) set to ``delivery``, once per delivered
+    message: field by field, the map and the timestamp too, which costs half of passing them to
+    the constructor and ``FromNanoseconds``."""
+    message.message_id, message.topic, message.payload = delivery.message_id, delivery.topic, delivery.payload
+    message.partition, message.offset, message.partition_key = delivery.partition, delivery.offset, delivery.partition_key
+    message.delivery_attempt = delivery.delivery_attempt
     if delivery.headers:
         message.headers.update(delivery.headers)
     published = message.published_at
@@ -247,8 +241,9 @@ class QueueService:
         queue, namespace = self._queue(call)
         topic = check_name(request.topic, "topic")
         options = self._options(queue, call, request)
-        async for message in self._deliveries(queue, namespace, topic, options, call):
-            yield message
+        async with aclosing(self._deliveries(queue, namespace, topic, options, call, 1)) as deliveries:
+            async for (delivery,) in deliveries:
+                yield _fill(q.QueueMessage(), delivery)
 
     async def SubscribeBatches(
         self, request: q.QueueSubscribeRequest, call: Call
@@ -262,16 +257,20 @@ class QueueService:
         if not 0 <= request.max_batch <= cap:
             raise invalid_argument("maxBatch", f"must be between 1 and {cap} (0: {DEFAULT_MAX_BATCH})")
         limit = min(request.max_batch or DEFAULT_MAX_BATCH, options.max_in_flight)
-        async with aclosing(batches(self._deliveries(queue, namespace, topic, options, call), limit)) as ready:
-            async for together in ready:  # closed at once when the client leaves: its leases go back now
+        async with aclosing(self._deliveries(queue, namespace, topic, options, call, limit)) as deliveries:
+            async for taken in deliveries:
                 batch = q.QueueMessageBatch()
-                batch.messages.extend(together)
+                add = batch.messages.add
+                for delivery in taken:
+                    _fill(add(), delivery)
                 yield batch
 
     async def _deliveries(
-        self, queue: QueueAdapter, namespace: str, topic: str, options: ConsumeOptions, call: Call
-    ) -> AsyncIterator[q.QueueMessage]:
-        """A consumer in ``options.group`` for as long as the stream is read."""
+        self, queue: QueueAdapter, namespace: str, topic: str, options: ConsumeOptions, call: Call, most: int
+    ) -> AsyncIterator[list[Delivery]]:
+        """A consumer in ``options.group`` for as long as the stream is read: what it has ready,
+        up to ``most`` at a time. Closing this (the client left) closes the consumer at once, so
+        its unacknowledged deliveries go back to the group now."""
         assert call.session is not None
         consumer = await queue.consume(namespace, topic, options)
         ended_by: list[PrismError] = []  # the session's status, when closing or expiring it ended this
@@ -285,16 +284,17 @@ class QueueService:
         delivered, redelivered = metrics.DELIVERED.labels("queue", namespace), metrics.REDELIVERED.labels(namespace)
         self._watch(queue, namespace, topic, options.group)
         try:
-            async for delivery in consumer:
-                delivered.inc()
-                if delivery.delivery_attempt > 1:
-                    redelivered.inc()
+            while taken := await consumer.take(most):
+                delivered.inc(len(taken))
+                if again := sum(delivery.delivery_attempt > 1 for delivery in taken):
+                    redelivered.inc(again)
                 if self.tracing is not None:  # a CONSUMER span in the publisher's trace
-                    self.tracing.consumed(f"{topic} receive", delivery.headers, {
-                        "messaging.system": "prism", "messaging.destination.name": topic,
-                        "messaging.message.id": delivery.message_id,
-                    })  # fmt: skip
-                yield _message(delivery)
+                    for delivery in taken:
+                        self.tracing.consumed(f"{topic} receive", delivery.headers, {
+                            "messaging.system": "prism", "messaging.destination.name": topic,
+                            "messaging.message.id": delivery.message_id,
+                        })  # fmt: skip
+                yield taken
             if ended_by:  # not a clean end: the client must open a new session
                 raise ended_by[0]
         finally:

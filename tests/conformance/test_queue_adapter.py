@@ -462,6 +462,34 @@ async def test_unacknowledged_is_redelivered_after_its_deadline_acknowledged_nev
     assert payloads(await take(consumer)) == [b"sentinel"], "no acknowledged message came back"
 
 
+async def test_a_lease_that_runs_out_goes_to_another_consumer_of_the_group(topic: Topic) -> None:
+    """Nothing wakes the waiting consumer but the lease's end: no publish, no acknowledgement."""
+    holder = await topic.consumer("g", ack_deadline=DEADLINE, max_in_flight=1)
+    await topic.publish(b"m")
+    held = await one(holder)
+    started = time.monotonic()
+    waiting = await topic.consumer("g", ack_deadline=30)
+    again = await one(waiting)
+    assert (again.message_id, again.delivery_attempt) == (held.message_id, 2)
+    assert time.monotonic() - started >= DEADLINE * 0.5, "not before the holder's deadline"
+    assert await topic.ack("g", again) == 1
+
+
+async def test_take_hands_out_what_is_ready_up_to_its_limit(topic: Topic) -> None:
+    consumer = await topic.consumer("g", max_in_flight=20)
+    sent = [f"{i}".encode() for i in range(12)]
+    await topic.publish(*sent)
+    received: list[Delivery] = []
+    while len(received) < len(sent):
+        taken = await asyncio.wait_for(consumer.take(5), WAIT)
+        assert 1 <= len(taken) <= 5, len(taken)
+        received += taken
+    assert sorted(payloads(received)) == sorted(sent), "each message once"
+    assert len({d.message_id for d in received}) == len(sent)
+    await consumer.close()
+    assert await asyncio.wait_for(consumer.take(5), WAIT) == [], "nothing once closed"
+
+
 async def test_negative_acknowledgement_redelivers_at_once(topic: Topic) -> None:
     consumer = await topic.consumer("g", ack_deadline=30)
     await topic.publish(b"m")
