@@ -275,9 +275,13 @@ MARKS = (
 )
 # Retention: at most $3 of namespace $1's rows delivered before $2, oldest first (a range of
 # prism_transact_delivered); rows another transaction has locked are left for the next batch.
+# The rows to delete chosen once (a materialized CTE): as a subquery of the join, the planner
+# may run it again for each row it joins, and a LIMIT over tied delivery times then picks other
+# rows each time — more than ``limit`` went.
 DELETE_DELIVERED = (
-    "DELETE FROM prism_transact_mailbox m USING (SELECT mailbox, seq FROM prism_transact_mailbox "
-    "WHERE namespace = $1 AND delivered_ns < $2 ORDER BY delivered_ns LIMIT $3 FOR UPDATE SKIP LOCKED) old "
+    "WITH old AS MATERIALIZED (SELECT mailbox, seq FROM prism_transact_mailbox "
+    "WHERE namespace = $1 AND delivered_ns < $2 ORDER BY delivered_ns, mailbox, seq LIMIT $3 FOR UPDATE SKIP LOCKED) "
+    "DELETE FROM prism_transact_mailbox m USING old "
     "WHERE m.namespace = $1 AND m.mailbox = old.mailbox AND m.seq = old.seq"
 )
 RETRIES = 5  # serialization failures a Write retries (while its deadline allows)
