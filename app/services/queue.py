@@ -10,6 +10,7 @@ name the group and the message ids, not the stream, so any worker process may se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from adapters.queue.base import (
     NAME,
     AtOffset,
     ConsumeOptions,
+    Consumer,
     Delivery,
     Entry,
     QueueAdapter,
@@ -56,6 +58,7 @@ ACK_DEADLINE_PATTERN = (
 )
 DEFAULT_MAX_IN_FLIGHT = 100
 DEFAULT_MAX_BATCH = 100  # SubscribeBatches: messages in one response, at most
+MAX_LINGER_MS = 1000  # SubscribeBatches: the longest a deliverable message waits for others
 START = {
     q.START_POSITION_UNSPECIFIED: Start.COMMITTED,
     q.START_POSITION_COMMITTED: Start.COMMITTED,
@@ -82,6 +85,17 @@ def _fill(message: q.QueueMessage, delivery: Delivery) -> q.QueueMessage:
     published = message.published_at
     published.seconds, published.nanos = divmod(delivery.published_ns, 1_000_000_000)
     return message
+
+
+async def _lingered(consumer: Consumer, wanted: int, linger: float) -> list[Delivery]:
+    """Up to ``wanted`` more deliveries that ``consumer`` hands out within ``linger`` seconds.
+    A take cut short by the timeout hands out nothing (``Consumer.take``)."""
+    more: list[Delivery] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(linger):
+            while len(more) < wanted and (taken := await consumer.take(wanted - len(more))):
+                more += taken
+    return more
 
 
 class QueueService:
@@ -238,6 +252,8 @@ class QueueService:
     async def Subscribe(self, request: q.QueueSubscribeRequest, call: Call) -> AsyncIterator[q.QueueMessage]:
         if request.max_batch:
             raise invalid_argument("maxBatch", "is for SubscribeBatches; Subscribe sends one message a response")
+        if request.linger_ms:
+            raise invalid_argument("lingerMs", "is for SubscribeBatches; Subscribe sends each message at once")
         queue, namespace = self._queue(call)
         topic = check_name(request.topic, "topic")
         options = self._options(queue, call, request)
@@ -256,8 +272,11 @@ class QueueService:
         cap = self.limits.stream_buffer
         if not 0 <= request.max_batch <= cap:
             raise invalid_argument("maxBatch", f"must be between 1 and {cap} (0: {DEFAULT_MAX_BATCH})")
+        if not 0 <= request.linger_ms <= MAX_LINGER_MS:
+            raise invalid_argument("lingerMs", f"must be between 0 and {MAX_LINGER_MS}")
         limit = min(request.max_batch or DEFAULT_MAX_BATCH, options.max_in_flight)
-        async with aclosing(self._deliveries(queue, namespace, topic, options, call, limit)) as deliveries:
+        linger = request.linger_ms / 1000
+        async with aclosing(self._deliveries(queue, namespace, topic, options, call, limit, linger)) as deliveries:
             async for taken in deliveries:
                 batch = q.QueueMessageBatch()
                 add = batch.messages.add
@@ -266,11 +285,19 @@ class QueueService:
                 yield batch
 
     async def _deliveries(
-        self, queue: QueueAdapter, namespace: str, topic: str, options: ConsumeOptions, call: Call, most: int
+        self,
+        queue: QueueAdapter,
+        namespace: str,
+        topic: str,
+        options: ConsumeOptions,
+        call: Call,
+        most: int,
+        linger: float = 0.0,
     ) -> AsyncIterator[list[Delivery]]:
         """A consumer in ``options.group`` for as long as the stream is read: what it has ready,
-        up to ``most`` at a time. Closing this (the client left) closes the consumer at once, so
-        its unacknowledged deliveries go back to the group now."""
+        up to ``most`` at a time (with ``linger`` seconds, also what it hands out that much
+        longer). Closing this (the client left) closes the consumer at once, so its
+        unacknowledged deliveries go back to the group now."""
         assert call.session is not None
         consumer = await queue.consume(namespace, topic, options)
         ended_by: list[PrismError] = []  # the session's status, when closing or expiring it ended this
@@ -285,6 +312,8 @@ class QueueService:
         self._watch(queue, namespace, topic, options.group)
         try:
             while taken := await consumer.take(most):
+                if linger and len(taken) < most:
+                    taken += await _lingered(consumer, most - len(taken), linger)
                 delivered.inc(len(taken))
                 if again := sum(delivery.delivery_attempt > 1 for delivery in taken):
                     redelivered.inc(again)

@@ -425,6 +425,36 @@ async def test_subscribe_batches_delivers_a_backlog_in_batches_on_every_transpor
     assert max(subscriber.batch_sizes) <= 40 and len(subscriber.batch_sizes) < len(bodies), subscriber.batch_sizes
 
 
+@pytest.mark.case("round trip")
+@pytest.mark.parametrize("transport", ["grpc", "rest", "grpc-web"])
+async def test_subscribe_batches_linger_waits_for_more_messages(
+    topic: Topic, queue_gateway: GatewayProcess, client_factory, transport: str
+) -> None:
+    """``lingerMs``: a deliverable message waits up to that long for others before its response
+    goes. Ten messages published one call after another arrive in one response (``maxBatch``
+    of them: sent then, not at the linger's end); a message with nothing after it goes when the
+    linger runs out, never before."""
+    client = client_factory(transport, queue_gateway)
+    here = (await open_topic(client, topic.config)).topic(topic.name)
+    subscriber = await here.subscribe("g", batched=True, max_batch=10, linger_ms=1000).joined()
+    try:
+        sent = [str(i).encode() for i in range(10)]
+        for body in sent:
+            await here.publish(body)
+        received = await subscriber.take(len(sent))
+        assert sorted(payloads(received), key=int) == sent
+        assert subscriber.batch_sizes == [10], subscriber.batch_sizes
+        started = time.monotonic()
+        await here.publish(b"late")
+        (late,) = await subscriber.take(1)
+        assert late.payload == b"late"
+        assert time.monotonic() - started >= 0.95, "sent before the linger ran out"
+        assert subscriber.batch_sizes == [10, 1], subscriber.batch_sizes
+        assert await here.ack("g", *received, late) == len(sent) + 1
+    finally:
+        await here.close()
+
+
 # --- Order --------------------------------------------------------------------------------------
 
 
@@ -797,6 +827,9 @@ async def test_topic_info_reports_offsets_committed_offsets_and_lag(topic: Topic
         ({"max_batch": -1, "batched": True}, "maxBatch"),
         ({"max_batch": 1_000_000, "batched": True}, "maxBatch"),
         ({"topic": "a b", "batched": True}, "topic"),
+        ({"linger_ms": 5}, "lingerMs"),  # Subscribe sends each message at once
+        ({"linger_ms": -1, "batched": True}, "lingerMs"),
+        ({"linger_ms": 1001, "batched": True}, "lingerMs"),
     ],
 )
 async def test_a_bad_subscription_is_refused_naming_the_field(topic: Topic, options: dict[str, Any], field: str) -> None:

@@ -31,7 +31,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14prism/v1/queue.proto\x12\x08prism.v1\x1a\x15prism/v1/config.proto\x1a\x16prism/v1/options.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb3\x01\n\nQueueEntry\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x15\n\rpartition_key\x18\x02 \x01(\t\x12\x32\n\x07headers\x18\x03 \x03(\x0b\x32!.prism.v1.QueueEntry.HeadersEntry\x12\x19\n\x11idempotency_token\x18\x04 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x13QueuePublishRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12)\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x14.prism.v1.QueueEntryB\x04\xe2\x41\x01\x02\"M\n\x14QueuePublishResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"W\n\x13PublishBatchRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x14.prism.v1.QueueEntryB\x04\xe2\x41\x01\x02\"j\n\rPublishResult\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"@\n\x14PublishBatchResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.prism.v1.PublishResult\"\x87\x02\n\x15QueueSubscribeRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x63onsumer_group\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x05start\x18\x03 \x01(\x0e\x32\x17.prism.v1.StartPosition\x12/\n\x0c\x61\x63k_deadline\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmax_in_flight\x18\x05 \x01(\x05\x12\x1d\n\x15max_delivery_attempts\x18\x06 \x01(\x05\x12\x19\n\x11\x64\x65\x61\x64_letter_topic\x18\x07 \x01(\t\x12\x11\n\tmax_batch\x18\x08 \x01(\x05\"\xae\x02\n\x0cQueueMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x15\n\rpartition_key\x18\x06 \x01(\t\x12\x34\n\x07headers\x18\x07 \x03(\x0b\x32#.prism.v1.QueueMessage.HeadersEntry\x12\x18\n\x10\x64\x65livery_attempt\x18\x08 \x01(\x05\x12\x30\n\x0cpublished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x11QueueMessageBatch\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.prism.v1.QueueMessage\"b\n\x12\x41\x63knowledgeRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x63onsumer_group\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bmessage_ids\x18\x03 \x03(\tB\x04\xe2\x41\x01\x02\"+\n\x13\x41\x63knowledgeResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x05\"[\n\x0bNackRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x63onsumer_group\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bmessage_ids\x18\x03 \x03(\tB\x04\xe2\x41\x01\x02\"\x1e\n\x0cNackResponse\x12\x0e\n\x06nacked\x18\x01 \x01(\x05\"e\n\rCommitRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x63onsumer_group\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"\x10\n\x0e\x43ommitResponse\"\xcd\x01\n\x0bSeekRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x63onsumer_group\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x10\n\x06offset\x18\x04 \x01(\x03H\x00\x12/\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12+\n\x08position\x18\x06 \x01(\x0e\x32\x17.prism.v1.StartPositionH\x00\x42\x08\n\x06target\"\x1e\n\x0cSeekResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\"B\n\x13GetTopicInfoRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x63onsumer_group\x18\x02 \x01(\t\"r\n\rPartitionInfo\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x12\n\nlow_offset\x18\x02 \x01(\x03\x12\x13\n\x0bhigh_offset\x18\x03 \x01(\x03\x12\x18\n\x10\x63ommitted_offset\x18\x04 \x01(\x03\x12\x0b\n\x03lag\x18\x05 \x01(\x03\"R\n\x14GetTopicInfoResponse\x12\r\n\x05topic\x18\x01 \x01(\t\x12+\n\npartitions\x18\x02 \x03(\x0b\x32\x17.prism.v1.PartitionInfo*\x85\x01\n\rStartPosition\x12\x1e\n\x1aSTART_POSITION_UNSPECIFIED\x10\x00\x12\x1b\n\x17START_POSITION_EARLIEST\x10\x01\x12\x19\n\x15START_POSITION_LATEST\x10\x02\x12\x1c\n\x18START_POSITION_COMMITTED\x10\x03\x32\xea\x07\n\x0cQueueService\x12o\n\x07Publish\x12\x1d.prism.v1.QueuePublishRequest\x1a\x1e.prism.v1.QueuePublishResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/topics/{topic}:publish:\x01*\x12y\n\x0cPublishBatch\x12\x1d.prism.v1.PublishBatchRequest\x1a\x1e.prism.v1.PublishBatchResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/topics/{topic}:publishBatch:\x01*\x12l\n\tSubscribe\x12\x1f.prism.v1.QueueSubscribeRequest\x1a\x16.prism.v1.QueueMessage\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/topics/{topic}:subscribe0\x01\x12\x7f\n\x10SubscribeBatches\x12\x1f.prism.v1.QueueSubscribeRequest\x1a\x1b.prism.v1.QueueMessageBatch\"+\x82\xd3\xe4\x93\x02%\x12#/v1/topics/{topic}:subscribeBatches0\x01\x12u\n\x0b\x41\x63knowledge\x12\x1c.prism.v1.AcknowledgeRequest\x1a\x1d.prism.v1.AcknowledgeResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/topics/{topic}:acknowledge:\x01*\x12Y\n\x04Nack\x12\x15.prism.v1.NackRequest\x1a\x16.prism.v1.NackResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/topics/{topic}:nack:\x01*\x12\x61\n\x06\x43ommit\x12\x17.prism.v1.CommitRequest\x1a\x18.prism.v1.CommitResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/topics/{topic}:commit:\x01*\x12Y\n\x04Seek\x12\x15.prism.v1.SeekRequest\x1a\x16.prism.v1.SeekResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/topics/{topic}:seek:\x01*\x12i\n\x0cGetTopicInfo\x12\x1d.prism.v1.GetTopicInfoRequest\x1a\x1e.prism.v1.GetTopicInfoResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/topics/{topic}\x1a\x04\x90\xb5\x18\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14prism/v1/queue.proto\x12\x08prism.v1\x1a\x15prism/v1/config.proto\x1a\x16prism/v1/options.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb3\x01\n\nQueueEntry\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x15\n\rpartition_key\x18\x02 \x01(\t\x12\x32\n\x07headers\x18\x03 \x03(\x0b\x32!.prism.v1.QueueEntry.HeadersEntry\x12\x19\n\x11idempotency_token\x18\x04 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x13QueuePublishRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12)\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x14.prism.v1.QueueEntryB\x04\xe2\x41\x01\x02\"M\n\x14QueuePublishResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"W\n\x13PublishBatchRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x14.prism.v1.QueueEntryB\x04\xe2\x41\x01\x02\"j\n\rPublishResult\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"@\n\x14PublishBatchResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.prism.v1.PublishResult\"\x9a\x02\n\x15QueueSubscribeRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x63onsumer_group\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x05start\x18\x03 \x01(\x0e\x32\x17.prism.v1.StartPosition\x12/\n\x0c\x61\x63k_deadline\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmax_in_flight\x18\x05 \x01(\x05\x12\x1d\n\x15max_delivery_attempts\x18\x06 \x01(\x05\x12\x19\n\x11\x64\x65\x61\x64_letter_topic\x18\x07 \x01(\t\x12\x11\n\tmax_batch\x18\x08 \x01(\x05\x12\x11\n\tlinger_ms\x18\t \x01(\x05\"\xae\x02\n\x0cQueueMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x15\n\rpartition_key\x18\x06 \x01(\t\x12\x34\n\x07headers\x18\x07 \x03(\x0b\x32#.prism.v1.QueueMessage.HeadersEntry\x12\x18\n\x10\x64\x65livery_attempt\x18\x08 \x01(\x05\x12\x30\n\x0cpublished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x11QueueMessageBatch\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.prism.v1.QueueMessage\"b\n\x12\x41\x63knowledgeRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x63onsumer_group\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bmessage_ids\x18\x03 \x03(\tB\x04\xe2\x41\x01\x02\"+\n\x13\x41\x63knowledgeResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x05\"[\n\x0bNackRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x63onsumer_group\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0bmessage_ids\x18\x03 \x03(\tB\x04\xe2\x41\x01\x02\"\x1e\n\x0cNackResponse\x12\x0e\n\x06nacked\x18\x01 \x01(\x05\"e\n\rCommitRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x63onsumer_group\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"\x10\n\x0e\x43ommitResponse\"\xcd\x01\n\x0bSeekRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x0e\x63onsumer_group\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpartition\x18\x03 \x01(\x05\x12\x10\n\x06offset\x18\x04 \x01(\x03H\x00\x12/\n\ttimestamp\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12+\n\x08position\x18\x06 \x01(\x0e\x32\x17.prism.v1.StartPositionH\x00\x42\x08\n\x06target\"\x1e\n\x0cSeekResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\"B\n\x13GetTopicInfoRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x63onsumer_group\x18\x02 \x01(\t\"r\n\rPartitionInfo\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x12\n\nlow_offset\x18\x02 \x01(\x03\x12\x13\n\x0bhigh_offset\x18\x03 \x01(\x03\x12\x18\n\x10\x63ommitted_offset\x18\x04 \x01(\x03\x12\x0b\n\x03lag\x18\x05 \x01(\x03\"R\n\x14GetTopicInfoResponse\x12\r\n\x05topic\x18\x01 \x01(\t\x12+\n\npartitions\x18\x02 \x03(\x0b\x32\x17.prism.v1.PartitionInfo*\x85\x01\n\rStartPosition\x12\x1e\n\x1aSTART_POSITION_UNSPECIFIED\x10\x00\x12\x1b\n\x17START_POSITION_EARLIEST\x10\x01\x12\x19\n\x15START_POSITION_LATEST\x10\x02\x12\x1c\n\x18START_POSITION_COMMITTED\x10\x03\x32\xea\x07\n\x0cQueueService\x12o\n\x07Publish\x12\x1d.prism.v1.QueuePublishRequest\x1a\x1e.prism.v1.QueuePublishResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/topics/{topic}:publish:\x01*\x12y\n\x0cPublishBatch\x12\x1d.prism.v1.PublishBatchRequest\x1a\x1e.prism.v1.PublishBatchResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/topics/{topic}:publishBatch:\x01*\x12l\n\tSubscribe\x12\x1f.prism.v1.QueueSubscribeRequest\x1a\x16.prism.v1.QueueMessage\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/topics/{topic}:subscribe0\x01\x12\x7f\n\x10SubscribeBatches\x12\x1f.prism.v1.QueueSubscribeRequest\x1a\x1b.prism.v1.QueueMessageBatch\"+\x82\xd3\xe4\x93\x02%\x12#/v1/topics/{topic}:subscribeBatches0\x01\x12u\n\x0b\x41\x63knowledge\x12\x1c.prism.v1.AcknowledgeRequest\x1a\x1d.prism.v1.AcknowledgeResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/topics/{topic}:acknowledge:\x01*\x12Y\n\x04Nack\x12\x15.prism.v1.NackRequest\x1a\x16.prism.v1.NackResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/topics/{topic}:nack:\x01*\x12\x61\n\x06\x43ommit\x12\x17.prism.v1.CommitRequest\x1a\x18.prism.v1.CommitResponse\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/topics/{topic}:commit:\x01*\x12Y\n\x04Seek\x12\x15.prism.v1.SeekRequest\x1a\x16.prism.v1.SeekResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/topics/{topic}:seek:\x01*\x12i\n\x0cGetTopicInfo\x12\x1d.prism.v1.GetTopicInfoRequest\x1a\x1e.prism.v1.GetTopicInfoResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/topics/{topic}\x1a\x04\x90\xb5\x18\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -96,8 +96,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUEUESERVICE'].methods_by_name['Seek']._serialized_options = b'\202\323\344\223\002\034\"\027/v1/topics/{topic}:seek:\001*'
   _globals['_QUEUESERVICE'].methods_by_name['GetTopicInfo']._loaded_options = None
   _globals['_QUEUESERVICE'].methods_by_name['GetTopicInfo']._serialized_options = b'\202\323\344\223\002\024\022\022/v1/topics/{topic}'
-  _globals['_STARTPOSITION']._serialized_start=2379
-  _globals['_STARTPOSITION']._serialized_end=2512
+  _globals['_STARTPOSITION']._serialized_start=2398
+  _globals['_STARTPOSITION']._serialized_end=2531
   _globals['_QUEUEENTRY']._serialized_start=235
   _globals['_QUEUEENTRY']._serialized_end=414
   _globals['_QUEUEENTRY_HEADERSENTRY']._serialized_start=368
@@ -113,35 +113,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHBATCHRESPONSE']._serialized_start=779
   _globals['_PUBLISHBATCHRESPONSE']._serialized_end=843
   _globals['_QUEUESUBSCRIBEREQUEST']._serialized_start=846
-  _globals['_QUEUESUBSCRIBEREQUEST']._serialized_end=1109
-  _globals['_QUEUEMESSAGE']._serialized_start=1112
-  _globals['_QUEUEMESSAGE']._serialized_end=1414
+  _globals['_QUEUESUBSCRIBEREQUEST']._serialized_end=1128
+  _globals['_QUEUEMESSAGE']._serialized_start=1131
+  _globals['_QUEUEMESSAGE']._serialized_end=1433
   _globals['_QUEUEMESSAGE_HEADERSENTRY']._serialized_start=368
   _globals['_QUEUEMESSAGE_HEADERSENTRY']._serialized_end=414
-  _globals['_QUEUEMESSAGEBATCH']._serialized_start=1416
-  _globals['_QUEUEMESSAGEBATCH']._serialized_end=1477
-  _globals['_ACKNOWLEDGEREQUEST']._serialized_start=1479
-  _globals['_ACKNOWLEDGEREQUEST']._serialized_end=1577
-  _globals['_ACKNOWLEDGERESPONSE']._serialized_start=1579
-  _globals['_ACKNOWLEDGERESPONSE']._serialized_end=1622
-  _globals['_NACKREQUEST']._serialized_start=1624
-  _globals['_NACKREQUEST']._serialized_end=1715
-  _globals['_NACKRESPONSE']._serialized_start=1717
-  _globals['_NACKRESPONSE']._serialized_end=1747
-  _globals['_COMMITREQUEST']._serialized_start=1749
-  _globals['_COMMITREQUEST']._serialized_end=1850
-  _globals['_COMMITRESPONSE']._serialized_start=1852
-  _globals['_COMMITRESPONSE']._serialized_end=1868
-  _globals['_SEEKREQUEST']._serialized_start=1871
-  _globals['_SEEKREQUEST']._serialized_end=2076
-  _globals['_SEEKRESPONSE']._serialized_start=2078
-  _globals['_SEEKRESPONSE']._serialized_end=2108
-  _globals['_GETTOPICINFOREQUEST']._serialized_start=2110
-  _globals['_GETTOPICINFOREQUEST']._serialized_end=2176
-  _globals['_PARTITIONINFO']._serialized_start=2178
-  _globals['_PARTITIONINFO']._serialized_end=2292
-  _globals['_GETTOPICINFORESPONSE']._serialized_start=2294
-  _globals['_GETTOPICINFORESPONSE']._serialized_end=2376
-  _globals['_QUEUESERVICE']._serialized_start=2515
-  _globals['_QUEUESERVICE']._serialized_end=3517
+  _globals['_QUEUEMESSAGEBATCH']._serialized_start=1435
+  _globals['_QUEUEMESSAGEBATCH']._serialized_end=1496
+  _globals['_ACKNOWLEDGEREQUEST']._serialized_start=1498
+  _globals['_ACKNOWLEDGEREQUEST']._serialized_end=1596
+  _globals['_ACKNOWLEDGERESPONSE']._serialized_start=1598
+  _globals['_ACKNOWLEDGERESPONSE']._serialized_end=1641
+  _globals['_NACKREQUEST']._serialized_start=1643
+  _globals['_NACKREQUEST']._serialized_end=1734
+  _globals['_NACKRESPONSE']._serialized_start=1736
+  _globals['_NACKRESPONSE']._serialized_end=1766
+  _globals['_COMMITREQUEST']._serialized_start=1768
+  _globals['_COMMITREQUEST']._serialized_end=1869
+  _globals['_COMMITRESPONSE']._serialized_start=1871
+  _globals['_COMMITRESPONSE']._serialized_end=1887
+  _globals['_SEEKREQUEST']._serialized_start=1890
+  _globals['_SEEKREQUEST']._serialized_end=2095
+  _globals['_SEEKRESPONSE']._serialized_start=2097
+  _globals['_SEEKRESPONSE']._serialized_end=2127
+  _globals['_GETTOPICINFOREQUEST']._serialized_start=2129
+  _globals['_GETTOPICINFOREQUEST']._serialized_end=2195
+  _globals['_PARTITIONINFO']._serialized_start=2197
+  _globals['_PARTITIONINFO']._serialized_end=2311
+  _globals['_GETTOPICINFORESPONSE']._serialized_start=2313
+  _globals['_GETTOPICINFORESPONSE']._serialized_end=2395
+  _globals['_QUEUESERVICE']._serialized_start=2534
+  _globals['_QUEUESERVICE']._serialized_end=3536
 # @@protoc_insertion_point(module_scope)

@@ -91,7 +91,7 @@ class PublishBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[PublishResult, _Mapping]]] = ...) -> None: ...
 
 class QueueSubscribeRequest(_message.Message):
-    __slots__ = ("topic", "consumer_group", "start", "ack_deadline", "max_in_flight", "max_delivery_attempts", "dead_letter_topic", "max_batch")
+    __slots__ = ("topic", "consumer_group", "start", "ack_deadline", "max_in_flight", "max_delivery_attempts", "dead_letter_topic", "max_batch", "linger_ms")
     TOPIC_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_GROUP_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class QueueSubscribeRequest(_message.Message):
     MAX_DELIVERY_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTER_TOPIC_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    LINGER_MS_FIELD_NUMBER: _ClassVar[int]
     topic: str
     consumer_group: str
     start: StartPosition
@@ -108,7 +109,8 @@ class QueueSubscribeRequest(_message.Message):
     max_delivery_attempts: int
     dead_letter_topic: str
     max_batch: int
-    def __init__(self, topic: _Optional[str] = ..., consumer_group: _Optional[str] = ..., start: _Optional[_Union[StartPosition, str]] = ..., ack_deadline: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., max_delivery_attempts: _Optional[int] = ..., dead_letter_topic: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    linger_ms: int
+    def __init__(self, topic: _Optional[str] = ..., consumer_group: _Optional[str] = ..., start: _Optional[_Union[StartPosition, str]] = ..., ack_deadline: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_in_flight: _Optional[int] = ..., max_delivery_attempts: _Optional[int] = ..., dead_letter_topic: _Optional[str] = ..., max_batch: _Optional[int] = ..., linger_ms: _Optional[int] = ...) -> None: ...
 
 class QueueMessage(_message.Message):
     __slots__ = ("message_id", "topic", "partition", "offset", "payload", "partition_key", "headers", "delivery_attempt", "published_at")
