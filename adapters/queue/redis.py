@@ -918,12 +918,12 @@ class RedisConsumer(LeasingConsumer):
         if dead:
             DEAD_LETTERED.labels(self.namespace).inc(dead)
         deadline = self._deadline_ms / 1000
-        lease_end = started + deadline  # at the latest: the script ran after this
+        lease_end = started + deadline  # at the earliest: the script set the leases after this
         for partition, entry_id, fields, attempt in taken:
             self._buffer.append(Leased(_delivery(self.topic, partition, entry_id, fields, attempt), lease_end, entry_id))
-        return self._next_look(started, taken, deadline, None if wake_in < 0 else wake_in / 1000)
+        return self._next_look(started, bool(taken), deadline, None if wake_in < 0 else wake_in / 1000)
 
-    def _next_look(self, started: float, taken: list[Any], deadline: float, script: float | None) -> float | None:
+    def _next_look(self, started: float, leased: bool, deadline: float, script: float | None) -> float | None:
         """Seconds until the next claim without a wake-up: the script's answer (a lease of the
         group it saw), or when this consumer's first live lease runs out, which the script no
         longer reads. Those ends are kept per claim (``_ends``); one within 1/64 of the deadline
@@ -931,7 +931,7 @@ class RedisConsumer(LeasingConsumer):
         at most."""
         now = time.monotonic()
         ends = self._ends
-        if taken:
+        if leased:
             end = now + deadline  # Redis set the leases before now: they end by then
             if ends and end - ends[-1] < deadline / 64:
                 ends[-1] = end
