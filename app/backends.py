@@ -74,7 +74,8 @@ class Backends:
         """None when backend ``name`` answers a trivial request within ``seconds``, else why
         not, in a few words."""
         try:
-            await asyncio.wait_for(self.instances[name].connection.ping(), seconds)
+            async with asyncio.timeout(seconds):
+                await self.instances[name].connection.ping()
         except TimeoutError:
             return f"no answer within {seconds:g}s"
         except PrismError as exc:

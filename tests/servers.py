@@ -130,9 +130,10 @@ async def purge_namespaces(backends: list[str], namespaces: list[str]) -> None:
 
         con = await asyncpg.connect(POSTGRES_DSN, timeout=5)
         try:
-            await con.execute(
-                "DELETE FROM prism_kv WHERE namespace = ANY($1::bytea[])", [ns.encode() for ns in every]
-            )
+            if await con.fetchval("SELECT to_regclass('prism_kv') IS NOT NULL"):  # a fresh database has none
+                await con.execute(
+                    "DELETE FROM prism_kv WHERE namespace = ANY($1::bytea[])", [ns.encode() for ns in every]
+                )
             for table in POSTGRES_QUEUE_TABLES:  # there once a gateway has started the Queue adapter
                 if await con.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
                     await con.execute(f"DELETE FROM {table} WHERE namespace = ANY($1::text[])", namespaces)

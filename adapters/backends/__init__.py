@@ -21,9 +21,11 @@ pool's, not one pool per pattern. Capabilities are declared by each adapter clas
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import pathlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
@@ -102,6 +104,24 @@ class Connection(ABC):
     async def ping(self) -> None:
         """Return when the backend answers a trivial request, raise otherwise. The health
         monitor calls it under its own timeout, so it may simply wait for the driver."""
+
+
+@contextlib.contextmanager
+def cancellation_kept() -> Iterator[None]:
+    """Raise the cancellation a driver dropped inside. On Python 3.11, ``asyncio.wait_for``
+    returns the result of an awaitable that finished just as its task was cancelled, and the
+    cancellation is lost (fixed in 3.12). redis-py sends every command under ``wait_for``,
+    nats-py awaits replies under it: a stream's task cancelled during a call would run on (and
+    a ``take`` it went on to wait in would never end). A request still counted once the block
+    ended normally was dropped: it is raised here, right after the call."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop running: nothing to cancel
+        task = None
+    requested = task.cancelling() if task is not None else 0
+    yield
+    if task is not None and task.cancelling() > requested:
+        raise asyncio.CancelledError
 
 
 class Adapter(Protocol):

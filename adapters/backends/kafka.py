@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import Field
 
-from adapters.backends import BackendSettings, BackendType, Connection, Environment
+from adapters.backends import BackendSettings, BackendType, Connection, Environment, cancellation_kept
 from adapters.pubsub.kafka import KafkaPubSub
 from adapters.queue.kafka import KafkaQueue
 from prism.errors import PrismError, internal
@@ -209,15 +209,16 @@ class KafkaConnection(Connection):
     def errors(self) -> Iterator[None]:
         """Driver errors inside as PrismErrors: the cluster not answering is UNAVAILABLE;
         anything else is logged and INTERNAL."""
-        try:
-            yield
-        except PrismError:
-            raise
-        except (kerr.KafkaError, OSError, TimeoutError) as exc:
-            if isinstance(exc, UNAVAILABLE_ERRORS) or getattr(exc, "retriable", False):
-                raise PrismError(grpc.StatusCode.UNAVAILABLE, f"kafka backend unavailable: {type(exc).__name__}") from exc
-            log.error("kafka backend %r: request failed: %r", self.name, exc)
-            raise internal() from exc
+        with cancellation_kept():
+            try:
+                yield
+            except PrismError:
+                raise
+            except (kerr.KafkaError, OSError, TimeoutError) as exc:
+                if isinstance(exc, UNAVAILABLE_ERRORS) or getattr(exc, "retriable", False):
+                    raise PrismError(grpc.StatusCode.UNAVAILABLE, f"kafka backend unavailable: {type(exc).__name__}") from exc
+                log.error("kafka backend %r: request failed: %r", self.name, exc)
+                raise internal() from exc
 
 
 def connect(settings: KafkaSettings, environment: Environment) -> KafkaConnection:

@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from pydantic import Field, model_validator
 
-from adapters.backends import BackendSettings, BackendType, Connection, Environment
+from adapters.backends import BackendSettings, BackendType, Connection, Environment, cancellation_kept
 from adapters.pubsub.nats import NatsHistoryPubSub, NatsPubSub
 from adapters.queue.nats import NatsQueue
 from prism.errors import PrismError, internal
@@ -104,8 +104,8 @@ class NatsConnection(Connection):
         settings, client = self.settings, Client()
         try:
             # max_reconnect_attempts=-1 also retries the first connection for ever: bounded here.
-            await asyncio.wait_for(
-                client.connect(
+            async with asyncio.timeout(settings.connect_timeout):
+                await client.connect(
                     settings.url,
                     name=f"prism {self.name}",
                     connect_timeout=settings.connect_timeout,
@@ -114,9 +114,7 @@ class NatsConnection(Connection):
                     error_cb=self._error,
                     disconnected_cb=self._disconnected,
                     reconnected_cb=self._reconnected,
-                ),
-                settings.connect_timeout,
-            )
+                )
             js = client.jetstream(timeout=settings.command_timeout)
             await js.account_info()
         except (*UNAVAILABLE_ERRORS, jerr.APIError) as exc:
@@ -141,15 +139,16 @@ class NatsConnection(Connection):
     def errors(self) -> Iterator[None]:
         """Driver errors inside as PrismErrors: the server not answering is UNAVAILABLE;
         anything else is logged and INTERNAL."""
-        try:
-            yield
-        except PrismError:
-            raise
-        except (nerr.Error, OSError, TimeoutError) as exc:
-            if isinstance(exc, UNAVAILABLE_ERRORS) or (isinstance(exc, jerr.APIError) and exc.code == 503):
-                raise PrismError(grpc.StatusCode.UNAVAILABLE, f"nats backend unavailable: {type(exc).__name__}") from exc
-            log.error("nats backend %r: request failed: %r", self.name, exc)
-            raise internal() from exc
+        with cancellation_kept():
+            try:
+                yield
+            except PrismError:
+                raise
+            except (nerr.Error, OSError, TimeoutError) as exc:
+                if isinstance(exc, UNAVAILABLE_ERRORS) or (isinstance(exc, jerr.APIError) and exc.code == 503):
+                    raise PrismError(grpc.StatusCode.UNAVAILABLE, f"nats backend unavailable: {type(exc).__name__}") from exc
+                log.error("nats backend %r: request failed: %r", self.name, exc)
+                raise internal() from exc
 
     async def _error(self, exc: Exception) -> None:
         log.warning("nats backend %r: %s: %s", self.name, type(exc).__name__, exc)

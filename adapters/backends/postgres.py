@@ -84,7 +84,8 @@ class PostgresPool(BackendConnection):
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
-                await asyncio.wait_for(pool.close(), self.settings.command_timeout)
+                async with asyncio.timeout(self.settings.command_timeout):
+                    await pool.close()
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 pool.terminate()
 

@@ -20,7 +20,14 @@ from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from adapters.backends import BackendType, Connection, Environment, NetworkSettings, PoolUse
+from adapters.backends import (
+    BackendType,
+    Connection,
+    Environment,
+    NetworkSettings,
+    PoolUse,
+    cancellation_kept,
+)
 from adapters.keyvalue.redis import RedisKeyValue
 from adapters.pubsub.redis import RedisPubSub
 from adapters.queue.redis import RedisQueue
@@ -94,13 +101,14 @@ class RedisClient(Connection):
     def errors(self) -> Iterator[None]:
         """Driver errors inside as PrismErrors: the server not answering is UNAVAILABLE naming
         ``what``; anything else is logged and INTERNAL."""
-        try:
-            yield
-        except (rex.RedisError, OSError) as exc:
-            if isinstance(exc, UNAVAILABLE_ERRORS):
-                raise PrismError(grpc.StatusCode.UNAVAILABLE, f"{self.what} unavailable: {type(exc).__name__}") from exc
-            log.error("%s: redis command failed: %r", self.what, exc)
-            raise internal() from exc
+        with cancellation_kept():
+            try:
+                yield
+            except (rex.RedisError, OSError) as exc:
+                if isinstance(exc, UNAVAILABLE_ERRORS):
+                    raise PrismError(grpc.StatusCode.UNAVAILABLE, f"{self.what} unavailable: {type(exc).__name__}") from exc
+                log.error("%s: redis command failed: %r", self.what, exc)
+                raise internal() from exc
 
 
 def connect(settings: RedisSettings, environment: Environment) -> RedisClient:

@@ -125,7 +125,8 @@ class RedisPubSub(PubSubAdapter):
         if self._task is None:
             self._task = asyncio.create_task(self._run())
         try:
-            await asyncio.wait_for(self._connected.wait(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self._connected.wait()
         except TimeoutError:
             raise _unavailable(f"no subscriber connection within {self.timeout:g}s") from None
         subscription = RedisSubscription(self, namespace, pattern, queue_group, overflow)
@@ -154,7 +155,8 @@ class RedisPubSub(PubSubAdapter):
 
         async with self._progress:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait_for(settled), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await self._progress.wait_for(settled)
         if self._connection != connection or self._confirmed[pattern] < needed:
             raise _unavailable(f"PSUBSCRIBE not confirmed within {self.timeout:g}s, or the connection was lost")
 

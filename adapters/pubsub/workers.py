@@ -187,7 +187,8 @@ class WorkersPubSub(MemoryPubSub):
             )
         self._task = asyncio.create_task(self._run())
         try:
-            await asyncio.wait_for(self._ready.wait(), HUB_WAIT)
+            async with asyncio.timeout(HUB_WAIT):
+                await self._ready.wait()
         except TimeoutError:
             await self.close()
             raise _unavailable(f"backend {self.name!r}: no hub among the workers within {HUB_WAIT:g}s") from None
@@ -253,7 +254,8 @@ class WorkersPubSub(MemoryPubSub):
         """The connection to the hub; None when this process is the hub."""
         if not self._ready.is_set():
             try:
-                await asyncio.wait_for(self._ready.wait(), HUB_WAIT)
+                async with asyncio.timeout(HUB_WAIT):
+                    await self._ready.wait()
             except TimeoutError:
                 raise _unavailable(f"no hub among the workers for {HUB_WAIT:g}s") from None
         return self._link
@@ -270,7 +272,8 @@ class WorkersPubSub(MemoryPubSub):
             if link.transport.is_closing():
                 raise _unavailable("the hub went away; retry")
             link.write(_frame(head, body))
-            await asyncio.wait_for(answered, HUB_WAIT)
+            async with asyncio.timeout(HUB_WAIT):
+                await answered
         except TimeoutError:
             raise _unavailable(f"the hub did not answer within {HUB_WAIT:g}s") from None
         finally:

@@ -1439,7 +1439,8 @@ class NatsConsumer(Consumer):
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._events.put_nowait(("rebind", (binding, done)))
-        await asyncio.wait_for(asyncio.shield(done), 10)
+        async with asyncio.timeout(10):
+            await asyncio.shield(done)
 
     async def _give_back(self, pulled: Pulled, delay: float = 0.0) -> None:
         """Return a delivery never handed out: redelivered at once (or after ``delay``),
@@ -1485,7 +1486,8 @@ class NatsConsumer(Consumer):
             self._keeper_wake.clear()
             self._keeper_due = due
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._keeper_wake.wait(), max(0.0, due - time.monotonic()))
+                async with asyncio.timeout(max(0.0, due - time.monotonic())):
+                    await self._keeper_wake.wait()
             self._keeper_due = 0.0  # awake: a lease handed out now wakes it again
 
     # Leaving.

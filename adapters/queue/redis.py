@@ -700,7 +700,8 @@ class Wakeups:
             if self._listener is None:
                 self._listener = asyncio.create_task(self._listen(), name="redis-queue-wakeups")
         try:
-            await asyncio.wait_for(asyncio.shield(confirmed), self.client.settings.command_timeout)
+            async with asyncio.timeout(self.client.settings.command_timeout):
+                await asyncio.shield(confirmed)
         except TimeoutError:
             self._confirming.pop(channel, None)
             self._members.get(channel, set()).discard(consumer)

@@ -167,7 +167,8 @@ class RestRouter:
         # (an empty queue) is answered after HEAD_WAIT_SECONDS all the same, and pinged.
         first = asyncio.ensure_future(anext(responses))
         try:
-            await asyncio.wait_for(asyncio.shield(first), HEAD_WAIT_SECONDS)
+            async with asyncio.timeout(HEAD_WAIT_SECONDS):
+                await asyncio.shield(first)
         except TimeoutError:
             pass
         except StopAsyncIteration:
