@@ -126,7 +126,7 @@ class Published:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per message, and frozen doubles __init__'s cost
 class Delivery:
     message_id: str
     topic: str

@@ -631,19 +631,27 @@ def _published(partition: int, entry_id: bytes) -> Published:
     return Published(_message_id(partition, entry_id), partition, int(entry_id.rsplit(b"-", 1)[1]))
 
 
+_ENTRY_FIELDS = [b"k", b"h", b"u", b"p"]  # as PUBLISH writes an entry's fields
+
+
 def _delivery(topic: str, partition: int, entry_id: bytes, flat: list[bytes], attempt: int) -> Delivery:
-    fields = dict(zip(flat[::2], flat[1::2], strict=True))
-    ms, offset = map(int, entry_id.split(b"-"))
+    if flat[::2] == _ENTRY_FIELDS:  # every entry PUBLISH wrote: no dict a message
+        key, headers, sub, payload = flat[1::2]
+    else:
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        key, headers, sub, payload = (fields[name] for name in _ENTRY_FIELDS)
+    text = entry_id.decode()
+    ms, _, offset = text.partition("-")
     return Delivery(
-        message_id=_message_id(partition, entry_id),
-        topic=topic,
-        partition=partition,
-        offset=offset,
-        payload=fields[b"p"],
-        partition_key=fields[b"k"].decode(),
-        headers=json.loads(fields[b"h"]) if fields[b"h"] != b"{}" else {},
-        delivery_attempt=attempt,
-        published_ns=ms * 1_000_000 + int(fields[b"u"]),
+        f"{partition}-{text}",
+        topic,
+        partition,
+        int(offset),
+        payload,
+        key.decode(),
+        json.loads(headers) if headers != b"{}" else {},
+        attempt,
+        int(ms) * 1_000_000 + int(sub),
     )
 
 
