@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from google.api import annotations_pb2, field_behavior_pb2
@@ -17,6 +17,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescr
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from prism.errors import invalid_argument
 from prism.v1 import (
     config_pb2,
     keyvalue_pb2,
@@ -93,7 +94,7 @@ class Method:
     pattern: int  # prism.v1.AccessPattern; 0 for non-data services
     requires_session: bool
     doc: str
-    required_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    required_fields: RequiredFields | None = None  # None: nothing in the request is REQUIRED
     handler: Handler | None = None  # None: not implemented yet (UNIMPLEMENTED naming the RPC)
     scope: Scope | None = None  # for methods outside a session: see Scope
 
@@ -107,23 +108,65 @@ class Method:
         return not (self.client_streaming or self.server_streaming)
 
 
-def _required_fields(descriptor: Descriptor, seen: set[str] | None = None) -> dict[str, tuple[str, ...]]:
-    """Message full name → its REQUIRED field names, for the request and nested messages."""
-    seen = seen if seen is not None else set()
-    if descriptor.full_name in seen:
-        return {}
-    seen.add(descriptor.full_name)
-    result: dict[str, tuple[str, ...]] = {}
-    names = []
-    for f in descriptor.fields:
-        behaviors = f.GetOptions().Extensions[field_behavior_pb2.field_behavior]
-        if field_behavior_pb2.REQUIRED in behaviors:
-            names.append(f.name)
-        if f.type == FieldDescriptor.TYPE_MESSAGE and not f.message_type.GetOptions().map_entry:
-            result.update(_required_fields(f.message_type, seen))
-    if names:
-        result[descriptor.full_name] = tuple(names)
-    return result
+_LIST, _MESSAGE, _SCALAR = range(3)  # how a REQUIRED field's presence is told
+
+
+class RequiredFields:
+    """The REQUIRED fields (``google.api.field_behavior``) of a message type, and the singular
+    message fields that lead to more: what a request is checked against, worked out from the
+    descriptors once, so a call asks its message only about fields that can fail it.
+
+    Elements of a repeated message field are the service's to check one by one: a batch entry
+    succeeds or fails on its own (its result's status), never the whole call."""
+
+    __slots__ = ("nested", "own")
+
+    def __init__(self) -> None:
+        self.own: tuple[tuple[str, str, int], ...] = ()  # name, JSON name, how presence is told
+        self.nested: tuple[tuple[str, str, RequiredFields], ...] = ()  # name, JSON name, its type's
+
+    @classmethod
+    def of(cls, descriptor: Descriptor) -> RequiredFields | None:
+        """The check for messages of ``descriptor``; None when nothing in them is REQUIRED."""
+        made: dict[str, RequiredFields] = {}
+        leads: dict[str, list[tuple[FieldDescriptor, str]]] = {}  # type → its singular message fields
+        pending = [descriptor]
+        while pending:  # every message type reachable through singular message fields, once
+            message = pending.pop()
+            check = made[message.full_name] = cls()
+            own, leads[message.full_name] = [], []
+            for f in message.fields:
+                if field_behavior_pb2.REQUIRED in f.GetOptions().Extensions[field_behavior_pb2.field_behavior]:
+                    kind = _LIST if f.is_repeated else _MESSAGE if f.type == FieldDescriptor.TYPE_MESSAGE else _SCALAR
+                    own.append((f.name, f.json_name, kind))
+                if f.type == FieldDescriptor.TYPE_MESSAGE and not f.is_repeated:
+                    leads[message.full_name].append((f, f.message_type.full_name))
+                    if f.message_type.full_name not in made and f.message_type not in pending:
+                        pending.append(f.message_type)
+            check.own = tuple(own)
+        # Which types hold a REQUIRED field at any depth: grown until nothing changes (types
+        # may nest themselves).
+        holding = {name for name, check in made.items() if check.own}
+        while grown := {name for name, fields in leads.items() if name not in holding and any(t in holding for _, t in fields)}:
+            holding |= grown
+        for name, fields in leads.items():
+            made[name].nested = tuple((f.name, f.json_name, made[t]) for f, t in fields if t in holding)
+        return made[descriptor.full_name] if descriptor.full_name in holding else None
+
+    def check(self, message: Message, prefix: str = "") -> None:
+        """INVALID_ARGUMENT naming the first REQUIRED field left empty."""
+        for name, json_name, kind in self.own:
+            if kind == _LIST:
+                present = len(getattr(message, name)) > 0
+            elif kind == _MESSAGE:
+                present = message.HasField(name)
+            else:
+                present = bool(getattr(message, name))
+            if not present:
+                raise invalid_argument(prefix + json_name, "is required")
+        for name, json_name, nested in self.nested:
+            if message.HasField(name):
+                nested.check(getattr(message, name), f"{prefix}{json_name}.")
 
 
 def _http_rule(options: Any) -> HttpRule | None:
@@ -149,7 +192,7 @@ def _service_methods(service: ServiceDescriptor, docs: dict[str, str]) -> Iterab
             pattern=pattern,
             requires_session=bool(pattern) or opts.Extensions[options_pb2.requires_session],
             doc=docs.get(f"{service.full_name}.{m.name}", ""),
-            required_fields=_required_fields(m.input_type),
+            required_fields=RequiredFields.of(m.input_type),
         )
 
 

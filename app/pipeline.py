@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from opentelemetry.trace import Span
 
@@ -45,7 +44,7 @@ from app.ratelimit import RateLimiter
 from app.sessions import SessionRecord, SessionStore
 from app.settings import RateLimit
 from app.tracing import Tracing
-from prism.errors import PrismError, failed_precondition, internal, invalid_argument, unauthenticated
+from prism.errors import PrismError, failed_precondition, internal, unauthenticated
 from prism.v1 import config_pb2
 
 log = logging.getLogger("prism.pipeline")
@@ -81,28 +80,6 @@ class Call:
 # A call step gets None for the request when a client-streaming call opens.
 Step = Callable[[Call, Message | None], Awaitable[None]]
 Requests = AsyncIterator[Message]
-
-
-def check_required(message: Message, required: Mapping[str, tuple[str, ...]], prefix: str = "") -> None:
-    """INVALID_ARGUMENT naming the first REQUIRED field left empty, in the request and the
-    messages it holds in singular fields."""
-    descriptor = message.DESCRIPTOR
-    for name in required.get(descriptor.full_name, ()):
-        field = descriptor.fields_by_name[name]
-        if field.is_repeated:
-            present = len(getattr(message, name)) > 0
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            present = message.HasField(name)
-        else:
-            present = bool(getattr(message, name))
-        if not present:
-            raise invalid_argument(prefix + field.json_name, "is required")
-    for field, value in message.ListFields():
-        # Elements of a repeated message field are the service's to check one by one: a batch
-        # entry succeeds or fails on its own (its result's status), never the whole call.
-        if field.type != FieldDescriptor.TYPE_MESSAGE or field.is_repeated:
-            continue
-        check_required(value, required, f"{prefix}{field.json_name}.")
 
 
 # Probes answer without credentials.
@@ -220,8 +197,8 @@ class Pipeline:
             await step(call, request)
 
     async def _check_request(self, call: Call, request: Message | None) -> None:
-        if call.method.required_fields and request is not None:
-            check_required(request, call.method.required_fields)
+        if call.method.required_fields is not None and request is not None:
+            call.method.required_fields.check(request)
 
     async def _check_pattern(self, call: Call, request: Message | None) -> None:
         method = call.method

@@ -260,6 +260,8 @@ async def test_write_refusals_name_the_field(gateway: GatewayProcess, client_fac
         (write_request(f"{table}; DROP TABLE {table}", key), "INVALID_ARGUMENT", ("data.table",)),
         (write_request("prism_transact_mailbox", key), "INVALID_ARGUMENT", ("data.table",)),
         (write_request(table, key, mailbox="no spaces"), "INVALID_ARGUMENT", ("mailbox.mailbox",)),
+        (write_request("", key), "INVALID_ARGUMENT", ("data.table",)),  # REQUIRED, inside data
+        (write_request(table, key, mailbox=""), "INVALID_ARGUMENT", ("mailbox.mailbox",)),
         (t.WriteRequest(data=write_request(table, key).data), "INVALID_ARGUMENT", ("mailbox",)),
         (write_request(table, key, customer=None), "INVALID_ARGUMENT", ("data.row.customer",)),
     ]
