@@ -33,6 +33,10 @@ least one whole read). Per backend:
     gateway SSE   GET /v1/collections/rows:read?pageSize=1000 as server-sent events over one
                   HTTP/1.1 connection per read, from a raw asyncio client process: chunked
                   transfer decoded, each page's JSON parsed and checked
+    gateway gRPC and SSE, pyvoy   the same two clients on a second gateway (``prism serve
+                  --server pyvoy``, started beside the first), the gRPC channel on its HTTP port,
+                  whose ASGI app answers native gRPC (issue 10's path, where Envoy does the
+                  HTTP/2 work outside the interpreter)
 
     direct, after the same again, once the gateway's rows have run
     gateway/direct = gateway rows/s ÷ the mean of the two direct rows' rows/s, same backend;
@@ -111,6 +115,8 @@ SIDES = {  # side → (target column, transport column)
     "direct": ("", "—"),
     "grpc": ("gateway (granian)", "gRPC server stream"),
     "sse": ("gateway (granian)", "SSE (HTTP/1.1)"),
+    "grpc-pyvoy": ("gateway (pyvoy)", "gRPC server stream through the ASGI app"),
+    "sse-pyvoy": ("gateway (pyvoy)", "SSE (HTTP/1.1)"),
     "direct-after": ("", "—"),
 }
 
@@ -501,7 +507,7 @@ def client_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reader", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=list(BACKENDS), required=True)
-    parser.add_argument("--side", choices=list(SIDES), required=True)
+    parser.add_argument("--side", choices=[side for side in SIDES if not side.endswith("-pyvoy")], required=True)
     parser.add_argument("--table", required=True, help="direct: the collection's table")
     parser.add_argument("--rows", type=int, required=True, help="rows in the table (every read is checked)")
     parser.add_argument("--duration", type=float, default=5.0, help="timed seconds (at least one whole read)")
@@ -538,24 +544,35 @@ def run(ctx: Context) -> dict[str, Any]:
         asyncio.run(seed_postgres(table, total))
         seeded["postgres"] = round(time.perf_counter() - started, 2)
         with ctx.serving(SECTION, f"full Read of {total:,} rows, pages of {PAGE}") as servers:
-            server = procs.gateway(ctx.workdir, "granian", config=write_config(work / "prism.yaml", sqlite_file, table))
-            servers.append(server)
-            target = f"127.0.0.1:{server.grpc_port}"
-            tokens = {backend: kv.create_session(target, f"reader-{backend}") for backend in BACKENDS}
+            config = write_config(work / "prism.yaml", sqlite_file, table)
+            server = procs.gateway(ctx.workdir, "granian", config=config)
+            pyvoy = procs.gateway(ctx.workdir, "pyvoy", config=config)
+            servers += [server, pyvoy]
+            tokens = {
+                (gateway.name, backend): kv.create_session(f"127.0.0.1:{gateway.grpc_port}", f"reader-{backend}")
+                for gateway in (server, pyvoy) for backend in BACKENDS
+            }
             server.record_idle()
+            pyvoy.record_idle()
             for backend, spec in BACKENDS.items():
                 common = ["benchmarks.reader", "--backend", backend, "--table", table, "--rows", str(total),
                           "--duration", str(ctx.durations.throughput)]
                 direct = [*common, "--side", "direct", "--sqlite-path", str(sqlite_file)]
                 plan = {
                     "direct": direct,
-                    "grpc": [*common, "--side", "grpc", "--grpc-port", str(server.grpc_port), f"--token={tokens[backend]}"],
-                    "sse": [*common, "--side", "sse", "--http-port", str(server.http_port), f"--token={tokens[backend]}"],
+                    "grpc": [*common, "--side", "grpc", "--grpc-port", str(server.grpc_port),
+                             f"--token={tokens[server.name, backend]}"],
+                    "sse": [*common, "--side", "sse", "--http-port", str(server.http_port),
+                            f"--token={tokens[server.name, backend]}"],
+                    "grpc-pyvoy": [*common, "--side", "grpc", "--grpc-port", str(pyvoy.http_port),
+                                   f"--token={tokens[pyvoy.name, backend]}"],
+                    "sse-pyvoy": [*common, "--side", "sse", "--http-port", str(pyvoy.http_port),
+                                  f"--token={tokens[pyvoy.name, backend]}"],
                     "direct-after": direct,
                 }
                 measured: list[Row] = []
                 for side, args in plan.items():
-                    gateway = None if side.startswith("direct") else server
+                    gateway = None if side.startswith("direct") else pyvoy if side.endswith("-pyvoy") else server
                     result = ctx.least_disturbed(
                         lambda args=args, gateway=gateway, spec=spec: ctx.client(*args, server=gateway, backend=spec.process)
                     )
@@ -588,7 +605,8 @@ def targets(rows: list[Row]) -> list[Row]:
             continue
         value = row["ratio_vs_direct"]
         met = value >= RATIO_GOAL
-        out.append({"goal": f"{row['backend']}: full Read over {row['transport']} ≥ {RATIO_GOAL:.0%} of the direct client",
+        server = " on pyvoy" if row["id"].endswith("-pyvoy") else ""
+        out.append({"goal": f"{row['backend']}: full Read over {row['transport']}{server} ≥ {RATIO_GOAL:.0%} of the direct client",
                     "measured": f"{value * 100:.0f}% ({rps(row['rows_per_s'])} rows/s)",
                     "met": met, "status": "met" if met else f"MISSED by {(RATIO_GOAL - value) * 100:.0f} points"})
     return out
