@@ -273,7 +273,7 @@ class MailboxListenerSettings(Strict):
 
     in_gateway: bool = True
     lease_seconds: float = Field(default=30.0, gt=0, le=3600)  # a claimed mailbox is one holder's this long
-    batch_rows: int = Field(default=100, gt=0, le=10_000)  # rows per claim, over all its mailboxes
+    batch_rows: int = Field(default=500, gt=0, le=10_000)  # rows per claim, over all its mailboxes
     batch_bytes: int = Field(default=4 * 1024 * 1024, gt=0)  # payload bytes per claim (one row at least)
     batch_mailboxes: int = Field(default=16, gt=0, le=1000)  # mailboxes per claim, delivered concurrently
     poll_seconds: float = Field(default=5.0, gt=0)  # a look without a wake-up: the safety net, not the way
