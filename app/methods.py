@@ -108,6 +108,11 @@ class Method:
         return not (self.client_streaming or self.server_streaming)
 
 
+def is_required(field: FieldDescriptor) -> bool:
+    """Marked ``(google.api.field_behavior) = REQUIRED`` in the proto."""
+    return field_behavior_pb2.REQUIRED in field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+
+
 _LIST, _MESSAGE, _SCALAR = range(3)  # how a REQUIRED field's presence is told
 
 
@@ -136,7 +141,7 @@ class RequiredFields:
             check = made[message.full_name] = cls()
             own, leads[message.full_name] = [], []
             for f in message.fields:
-                if field_behavior_pb2.REQUIRED in f.GetOptions().Extensions[field_behavior_pb2.field_behavior]:
+                if is_required(f):
                     kind = _LIST if f.is_repeated else _MESSAGE if f.type == FieldDescriptor.TYPE_MESSAGE else _SCALAR
                     own.append((f.name, f.json_name, kind))
                 if f.type == FieldDescriptor.TYPE_MESSAGE and not f.is_repeated:

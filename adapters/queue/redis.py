@@ -643,7 +643,7 @@ def _delivery(topic: str, partition: int, entry_id: bytes, flat: list[bytes], at
     text = entry_id.decode()
     ms, _, offset = text.partition("-")
     return Delivery(
-        f"{partition}-{text}",
+        _message_id(partition, text),
         topic,
         partition,
         int(offset),

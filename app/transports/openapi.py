@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
 from adapters.pubsub.subjects import MAX_SUBJECT_LENGTH
 from adapters.queue.base import NAME as QUEUE_NAME
-from app.methods import Method
+from app.methods import Method, is_required
 from app.pipeline import PUBLIC_SERVICES
 from app.services import queue as queue_service
 from app.services.keyvalue import MAX_KEY_BYTES, MAX_TTL_SECONDS
@@ -463,11 +462,7 @@ def required_fields(descriptor: Descriptor) -> tuple[str, ...]:
     Read from the descriptor rather than ``Method.required_fields``, which covers only what
     requests reach.
     """
-    return tuple(
-        f.name
-        for f in descriptor.fields
-        if field_behavior_pb2.REQUIRED in f.GetOptions().Extensions[field_behavior_pb2.field_behavior]
-    )
+    return tuple(f.name for f in descriptor.fields if is_required(f))
 
 
 def _repeated(f: FieldDescriptor) -> bool:
