@@ -48,13 +48,7 @@ pool size as the gateway's adapter, 10 connections):
               getmany(max_records=100) + commit, per partition, past the last record of the
               batch (aiokafka runs a consumer's commits one at a time, so the 4 in flight queue
               in order); the group's join (seconds on Tansu) is outside the timing, where the
-              gateway's consumer joins its group (a ledger command) inside every round's. For
-              reference, ×1 and ×100 again with the producer the gateway's adapter has on
-              Tansu (``unbatched``: max_batch_size 1, one record of a partition per produce
-              request; ``batch_records`` is off by default because Tansu 0.6 reports a partition's
-              high offset after a batch as the batch's first offset + 1, and the adapter reads
-              high offsets for GetTopicInfo, Seek and a group's start): the gateway's ratio to
-              it is in the JSON (``ratio_vs_direct_unbatched``) and the notes, not the targets
+              gateway's consumer joins its group (a ledger command) inside every round's
 
     gateway/direct = gateway messages/s ÷ direct messages/s, same backend and work
 
@@ -118,7 +112,7 @@ group of either (DeleteGroups), before the section's broker, which held them in 
 
     python -m benchmarks.run --only queue [--quick]
     python -m benchmarks.queue --backend redis --side direct --work consume --duration 2   (one client run)
-    python -m benchmarks.queue --backend kafka --kafka 127.0.0.1:PORT --side direct --work publish --entries 100 [--variant unbatched]
+    python -m benchmarks.queue --backend kafka --kafka 127.0.0.1:PORT --side direct --work publish --entries 100
 """
 
 from __future__ import annotations
@@ -418,8 +412,6 @@ class KafkaDirect(Direct):
     (aiokafka's defaults: records sent meanwhile share a batch; acks="all" as the adapter's);
     a consumer group whose commit is the acknowledgement."""
 
-    BATCHING = True
-
     async def open(self) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -433,8 +425,7 @@ class KafkaDirect(Direct):
         self.admin = AIOKafkaAdminClient(**self.common)
         await self.admin.start()
         await self.admin.create_topics([NewTopic(self.topic, KAFKA_PARTITIONS, 1)])
-        self.producer = AIOKafkaProducer(**self.common, acks="all", linger_ms=0,
-                                         **({} if self.BATCHING else {"max_batch_size": 1}))
+        self.producer = AIOKafkaProducer(**self.common, acks="all", linger_ms=0)
         await self.producer.start()
         # stored() reads the topic back: Tansu 0.6 reports a partition's high offset after a
         # batch of records as the batch's first offset + 1, so the end offsets undercount what a
@@ -538,13 +529,6 @@ async def delete_kafka_groups(groups: list[str]) -> int:
     return deleted
 
 
-class KafkaUnbatchedDirect(KafkaDirect):
-    """The same, with the producer the gateway's adapter has on Tansu (``batch_records`` off:
-    one record of a partition per produce request). For reference: publish rows only."""
-
-    BATCHING = False
-
-
 @dataclass
 class KafkaSite:
     bootstrap: str = ""  # host:port of the broker the section started (a client run: --kafka)
@@ -563,9 +547,6 @@ class Backend:
     process: str | None  # the server's process name: its CPU is counted apart (None: in process)
     direct: str  # the client the direct rows use, for the table
     make: Callable[[str, pathlib.Path], Direct]  # (a name unique to the run, scratch dir) → its queue
-    # Further direct clients, publish rows only, for reference (not in the ratio or the
-    # targets): variant → (the table's target, its queue).
-    references: dict[str, tuple[str, Callable[[str, pathlib.Path], Direct]]] = field(default_factory=dict)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -580,8 +561,7 @@ BACKENDS: dict[str, Backend] = {
     # The Tansu broker the section starts (benchmarks/kafka_broker.py), on a free port.
     "kafka": Backend("Kafka (Tansu)", lambda: {"type": "kafka", "bootstrap_servers": KAFKA.bootstrap,
                                                "topic_prefix": KAFKA_PREFIX},
-                     TANSU_NAME, "aiokafka", KafkaDirect,
-                     {"unbatched": ("aiokafka directly, unbatched (the adapter's producer)", KafkaUnbatchedDirect)}),
+                     TANSU_NAME, "aiokafka", KafkaDirect),
 }
 
 
@@ -641,9 +621,7 @@ async def _flat_out(work: Callable[[], Awaitable[None]], in_flight: int, seconds
 
 
 def _direct(args: argparse.Namespace) -> Direct:
-    spec = BACKENDS[args.backend]
-    make = spec.references[args.variant][1] if args.variant else spec.make
-    return make(uuid.uuid4().hex[:12], args.workdir)
+    return BACKENDS[args.backend].make(uuid.uuid4().hex[:12], args.workdir)
 
 
 async def direct_publish(args: argparse.Namespace) -> dict[str, Any]:
@@ -844,13 +822,9 @@ def client_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grpc-port", type=int, help="gateway: its gRPC port")
     parser.add_argument("--token", default="", help="gateway: a session of its queue-<backend> config")
     parser.add_argument("--kafka", default="", help="kafka: the broker's host:port")
-    parser.add_argument("--variant", default="", help="direct publish: a reference client of the backend "
-                        "(kafka: unbatched)")
     args = parser.parse_args(argv)
     if args.side == "gateway" and args.work != "consume":
         parser.error("the gateway's publish rows run under h2load, not this client")
-    if args.variant and (args.side != "direct" or args.variant not in BACKENDS[args.backend].references):
-        parser.error(f"--variant: {args.backend} has {sorted(BACKENDS[args.backend].references)} (direct side only)")
     KAFKA.bootstrap = args.kafka
     run = {("direct", "publish"): direct_publish, ("direct", "consume"): direct_consume,
            ("gateway", "consume"): gateway_consume}[(args.side, args.work)]
@@ -965,7 +939,7 @@ def _gateway_publish(ctx: Context, gw: Gateway, backend: str, entries: int, work
 
 def _backend_rows(ctx: Context, gw: Gateway, backend: str, work: pathlib.Path) -> list[Row]:
     """The six rows of one backend, each pair (direct, gateway) measured one right after the
-    other; a reference client's publish rows (Kafka: unbatched, two more) between the two."""
+    other."""
     d, spec = ctx.durations, BACKENDS[backend]
     direct = ["benchmarks.queue", "--backend", backend, "--side", "direct", "--workdir", str(work)]
     if backend == "kafka":
@@ -976,9 +950,6 @@ def _backend_rows(ctx: Context, gw: Gateway, backend: str, work: pathlib.Path) -
     for kind, entries, shape in (("publish-1", 1, SINGLE), ("publish-100", BATCH, BATCH_SHAPE)):
         calls = [*publish, "--entries", str(entries), "--in-flight", str(shape.in_flight)]
         plan.append((kind, "direct", lambda calls=calls: ctx.client(*direct, *calls, backend=spec.process)))
-        for variant in spec.references:
-            plan.append((kind, f"direct-{variant}", lambda calls=calls, variant=variant: ctx.client(
-                *direct, *calls, f"--variant={variant}", backend=spec.process)))
         plan.append((kind, "gateway", lambda entries=entries: _gateway_publish(ctx, gw, backend, entries, work)))
     plan += [
         ("consume", "direct", lambda: ctx.client(*direct, *consume, backend=spec.process)),
@@ -988,28 +959,18 @@ def _backend_rows(ctx: Context, gw: Gateway, backend: str, work: pathlib.Path) -
             server=gw.server, backend=spec.process)),
     ]
     rows: list[Row] = []
-    direct_rate: dict[tuple[str, str], float] = {}  # (kind, side) → messages/s
+    direct_rate: dict[str, float] = {}  # kind → the direct row's messages/s
     for kind, side, measure in plan:
         under_h2load = side == "gateway" and kind != "consume"  # measures again itself, on a fresh topic
         result = measure() if under_h2load else ctx.least_disturbed(measure)
         what, in_flight = WORKS[kind]
-        if side == "gateway":
-            target = "gateway (granian), gRPC"
-        elif side == "direct":
-            target = f"{spec.direct} directly"
-        else:
-            target = spec.references[side.removeprefix("direct-")][0]
+        target = "gateway (granian), gRPC" if side == "gateway" else f"{spec.direct} directly"
         row = {"id": f"queue/{backend}/{kind}/{side}", "backend": spec.label, "work": what, "target": target,
                "in_flight": in_flight, **result}
-        if side != "gateway":
-            direct_rate[kind, side] = row["messages_per_s"]
-        else:
-            if direct_rate.get((kind, "direct")):
-                row["ratio_vs_direct"] = round(row["messages_per_s"] / direct_rate[kind, "direct"], 3)
-            for variant in spec.references:
-                if direct_rate.get((kind, f"direct-{variant}")):
-                    row[f"ratio_vs_direct_{variant}"] = round(
-                        row["messages_per_s"] / direct_rate[kind, f"direct-{variant}"], 3)
+        if side == "direct":
+            direct_rate[kind] = row["messages_per_s"]
+        elif direct_rate.get(kind):
+            row["ratio_vs_direct"] = round(row["messages_per_s"] / direct_rate[kind], 3)
         rows.append(row)
     return rows
 
@@ -1173,17 +1134,11 @@ def markdown(section: dict[str, Any], old: dict[str, Row] | None, old_label: str
         f"- Removed afterwards: {section.get('removed_after')} (left from an earlier run beforehand: "
         f"{section.get('leftover_before')}).",
     ]
-    references = [r for r in section["rows"] if r.get("ratio_vs_direct_unbatched") is not None]
-    if section.get("kafka_broker") or references:
-        versus = "; ".join(f"{r['work']} {r['ratio_vs_direct_unbatched']:.2f}×" for r in references)
+    if section.get("kafka_broker"):
         out.append(
             f"- Kafka: a Tansu broker the section started ({section.get('kafka_broker')}), its process's CPU as "
-            "*backend CPU*. *direct* is aiokafka as a user writes it: records sent meanwhile share a produce "
-            "request. The gateway's adapter sends one record of a partition per request (`batch_records` off by "
-            "default: Tansu 0.6 reports a partition's high offset after a batch as the batch's first offset + 1, "
-            "and the adapter reads high offsets for GetTopicInfo, Seek and a group's start); the *unbatched* rows "
-            "are aiokafka with that producer, for reference (not in the targets). The gateway against them: "
-            f"{versus or '—'}. The direct consumer joins its group once, untimed; the gateway's consumer joins "
+            "*backend CPU*. Both sides produce as aiokafka does by default: records sent while a request is out "
+            "share the next one. The direct consumer joins its group once, untimed; the gateway's consumer joins "
             "(a ledger command) in every timed round, and every batch it takes and every Acknowledge is a "
             "ledger command appended and read back."
         )

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from typing import Any
 
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import NewTopic
 
 from adapters.backends.kafka import KafkaConnection, KafkaSettings
 from adapters.queue.base import NAME, ConsumeOptions, Entry, Start
@@ -178,6 +180,27 @@ async def test_an_unreachable_cluster_is_unavailable_at_start() -> None:
 
 
 # --- With the broker ------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("kafka_broker")
+async def test_high_offsets_count_every_record_of_a_batch() -> None:
+    """Records sent together share a produce request; the high offset counts them all, though
+    Tansu's ListOffsets answers with the last batch's first offset + 1."""
+    connection = KafkaConnection(KafkaSettings(bootstrap_servers=KAFKA_BOOTSTRAP))
+    await connection.start()
+    reader = connection.reader()
+    name = topic_name("prism", "highs", uuid.uuid4().hex[:8])
+    try:
+        await connection.admin.create_topics([NewTopic(name, 2, 1)])
+        sent = [await connection.producer.send(name, b"x", partition=0) for _ in range(10)]
+        offsets = [m.offset for m in await asyncio.gather(*sent)]
+        assert offsets == list(range(10))
+        await reader.start()
+        tps = [TopicPartition(name, 0), TopicPartition(name, 1)]
+        assert await connection.high_offsets(reader, tps) == {tps[0]: 10, tps[1]: 0}
+    finally:
+        await reader.stop()
+        await connection.close()
 
 
 @pytest.mark.usefixtures("kafka_broker")

@@ -15,13 +15,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import aiokafka.errors as kerr
 import grpc
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.protocol.fetch import FetchRequest
 from pydantic import Field
 
 from adapters.backends import BackendSettings, BackendType, Connection, Environment, cancellation_kept
@@ -30,6 +31,8 @@ from adapters.queue.kafka import KafkaQueue
 from prism.errors import PrismError, internal
 
 log = logging.getLogger("prism.kafka")
+
+READ_UNCOMMITTED = 0  # a Fetch's isolation level: every record the leader has
 
 # Driver errors that mean "the cluster is not answering (or not ready yet)".
 UNAVAILABLE_ERRORS = (
@@ -66,10 +69,6 @@ class KafkaSettings(BackendSettings):
     # Seconds the Queue remembers a publish's idempotency token.
     dedup_window: float = Field(default=120.0, gt=0, le=7 * 86400)
     max_message_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)  # a produce request's bound
-    # Whether the producer may put several records of a partition into one batch. Off by
-    # default: Tansu 0.6 reports a partition's high offset after a batch as its first record's
-    # offset + 1. Turn it on for Apache Kafka, where batches only raise throughput.
-    batch_records: bool = False
     # Seconds a reader's fetch waits at the broker for new records (the latency of a change
     # made by another process, and the cost of an idle reader).
     fetch_wait: float = Field(default=0.05, gt=0, le=5)
@@ -145,18 +144,41 @@ class KafkaConnection(Connection):
             heartbeat_interval_ms=max(session_ms // 10, 100),
         )
 
-    def writer(self, *, batching: bool) -> AIOKafkaProducer:
-        """A producer, not yet started. Without ``batching`` each produce request carries one
-        record of a partition, so the broker's high offsets stay right (see ``batch_records``);
-        a log whose readers never ask for its high offset may batch."""
+    def writer(self) -> AIOKafkaProducer:
+        """A producer, not yet started: records sent while a request is out share the next
+        one (aiokafka's batching), each acknowledged by every in-sync replica."""
         return AIOKafkaProducer(
-            **self._common(),
-            acks="all",
-            linger_ms=0,
-            max_request_size=self.settings.max_message_bytes,
-            # A batch's first record always fits: a one-byte batch holds exactly one record.
-            **({} if batching else {"max_batch_size": 1}),
+            **self._common(), acks="all", linger_ms=0, max_request_size=self.settings.max_message_bytes
         )
+
+    async def high_offsets(self, consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """Each partition's high watermark (the offset its next record gets).
+
+        ListOffsets (``consumer.end_offsets``) is where Kafka's tools read it, but Tansu 0.6
+        answers it with the first offset of the partition's last batch + 1, short of the end
+        when that batch held several records. A Fetch from that offset carries the right one in
+        its answer (on Apache Kafka the two agree); it waits at most a millisecond, as Tansu
+        answers a Fetch that may not wait at all with no partitions. A partition whose leader is
+        unknown or whose fetch fails keeps ListOffsets' answer."""
+        listed = await consumer.end_offsets(list(tps))
+        client = self.producer.client
+        by_leader: dict[int, list[TopicPartition]] = {}
+        for tp in tps:
+            leader = client.cluster.leader_for_partition(tp)
+            if leader is not None and leader >= 0:
+                by_leader.setdefault(leader, []).append(tp)
+        highs = dict(listed)
+        for leader, members in by_leader.items():
+            topics: dict[str, list[tuple[int, int, int]]] = {}
+            for tp in members:
+                topics.setdefault(tp.topic, []).append((tp.partition, listed[tp], 1))
+            answer = await client.send(leader, FetchRequest(1, 0, 1, READ_UNCOMMITTED, list(topics.items())))
+            for topic, partitions in answer.topics:
+                for partition, error_code, high, *_ in partitions:
+                    tp = TopicPartition(topic, partition)
+                    if not error_code and tp in highs:
+                        highs[tp] = max(highs[tp], high)
+        return highs
 
     async def start(self) -> None:
         """Connect, trying again until ``connect_timeout`` has passed (a broker starting up
@@ -164,7 +186,7 @@ class KafkaConnection(Connection):
         settings = self.settings
         deadline = time.monotonic() + settings.connect_timeout
         while True:
-            producer = self.writer(batching=settings.batch_records)
+            producer = self.writer()
             admin = AIOKafkaAdminClient(**self._common())
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):

@@ -400,7 +400,7 @@ class Live(ByHand):
             if new:
                 self.reassign()  # the client learns their leaders; they wait, paused
             with self.adapter.connection.errors():
-                ends = await self.consumer.end_offsets(tps)
+                ends = await self.adapter.connection.high_offsets(self.consumer, tps)
         finally:
             self.placing -= new
         if new := {tp for tp in new if tp not in self.positions}:  # nobody began them meanwhile
@@ -478,7 +478,7 @@ class Replay(ByHand):
         member.window = Window(since)
         if tps := self.wanted(known):
             self.consumer.assign(tps)
-            ends = await self.consumer.end_offsets(tps)
+            ends = await self.adapter.connection.high_offsets(self.consumer, tps)
             member.window.dated = dict(ends)
             exact = None
             if after is not None:  # its own partition: from the next offset, whatever the times
@@ -534,7 +534,7 @@ class Group(Reader, ConsumerRebalanceListener):
             fresh = [tp for tp, at in zip(tps, committed, strict=True) if at is None]
             if not fresh:
                 return
-            ends = await self.consumer.end_offsets(fresh)
+            ends = await self.adapter.connection.high_offsets(self.consumer, fresh)
             found = await self.consumer.offsets_for_times(dict.fromkeys(fresh, self.since_ns // 1_000_000))
         except (kerr.KafkaError, OSError) as exc:  # the group's reset ("latest") stands
             log.warning("kafka pubsub: placing a group's new partitions failed: %s: %s", type(exc).__name__, exc)

@@ -602,7 +602,7 @@ class KafkaQueue(QueueAdapter):
             with self.connection.errors():
                 await self._create_topic(self.ledger_topic, 1)
                 await self._create_topic(self.snapshot_topic, 1, {"cleanup.policy": "compact"})
-                self._writer = self.connection.writer(batching=True)
+                self._writer = self.connection.writer()
                 await self._writer.start()
                 self._fetcher = self.connection.reader()
                 await self._fetcher.start()
@@ -716,13 +716,13 @@ class KafkaQueue(QueueAdapter):
     async def _restore(self, ledger: TopicPartition) -> None:
         """Start from the latest snapshot (then the ledger after it), else the ledger's start."""
         snapshots = TopicPartition(self.snapshot_topic, 0)
-        latest = (await self.fetcher.end_offsets([snapshots]))[snapshots]
+        latest = (await self.connection.high_offsets(self.fetcher, [snapshots]))[snapshots]
         found = await self.read(snapshots, latest - 1, 1) if latest > 0 else []
         if found:
             try:
                 data = json.loads(found[-1].value)
                 offset = int(data["offset"])
-                there = await self.read(ledger, offset, 1) if offset < (await self.fetcher.end_offsets([ledger]))[ledger] else []
+                there = await self.read(ledger, offset, 1) if offset < (await self.connection.high_offsets(self.fetcher, [ledger]))[ledger] else []
                 if there and there[0].offset == offset:  # else the ledger was made anew since: not its state
                     self.ledger, self._applied = Ledger.load(data["ledger"]), offset
             except (ValueError, KeyError, TypeError):
@@ -751,8 +751,7 @@ class KafkaQueue(QueueAdapter):
 
     async def _caught_up(self) -> None:
         """Until this process applied everything appended to the ledger before the call, so
-        reads after it see every change any process made before: a barrier command (the
-        broker's high offset would do, but Tansu under-reports it after a batch)."""
+        reads after it see every change any process made before: a barrier command."""
         await self._command({"op": "sync"})
 
     async def _command(self, command: dict[str, Any]) -> Any:
@@ -860,7 +859,7 @@ class KafkaQueue(QueueAdapter):
         """Low and high offsets of the partitions."""
         tps = [TopicPartition(name, p) for p in partitions]
         low = await self.fetcher.beginning_offsets(tps)
-        high = await self.fetcher.end_offsets(tps)
+        high = await self.connection.high_offsets(self.fetcher, tps)
         return {tp.partition: (low[tp], high[tp]) for tp in tps}
 
     async def _partition_bounds(self, name: str, topic: str, partition: int) -> tuple[int, int]:
