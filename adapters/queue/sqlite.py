@@ -216,6 +216,8 @@ def _publish(
     place = _placer(_ensure_topic(c, ns, topic, partitions), spread)
     now = time.time_ns()
     if not any(entry.idempotency_token for entry in entries):  # the common case: one statement per partition
+        if not any(entry.partition_key for entry in entries):  # all to one partition
+            return list(_append(c, ns, topic, place(""), entries, now))
         by_partition: dict[int, list[int]] = {}
         for i, entry in enumerate(entries):
             by_partition.setdefault(place(entry.partition_key), []).append(i)

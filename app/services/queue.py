@@ -20,11 +20,13 @@ from contextlib import aclosing
 from adapters.capabilities import Capability
 from adapters.queue.base import (
     NAME,
+    NO_HEADERS,
     AtOffset,
     ConsumeOptions,
     Consumer,
     Delivery,
     Entry,
+    Published,
     QueueAdapter,
     SeekTarget,
     Start,
@@ -135,14 +137,16 @@ class QueueService:
         (an int: the entry's index in a batch, ``entries[2].``)."""
         payload, key = entry.payload, entry.partition_key
         # Once per published message: the usual entry (no headers, no token, a key short
-        # enough in characters to be short enough in bytes) needs no more looking at.
+        # enough in characters to be short enough in bytes) needs no more looking at, and
+        # shares one empty header mapping.
         if (
             len(payload) <= self.limits.max_value_bytes
             and len(key) <= MAX_KEY_BYTES // 4
             and not entry.headers
             and not entry.idempotency_token
         ):
-            return self._traced(Entry(payload, key))
+            plain = Entry(payload, key, NO_HEADERS)
+            return plain if self.tracing is None else self._traced(plain)
         if isinstance(at, int):
             at = f"entries[{at}]."
         if len(entry.payload) > self.limits.max_value_bytes:
@@ -198,18 +202,15 @@ class QueueService:
                 refused[i] = exc
         stored = iter(await queue.publish(namespace, topic, valid) if valid else [])
         response = q.PublishBatchResponse()
-        stored_count = 0
+        add, stored_count = response.results.add, 0
         for i in range(len(valid) + len(refused)):
-            outcome = refused.get(i) if refused else None
-            if outcome is None:
-                outcome = next(stored)
-                if isinstance(outcome, PrismError):
-                    outcome = prefixed(outcome, f"entries[{i}].")
-            if isinstance(outcome, PrismError):
-                response.results.add().status.CopyFrom(outcome.to_status())
-            else:
+            outcome = refused[i] if i in refused else next(stored)
+            if isinstance(outcome, Published):
                 stored_count += 1
-                response.results.add(message_id=outcome.message_id, partition=outcome.partition, offset=outcome.offset)
+                add(message_id=outcome.message_id, partition=outcome.partition, offset=outcome.offset)
+            else:
+                failed = outcome if i in refused else prefixed(outcome, f"entries[{i}].")
+                add().status.CopyFrom(failed.to_status())
         metrics.PUBLISHED.labels("queue", namespace).inc(stored_count)
         self._watch(queue, namespace, topic, "")
         return response
