@@ -175,6 +175,23 @@ def _partition_for(key: str, partitions: int, spread: Iterator[int]) -> int:
     return (zlib.crc32(key.encode()) if key else next(spread)) % partitions
 
 
+# Publish on one partition in one statement: take the offsets and publish times, store the
+# rows. $6: the payloads; $7 and $8 the keys and headers, or none when every entry has neither.
+_PUBLISH = (
+    "WITH taken AS (UPDATE prism_queue_partitions SET high = high + $4, "
+    "last_ns = greatest(last_ns + 1, $5) + $4 - 1 WHERE namespace=$1 AND topic=$2 AND partition=$3 "
+    "RETURNING high - $4 AS seq, last_ns - $4 + 1 AS published_ns), "
+    "stored AS (INSERT INTO prism_queue_messages (namespace, topic, partition, seq, key, headers, payload, "
+    "published_ns) SELECT $1, $2, $3, taken.seq + u.i - 1, {key}, {headers}, u.payload, "
+    "taken.published_ns + u.i - 1 FROM taken, unnest({arrays}) WITH ORDINALITY AS u({columns}, i)) "
+    "SELECT taken.seq FROM taken"
+)
+PUBLISH_ROWS = _PUBLISH.format(
+    key="u.key", headers="u.headers", arrays="$6::bytea[], $7::bytea[], $8::text[]", columns="payload, key, headers"
+)
+PUBLISH_PAYLOADS = _PUBLISH.format(key="''::bytea", headers="'{}'", arrays="$6::bytea[]", columns="payload")
+
+
 def _headers_json(headers: Mapping[str, str]) -> str:
     return json.dumps(dict(headers)) if headers else "{}"
 
@@ -785,20 +802,15 @@ class PostgresQueue(QueueAdapter):
         if len(placed) != 1:
             return None
         (partition,) = placed
+        payloads = [e.payload for e in entries]
         async with self.pool.connection() as con:
-            first = await con.fetchrow(
-                "WITH taken AS (UPDATE prism_queue_partitions SET high = high + $4, "
-                "last_ns = greatest(last_ns + 1, $5) + $4 - 1 WHERE namespace=$1 AND topic=$2 AND partition=$3 "
-                "RETURNING high - $4 AS seq, last_ns - $4 + 1 AS published_ns), "
-                "stored AS (INSERT INTO prism_queue_messages (namespace, topic, partition, seq, key, headers, payload, "
-                "published_ns) SELECT $1, $2, $3, taken.seq + u.i - 1, u.key, u.headers, u.payload, "
-                "taken.published_ns + u.i - 1 FROM taken, unnest($6::bytea[], $7::text[], $8::bytea[]) "
-                "WITH ORDINALITY AS u(key, headers, payload, i)) "
-                "SELECT taken.seq FROM taken",
-                ns, topic, partition, len(entries), time.time_ns(),
-                [e.partition_key.encode() for e in entries], [_headers_json(e.headers) for e in entries],
-                [e.payload for e in entries],
-            )
+            if any(e.partition_key or e.headers for e in entries):
+                first = await con.fetchrow(
+                    PUBLISH_ROWS, ns, topic, partition, len(entries), time.time_ns(), payloads,
+                    [e.partition_key.encode() for e in entries], [_headers_json(e.headers) for e in entries],
+                )
+            else:  # one array to encode, not three (asyncpg checks every element of each)
+                first = await con.fetchrow(PUBLISH_PAYLOADS, ns, topic, partition, len(entries), time.time_ns(), payloads)
         if first is None:  # the topic is gone (deleted under us): the general path makes it again
             self._known.pop((ns, topic), None)
             return None
