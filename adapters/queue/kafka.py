@@ -135,6 +135,7 @@ RECHECK = 1.0  # seconds: an idle consumer looks again this often whatever it wa
 RETRY = 0.5  # seconds a consumer waits after a failed step
 MIRROR_DELAY = 0.1  # seconds position changes gather before they are committed to Kafka
 SNAPSHOT_EVERY = 10_000  # ledger records between two snapshots of the state
+CATCH_UP_RECORDS = 500  # ledger records one catch-up read asks for, at least
 
 WAITING, LEASED, ACKED = 0, 1, 2
 
@@ -664,7 +665,9 @@ class KafkaQueue(QueueAdapter):
         ledger = TopicPartition(self.ledger_topic, 0)
         async with self._catching_up:
             while self._applied < offset:
-                records = await self.read(ledger, self._applied + 1, offset - self._applied)
+                # Past its own command too: commands appended together (the writer batches
+                # them) are then applied by one read, not one read each in turn.
+                records = await self.read(ledger, self._applied + 1, max(offset - self._applied, CATCH_UP_RECORDS))
                 if not records:
                     return  # the reader applies it when it comes
                 self._apply(records)
