@@ -115,8 +115,12 @@ class BrowserCORS(CORSMiddleware):
     and only browsers read CORS headers. Spares non-browser calls the header rewriting."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not any(name == b"origin" for name, _ in scope["headers"]):
-            return await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            for name, _ in scope["headers"]:
+                if name == b"origin":
+                    break
+            else:
+                return await self.app(scope, receive, send)
         await super().__call__(scope, receive, send)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.api import annotations_pb2, field_behavior_pb2
@@ -97,11 +97,12 @@ class Method:
     required_fields: RequiredFields | None = None  # None: nothing in the request is REQUIRED
     handler: Handler | None = None  # None: not implemented yet (UNIMPLEMENTED naming the RPC)
     scope: Scope | None = None  # for methods outside a session: see Scope
+    # The gRPC path, also the gRPC-Web URL: ``/prism.v1.KeyValueService/Get``. Made once: every
+    # call looks things up by it several times.
+    path: str = field(init=False)
 
-    @property
-    def path(self) -> str:
-        """The gRPC path, also the gRPC-Web URL: ``/prism.v1.KeyValueService/Get``."""
-        return f"/{self.service}/{self.name}"
+    def __post_init__(self) -> None:
+        self.path = f"/{self.service}/{self.name}"
 
     @property
     def unary(self) -> bool:

@@ -107,7 +107,10 @@ class PostgresPool(BackendConnection):
             raise RuntimeError(f"postgres backend {self.name!r} used before start()")
         pool = self._pool
         try:
-            con = await pool.acquire(timeout=self.settings.command_timeout)
+            # The deadline around the wait, not acquire(timeout=): asyncpg runs a timed wait as
+            # a task of its own, one more task and loop turn on every statement.
+            async with asyncio.timeout(self.settings.command_timeout):
+                con = await pool.acquire()
             try:
                 yield con
             except asyncpg.InternalClientError:

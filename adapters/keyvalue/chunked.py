@@ -180,6 +180,8 @@ class ChunkedKeyValue(KeyValueDecorator):
             if record is None:
                 return None
             decoded = _decode(record.value)
+            if decoded is record.value:  # a plain value, stored as it came: the record as it is
+                return record
             if not isinstance(decoded, Manifest):
                 return dataclasses.replace(record, value=decoded)
             value = await self._assemble(namespace, key, decoded)

@@ -24,7 +24,7 @@ import contextlib
 import re
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 import grpc
@@ -121,7 +121,7 @@ class GrpcAsgiApp:
         answer: Message | None = None  # a unary call's response, sent with the end of the body
         task = asyncio.current_task()
         watcher: asyncio.Task[None] | None = None
-        finished = asyncio.Event()
+        finished = False  # the answer is under way: a disconnect from then on is its normal end
         try:
             headers = header_map(scope)
             peer = self.pipeline.asgi_peer(scope)
@@ -138,7 +138,7 @@ class GrpcAsgiApp:
                 nonlocal watcher
                 if method.unary:
                     return
-                watcher = asyncio.create_task(_cancel_on_reset(receive, task, finished))
+                watcher = asyncio.create_task(_cancel_on_reset(receive, task, lambda: finished))
                 _WATCHERS.add(watcher)
                 watcher.add_done_callback(_WATCHERS.discard)
 
@@ -185,7 +185,7 @@ class GrpcAsgiApp:
                 return  # the client reset the stream while sending: nobody to answer
             error = status_of(exc)
             await body.drain(self.max_body)
-        finished.set()  # from here on a disconnect is the normal end of the exchange
+        finished = True
         with contextlib.suppress(ClientGone):
             await stream.finish(error, answer)
 
@@ -196,11 +196,11 @@ class GrpcAsgiApp:
 _WATCHERS: set[asyncio.Task[None]] = set()
 
 
-async def _cancel_on_reset(receive: Receive, task: asyncio.Task[object] | None, finished: asyncio.Event) -> None:
+async def _cancel_on_reset(receive: Receive, task: asyncio.Task[object] | None, finished: Callable[[], bool]) -> None:
     """Cancel the call when the client resets the stream (or the connection goes)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    if task is not None and not finished.is_set():
+    if task is not None and not finished():
         task.cancel()
 
 
