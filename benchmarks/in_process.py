@@ -1,0 +1,229 @@
+"""The gateway's own cost per call, without a network or a client process: its ASGI app called
+in this process the way an HTTP/2 server with trailers calls it for native gRPC (the path
+``GrpcAsgiApp`` serves under pyvoy), so what is measured is the gateway — dispatch, pipeline,
+service, adapter, and for Transact the mailbox listener delivering beside the Writes — and none
+of the server, the loopback network or a gRPC client sharing the machine's cores.
+
+Not a section of ``benchmarks.run``: a tool for finding where a gateway row's time goes, run on
+demand. The sections measure what users get (a real server, a real client process); on a 2-core
+machine those share the cores with the gateway, so comparing a section's row with this one's
+tells how much of the row is the transport and the client. Per workload, after one second of
+warm-up, ``--seconds`` of ``--callers`` callers calling flat out:
+
+    kv-get           KeyValueService/Get of one 100-byte value on the embedded default (SQLite)
+    transact-write   TransactService/Write, the load of the transact section (an UPSERT of a new
+                     row and a 100-byte mailbox row, each caller its own mailbox) on the
+                     section's configuration (``benchmarks.transact.write_config``): its mailbox
+                     listener delivering every row to a queue on the same backend, unless
+                     ``--no-listener``; the run then waits for every row to be delivered
+
+Prints one JSON line: calls/s, CPU µs per call (every thread of this process: the event loop and
+SQLite's worker thread), and for transact-write how long the delivery took after the load.
+
+    python -m benchmarks.in_process kv-get
+    python -m benchmarks.in_process transact-write --backend postgres [--no-listener]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import sqlite3
+import struct
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvloop
+from google.protobuf.message import Message
+
+from app.http_app import create_app
+from app.settings import load_settings
+from app.transports.asgi_util import ASGIApp
+from benchmarks import transact
+from prism.v1 import keyvalue_pb2 as kv
+from prism.v1 import session_pb2
+from prism.v1 import transact_pb2 as t
+
+TRAILERS = "http.response.trailers"
+POLL = 0.05  # seconds between looks at what the listener has left to deliver
+
+
+class InProcessGateway:
+    """The gateway's ASGI app, started through its lifespan, answering native gRPC calls."""
+
+    def __init__(self, settings_file: pathlib.Path | None, data_dir: pathlib.Path) -> None:
+        environ = {"PRISM_DATA_DIR": str(data_dir), "PRISM_GRPC__SERVER": "asgi"}  # no grpc.aio port of its own
+        self.app: ASGIApp = create_app(load_settings(settings_file, environ))
+        self._lifespan_in: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        self._lifespan_out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._lifespan: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> InProcessGateway:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+        self._lifespan = asyncio.create_task(self.app(scope, self._lifespan_in.get, self._lifespan_out.put))
+        await self._lifespan_in.put({"type": "lifespan.startup"})
+        started = await self._lifespan_out.get()
+        if started["type"] != "lifespan.startup.complete":
+            raise RuntimeError(f"the gateway did not start: {started}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._lifespan_in.put({"type": "lifespan.shutdown"})
+        assert self._lifespan is not None
+        await self._lifespan
+
+    async def call(self, path: str, request: Message, token: str = "") -> bytes:
+        """One unary call; the response message's bytes, or RuntimeError with the status."""
+        headers = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+        if token:
+            headers.append((b"x-prism-session", token.encode()))
+        scope = {
+            "type": "http", "http_version": "2", "method": "POST", "scheme": "http", "path": path,
+            "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": headers,
+            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080), "extensions": {TRAILERS: {}},
+        }  # fmt: skip
+        payload = request.SerializeToString()
+        body = struct.pack(">BI", 0, len(payload)) + payload
+        received = False
+        answered: list[bytes] = []
+        trailers: list[tuple[bytes, bytes]] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal received
+            if received:  # the body was read: the client stays until the answer is complete
+                await asyncio.Event().wait()
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                answered.append(message.get("body", b""))
+            elif message["type"] == TRAILERS:
+                trailers.extend(message["headers"])
+
+        await self.app(scope, receive, send)
+        status = dict(trailers).get(b"grpc-status")
+        if status != b"0":
+            raise RuntimeError(f"{path}: grpc-status {status!r}: {dict(trailers).get(b'grpc-message', b'')!r}")
+        data = b"".join(answered)
+        return data[5:]
+
+    async def session(self, config: str) -> str:
+        answer = await self.call("/prism.v1.SessionService/CreateSession", session_pb2.CreateSessionRequest(config_name=config))
+        return session_pb2.CreateSessionResponse.FromString(answer).token
+
+
+async def flat_out(call: Callable[[int, int], Awaitable[None]], callers: int, seconds: float) -> dict[str, float]:
+    """``callers`` loops of ``call(caller, n)``: one second of warm-up, then ``seconds`` timed."""
+    counts = [0] * callers
+
+    async def caller(index: int, until: float) -> None:
+        while time.perf_counter() < until:
+            await call(index, counts[index])
+            counts[index] += 1
+
+    warm = time.perf_counter() + 1
+    await asyncio.gather(*(caller(i, warm) for i in range(callers)))
+    before, cpu, started = sum(counts), time.process_time(), time.perf_counter()
+    until = started + seconds
+    await asyncio.gather(*(caller(i, until) for i in range(callers)))
+    elapsed, used, calls = time.perf_counter() - started, time.process_time() - cpu, sum(counts) - before
+    return {"calls": calls, "seconds": round(elapsed, 3), "calls_per_s": round(calls / elapsed, 1),
+            "cpu_us_per_call": round(used / calls * 1e6, 1)}
+
+
+async def kv_get(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, Any]:
+    async with InProcessGateway(None, workdir / "data") as gateway:
+        token = await gateway.session("kv")
+        await gateway.call("/prism.v1.KeyValueService/Set", kv.SetRequest(key="k", value=bytes(100)), token)
+        request = kv.GetRequest(key="k")
+
+        async def get(caller: int, n: int) -> None:
+            await gateway.call("/prism.v1.KeyValueService/Get", request, token)
+
+        return await flat_out(get, args.callers, args.seconds)
+
+
+async def transact_write(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+    table = f"{transact.TABLE_PREFIX}_{run}"
+    sqlite_file = workdir / "transact.db"
+    await transact.cleanup()
+    transact.create_sqlite_table(sqlite_file, table)
+    await transact.create_postgres_table(table)
+    config = transact.write_config(workdir / "prism.yaml", sqlite_file, table, listener=args.listener)
+    try:
+        async with InProcessGateway(config, workdir / "data") as gateway:
+            token = await gateway.session(f"tx-{args.backend}")
+
+            async def write(caller: int, n: int) -> None:
+                request = t.WriteRequest(
+                    data=t.DataWrite(table=table, operation=t.WRITE_OPERATION_UPSERT),
+                    mailbox=t.MailboxWrite(mailbox=f"bench-{run}-{caller}", payload=transact.PAYLOAD,
+                                           destination=transact.DESTINATION),
+                )
+                request.data.row.update({"id": f"{run}-{caller}-{n}", "customer": f"c-{n % 100}",
+                                         "total": n * 0.25 + 0.5, "status": "new"})
+                answer = t.WriteResponse.FromString(await gateway.call("/prism.v1.TransactService/Write", request, token))
+                if answer.mailbox_sequence != n + 1:
+                    raise RuntimeError(f"caller {caller}: Write {n + 1} got mailbox sequence {answer.mailbox_sequence}")
+
+            result = await flat_out(write, args.callers, args.seconds)
+            if args.listener:  # every row delivered before the gateway stops
+                ended = time.perf_counter()
+                for _ in range(int(transact.DRAIN_LIMIT / POLL)):  # polled: only the database says what the listener delivered
+                    if not (left := await asyncio.to_thread(_undelivered, args.backend, sqlite_file, run)):
+                        break
+                    await asyncio.sleep(POLL)
+                if left:
+                    raise RuntimeError(f"{left} mailbox rows undelivered {transact.DRAIN_LIMIT:g} s after the load")
+                result["drain_s"] = round(time.perf_counter() - ended, 2)
+            return result
+    finally:
+        await transact.cleanup()
+
+
+def _undelivered(backend: str, sqlite_file: pathlib.Path, run: str) -> int:
+    """Mailbox rows of this run not yet delivered."""
+    query = "SELECT count(*) FROM prism_transact_mailbox WHERE mailbox LIKE ? AND delivered_ns IS NULL"
+    if backend == "sqlite":
+        with sqlite3.connect(sqlite_file) as con:
+            return int(con.execute(query, (f"bench-{run}-%",)).fetchone()[0])
+
+    async def count() -> int:
+        import asyncpg
+
+        con = await asyncpg.connect(transact.POSTGRES_DSN)
+        try:
+            return int(await con.fetchval(query.replace("?", "$1"), f"bench-{run}-%"))
+        finally:
+            await con.close()
+
+    return asyncio.run(count())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.in_process", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workload", choices=("kv-get", "transact-write"))
+    parser.add_argument("--backend", choices=list(transact.BACKENDS), default="sqlite", help="transact-write")
+    parser.add_argument("--no-listener", dest="listener", action="store_false", help="transact-write: rows stay undelivered")
+    parser.add_argument("--callers", type=int, help="calls at once (default: 64 for kv-get, 16 for transact-write)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds")
+    args = parser.parse_args(argv)
+    args.callers = args.callers or (64 if args.workload == "kv-get" else transact.IN_FLIGHT)
+    workload = kv_get if args.workload == "kv-get" else transact_write
+    with tempfile.TemporaryDirectory(prefix="prism-in-process-") as workdir:
+        result = uvloop.run(workload(args, pathlib.Path(workdir)))
+    print(json.dumps({"workload": args.workload, **({"backend": args.backend, "listener": args.listener}
+                     if args.workload == "transact-write" else {}), "callers": args.callers, **result}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
