@@ -15,7 +15,7 @@ from benchmarks import kv, procs
 from benchmarks.context import Context
 from benchmarks.loader import Shape
 
-SERVERS = ("hypercorn", "granian")
+SERVERS = ("hypercorn", "granian", "pyvoy")
 # HTTP/1.1 has no multiplexing: 64 in flight is 64 connections (h2load -m would pipeline).
 PROTOCOLS = [
     ("http1", "HTTP/1.1", True, Shape(64, 1)),
