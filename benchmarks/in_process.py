@@ -30,8 +30,6 @@ import argparse
 import asyncio
 import json
 import pathlib
-import sqlite3
-import struct
 import sys
 import tempfile
 import time
@@ -45,12 +43,13 @@ from google.protobuf.message import Message
 from app.http_app import create_app
 from app.settings import load_settings
 from app.transports.asgi_util import ASGIApp
+from app.transports.grpc_asgi import TRAILERS
+from benchmarks import kv as bench_kv
 from benchmarks import transact
 from prism.v1 import keyvalue_pb2 as kv
 from prism.v1 import session_pb2
 from prism.v1 import transact_pb2 as t
 
-TRAILERS = "http.response.trailers"
 POLL = 0.05  # seconds between looks at what the listener has left to deliver
 
 
@@ -88,8 +87,7 @@ class InProcessGateway:
             "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": headers,
             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080), "extensions": {TRAILERS: {}},
         }  # fmt: skip
-        payload = request.SerializeToString()
-        body = struct.pack(">BI", 0, len(payload)) + payload
+        body = bench_kv.grpc_frame(request.SerializeToString())
         received = False
         answered: list[bytes] = []
         trailers: list[tuple[bytes, bytes]] = []
@@ -165,11 +163,10 @@ async def transact_write(args: argparse.Namespace, workdir: pathlib.Path) -> dic
             async def write(caller: int, n: int) -> None:
                 request = t.WriteRequest(
                     data=t.DataWrite(table=table, operation=t.WRITE_OPERATION_UPSERT),
-                    mailbox=t.MailboxWrite(mailbox=f"bench-{run}-{caller}", payload=transact.PAYLOAD,
+                    mailbox=t.MailboxWrite(mailbox=transact._mailbox(run, caller), payload=transact.PAYLOAD,
                                            destination=transact.DESTINATION),
                 )
-                request.data.row.update({"id": f"{run}-{caller}-{n}", "customer": f"c-{n % 100}",
-                                         "total": n * 0.25 + 0.5, "status": "new"})
+                request.data.row.update(transact._data_row(run, caller, n))
                 answer = t.WriteResponse.FromString(await gateway.call("/prism.v1.TransactService/Write", request, token))
                 if answer.mailbox_sequence != n + 1:
                     raise RuntimeError(f"caller {caller}: Write {n + 1} got mailbox sequence {answer.mailbox_sequence}")
@@ -178,7 +175,7 @@ async def transact_write(args: argparse.Namespace, workdir: pathlib.Path) -> dic
             if args.listener:  # every row delivered before the gateway stops
                 ended = time.perf_counter()
                 for _ in range(int(transact.DRAIN_LIMIT / POLL)):  # polled: only the database says what the listener delivered
-                    if not (left := await asyncio.to_thread(_undelivered, args.backend, sqlite_file, run)):
+                    if not (left := (await asyncio.to_thread(transact.stored, args.backend, sqlite_file, table, run)).undelivered):
                         break
                     await asyncio.sleep(POLL)
                 if left:
@@ -187,25 +184,6 @@ async def transact_write(args: argparse.Namespace, workdir: pathlib.Path) -> dic
             return result
     finally:
         await transact.cleanup()
-
-
-def _undelivered(backend: str, sqlite_file: pathlib.Path, run: str) -> int:
-    """Mailbox rows of this run not yet delivered."""
-    query = "SELECT count(*) FROM prism_transact_mailbox WHERE mailbox LIKE ? AND delivered_ns IS NULL"
-    if backend == "sqlite":
-        with sqlite3.connect(sqlite_file) as con:
-            return int(con.execute(query, (f"bench-{run}-%",)).fetchone()[0])
-
-    async def count() -> int:
-        import asyncpg
-
-        con = await asyncpg.connect(transact.POSTGRES_DSN)
-        try:
-            return int(await con.fetchval(query.replace("?", "$1"), f"bench-{run}-%"))
-        finally:
-            await con.close()
-
-    return asyncio.run(count())
 
 
 def main(argv: list[str] | None = None) -> None:

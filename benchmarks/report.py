@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.rest_throughput import SERVERS as REST_SERVERS
+
 Row = dict[str, Any]
 
 
@@ -270,7 +272,7 @@ def targets(sections: dict[str, dict[str, Any]]) -> list[Row]:
                                  f"{value * 100:.0f}% ({rps(row['rps'])} RPS)", value >= 0.70,
                                  f"by {(0.70 - value) * 100:.0f} points"))
     rest = rows("rest")
-    for server in ("hypercorn", "granian", "pyvoy"):
+    for server in REST_SERVERS:
         for proto in ("http1", "h2c", "h2c-1conn"):
             row = rest.get(f"rest/{server}/{proto}/gateway")
             if row and row.get("ratio_vs_fastapi") is not None:

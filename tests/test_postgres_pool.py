@@ -1,15 +1,19 @@
-"""The shared Postgres pool releases a connection without a reset round trip, and still never
-hands out a connection inside a transaction."""
+"""The shared Postgres pool releases a connection without a reset round trip, never hands out
+a connection inside a transaction, and bounds the wait for a connection."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 
 from adapters.backends.postgres import PostgresPool, PostgresSettings
+from prism.errors import PrismError
 from tests.servers import POSTGRES_DSN, unreachable
 
 pytestmark = pytest.mark.skipif(bool(unreachable(POSTGRES_DSN)), reason=unreachable(POSTGRES_DSN) or "")
@@ -54,3 +58,22 @@ async def test_a_connection_released_inside_a_transaction_is_rolled_back(pool: P
     finally:
         async with pool.connection() as con:
             await con.execute(f"DROP TABLE {table}")
+
+
+async def test_waiting_for_a_busy_pool_ends_unavailable_and_loses_no_connection() -> None:
+    """A call that finds every connection taken for longer than ``command_timeout`` is
+    UNAVAILABLE; the abandoned wait leaves the pool whole (the connection goes to the next)."""
+    opened = PostgresPool(PostgresSettings(dsn=POSTGRES_DSN, pool_size=1, command_timeout=0.3))
+    await opened.start()
+    try:
+        async with opened.connection():
+            started = time.monotonic()
+            with pytest.raises(PrismError) as refused:
+                async with opened.connection():
+                    pass
+            assert refused.value.code is grpc.StatusCode.UNAVAILABLE
+            assert 0.25 <= time.monotonic() - started < 2
+        async with asyncio.timeout(2), opened.connection() as con:
+            assert await con.fetchval("SELECT 1") == 1
+    finally:
+        await opened.close()
