@@ -568,7 +568,14 @@ class NatsQueue(QueueAdapter):
     ) -> list[Published | PrismError]:
         """Every entry sent before any answer is awaited (``publish_async``: one connection,
         so the stream stores them in this order), then every PubAck: a batch costs about one
-        round trip, not one per entry. ``msg_id``: the Nats-Msg-Id of a lone entry."""
+        round trip, not one per entry. ``msg_id``: the Nats-Msg-Id of a lone entry.
+
+        A stream not known to exist gets the first entry alone: were the stream made by another
+        process amid the batch, the entries before that moment would be refused and sent again
+        after the later ones, out of order."""
+        if stream not in self._streams and len(entries) > 1:
+            first = await self._publish_many(stream, namespace, topic, entries[:1])
+            return first + await self._publish_many(stream, namespace, topic, entries[1:])
         prepared = [self._prepared(stream, entry, msg_id) for entry in entries]
         results: list[Published | PrismError | None] = [None] * len(entries)
         pending = list(range(len(entries)))
@@ -609,6 +616,7 @@ class NatsQueue(QueueAdapter):
                 elif isinstance(ack, BaseException):
                     raise ack
                 else:
+                    self._streams.add(stream)
                     results[i] = await self._published(stream, entries[i], prepared[i][1], ack)
             if not pending:
                 break

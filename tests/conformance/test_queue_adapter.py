@@ -748,6 +748,27 @@ async def test_acknowledge_commit_and_seek_work_from_another_process(site: Any, 
     assert info.committed_offset == 0
 
 
+async def test_a_batch_keeps_its_order_while_another_process_makes_the_topic(site: Any) -> None:
+    """One process publishes a topic's first batch while another opens a consumer on it (which
+    makes the topic): whichever comes first, the batch is stored in its order."""
+    there = await site.open()
+    batch = [Entry(f"{i}".encode(), "k") for i in range(200)]
+    for delay in (0, 0, 0.0005, 0.001, 0.002, 0.004):  # the topic made before, amid, after the batch
+
+        async def opened(topic: Topic, delay: float = delay) -> Consumer:
+            await asyncio.sleep(delay)
+            return await topic.consumer("g", start=Start.EARLIEST, ack_deadline=30)
+
+        topic = Topic(await site.open())
+        consumer, published = await asyncio.gather(opened(topic), topic.on(there).queue.publish(topic.ns, topic.name, batch))
+        assert [p.offset for p in published] == sorted(p.offset for p in published), "offsets in batch order"
+        info = await topic.queue.topic_info(topic.ns, topic.name)
+        assert sum(p.high_offset - p.low_offset for p in info) == len(batch), "each entry stored once"
+        assert payloads(await drain(topic, consumer, "g", 3)) == [b"0", b"1", b"2"]
+        await topic.close()
+        await site.close(topic.queue)
+
+
 async def test_a_consumer_closing_in_one_process_hands_its_messages_to_another(site: Any, topic: Topic) -> None:
     there = topic.on(await site.open())
     leaving = await topic.consumer("g", ack_deadline=30)
