@@ -204,6 +204,29 @@ async def test_high_offsets_count_every_record_of_a_batch() -> None:
 
 
 @pytest.mark.usefixtures("kafka_broker")
+async def test_a_read_leaves_no_records_holding_back_the_other_partitions() -> None:
+    """One consumer reads every partition (the ledger's and the topics'), a few records at a
+    time. Records a fetch brought beyond a read's count, left in aiokafka's fetcher, would hold
+    back the fetches of every other partition for its prefetch backoff (100 ms): each
+    acknowledgement (a ledger read) after a delivery took that long. Whitebox: aiokafka keeps
+    them in its fetcher's ``_records``."""
+    connection = KafkaConnection(KafkaSettings(bootstrap_servers=KAFKA_BOOTSTRAP))
+    await connection.start()
+    queue = KafkaQueue(connection)
+    await queue.start()
+    try:
+        published = await queue.publish("leftovers", "t", [Entry(f"{i}".encode(), "k") for i in range(30)])
+        tp = TopicPartition(topic_name("prism", "leftovers", "t"), published[0].partition)  # type: ignore[union-attr]
+        for offset in (0, 1, 10):
+            (record,) = await queue.read(tp, offset, 1)
+            assert (record.offset, record.value) == (offset, f"{offset}".encode())
+            assert tp not in queue.fetcher._fetcher._records, "records left in the fetcher after a read"
+    finally:
+        await queue.close()
+        await connection.close()
+
+
+@pytest.mark.usefixtures("kafka_broker")
 async def test_positions_are_mirrored_into_kafka_committed_offsets() -> None:
     bootstrap = KAFKA_BOOTSTRAP
     connection = KafkaConnection(KafkaSettings(bootstrap_servers=bootstrap))
