@@ -1096,6 +1096,9 @@ class KafkaConsumer(Consumer):
         self._next: dict[int, int | None] = dict.fromkeys(range(partitions))  # where _kc reads next
         self._records: dict[tuple[int, int], ConsumerRecord] = {}  # of this consumer's leases
         self._handed: set[tuple[int, int, int]] = set()  # (partition, offset, lease) handed out
+        # Live leases when take last looked: only this consumer's take (under _lock) adds any,
+        # so until the next look it is at least what is held, and room from it never too much.
+        self._held = 0
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._closed = False
@@ -1155,6 +1158,7 @@ class KafkaConsumer(Consumer):
         Nothing is awaited once one is handed out (a cancelled caller would strand it): a
         lease that needs a write first ends the list, and the next call writes it."""
         leases = self._mine()
+        self._held = len(leases)
         fresh = sorted((p, o) for (p, o), mark in leases.items() if (p, o, mark.lease) not in self._handed)
         taken: list[Delivery] = []
         if not fresh:
@@ -1195,10 +1199,13 @@ class KafkaConsumer(Consumer):
         those Kafka no longer has."""
         missing: dict[int, list[int]] = {}
         gone: set[tuple[int, int]] = set()
+        indexed: dict[int, dict[int, ConsumerRecord]] = {}  # partition → what was read ahead, by offset
         for p, o in wanted:
             if (p, o) in self._records:
                 continue
-            ahead = {r.offset: r for r in self._ahead[p]}
+            ahead = indexed.get(p)
+            if ahead is None:
+                ahead = indexed[p] = {r.offset: r for r in self._ahead[p]}
             if o in ahead:
                 self._records[(p, o)] = ahead[o]
             else:
@@ -1280,7 +1287,7 @@ class KafkaConsumer(Consumer):
     async def _take(self) -> bool:
         """Ask the ledger for leases; whether anything changed."""
         now = now_ms()
-        room = self.options.max_in_flight - len(self._mine())
+        room = self.options.max_in_flight - self._held
         if room <= 0:
             return False
         redeliver = self.queue.ledger.redeliverable(self.kafka_topic, self._group, now, room)
@@ -1326,7 +1333,7 @@ class KafkaConsumer(Consumer):
         if deadline is not None:
             timeout = min(timeout, (deadline - now) / 1000 + 0.002)
         waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
-        reading = self.options.max_in_flight > len(self._mine()) and sum(map(len, self._ahead.values())) < NEW_PER_TAKE
+        reading = self.options.max_in_flight > self._held and sum(map(len, self._ahead.values())) < NEW_PER_TAKE
         if reading:
             waits.append(asyncio.ensure_future(self._kc.getmany(*self.tps, timeout_ms=int(timeout * 1000), max_records=NEW_PER_TAKE)))
         try:
