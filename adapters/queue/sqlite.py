@@ -370,6 +370,7 @@ def _claim_partition(
 ) -> tuple[list[tuple[Delivery, int]], int | None, int]:
     group = options.group
     position = _ensure_position(c, ns, topic, group, partition, options.start)
+    # Stepped, not fetched whole: the rows past those ``room`` asks for are never read.
     rows = c.execute(
         "SELECT m.seq, m.key, d.attempts, d.deadline_ns FROM prism_queue_messages m "
         "LEFT JOIN prism_queue_deliveries d ON d.namespace = m.namespace AND d.topic = m.topic AND d.grp = ? "
@@ -377,7 +378,7 @@ def _claim_partition(
         "WHERE m.namespace = ? AND m.topic = ? AND m.partition = ? AND m.seq >= ? AND (d.acked IS NULL OR d.acked = 0) "
         "ORDER BY m.seq LIMIT ?",
         (group, ns, topic, partition, position, LOOKAHEAD),
-    ).fetchall()
+    )
     waiting: set[str] = set()  # keys with an earlier message leased or about to be
     chosen: list[tuple[int, int]] = []  # (seq, attempt)
     dead: list[tuple[int, int]] = []  # (seq, attempts so far)
@@ -399,6 +400,7 @@ def _claim_partition(
         chosen.append((seq, attempts + 1))
         if len(chosen) >= room:
             break
+    rows.close()
     for seq, attempts in dead:
         _dead_letter(c, ns, topic, options, partition, seq, attempts, now, partitions, spread)
     c.executemany(
