@@ -225,21 +225,51 @@ def _publish(
         for partition, indexes in sorted(by_partition.items()):
             stored.update(zip(indexes, _append(c, ns, topic, partition, [entries[i] for i in indexes], now), strict=True))
         return [stored[i] for i in range(len(entries))]
-    # With tokens, entry by entry: a token may repeat within the batch, and then its first
-    # entry must be stored before the next is looked up.
-    results: list[Published | PrismError] = []
-    for entry in entries:
-        if entry.idempotency_token:
-            found = c.execute(
-                "SELECT partition, seq, fingerprint FROM prism_queue_messages WHERE namespace=? AND topic=? AND token=?",
-                (ns, topic, entry.idempotency_token),
-            ).fetchone()
-            if found is not None:
-                same = found[2] == entry.fingerprint()
-                results.append(Published(message_id(found[0], found[1]), found[0], found[1]) if same else token_reused())
-                continue
-        results += _append(c, ns, topic, place(entry.partition_key), [entry], now)
-    return results
+    return _publish_once(c, ns, topic, entries, place, now)
+
+
+def _publish_once(
+    c: sqlite3.Connection, ns: str, topic: str, entries: Sequence[Entry], place: Callable[[str], int], now: int
+) -> list[Published | PrismError]:
+    """``_publish`` of a batch with idempotency tokens: every token looked up in one statement
+    (per SETTLE_CHUNK), the new entries appended per partition in batch order. A token stored
+    before answers with its message, or refuses an entry that differs; one that repeats within
+    the batch answers as its first entry there."""
+    tokens = sorted({entry.idempotency_token for entry in entries if entry.idempotency_token})
+    stored: dict[str, tuple[int, int, bytes]] = {}
+    for start in range(0, len(tokens), SETTLE_CHUNK):
+        chunk = tokens[start : start + SETTLE_CHUNK]
+        rows = c.execute(
+            "SELECT token, partition, seq, fingerprint FROM prism_queue_messages WHERE namespace=? AND topic=? "
+            f"AND token IN ({','.join('?' * len(chunk))})",
+            (ns, topic, *chunk),
+        )
+        stored.update((token, (partition, seq, fingerprint)) for token, partition, seq, fingerprint in rows)
+    results: list[Published | PrismError | None] = [None] * len(entries)
+    first_of: dict[str, int] = {}  # token → index of its entry appended by this batch
+    repeats: list[tuple[int, int]] = []  # (index, index of the batch's first entry with its token)
+    appended: dict[int, list[int]] = {}  # partition → indexes, in batch order
+    for i, entry in enumerate(entries):
+        token = entry.idempotency_token
+        if token in stored:
+            partition, seq, fingerprint = stored[token]
+            same = fingerprint == entry.fingerprint()
+            results[i] = Published(message_id(partition, seq), partition, seq) if same else token_reused()
+            continue
+        if token in first_of:
+            repeats.append((i, first_of[token]))
+            continue
+        if token:
+            first_of[token] = i
+        appended.setdefault(place(entry.partition_key), []).append(i)
+    for partition, indexes in sorted(appended.items()):
+        for i, published in zip(indexes, _append(c, ns, topic, partition, [entries[i] for i in indexes], now), strict=True):
+            results[i] = published
+    for i, first in repeats:
+        results[i] = results[first] if entries[i].fingerprint() == entries[first].fingerprint() else token_reused()
+    done = [result for result in results if result is not None]
+    assert len(done) == len(entries), "every entry has its result"
+    return done
 
 
 def _position(c: sqlite3.Connection, ns: str, topic: str, group: str, partition: int) -> int | None:

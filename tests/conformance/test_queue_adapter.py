@@ -372,6 +372,16 @@ async def test_idempotency_token_stores_once(topic: Topic, request: pytest.Fixtu
     assert sum(p.high_offset for p in info) == 1, "stored once"
     other = Topic(topic.queue, topic.ns)
     assert (await other.queue.publish_one(other.ns, other.name, entry)).offset == 0, "tokens are per topic"
+    # A token new to the topic, twice in one batch among other entries: stored once, by its first entry.
+    batch = [Entry(b"a", "k", {}, "t-a"), Entry(b"plain", "k"), Entry(b"a", "k", {}, "t-a"), Entry(b"b", "k", {}, "t-a"),
+             Entry(b"c", "k", {}, "t-c")]  # fmt: skip
+    results = await other.queue.publish(other.ns, other.name, batch)
+    assert isinstance(results[3], PrismError) and results[3].code == grpc.StatusCode.ALREADY_EXISTS, results
+    a, plain, a_again, c = results[0], results[1], results[2], results[4]
+    assert a_again == a, "the batch's repeat answers as its first entry"
+    assert [a.offset, plain.offset, c.offset] == [1, 2, 3], "stored in batch order"  # type: ignore[union-attr]
+    received = await drain(other, await other.consumer("g", start=Start.EARLIEST), "g", 4)
+    assert payloads(received) == [b"once", b"a", b"plain", b"c"]
 
 
 # --- Groups ---------------------------------------------------------------------------------
