@@ -163,10 +163,10 @@ async def transact_write(args: argparse.Namespace, workdir: pathlib.Path) -> dic
             async def write(caller: int, n: int) -> None:
                 request = t.WriteRequest(
                     data=t.DataWrite(table=table, operation=t.WRITE_OPERATION_UPSERT),
-                    mailbox=t.MailboxWrite(mailbox=transact._mailbox(run, caller), payload=transact.PAYLOAD,
+                    mailbox=t.MailboxWrite(mailbox=transact.mailbox_name(run, caller), payload=transact.PAYLOAD,
                                            destination=transact.DESTINATION),
                 )
-                request.data.row.update(transact._data_row(run, caller, n))
+                request.data.row.update(transact.data_row(run, caller, n))
                 answer = t.WriteResponse.FromString(await gateway.call("/prism.v1.TransactService/Write", request, token))
                 if answer.mailbox_sequence != n + 1:
                     raise RuntimeError(f"caller {caller}: Write {n + 1} got mailbox sequence {answer.mailbox_sequence}")

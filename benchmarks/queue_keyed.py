@@ -23,11 +23,11 @@ import statistics
 import tempfile
 import time
 import uuid
-from typing import Any
+from typing import cast
 
-from adapters.backends import Environment
 from adapters.queue.base import ConsumeOptions, Entry, QueueAdapter, Start
-from adapters.registry import backend_settings, lookup
+from app.backends import Backends
+from app.settings import load_settings
 from benchmarks import kafka_broker, queue
 
 KEYED, WAKES = 50, 20
@@ -35,27 +35,29 @@ IDLE = 0.2  # seconds a consumer waits with nothing to take before each wake-up
 WAIT = 10.0  # seconds: the bound on every delivery
 
 
-async def _open(backend: str, workdir: pathlib.Path) -> tuple[Any, QueueAdapter]:
-    settings = backend_settings(queue.BACKENDS[backend].settings())
-    kind = lookup(settings.type)
-    environment = Environment(name=backend, data_dir=workdir, stream_buffer=1000)
-    connection = kind.connect(settings, environment)
-    await connection.start()
-    adapter: QueueAdapter = kind.adapters["QUEUE"](connection, environment)  # type: ignore[assignment]
-    await adapter.start()
-    return connection, adapter
+async def _opened(workdir: pathlib.Path) -> Backends:
+    """Every backend of the Queue section, opened as a gateway process opens them."""
+    settings = load_settings(queue.write_config(workdir / "prism.yaml"), {"PRISM_DATA_DIR": str(workdir)})
+    backends = Backends(settings)
+    try:
+        await backends.start()
+    except BaseException:
+        await backends.close()
+        raise
+    return backends
 
 
 def _ms(seconds: list[float]) -> str:
     return f"{1000 * statistics.median(seconds):.2f} / {1000 * max(seconds):.2f}"
 
 
-async def measure(backend: str, workdir: pathlib.Path) -> dict[str, str]:
-    (here_connection, here), (there_connection, there) = await _open(backend, workdir), await _open(backend, workdir)
+async def measure(backend: str, here_backends: Backends, there_backends: Backends) -> dict[str, str]:
+    here = cast(QueueAdapter, here_backends.adapters("QUEUE")[backend])
+    there = cast(QueueAdapter, there_backends.adapters("QUEUE")[backend])
     ns, topic = queue.NAMESPACE, f"keyed-{uuid.uuid4().hex[:10]}"
+    await here.publish(ns, topic, [Entry(f"{i}".encode(), "k") for i in range(KEYED)])
+    consumer = await here.consume(ns, topic, ConsumeOptions("g", start=Start.EARLIEST, ack_deadline=30))
     try:
-        await here.publish(ns, topic, [Entry(f"{i}".encode(), "k") for i in range(KEYED)])
-        consumer = await here.consume(ns, topic, ConsumeOptions("g", start=Start.EARLIEST, ack_deadline=30))
         nexts, acks = [], []
         for i in range(KEYED):
             started = time.perf_counter()
@@ -75,11 +77,8 @@ async def measure(backend: str, workdir: pathlib.Path) -> dict[str, str]:
             delivery = await asyncio.wait_for(anext(consumer), WAIT)
             wakes.append(time.perf_counter() - started)
             await here.acknowledge(ns, topic, "g", [delivery.message_id])
-        await consumer.close()
     finally:
-        for adapter, connection in ((here, here_connection), (there, there_connection)):
-            await adapter.close()
-            await connection.close()
+        await consumer.close()
     return {"backend": queue.BACKENDS[backend].label, "next": _ms(nexts), "ack": _ms(acks), "wake": _ms(wakes)}
 
 
@@ -89,7 +88,13 @@ async def main() -> None:
     queue.KAFKA.bootstrap = broker.bootstrap
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            rows = [await measure(backend, pathlib.Path(scratch)) for backend in queue.BACKENDS]
+            here = await _opened(pathlib.Path(scratch))
+            there = await _opened(pathlib.Path(scratch))  # another process's connections
+            try:
+                rows = [await measure(backend, here, there) for backend in queue.BACKENDS]
+            finally:
+                await here.close()
+                await there.close()
     finally:
         await queue.cleanup()
         broker.stop()

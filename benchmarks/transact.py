@@ -151,12 +151,12 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def _data_row(run: str, caller: int, n: int) -> dict[str, Any]:
+def data_row(run: str, caller: int, n: int) -> dict[str, Any]:
     """Write ``n`` of ``caller``: a new row each time (the upsert inserts)."""
     return {"id": f"{run}-{caller}-{n}", "customer": f"c-{n % 100}", "total": n * 0.25 + 0.5, "status": "new"}
 
 
-def _mailbox(run: str, caller: int) -> str:
+def mailbox_name(run: str, caller: int) -> str:
     return f"bench-{run}-{caller}"
 
 
@@ -255,7 +255,7 @@ async def direct_postgres(args: argparse.Namespace, meter: Meter) -> dict[str, A
     columns = {"id": adapter.Column("text", False), "customer": adapter.Column("text", False),
                "total": adapter.Column("double precision", False), "status": adapter.Column("text", False)}
     table = TxTable(direct.data, ("id",), COLUMNS)
-    write = DataWrite(table, Operation.UPSERT, _data_row(args.run, 0, 0))
+    write = DataWrite(table, Operation.UPSERT, data_row(args.run, 0, 0))
     data_sql, order = adapter.data_statement(write, columns)
     append = direct.renamed(adapter.APPEND)
     if args.notify:  # the adapter's APPEND as it was: pg_notify in the transaction
@@ -281,14 +281,14 @@ async def direct_postgres(args: argparse.Namespace, meter: Meter) -> dict[str, A
                               "total double precision NOT NULL, status text NOT NULL)")
 
         async def write(caller: int, n: int) -> int:
-            row = _data_row(args.run, caller, n)
+            row = data_row(args.run, caller, n)
             values = [adapter._text(row[name], columns[name]) for name in order]
             async with pool.acquire() as con:
                 try:
                     await con.execute(begin)
                     now = time.time_ns()
                     await con.execute(data_sql, *values)
-                    seq: int = await con.fetchval(append, namespace, _mailbox(args.run, caller), PAYLOAD, "{}",
+                    seq: int = await con.fetchval(append, namespace, mailbox_name(args.run, caller), PAYLOAD, "{}",
                                                   DESTINATION, now)
                     await con.execute("COMMIT")
                 except BaseException:
@@ -297,10 +297,10 @@ async def direct_postgres(args: argparse.Namespace, meter: Meter) -> dict[str, A
             return seq
 
         async def write_one(caller: int, n: int) -> int:
-            row = _data_row(args.run, caller, n)
+            row = data_row(args.run, caller, n)
             values = [adapter._text(row[name], columns[name]) for name in order]
             async with pool.acquire() as con:
-                found = await con.fetchrow(one_sql, *values, namespace, _mailbox(args.run, caller), PAYLOAD, "{}",
+                found = await con.fetchrow(one_sql, *values, namespace, mailbox_name(args.run, caller), PAYLOAD, "{}",
                                            DESTINATION, time.time_ns())
             if found is None or found[0] is None:
                 raise RuntimeError("the one statement wrote nothing (not READ COMMITTED?)")
@@ -336,7 +336,7 @@ async def direct_sqlite(args: argparse.Namespace, meter: Meter) -> dict[str, Any
 
     direct = Direct(args.run)
     table = TxTable(direct.data, ("id",), COLUMNS)
-    data_sql, _ = adapter.data_statement(DataWrite(table, Operation.UPSERT, _data_row(args.run, 0, 0)))
+    data_sql, _ = adapter.data_statement(DataWrite(table, Operation.UPSERT, data_row(args.run, 0, 0)))
     head, append = direct.renamed(LITE_HEAD), direct.renamed(LITE_APPEND)
     namespace = BACKENDS["sqlite"].namespace
     path = args.workdir / f"{direct.prefix}direct.db"
@@ -393,11 +393,11 @@ async def direct_sqlite(args: argparse.Namespace, meter: Meter) -> dict[str, Any
         lambda writes: loop.run_in_executor(thread, grouped, writes), "direct-writes")
 
     async def write(caller: int, n: int) -> int:
-        row = _data_row(args.run, caller, n)
+        row = data_row(args.run, caller, n)
         values = [row[name] for name in COLUMNS]
         if args.tuned:
-            return await batcher.submit((values, _mailbox(args.run, caller)))
-        return await loop.run_in_executor(thread, transaction, values, _mailbox(args.run, caller))
+            return await batcher.submit((values, mailbox_name(args.run, caller)))
+        return await loop.run_in_executor(thread, transaction, values, mailbox_name(args.run, caller))
 
     try:
         await loop.run_in_executor(thread, setup)
@@ -427,9 +427,9 @@ async def gateway_writes(args: argparse.Namespace, meter: Meter) -> dict[str, An
         async def write(caller: int, n: int) -> int:
             request = t.WriteRequest(
                 data=t.DataWrite(table=args.table, operation=t.WRITE_OPERATION_UPSERT),
-                mailbox=t.MailboxWrite(mailbox=_mailbox(args.run, caller), payload=PAYLOAD, destination=DESTINATION),
+                mailbox=t.MailboxWrite(mailbox=mailbox_name(args.run, caller), payload=PAYLOAD, destination=DESTINATION),
             )
-            request.data.row.update(_data_row(args.run, caller, n))
+            request.data.row.update(data_row(args.run, caller, n))
             answer = await call(request, metadata=metadata, timeout=WAIT)
             if answer.replayed:
                 raise RuntimeError("a Write without an idempotency key answered replayed")

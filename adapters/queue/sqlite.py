@@ -99,6 +99,7 @@ SCHEMA = (
 # of a long run of one key) count, so a partition's first LOOKAHEAD unacknowledged messages are
 # the ones that can be delivered.
 LOOKAHEAD = 1000
+BIND_CHUNK = 500  # values in one statement's IN (…) list (SQLite binds at most 32,766 variables)
 T = TypeVar("T")
 
 
@@ -215,30 +216,22 @@ def _publish(
 ) -> list[Published | PrismError]:
     place = _placer(_ensure_topic(c, ns, topic, partitions), spread)
     now = time.time_ns()
-    if not any(entry.idempotency_token for entry in entries):  # the common case: one statement per partition
-        if not any(entry.partition_key for entry in entries):  # all to one partition
-            return list(_append(c, ns, topic, place(""), entries, now))
-        by_partition: dict[int, list[int]] = {}
-        for i, entry in enumerate(entries):
-            by_partition.setdefault(place(entry.partition_key), []).append(i)
-        stored: dict[int, Published] = {}
-        for partition, indexes in sorted(by_partition.items()):
-            stored.update(zip(indexes, _append(c, ns, topic, partition, [entries[i] for i in indexes], now), strict=True))
-        return [stored[i] for i in range(len(entries))]
-    return _publish_once(c, ns, topic, entries, place, now)
+    if not any(entry.idempotency_token or entry.partition_key for entry in entries):  # the common case
+        return list(_append(c, ns, topic, place(""), entries, now))  # all to one partition: one statement
+    return _publish_per_partition(c, ns, topic, entries, place, now)
 
 
-def _publish_once(
+def _publish_per_partition(
     c: sqlite3.Connection, ns: str, topic: str, entries: Sequence[Entry], place: Callable[[str], int], now: int
 ) -> list[Published | PrismError]:
-    """``_publish`` of a batch with idempotency tokens: every token looked up in one statement
-    (per SETTLE_CHUNK), the new entries appended per partition in batch order. A token stored
-    before answers with its message, or refuses an entry that differs; one that repeats within
-    the batch answers as its first entry there."""
+    """``_publish`` of a batch with keys or idempotency tokens: every token looked up in one
+    statement (per BIND_CHUNK), the new entries appended per partition in batch order. A token
+    stored before answers with its message, or refuses an entry that differs; one that repeats
+    within the batch answers as its first entry there."""
     tokens = sorted({entry.idempotency_token for entry in entries if entry.idempotency_token})
     stored: dict[str, tuple[int, int, bytes]] = {}
-    for start in range(0, len(tokens), SETTLE_CHUNK):
-        chunk = tokens[start : start + SETTLE_CHUNK]
+    for start in range(0, len(tokens), BIND_CHUNK):
+        chunk = tokens[start : start + BIND_CHUNK]
         rows = c.execute(
             "SELECT token, partition, seq, fingerprint FROM prism_queue_messages WHERE namespace=? AND topic=? "
             f"AND token IN ({','.join('?' * len(chunk))})",
@@ -488,8 +481,6 @@ def _dead_letter(
     )
 
 
-SETTLE_CHUNK = 500  # offsets per statement (SQLite binds at most 32,766 variables)
-
 
 def _settle(c: sqlite3.Connection, ns: str, topic: str, group: str, ids: Sequence[str], acknowledge: bool) -> int:
     """Acknowledge (or end the leases of) delivered, unacknowledged messages; how many. One
@@ -502,8 +493,8 @@ def _settle(c: sqlite3.Connection, ns: str, topic: str, group: str, ids: Sequenc
     count = 0
     for partition, offsets in sorted(by_partition.items()):
         ordered, settled = sorted(offsets), set()
-        for start in range(0, len(ordered), SETTLE_CHUNK):
-            chunk = ordered[start : start + SETTLE_CHUNK]
+        for start in range(0, len(ordered), BIND_CHUNK):
+            chunk = ordered[start : start + BIND_CHUNK]
             settled.update(
                 seq
                 for (seq,) in c.execute(
