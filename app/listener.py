@@ -13,7 +13,7 @@ rows become Queue messages or PubSub deliveries, at least once, in order per mai
     Queue.publish   topic   = the row's destination, else the mailbox's name (one batch publish)
                     key     = the mailbox's name (one partition: the topic keeps the mailbox's order)
                     token   = from (epoch, sequence) where the queue deduplicates: a row published
-                              again after a crash is stored once
+                              again after a crash is stored once (a mailbox's tokens sort in its order)
     PubSub.publish  subject = the row's destination, else the mailbox's name (one message a call:
                               each mailbox's in turn, the mailboxes side by side)
         │ headers: the row's own (its traceparent among them) + prism-mailbox, prism-mailbox-sequence
@@ -146,6 +146,14 @@ def message_headers(mailbox: str, row: MailboxRow) -> dict[str, str]:
 Outgoing = tuple[Claimed, MailboxRow]  # a row on its way, with the claim of its mailbox
 
 
+def token_prefix(batch: Claimed) -> str:
+    """The first part of the idempotency tokens of a mailbox's rows; the row's sequence, fixed
+    width, follows. A mailbox's tokens sort in its order, so a queue's token index takes a
+    claim's rows as appends to a few pages rather than as that many scattered inserts."""
+    name = f"{batch.epoch}\0{batch.namespace}\0{batch.mailbox}".encode()
+    return f"prism-mailbox-{hashlib.sha256(name).hexdigest()[:32]}-"
+
+
 class Target(ABC):
     """Where one route's rows go: a QUEUE or PUBSUB config's backend and namespace."""
 
@@ -167,19 +175,18 @@ class QueueTarget(Target):
         self.queue = queue
         self.tokens = Capability.IDEMPOTENT_PUBLISH in queue.capabilities
 
-    def _token(self, batch: Claimed, row: MailboxRow) -> str:
-        if not self.tokens:
-            return ""
-        name = f"{batch.epoch}\0{batch.namespace}\0{batch.mailbox}\0{row.sequence}".encode()
-        return "prism-mailbox-" + hashlib.sha256(name).hexdigest()[:48]
-
     async def publish(self, destination: str, rows: Sequence[Outgoing]) -> Sequence[BaseException | None]:
         # One batch publish for every mailbox's run: the adapter stores the entries in order,
         # each mailbox's on one partition (its name is the key), and answers per entry.
-        entries = [
-            Entry(row.payload, batch.mailbox, message_headers(batch.mailbox, row), self._token(batch, row))
-            for batch, row in rows
-        ]
+        prefixes: dict[int, str] = {}
+        entries = []
+        for batch, row in rows:
+            token = ""
+            if self.tokens:
+                if (prefix := prefixes.get(id(batch))) is None:
+                    prefix = prefixes[id(batch)] = token_prefix(batch)
+                token = f"{prefix}{row.sequence:016x}"
+            entries.append(Entry(row.payload, batch.mailbox, message_headers(batch.mailbox, row), token))
         results = await self.queue.publish(self.namespace, destination, entries)
         return [result if isinstance(result, PrismError) else None for result in results]
 

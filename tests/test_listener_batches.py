@@ -8,7 +8,9 @@ into a real Queue on the same backend (the Sites and helpers are the conformance
 - a batch publish that fails as a whole leaves every row of it undelivered (no mark, the error
   kept on the row), and the rows are delivered later, once each and in order;
 - a refusal of a grouped publish is split per mailbox, so it counts against the mailbox whose
-  row was refused only.
+  row was refused only;
+- a row's idempotency token is the same each time it is published (a redelivery is stored
+  once), and a mailbox's tokens sort in its order (the queue's token index takes them as appends).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Any
 import grpc
 import pytest
 
-from adapters.queue.base import QueueAdapter
-from adapters.transact.base import MAILBOX_HEADER, SEQUENCE_HEADER, MailboxRow, Operation
+from adapters.queue.base import Entry, Published, QueueAdapter
+from adapters.transact.base import MAILBOX_HEADER, SEQUENCE_HEADER, Claimed, MailboxRow, Operation
 from app.listener import MailboxListener, Outgoing, QueueTarget, RouteTable
 from app.settings import MailboxListenerSettings
 from prism.errors import PrismError
@@ -210,3 +212,54 @@ async def test_a_refused_grouped_publish_counts_against_the_refused_mailbox_only
     await queue.close()
     await connection.close()
 
+
+
+class TokensSeen(QueueTarget):
+    """A real Queue destination that notes the idempotency token of every entry it publishes."""
+
+    def __init__(self, queue: QueueAdapter, namespace: str) -> None:
+        super().__init__("tokens", namespace, queue)
+        self.seen: list[tuple[str, int, str]] = []  # (mailbox, sequence, token)
+        real = queue.publish
+
+        async def publish(namespace: str, topic: str, entries: Sequence[Entry]) -> Sequence[Published | PrismError]:
+            self.seen += [(e.partition_key, int(e.headers[SEQUENCE_HEADER]), e.idempotency_token) for e in entries]
+            return await real(namespace, topic, entries)
+
+        queue.publish = publish  # type: ignore[method-assign]
+
+
+async def test_a_rows_token_is_stable_across_redeliveries_and_a_mailboxs_tokens_sort_in_its_order(site: Any) -> None:
+    """Two mailboxes of 40 rows (sequences past 0xf and 0x1f: the width is fixed), published to a
+    real queue, then all of them again as a redelivery after a crash would: every entry of the
+    second round is answered as the first stored it, and the topic holds each row once. Each
+    mailbox's tokens sort as its sequences do; two mailboxes, or one under another epoch, never
+    share a token."""
+    queue, connection = await open_queue(site)
+    out = out_namespace()
+    target = TokensSeen(queue, out)
+    now = time.time_ns()
+    claims = [
+        Claimed("ns", mailbox, tuple(MailboxRow(mailbox, n, f"{mailbox}{n}".encode(), {}, "", now, None, 1) for n in range(1, 41)), "e1")
+        for mailbox in ("a", "b")
+    ]
+    rows: list[Outgoing] = [(claim, row) for claim in claims for row in claim.rows]
+    try:
+        for _ in range(2):
+            assert list(await target.publish("orders.created", rows)) == [None] * 80
+        first, again = target.seen[:80], target.seen[80:]
+        assert again == first
+        for mailbox in ("a", "b"):
+            mine = [(sequence, token) for m, sequence, token in first if m == mailbox]
+            assert [sequence for sequence, _ in mine] == list(range(1, 41))
+            assert sorted(token for _, token in mine) == [token for _, token in mine]
+        assert len({token for _, _, token in first}) == 80
+        other_epoch = Claimed("ns", "a", claims[0].rows, "e2")
+        assert list(await target.publish("orders.created", [(other_epoch, claims[0].rows[0])])) == [None]
+        assert target.seen[-1][2] not in {token for _, _, token in first}
+        messages = await read_topic(queue, out, "orders.created", 81)
+        assert len(messages) == 81
+        assert sorted(m.payload for m in messages) == sorted([*(row.payload for _, row in rows), b"a1"])
+    finally:
+        await queue.close()
+        await connection.close()
