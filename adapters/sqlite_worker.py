@@ -15,15 +15,26 @@ import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
 from adapters.backends import Connection
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 Job = tuple[asyncio.Future[Any], Callable[[sqlite3.Connection], Any]]
+# A grouped job: one item for ``group(connection, items)``, which answers one outcome per item
+# (its result, or the exception its caller gets).
+Group = Callable[[sqlite3.Connection, list[Any]], Sequence[Any]]
 _STOP = object()
+
+
+class _Grouped:
+    __slots__ = ("future", "group", "item")
+
+    def __init__(self, future: asyncio.Future[Any], group: Group, item: Any) -> None:
+        self.future, self.group, self.item = future, group, item
 
 
 def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -54,6 +65,36 @@ def _execute_when_unlocked(connection: sqlite3.Connection, pragma: str) -> None:
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 0.1)
+
+
+def _run_group(
+    connection: sqlite3.Connection,
+    group: Group,
+    batch: list[Any],
+    first: int,
+    results: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+) -> None:
+    """Run the grouped job at ``batch[first]`` with the later ones of its group in ``batch``
+    (taken out of it: they are answered here), at the first one's turn."""
+    members = []
+    for i in range(first, len(batch)):
+        job = batch[i]
+        if isinstance(job, _Grouped) and job.group is group:
+            if not job.future.cancelled():  # a caller that left before its turn is left out
+                members.append(job)
+            batch[i] = None
+    if not members:
+        return
+    try:
+        outcomes = group(connection, [job.item for job in members])
+    except BaseException as exc:
+        results.extend((job.future, None, exc) for job in members)
+        return
+    for job, outcome in zip(members, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            results.append((job.future, None, outcome))
+        else:
+            results.append((job.future, outcome, None))
 
 
 class SqliteWorker(Connection):
@@ -97,17 +138,19 @@ class SqliteWorker(Connection):
                         batch.append(self._jobs.get_nowait())
                     except Empty:
                         break
-                results = []
+                results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
                 stop = False
-                for job in batch:
+                for i, job in enumerate(batch):
                     if job is _STOP:
                         stop = True
-                        continue
-                    future, call = job  # type: ignore[misc]
-                    try:
-                        results.append((future, call(connection), None))
-                    except BaseException as exc:
-                        results.append((future, None, exc))
+                    elif isinstance(job, _Grouped):
+                        _run_group(connection, job.group, batch, i, results)
+                    elif job is not None:
+                        future, call = job  # type: ignore[misc]
+                        try:
+                            results.append((future, call(connection), None))
+                        except BaseException as exc:
+                            results.append((future, None, exc))
                 if results:
                     self._loop.call_soon_threadsafe(_deliver, results)
                 if stop:
@@ -117,11 +160,24 @@ class SqliteWorker(Connection):
 
     def run(self, call: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run ``call(connection)`` on the worker thread; await the returned future."""
-        if self._thread is None or self._loop is None:
-            raise RuntimeError(f"SQLite worker for {self.path} used before start()")
-        future: asyncio.Future[T] = self._loop.create_future()
+        future: asyncio.Future[T] = self._new_future()
         self._jobs.put((future, call))
         return future
+
+    def run_grouped(self, group: Callable[[sqlite3.Connection, list[Item]], Sequence[T | BaseException]], item: Item) -> asyncio.Future[T]:
+        """Run ``item`` in one call ``group(connection, items)`` with every item for the same
+        ``group`` queued by the time the thread comes to it — group commit, formed on the
+        thread: the group is whatever waited while the thread was busy, and the next one can be
+        queued while this one runs. ``group`` answers one outcome per item, in order: its
+        result, or the exception its caller gets; an exception ``group`` raises is every item's."""
+        future: asyncio.Future[T] = self._new_future()
+        self._jobs.put(_Grouped(future, group, item))
+        return future
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        if self._thread is None or self._loop is None:
+            raise RuntimeError(f"SQLite worker for {self.path} used before start()")
+        return self._loop.create_future()
 
     async def ping(self) -> None:
         """The file still opens and answers: a statement through the whole batch path."""

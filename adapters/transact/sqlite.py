@@ -10,7 +10,7 @@
 A **Write** runs in one job on the backend's :class:`SqliteWorker` thread, ``BEGIN IMMEDIATE``
 to ``COMMIT``, so the whole transaction runs without yielding the thread and nobody else's
 statement lands inside it. Writes that arrive while one such job is queued or running go
-together in the next (group commit, :class:`~adapters.transact.base.Batcher`): one transaction,
+together in the next (group commit, formed on the thread: :meth:`SqliteWorker.run_grouped`): one transaction,
 and every Write is answered only after the COMMIT. When one of them fails, the transaction is
 rolled back and run again with each Write in a savepoint of its own — the one that fails is
 rolled back to its savepoint alone, the others commit (savepoints only then: they cost two
@@ -67,7 +67,6 @@ from adapters.capabilities import Capability
 from adapters.sqlite_worker import SqliteWorker
 from adapters.transact.base import (
     KEY_WINDOW_SECONDS,
-    Batcher,
     Changes,
     Claim,
     Claimed,
@@ -572,6 +571,12 @@ def _mark(c: sqlite3.Connection, job: _MarkJob) -> None:
     )
 
 
+def _mark_group(c: sqlite3.Connection, jobs: list[_MarkJob]) -> list[None]:
+    """The marks that came together (a claim's mailboxes, delivered concurrently): one write
+    transaction for all of them."""
+    return _with_write_lock(c, lambda c: [_mark(c, job) for job in jobs])
+
+
 def _record_failure(c: sqlite3.Connection, ns: str, mailbox: str, holder: str, failure: Failure, now: int) -> None:
     """The row's last error, one more refusal, and its dead-lettering (rule 7)."""
     c.execute(
@@ -645,8 +650,6 @@ class SqliteTransact(TransactAdapter):
         self._open: set[SqliteTransaction] = set()
         self._opening = 0  # begins waiting for their connection
         self._keyed = 0  # keyed Writes so far, for the expired-key sweep
-        self._writes: Batcher[_Write, tuple[int, int, bool]] = Batcher(self._write_batch, "sqlite-transact-writes")
-        self._marks: Batcher[_MarkJob, None] = Batcher(self._mark_batch, "sqlite-transact-marks")
 
     async def _run(self, job: Callable[..., T], *args: Any) -> T:
         try:
@@ -701,7 +704,7 @@ class SqliteTransact(TransactAdapter):
         pause = LOCK_WAIT / 5
         while True:
             try:
-                seq, committed_ns, replayed = await self._writes.submit(job)
+                seq, committed_ns, replayed = await self.worker.run_grouped(_write_batch, job)
                 if not replayed:
                     self.watchers.notify()
                 return WriteResult(seq, committed_ns, replayed)
@@ -717,14 +720,6 @@ class SqliteTransact(TransactAdapter):
             # Another connection holds the write lock: let the thread serve others meanwhile.
             await asyncio.sleep(random.uniform(0, pause))
             pause = min(pause * 2, 4 * LOCK_WAIT)
-
-    def _write_batch(self, writes: list[_Write]) -> asyncio.Future[list[Outcome]]:
-        return self.worker.run(lambda c: _write_batch(c, writes))
-
-    def _mark_batch(self, jobs: list[_MarkJob]) -> asyncio.Future[list[None]]:
-        """The marks that came together (a claim's mailboxes, delivered concurrently): one write
-        transaction for all of them."""
-        return self.worker.run(lambda c: _with_write_lock(c, lambda c: [_mark(c, job) for job in jobs]))
 
     def _mapped(self, exc: BaseException, data: DataWrite) -> PrismError:
         if "no such" in str(exc):
@@ -805,7 +800,7 @@ class SqliteTransact(TransactAdapter):
         job = _MarkJob(holder, namespace, mailbox, sequences, int(retry_after * 1e9), failure)
         while True:
             try:
-                await self._marks.submit(job)
+                await self.worker.run_grouped(_mark_group, job)
                 return
             except _Busy as exc:
                 if time.monotonic() > patience:
