@@ -11,6 +11,9 @@ tells how much of the row is the transport and the client. Per workload, after o
 warm-up, ``--seconds`` of ``--callers`` callers calling flat out:
 
     kv-get           KeyValueService/Get of one 100-byte value on the embedded default (SQLite)
+    queue-publish    QueueService/PublishBatch of 100 entries of 100 bytes, no key, no token (the
+                     queue section's publish ×100) on the embedded default's ``queue`` (SQLite);
+                     calls/s are batches/s
     transact-write   TransactService/Write, the load of the transact section (an UPSERT of a new
                      row and a 100-byte mailbox row, each caller its own mailbox) on the
                      section's configuration (``benchmarks.transact.write_config``): its mailbox
@@ -21,6 +24,7 @@ Prints one JSON line: calls/s, CPU µs per call (every thread of this process: t
 SQLite's worker thread), and for transact-write how long the delivery took after the load.
 
     python -m benchmarks.in_process kv-get
+    python -m benchmarks.in_process queue-publish --callers 4
     python -m benchmarks.in_process transact-write --backend postgres [--no-listener]
 """
 
@@ -47,10 +51,13 @@ from app.transports.grpc_asgi import TRAILERS
 from benchmarks import kv as bench_kv
 from benchmarks import transact
 from prism.v1 import keyvalue_pb2 as kv
+from prism.v1 import queue_pb2 as q
 from prism.v1 import session_pb2
 from prism.v1 import transact_pb2 as t
 
 POLL = 0.05  # seconds between looks at what the listener has left to deliver
+BATCH = 100  # entries a queue-publish call
+WORKLOADS = {"kv-get": 64, "queue-publish": 4, "transact-write": transact.IN_FLIGHT}  # default callers
 
 
 class InProcessGateway:
@@ -148,6 +155,19 @@ async def kv_get(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, A
         return await flat_out(get, args.callers, args.seconds)
 
 
+async def queue_publish(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, Any]:
+    async with InProcessGateway(None, workdir / "data") as gateway:
+        token = await gateway.session("queue")
+        request = q.PublishBatchRequest(topic="bench", entries=[q.QueueEntry(payload=bytes(100)) for _ in range(BATCH)])
+
+        async def publish(caller: int, n: int) -> None:
+            answer = q.PublishBatchResponse.FromString(await gateway.call("/prism.v1.QueueService/PublishBatch", request, token))
+            if len(answer.results) != BATCH or any(r.status.code for r in answer.results):
+                raise RuntimeError(f"PublishBatch answered {answer.results[:1]} …")
+
+        return await flat_out(publish, args.callers, args.seconds)
+
+
 async def transact_write(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     table = f"{transact.TABLE_PREFIX}_{run}"
@@ -189,14 +209,14 @@ async def transact_write(args: argparse.Namespace, workdir: pathlib.Path) -> dic
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.in_process", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workload", choices=("kv-get", "transact-write"))
+    parser.add_argument("workload", choices=list(WORKLOADS))
     parser.add_argument("--backend", choices=list(transact.BACKENDS), default="sqlite", help="transact-write")
     parser.add_argument("--no-listener", dest="listener", action="store_false", help="transact-write: rows stay undelivered")
-    parser.add_argument("--callers", type=int, help="calls at once (default: 64 for kv-get, 16 for transact-write)")
+    parser.add_argument("--callers", type=int, help="calls at once (default: 64 for kv-get, 4 for queue-publish, 16 for transact-write)")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds")
     args = parser.parse_args(argv)
-    args.callers = args.callers or (64 if args.workload == "kv-get" else transact.IN_FLIGHT)
-    workload = kv_get if args.workload == "kv-get" else transact_write
+    args.callers = args.callers or WORKLOADS[args.workload]
+    workload = {"kv-get": kv_get, "queue-publish": queue_publish, "transact-write": transact_write}[args.workload]
     with tempfile.TemporaryDirectory(prefix="prism-in-process-") as workdir:
         result = uvloop.run(workload(args, pathlib.Path(workdir)))
     print(json.dumps({"workload": args.workload, **({"backend": args.backend, "listener": args.listener}
