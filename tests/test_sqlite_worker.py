@@ -2,6 +2,7 @@
 thread), on a real file: the items queued while the thread was busy go to one call of their
 group, in the order they came, at the first one's turn; each caller gets its own item's outcome;
 a group that raises fails each of its items; a caller that left before its turn is left out.
+The SQLite Queue's publishes go together this way; one that fails does not fail the others.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from adapters.backends.sqlite import PRAGMAS
+from adapters.queue.base import Entry, Published
+from adapters.queue.sqlite import SqliteQueue
 from adapters.sqlite_worker import SqliteWorker
 
 CALLS: list[list[int]] = []
@@ -110,3 +113,30 @@ async def test_a_caller_that_left_before_its_turn_is_left_out(worker: SqliteWork
     assert await kept == 10
     assert CALLS == [[1]]
     assert await stored(worker) == [1]
+
+
+# --- the SQLite Queue's publishes, grouped this way --------------------------------------------
+
+
+async def test_publishes_queued_together_commit_together_and_a_failing_one_fails_alone(worker: SqliteWorker) -> None:
+    """Three publishes queued while the thread is busy: one of them cannot be stored (a payload
+    SQLite cannot bind). Their group's transaction fails, so each runs again alone: the two good
+    ones are stored once each, in their order, and the bad one's caller gets the error."""
+    queue = SqliteQueue(worker)
+    await queue.start()
+    try:
+        release, held = hold(worker)
+        good = queue.publish("ns", "orders", [Entry(b"a1"), Entry(b"a2")])
+        bad = queue.publish("ns", "orders", [Entry(object())])  # type: ignore[arg-type]
+        later = queue.publish("ns", "orders", [Entry(b"c1")])
+        release.set()
+        await held
+        outcomes = await asyncio.gather(good, bad, later, return_exceptions=True)
+        assert isinstance(outcomes[1], sqlite3.Error)
+        assert all(isinstance(p, Published) for p in (*outcomes[0], *outcomes[2]))  # type: ignore[misc]
+        stored = await worker.run(
+            lambda c: c.execute("SELECT payload FROM prism_queue_messages WHERE namespace='ns' ORDER BY published_ns").fetchall()
+        )
+        assert [p for (p,) in stored] == [b"a1", b"a2", b"c1"]
+    finally:
+        await queue.close()

@@ -221,6 +221,27 @@ def _publish(
     return _publish_per_partition(c, ns, topic, entries, place, now)
 
 
+Publish = tuple[str, str, list[Entry], int, Iterator[int]]  # _publish's arguments after the connection
+
+
+def _publish_group(c: sqlite3.Connection, publishes: list[Publish]) -> list[list[Published | PrismError] | BaseException]:
+    """The publishes queued while the thread was busy, in one transaction (group commit); each
+    is answered only after the COMMIT. If that transaction fails, each runs again in one of its
+    own, so a failure is only the failing publish's."""
+    try:
+        return _transaction(c, lambda c: [_publish(c, *publish) for publish in publishes], (), True)
+    except Exception:
+        if len(publishes) == 1:
+            raise
+    outcomes: list[list[Published | PrismError] | BaseException] = []
+    for publish in publishes:
+        try:
+            outcomes.append(_transaction(c, _publish, publish, True))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
 def _publish_per_partition(
     c: sqlite3.Connection, ns: str, topic: str, entries: Sequence[Entry], place: Callable[[str], int], now: int
 ) -> list[Published | PrismError]:
@@ -677,7 +698,12 @@ class SqliteQueue(QueueAdapter):
     # The contract.
 
     async def publish(self, namespace: str, topic: str, entries: Sequence[Entry]) -> list[Published | PrismError]:
-        results = await self._run(_publish, namespace, topic, list(entries), self.partitions, self._spread)
+        try:
+            results: list[Published | PrismError] = await self.worker.run_grouped(
+                _publish_group, (namespace, topic, list(entries), self.partitions, self._spread)
+            )
+        except sqlite3.OperationalError as exc:
+            raise unavailable("sqlite", exc) from exc
         self._wake(namespace, topic)
         return results
 
