@@ -119,7 +119,8 @@ async def test_a_caller_that_left_before_its_turn_is_left_out(worker: SqliteWork
 
 
 async def test_publishes_queued_together_commit_together_and_a_failing_one_fails_alone(worker: SqliteWorker) -> None:
-    """Three publishes queued while the thread is busy: one of them cannot be stored (a payload
+    """Three publishes queued while the thread is busy (write jobs of the Queue go together: publishes,
+    claims, acknowledgements …): one of them cannot be stored (a payload
     SQLite cannot bind). Their group's transaction fails, so each runs again alone: the two good
     ones are stored once each, in their order, and the bad one's caller gets the error."""
     queue = SqliteQueue(worker)

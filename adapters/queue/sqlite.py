@@ -8,7 +8,7 @@
                             lease deadline and holder, acknowledged
 
 Every change is one transaction (``BEGIN IMMEDIATE``) on the backend's :class:`SqliteWorker`
-thread, and every lease, acknowledgement and position lives in the file that all gateway
+thread — with the other changes queued while the thread was busy (group commit, ``_write_group``) — and every lease, acknowledgement and position lives in the file that all gateway
 worker processes share: an Acknowledge, Commit or Seek may reach any of them, whichever serves
 the Subscribe stream.
 
@@ -118,6 +118,28 @@ def _transaction(connection: sqlite3.Connection, job: Callable[..., T], args: tu
     return result
 
 
+Job = tuple[Callable[..., Any], tuple[Any, ...]]  # a statement function and its arguments after the connection
+
+
+def _write_group(c: sqlite3.Connection, jobs: list[Job]) -> list[Any]:
+    """The write jobs queued while the thread was busy (publishes, claims, acknowledgements …),
+    in one transaction (group commit), each answered only after the COMMIT. If that transaction
+    fails — a job raised, the commit failed — each runs again in one of its own, so a failure is
+    only its own job's."""
+    try:
+        return _transaction(c, lambda c: [job(c, *args) for job, args in jobs], (), True)
+    except Exception:
+        if len(jobs) == 1:
+            raise
+    outcomes: list[Any] = []
+    for job, args in jobs:
+        try:
+            outcomes.append(_transaction(c, job, args, True))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
 def _create_schema(connection: sqlite3.Connection) -> None:
     for statement in SCHEMA:
         connection.execute(statement)
@@ -219,27 +241,6 @@ def _publish(
     if not any(entry.idempotency_token or entry.partition_key for entry in entries):  # the common case
         return list(_append(c, ns, topic, place(""), entries, now))  # all to one partition: one statement
     return _publish_per_partition(c, ns, topic, entries, place, now)
-
-
-Publish = tuple[str, str, list[Entry], int, Iterator[int]]  # _publish's arguments after the connection
-
-
-def _publish_group(c: sqlite3.Connection, publishes: list[Publish]) -> list[list[Published | PrismError] | BaseException]:
-    """The publishes queued while the thread was busy, in one transaction (group commit); each
-    is answered only after the COMMIT. If that transaction fails, each runs again in one of its
-    own, so a failure is only the failing publish's."""
-    try:
-        return _transaction(c, lambda c: [_publish(c, *publish) for publish in publishes], (), True)
-    except Exception:
-        if len(publishes) == 1:
-            raise
-    outcomes: list[list[Published | PrismError] | BaseException] = []
-    for publish in publishes:
-        try:
-            outcomes.append(_transaction(c, _publish, publish, True))
-        except Exception as exc:
-            outcomes.append(exc)
-    return outcomes
 
 
 def _publish_per_partition(
@@ -654,10 +655,13 @@ class SqliteQueue(QueueAdapter):
             await asyncio.gather(self._poller, return_exceptions=True)
 
     async def _run(self, job: Callable[..., T], *args: Any, write: bool = True) -> T:
-        """``job(connection, *args)`` in one transaction on the worker thread. The file being
+        """``job(connection, *args)`` in a transaction on the worker thread: a write job with
+        the others queued meanwhile (``_write_group``), a read in one of its own. The file being
         locked, full or unreadable is UNAVAILABLE; any other driver error is a bug here."""
         try:
-            return await self.worker.run(lambda connection: _transaction(connection, job, args, write))
+            if write:
+                return await self.worker.run_grouped(_write_group, (job, args))
+            return await self.worker.run(lambda connection: _transaction(connection, job, args, False))
         except sqlite3.OperationalError as exc:
             raise unavailable("sqlite", exc) from exc
 
@@ -698,12 +702,7 @@ class SqliteQueue(QueueAdapter):
     # The contract.
 
     async def publish(self, namespace: str, topic: str, entries: Sequence[Entry]) -> list[Published | PrismError]:
-        try:
-            results: list[Published | PrismError] = await self.worker.run_grouped(
-                _publish_group, (namespace, topic, list(entries), self.partitions, self._spread)
-            )
-        except sqlite3.OperationalError as exc:
-            raise unavailable("sqlite", exc) from exc
+        results = await self._run(_publish, namespace, topic, list(entries), self.partitions, self._spread)
         self._wake(namespace, topic)
         return results
 
