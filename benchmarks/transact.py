@@ -200,11 +200,11 @@ class Meter:
 Write = Callable[[int, int], Awaitable[int]]  # (caller, n) → the mailbox sequence it got
 
 
-async def _callers(write: Write, warmup: float, duration: float, meter: Meter) -> int:
-    """IN_FLIGHT callers writing flat out: ``warmup`` seconds untimed, then ``duration`` timed
+async def _callers(write: Write, warmup: float, duration: float, meter: Meter, in_flight: int = IN_FLIGHT) -> int:
+    """``in_flight`` callers writing flat out: ``warmup`` seconds untimed, then ``duration`` timed
     (a Write under way at the end is finished and counted: it committed). Every Write must get
     the next sequence of its caller's mailbox. The Writes made in all."""
-    counts = [0] * IN_FLIGHT
+    counts = [0] * in_flight
     timed = False
 
     async def caller(index: int, until: float) -> None:
@@ -221,11 +221,11 @@ async def _callers(write: Write, warmup: float, duration: float, meter: Meter) -
 
     if warmup > 0:
         until = time.perf_counter() + warmup
-        await asyncio.gather(*(caller(i, until) for i in range(IN_FLIGHT)))
+        await asyncio.gather(*(caller(i, until) for i in range(in_flight)))
     timed = True
     with meter.timing():
         until = time.perf_counter() + duration
-        await asyncio.gather(*(caller(i, until) for i in range(IN_FLIGHT)))
+        await asyncio.gather(*(caller(i, until) for i in range(in_flight)))
     return sum(counts)
 
 
@@ -306,7 +306,7 @@ async def direct_postgres(args: argparse.Namespace, meter: Meter) -> dict[str, A
                 raise RuntimeError("the one statement wrote nothing (not READ COMMITTED?)")
             return int(found[0])
 
-        made = await _callers(write_one if args.tuned else write, args.warmup, args.duration, meter)
+        made = await _callers(write_one if args.tuned else write, args.warmup, args.duration, meter, args.in_flight)
         async with pool.acquire() as con:
             stored = await con.fetchval(f"SELECT count(*) FROM {direct.data}")
             mailbox = await con.fetchval(f"SELECT count(*) FROM {direct.prefix}mailbox")
@@ -401,7 +401,7 @@ async def direct_sqlite(args: argparse.Namespace, meter: Meter) -> dict[str, Any
 
     try:
         await loop.run_in_executor(thread, setup)
-        made = await _callers(write, args.warmup, args.duration, meter)
+        made = await _callers(write, args.warmup, args.duration, meter, args.in_flight)
         stored, mailbox = await loop.run_in_executor(thread, lambda: (
             con.execute(f"SELECT count(*) FROM {direct.data}").fetchone()[0],
             con.execute(f"SELECT count(*) FROM {direct.prefix}mailbox").fetchone()[0]))
@@ -435,7 +435,7 @@ async def gateway_writes(args: argparse.Namespace, meter: Meter) -> dict[str, An
                 raise RuntimeError("a Write without an idempotency key answered replayed")
             return int(answer.mailbox_sequence)
 
-        made = await _callers(write, args.warmup, args.duration, meter)
+        made = await _callers(write, args.warmup, args.duration, meter, args.in_flight)
     return meter.result(made=made)
 
 
@@ -464,6 +464,8 @@ def client_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("."), help="direct on sqlite: where its file goes")
     parser.add_argument("--grpc-port", type=int, help="gateway: its gRPC port")
     parser.add_argument("--token", default="", help="gateway: a session of its tx-<backend> config")
+    parser.add_argument("--in-flight", type=int, default=IN_FLIGHT,
+                        help=f"Writes at once, each caller its own mailbox (the section: {IN_FLIGHT})")
     args = parser.parse_args(argv)
     print(json.dumps(uvloop.run(client(args))))
 
