@@ -57,7 +57,6 @@ from prism.v1 import transact_pb2 as t
 
 POLL = 0.05  # seconds between looks at what the listener has left to deliver
 BATCH = 100  # entries a queue-publish call
-WORKLOADS = {"kv-get": 64, "queue-publish": 4, "transact-write": transact.IN_FLIGHT}  # default callers
 
 
 class InProcessGateway:
@@ -206,17 +205,26 @@ async def transact_write(args: argparse.Namespace, workdir: pathlib.Path) -> dic
         await transact.cleanup()
 
 
+Workload = Callable[[argparse.Namespace, pathlib.Path], Awaitable[dict[str, Any]]]
+WORKLOADS: dict[str, tuple[Workload, int]] = {  # name → (what runs it, callers by default)
+    "kv-get": (kv_get, 64),
+    "queue-publish": (queue_publish, 4),
+    "transact-write": (transact_write, transact.IN_FLIGHT),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.in_process", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workload", choices=list(WORKLOADS))
     parser.add_argument("--backend", choices=list(transact.BACKENDS), default="sqlite", help="transact-write")
     parser.add_argument("--no-listener", dest="listener", action="store_false", help="transact-write: rows stay undelivered")
-    parser.add_argument("--callers", type=int, help="calls at once (default: 64 for kv-get, 4 for queue-publish, 16 for transact-write)")
+    defaults = ", ".join(f"{callers} for {name}" for name, (_, callers) in WORKLOADS.items())
+    parser.add_argument("--callers", type=int, help=f"calls at once (default: {defaults})")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds")
     args = parser.parse_args(argv)
-    args.callers = args.callers or WORKLOADS[args.workload]
-    workload = {"kv-get": kv_get, "queue-publish": queue_publish, "transact-write": transact_write}[args.workload]
+    workload, callers = WORKLOADS[args.workload]
+    args.callers = args.callers or callers
     with tempfile.TemporaryDirectory(prefix="prism-in-process-") as workdir:
         result = uvloop.run(workload(args, pathlib.Path(workdir)))
     print(json.dumps({"workload": args.workload, **({"backend": args.backend, "listener": args.listener}

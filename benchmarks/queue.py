@@ -963,37 +963,39 @@ def _backend_rows(ctx: Context, gw: Gateway, backend: str, work: pathlib.Path) -
             server=gw.server, backend=spec.process)),
     ]
     rows: list[Row] = []
-    direct_rate: dict[str, float] = {}  # kind → the direct row's messages/s
     for kind, side, measure in plan:
         under_h2load = side == "gateway" and kind != "consume"  # measures again itself, on a fresh topic
         result = measure() if under_h2load else ctx.least_disturbed(measure)
-        what, in_flight = WORKS[kind]
-        target = "gateway (granian), gRPC" if side == "gateway" else f"{spec.direct} directly"
-        row = {"id": f"queue/{backend}/{kind}/{side}", "backend": spec.label, "work": what, "target": target,
-               "in_flight": in_flight, **result}
-        if side == "direct":
-            direct_rate[kind] = row["messages_per_s"]
-        elif direct_rate.get(kind):
-            row["ratio_vs_direct"] = round(row["messages_per_s"] / direct_rate[kind], 3)
-        rows.append(row)
+        rows.append(_row(backend, kind, side, result))
     return rows
 
 
-def _pyvoy_rows(ctx: Context, gw: Gateway, backend: str, work: pathlib.Path, direct_rows: list[Row]) -> list[Row]:
+def _pyvoy_rows(ctx: Context, gw: Gateway, backend: str, work: pathlib.Path) -> list[Row]:
     """The publish rows again through native gRPC on the ASGI app under pyvoy (issue 10's faster
-    gRPC path), compared with the direct rows measured beside the Granian gateway's. Consume is
-    one stream whose cost per message is not the transport's, so it is not measured again."""
+    gRPC path), for comparison with the direct rows measured beside the Granian gateway's.
+    Consume is one stream whose cost per message is not the transport's: not measured again."""
+    return [_row(backend, kind, "gateway-pyvoy", _gateway_publish(ctx, gw, backend, entries, work))
+            for kind, entries in (("publish-1", 1), ("publish-100", BATCH))]
+
+
+TARGETS = {"gateway": "gateway (granian), gRPC", "gateway-pyvoy": "gateway (pyvoy), gRPC through the ASGI app"}
+
+
+def _row(backend: str, kind: str, side: str, result: dict[str, Any]) -> Row:
     spec = BACKENDS[backend]
-    direct_rate = {row["id"].split("/")[2]: row["messages_per_s"] for row in direct_rows if row["id"].endswith("/direct")}
-    rows: list[Row] = []
-    for kind, entries in (("publish-1", 1), ("publish-100", BATCH)):
-        what, in_flight = WORKS[kind]
-        row = {"id": f"queue/{backend}/{kind}/gateway-pyvoy", "backend": spec.label, "work": what,
-               "target": "gateway (pyvoy), gRPC through the ASGI app", "in_flight": in_flight,
-               **_gateway_publish(ctx, gw, backend, entries, work)}
-        if direct_rate.get(kind):
-            row["ratio_vs_direct"] = round(row["messages_per_s"] / direct_rate[kind], 3)
-        rows.append(row)
+    what, in_flight = WORKS[kind]
+    target = TARGETS.get(side, f"{spec.direct} directly")
+    return {"id": f"queue/{backend}/{kind}/{side}", "backend": spec.label, "work": what, "target": target,
+            "in_flight": in_flight, **result}
+
+
+def _with_ratios(rows: list[Row]) -> list[Row]:
+    """Each gateway row's messages/s against the direct row of its backend and work."""
+    direct = {row["id"].rsplit("/", 1)[0]: row["messages_per_s"] for row in rows if row["id"].endswith("/direct")}
+    for row in rows:
+        base = direct.get(row["id"].rsplit("/", 1)[0])
+        if not row["id"].endswith("/direct") and base:
+            row["ratio_vs_direct"] = round(row["messages_per_s"] / base, 3)
     return rows
 
 
@@ -1029,8 +1031,8 @@ def run(ctx: Context) -> dict[str, Any]:
             with ctx.serving(SECTION, "the publish loads through the ASGI app on pyvoy") as servers:
                 gw = _start(ctx, servers, work, "pyvoy")
                 for backend in BACKENDS:
-                    by_backend[backend] += _pyvoy_rows(ctx, gw, backend, work, by_backend[backend])
-            rows = [row for backend_rows in by_backend.values() for row in backend_rows]
+                    by_backend[backend] += _pyvoy_rows(ctx, gw, backend, work)
+            rows = _with_ratios([row for backend_rows in by_backend.values() for row in backend_rows])
         finally:
             removed = asyncio.run(cleanup())
     finally:

@@ -10,8 +10,8 @@
 Every change is one transaction (``BEGIN IMMEDIATE``) on the backend's :class:`SqliteWorker`
 thread, with the other changes queued while the thread was busy (group commit,
 ``_write_group``), and every lease, acknowledgement and position lives in the file that all
-gateway worker processes share: an Acknowledge, Commit or Seek may reach any of them, whichever serves
-the Subscribe stream.
+gateway worker processes share: an Acknowledge, Commit or Seek may reach any of them,
+whichever serves the Subscribe stream.
 
 Waking consumers: a change made in this process wakes its consumers of that topic at once. A
 change another process made is noticed by polling ``PRAGMA data_version`` (it moves when another

@@ -9,9 +9,9 @@
 
 A **Write** runs in one job on the backend's :class:`SqliteWorker` thread, ``BEGIN IMMEDIATE``
 to ``COMMIT``, so the whole transaction runs without yielding the thread and nobody else's
-statement lands inside it. Writes that arrive while one such job is queued or running go
-together in the next (group commit, formed on the thread: :meth:`SqliteWorker.run_grouped`): one transaction,
-and every Write is answered only after the COMMIT. When one of them fails, the transaction is
+statement lands inside it. The Writes queued while the thread is busy go together in one job
+(group commit, formed on the thread: :meth:`SqliteWorker.run_grouped`): one transaction, and
+every Write is answered only after the COMMIT. When one of them fails, the transaction is
 rolled back and run again with each Write in a savepoint of its own — the one that fails is
 rolled back to its savepoint alone, the others commit (savepoints only then: they cost two
 statements a Write). SQLite has one writer at
