@@ -487,12 +487,17 @@ class PostgresQueue(QueueAdapter):
         )
         owned = [(entries[i].idempotency_token, appended[i]) for i, _ in placed if entries[i].idempotency_token]
         if owned:
-            # One statement per token, by primary key, pipelined in one round trip: an UPDATE …
-            # FROM unnest(…) join was planned as a scan of every token of the topic (misjudged
-            # row counts), and publishing slowed as a topic's tokens grew.
-            await con.executemany(
-                "UPDATE prism_queue_tokens SET partition = $4, seq = $5 WHERE namespace=$1 AND topic=$2 AND token=$3",
-                [(ns, topic, token.encode(), published.partition, published.offset) for token, published in owned],
+            # The tokens' rows (inserted above) get their messages' places through their
+            # primary key as the ON CONFLICT arbiter: a probe of the index whatever the plan.
+            # (An UPDATE by key, or joined to unnest(…), is planned from the table's statistics:
+            # a plan cached while the table was small scans every token of the topic.)
+            await con.execute(
+                "INSERT INTO prism_queue_tokens (namespace, topic, token, fingerprint, partition, seq) "
+                "SELECT $1, $2, u.* FROM unnest($3::bytea[], $4::bytea[], $5::integer[], $6::bigint[]) "
+                "AS u(token, fingerprint, partition, seq) "
+                "ON CONFLICT (namespace, topic, token) DO UPDATE SET partition = excluded.partition, seq = excluded.seq",
+                ns, topic, [token.encode() for token, _ in owned], [entries[first_of[token]].fingerprint() for token, _ in owned],
+                [published.partition for _, published in owned], [published.offset for _, published in owned],
             )
             for token, published in owned:
                 stored[token] = (entries[first_of[token]].fingerprint(), published)

@@ -79,9 +79,9 @@ import grpc
 from adapters.capabilities import Capability
 from adapters.keyvalue.postgres import SCHEMA_LOCK
 from adapters.postgres_notify import AfterCommitNotifier
+from adapters.postgres_plans import abort, custom_plans
 from adapters.transact.base import (
     KEY_WINDOW_SECONDS,
-    ROLLBACK_SECONDS,
     Batcher,
     Changes,
     Claim,
@@ -233,13 +233,14 @@ CLAIM_ROWS = (
     "ORDER BY c.lease_until_ns, c.namespace, c.mailbox LIMIT $5 FOR UPDATE OF c SKIP LOCKED), "
     "p AS MATERIALIZED (SELECT namespace, mailbox, head, epoch, row_number() OVER (ORDER BY since, namespace, mailbox) AS k, "
     "count(*) OVER () AS mailboxes FROM picked), "
-    "first AS (SELECT p.k, x.seq, octet_length(x.payload) AS size FROM p CROSS JOIN LATERAL "
+    "first AS (SELECT p.k, p.namespace, p.mailbox, x.seq, octet_length(x.payload) AS size FROM p CROSS JOIN LATERAL "
     "(SELECT seq, payload FROM prism_transact_mailbox m WHERE m.namespace = p.namespace AND m.mailbox = p.mailbox "
     "AND m.delivered_ns IS NULL AND m.dead_ns IS NULL ORDER BY seq LIMIT ceil($6::float8 / p.mailboxes)::int8) x), "
-    "ranked AS (SELECT k, seq, row_number() OVER w AS n, sum(size) OVER w AS total FROM first WINDOW w AS (ORDER BY k, seq)), "
+    "ranked AS (SELECT k, namespace, mailbox, seq, row_number() OVER w AS n, sum(size) OVER w AS total FROM first "
+    "WINDOW w AS (ORDER BY k, seq)), "
     "taken AS (UPDATE prism_transact_mailbox m SET lease_holder = $8, lease_until_ns = $9, attempts = m.attempts + 1 "
-    "FROM ranked r JOIN p ON p.k = r.k WHERE r.n <= $6 AND (r.total <= $7 OR r.n = 1) "
-    "AND m.namespace = p.namespace AND m.mailbox = p.mailbox AND m.seq = r.seq AND m.delivered_ns IS NULL AND m.dead_ns IS NULL "
+    "FROM ranked r WHERE r.n <= $6 AND (r.total <= $7 OR r.n = 1) "
+    "AND m.namespace = r.namespace AND m.mailbox = r.mailbox AND m.seq = r.seq AND m.delivered_ns IS NULL AND m.dead_ns IS NULL "
     "RETURNING r.k, m.seq, m.payload, m.headers, m.destination, m.committed_ns, m.attempts, m.refusals), "
     "leased AS (UPDATE prism_transact_cursors c SET holder = $8, lease_until_ns = $9 FROM p "
     "WHERE c.namespace = p.namespace AND c.mailbox = p.mailbox AND p.k IN (SELECT k FROM taken)), "
@@ -481,17 +482,6 @@ def mapped(exc: BaseException, write: DataWrite | None = None) -> PrismError:
     return internal()
 
 
-async def _abort(con: asyncpg.Connection) -> None:
-    """Leave the connection outside any transaction before the pool gets it back: ROLLBACK, or
-    terminate it (the server rolls back) when that fails or is interrupted."""
-    try:
-        async with asyncio.timeout(ROLLBACK_SECONDS):
-            await con.execute("ROLLBACK")  # harmless outside a transaction (a server warning)
-    except BaseException:
-        con.terminate()
-        raise
-
-
 class PostgresTransact(TransactAdapter):
     capabilities = frozenset({Capability.DURABLE, Capability.SHARED})
 
@@ -676,7 +666,7 @@ class PostgresTransact(TransactAdapter):
                 # or ROLLBACK already sent) leaves nothing to undo; anything else is rolled back,
                 # or the connection closed.
                 if not isinstance(exc, PrismError) or con.is_in_transaction():
-                    await asyncio.shield(_abort(con))
+                    await asyncio.shield(abort(con))
                 if isinstance(exc, Exception) and not isinstance(exc, PrismError):
                     raise mapped(exc) from exc
                 raise
@@ -717,7 +707,7 @@ class PostgresTransact(TransactAdapter):
                 try:
                     await con.execute(BEGIN[isolation])
                 except BaseException:
-                    await asyncio.shield(_abort(con))
+                    await asyncio.shield(abort(con))
                     raise
         except BaseException as exc:
             await stack.aclose()
@@ -760,7 +750,8 @@ class PostgresTransact(TransactAdapter):
                 if found[0]:  # a mailbox seen for the first time: its cursor first
                     await con.execute(NEW_CURSORS, *routed)
                 until = now + int(lease * 1e9)
-                taken = await con.fetch(CLAIM_ROWS, *routed, time.time_ns(), mailboxes, rows, max_bytes, holder, until)
+                async with custom_plans(con):
+                    taken = await con.fetch(CLAIM_ROWS, *routed, time.time_ns(), mailboxes, rows, max_bytes, holder, until)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 raise mapped(exc) from exc
         batches: dict[int, tuple[str, str, str, list[MailboxRow]]] = {}
@@ -802,8 +793,9 @@ class PostgresTransact(TransactAdapter):
             rounds[turn].append(mark)
         async with self.pool.connection() as con:
             try:
-                for batch in rounds:
-                    await con.execute(MARKS, *(list(column) for column in zip(*batch, strict=True)))
+                async with custom_plans(con):
+                    for batch in rounds:
+                        await con.execute(MARKS, *(list(column) for column in zip(*batch, strict=True)))
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 raise mapped(exc) from exc
         return [None] * len(marks)
@@ -812,7 +804,8 @@ class PostgresTransact(TransactAdapter):
         await self._ready()
         async with self.pool.connection() as con:
             try:
-                return _count(await con.execute(DELETE_DELIVERED, namespace, before_ns, limit))
+                async with custom_plans(con):
+                    return _count(await con.execute(DELETE_DELIVERED, namespace, before_ns, limit))
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                 raise mapped(exc) from exc
 
@@ -905,7 +898,7 @@ class PostgresTransaction(Transaction):
         return now
 
     async def _rollback(self) -> None:
-        await _abort(self.con)
+        await abort(self.con)
 
     def _abandon(self) -> None:
         self.con.terminate()

@@ -1,0 +1,53 @@
+"""Plans made for the table as it is now, for the statements that join an outbox's rows.
+
+PostgreSQL plans a prepared statement afresh for its first five runs, then caches a generic plan
+costed at the table's size at that moment, and keeps it until the statement is prepared again
+(asyncpg: after ``max_cached_statement_lifetime``, 300 s) or the table's statistics change
+(ANALYZE, or autovacuum where the server runs it). Mailbox rows fill and drain: their table is
+near empty when a gateway starts, or at the last VACUUM, so the cached plan of a claim scans it —
+cheap then, and a scan of every row for each row claimed once the table holds many (seen: a
+claim of 50 rows took 36 ms on a 20,000-row mailbox table, on a server without autovacuum).
+Those statements therefore run in a transaction with ``plan_cache_mode = force_custom_plan``:
+planned at every run for the table's current size. They run a few dozen times a second (a
+claim or a mark takes many rows), so planning costs little; the per-call statements (a Write, a
+publish) keep their cached plans: their lookups are ``ON CONFLICT`` probes of a unique index,
+which no plan turns into a scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+
+from adapters.transact.base import ROLLBACK_SECONDS
+
+BEGIN_CUSTOM = "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL plan_cache_mode = force_custom_plan"
+
+
+async def abort(con: asyncpg.Connection) -> None:
+    """Leave the connection outside any transaction before the pool gets it back: ROLLBACK, or
+    terminate it (the server rolls back) when that fails or is interrupted."""
+    try:
+        async with asyncio.timeout(ROLLBACK_SECONDS):
+            await con.execute("ROLLBACK")  # harmless outside a transaction (a server warning)
+    except BaseException:
+        con.terminate()
+        raise
+
+
+@contextlib.asynccontextmanager
+async def custom_plans(con: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    """One READ COMMITTED transaction on ``con`` whose statements are planned at every run:
+    committed when the block ends, rolled back (or the connection closed) when it fails. The
+    setting is ``SET LOCAL``, so it ends with the transaction: pooled connections keep no
+    session state."""
+    await con.execute(BEGIN_CUSTOM)  # one round trip: a simple query of two statements
+    try:
+        yield con
+    except BaseException:
+        await asyncio.shield(abort(con))
+        raise
+    await con.execute("COMMIT")

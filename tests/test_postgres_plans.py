@@ -1,0 +1,162 @@
+"""Statements on tables that fill and drain keep using their indexes once the table has grown
+(``adapters/postgres_plans.py``): PostgreSQL caches a prepared statement's generic plan after
+five runs, costed at the table's size then, so a claim planned while the mailbox table was
+empty would scan all of it on every later run.
+
+Each test has a schema of its own (the adapter's connections find their tables through
+``search_path``), so the server's per-table counters (``pg_stat_user_tables``) count its
+statements alone: the table is vacuumed empty, as autovacuum leaves a drained outbox; the
+statements run more than five times on the one pooled connection while it is small; then it
+grows by 20,000 rows; and the statements that follow must not scan it sequentially. A backend
+sends its counters to the view at most once a second (ten when idle), so each reading first
+makes the pool's connection flush its own (``pg_stat_force_next_flush``), and the index scans
+must have moved: the statements were counted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from adapters.backends.postgres import PostgresPool, PostgresSettings
+from adapters.queue.base import Entry, Published
+from adapters.queue.postgres import PostgresQueue
+from adapters.transact.base import Routes, headers_text
+from adapters.transact.postgres import PostgresTransact
+from tests.servers import POSTGRES_DSN, unreachable
+
+GROWN = 20_000  # rows added once the plans are made
+WARM_RUNS = 8  # more than the five custom plans PostgreSQL makes before it caches a generic one
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    if why := unreachable(POSTGRES_DSN):
+        pytest.skip(why)
+    name = f"prism_plans_{uuid.uuid4().hex[:10]}"
+    con = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+    try:
+        await con.execute(f"CREATE SCHEMA {name}")
+        yield name
+    finally:
+        await con.execute(f"DROP SCHEMA {name} CASCADE")
+        await con.close()
+
+
+async def pool_in(schema: str) -> PostgresPool:
+    """One connection, finding (and creating) Prism's tables in ``schema``."""
+    pool = PostgresPool(PostgresSettings(dsn=f"{POSTGRES_DSN}?search_path={schema}", pool_size=1))
+    await pool.start()
+    return pool
+
+
+async def sql(schema: str, statement: str, *args: Any) -> None:
+    con = await asyncpg.connect(POSTGRES_DSN, timeout=5, server_settings={"search_path": schema})
+    try:
+        await con.execute(statement, *args)
+    finally:
+        await con.close()
+
+
+async def scans(schema: str, table: str) -> tuple[int, int]:
+    con = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+    try:
+        found = await con.fetchrow(
+            "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = $2",
+            schema, table,
+        )
+    finally:
+        await con.close()
+    assert found is not None, f"{schema}.{table} does not exist"
+    return found[0], found[1]
+
+
+async def flushed(pool: PostgresPool, schema: str, table: str) -> tuple[int, int]:
+    """The table's (sequential, index) scans with everything the pool's connection counted:
+    its backend flushes its counters as it goes idle after this statement, before it answers."""
+    async with pool.connection() as con:
+        await con.execute("SELECT pg_stat_force_next_flush()")
+    return await scans(schema, table)
+
+
+async def test_claims_and_marks_keep_to_the_indexes_after_the_mailbox_table_grew_from_empty(schema: str) -> None:
+    pool = await pool_in(schema)
+    adapter = PostgresTransact(pool)
+    await adapter.start()
+    try:
+        await adapter._ready()  # the tables, in this schema
+        namespace, holder = "plans", "listener-1"
+        routes = Routes(namespaces=frozenset({namespace}))
+        headers = headers_text({})
+        await sql(schema, "VACUUM prism_transact_mailbox, prism_transact_heads, prism_transact_cursors")
+
+        async def add(mailbox: str, first: int, last: int) -> None:
+            await sql(
+                schema,
+                "INSERT INTO prism_transact_mailbox (namespace, mailbox, seq, payload, headers, destination, committed_ns) "
+                "SELECT $1, $2, s, '\\x00'::bytea, $5, 'out', 1 FROM generate_series($3::int8, $4::int8) AS s",
+                namespace, mailbox, first, last, headers,
+            )
+            await sql(
+                schema,
+                "INSERT INTO prism_transact_heads (namespace, mailbox, next) VALUES ($1, $2, $3) "
+                "ON CONFLICT (namespace, mailbox) DO UPDATE SET next = excluded.next",
+                namespace, mailbox, last + 1,
+            )
+
+        async def claim_and_mark() -> int:
+            claim = await adapter.claim(holder, routes, lease=30.0, rows=100, max_bytes=1 << 20, mailboxes=16)
+            for batch in claim.batches:
+                await adapter.mark_delivered(holder, namespace, batch.mailbox, [row.sequence for row in batch.rows])
+            return sum(len(batch.rows) for batch in claim.batches)
+
+        for n in range(1, WARM_RUNS + 1):  # the plans are made while the table holds a row or two
+            await add("warm", n, n)
+            assert await claim_and_mark() == 1
+        await add("grown", 1, GROWN)
+        before = await flushed(pool, schema, "prism_transact_mailbox")
+        taken = [await claim_and_mark() for _ in range(3)]
+        after = await flushed(pool, schema, "prism_transact_mailbox")
+    finally:
+        await adapter.close()
+        await pool.close()
+    assert taken == [100, 100, 100]
+    assert after[1] > before[1], "the claims and marks used no index"
+    assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-row mailbox table"
+
+
+async def test_publishes_with_tokens_keep_to_the_index_after_the_token_table_grew_from_empty(schema: str) -> None:
+    pool = await pool_in(schema)
+    queue = PostgresQueue(pool, partitions=4, poll_seconds=60)
+    await queue.start()
+    try:
+        namespace, topic = "plans", "orders"
+        assert isinstance((await queue.publish(namespace, topic, [Entry(b"first", "k", {}, "t-first")]))[0], Published)
+        await sql(schema, "VACUUM prism_queue_tokens, prism_queue_messages, prism_queue_partitions")
+        for n in range(WARM_RUNS):
+            published = await queue.publish(namespace, topic, [Entry(b"x", "k", {}, f"warm-{n}")])
+            assert isinstance(published[0], Published)
+        await sql(
+            schema,
+            "INSERT INTO prism_queue_tokens (namespace, topic, token, fingerprint, partition, seq) "
+            "SELECT $1, $2, convert_to('grown-' || s, 'UTF8'), '\\x00'::bytea, 0, 0 FROM generate_series(1, $3::int) AS s",
+            namespace, topic, GROWN,
+        )
+        before = await flushed(pool, schema, "prism_queue_tokens")
+        batches = [
+            await queue.publish(namespace, topic, [Entry(b"y", f"k{i}", {}, f"after-{b}-{i}") for i in range(50)])
+            for b in range(3)
+        ]
+        again = await queue.publish(namespace, topic, [Entry(b"y", "k7", {}, "after-0-7")])  # a retry: the first's place
+        after = await flushed(pool, schema, "prism_queue_tokens")
+    finally:
+        await queue.close()
+        await pool.close()
+    assert all(isinstance(result, Published) for batch in batches for result in batch)
+    assert again == [batches[0][7]]
+    assert after[1] > before[1], "the publishes used no index of the token table"
+    assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-row token table"
