@@ -15,6 +15,7 @@ must have moved: the statements were counted.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +24,7 @@ import asyncpg
 import pytest
 
 from adapters.backends.postgres import PostgresPool, PostgresSettings
-from adapters.queue.base import Entry, Published
+from adapters.queue.base import ConsumeOptions, Entry, Published, Start
 from adapters.queue.postgres import PostgresQueue
 from adapters.transact.base import Routes, headers_text
 from adapters.transact.postgres import PostgresTransact
@@ -160,3 +161,47 @@ async def test_publishes_with_tokens_keep_to_the_index_after_the_token_table_gre
     assert again == [batches[0][7]]
     assert after[1] > before[1], "the publishes used no index of the token table"
     assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-row token table"
+
+
+async def test_a_consumers_claims_keep_to_the_index_after_a_backlog_grew_from_none(schema: str) -> None:
+    pool = await pool_in(schema)
+    queue = PostgresQueue(pool, partitions=1, poll_seconds=60)
+    await queue.start()
+    consumer = None
+    try:
+        namespace, topic, group = "plans", "orders", "workers"
+        assert isinstance((await queue.publish(namespace, topic, [Entry(b"first")]))[0], Published)
+        await sql(schema, "VACUUM prism_queue_messages, prism_queue_deliveries, prism_queue_groups, prism_queue_partitions")
+        consumer = await queue.consume(namespace, topic, ConsumeOptions(group, Start.EARLIEST, max_in_flight=100))
+
+        async def take_and_acknowledge(count: int) -> list[int]:
+            taken = []
+            while len(taken) < count:
+                taken += await asyncio.wait_for(consumer.take(count - len(taken)), 10)
+            await queue.acknowledge(namespace, topic, group, [d.message_id for d in taken])
+            return [d.offset for d in taken]
+
+        assert await take_and_acknowledge(1) == [0]
+        for n in range(1, WARM_RUNS + 1):  # each publish wakes the consumer: a claim of one message
+            await queue.publish(namespace, topic, [Entry(b"x")])
+            assert await take_and_acknowledge(1) == [n]
+        await sql(  # a backlog behind the next offset, then the partition's high moved past it
+            schema,
+            "INSERT INTO prism_queue_messages (namespace, topic, partition, seq, key, headers, payload, published_ns) "
+            "SELECT $1, $2, 0, s, '', '{}', '\\x00'::bytea, s FROM generate_series($3::int8, $4::int8) AS s",
+            namespace, topic, WARM_RUNS + 1, WARM_RUNS + GROWN,
+        )
+        await sql(schema, "UPDATE prism_queue_partitions SET high = $3 WHERE namespace = $1 AND topic = $2",
+                  namespace, topic, WARM_RUNS + GROWN + 1)
+        before = await flushed(pool, schema, "prism_queue_messages")
+        await queue.publish(namespace, topic, [Entry(b"wake")])  # the consumer wakes: claims of 100
+        offsets = [offset for _ in range(3) for offset in await take_and_acknowledge(100)]
+        after = await flushed(pool, schema, "prism_queue_messages")
+    finally:
+        if consumer is not None:
+            await consumer.close()
+        await queue.close()
+        await pool.close()
+    assert offsets == list(range(WARM_RUNS + 1, WARM_RUNS + 301))
+    assert after[1] > before[1], "the claims used no index of the messages table"
+    assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-message table"

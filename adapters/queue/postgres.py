@@ -62,6 +62,7 @@ import asyncpg
 from adapters.capabilities import Capability
 from adapters.keyvalue.postgres import SCHEMA_LOCK
 from adapters.postgres_notify import AfterCommitNotifier
+from adapters.postgres_plans import custom_plans
 from adapters.queue.base import (
     DEAD_LETTER_HEADERS,
     DEAD_LETTERED,
@@ -283,10 +284,14 @@ class PostgresQueue(QueueAdapter):
         await self._notifier.close()
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection inside a transaction; the pool maps driver failures."""
-        async with self.pool.connection() as con, con.transaction():
-            yield con
+    async def _transaction(self, *, plan_each_run: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection inside a transaction; the pool maps driver failures. With
+        ``plan_each_run``, its statements are planned for the tables as they are
+        (``adapters/postgres_plans.py``): a consumer's claim reads a topic's messages, which a
+        backlog grows from none to millions under a plan cached while there were none."""
+        async with self.pool.connection() as con:
+            async with custom_plans(con) if plan_each_run else con.transaction():
+                yield con
 
     # --- Waking consumers --------------------------------------------------------------------
 
@@ -887,7 +892,7 @@ class PostgresConsumer(LeasingConsumer):
         # What was handed out is forgotten once acknowledged: asking the database which leases
         # are still held costs a row per lease, so only when the set has outgrown the bound.
         prune = len(self._handed_out) > options.max_in_flight
-        async with queue._transaction() as con:
+        async with queue._transaction(plan_each_run=True) as con:
             claim = await queue._claim(
                 con, self.namespace, self.topic, options, self.id, next(self._turn), self.partitions, prune
             )
