@@ -1,16 +1,17 @@
-"""Statements on tables that fill and drain keep using their indexes once the table has grown
-(``adapters/postgres_plans.py``): PostgreSQL caches a prepared statement's generic plan after
-five runs, costed at the table's size then, so a claim planned while the mailbox table was
-empty would scan all of it on every later run.
+"""Statements keep using their indexes once a table has grown (``adapters/postgres_plans.py``,
+``PostgresSettings.statement_lifetime``): PostgreSQL caches a prepared statement's generic plan
+after five runs, costed at the table's size then, so a claim, a publish's token lookup or a Get
+planned while its table was small would scan all of it on every later run.
 
 Each test has a schema of its own (the adapter's connections find their tables through
 ``search_path``), so the server's per-table counters (``pg_stat_user_tables``) count its
 statements alone: the table is vacuumed empty, as autovacuum leaves a drained outbox; the
 statements run more than five times on the one pooled connection while it is small; then it
-grows by 20,000 rows; and the statements that follow must not scan it sequentially. A backend
-sends its counters to the view at most once a second (ten when idle), so each reading first
-makes the pool's connection flush its own (``pg_stat_force_next_flush``), and the index scans
-must have moved: the statements were counted.
+grows by 20,000 rows; and the statements that follow (a Get's once ``statement_lifetime`` has
+passed) must not scan it sequentially. A backend sends its counters to the view at most once a
+second (ten when idle), so each reading first makes the pool's connection flush its own
+(``pg_stat_force_next_flush``), and the index scans must have moved: the statements were
+counted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncpg
 import pytest
 
 from adapters.backends.postgres import PostgresPool, PostgresSettings
+from adapters.keyvalue.postgres import PostgresKeyValue
 from adapters.queue.base import ConsumeOptions, Entry, Published, Start
 from adapters.queue.postgres import PostgresQueue
 from adapters.transact.base import Routes, headers_text
@@ -48,9 +50,9 @@ async def schema() -> AsyncIterator[str]:
         await con.close()
 
 
-async def pool_in(schema: str) -> PostgresPool:
+async def pool_in(schema: str, **settings: Any) -> PostgresPool:
     """One connection, finding (and creating) Prism's tables in ``schema``."""
-    pool = PostgresPool(PostgresSettings(dsn=f"{POSTGRES_DSN}?search_path={schema}", pool_size=1))
+    pool = PostgresPool(PostgresSettings(dsn=f"{POSTGRES_DSN}?search_path={schema}", pool_size=1, **settings))
     await pool.start()
     return pool
 
@@ -205,3 +207,37 @@ async def test_a_consumers_claims_keep_to_the_index_after_a_backlog_grew_from_no
     assert offsets == list(range(WARM_RUNS + 1, WARM_RUNS + 301))
     assert after[1] > before[1], "the claims used no index of the messages table"
     assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-message table"
+
+
+async def test_a_point_lookup_planned_on_a_small_table_is_planned_again_once_it_grew(schema: str) -> None:
+    """A Get is per call, so it keeps its cached plan (no planning at every run): PostgreSQL
+    plans it as a scan of a one-page table, and the connection prepares it again, for the
+    table's size, ``statement_lifetime`` after it first did."""
+    lifetime = 0.5
+    pool = await pool_in(schema, statement_lifetime=lifetime)
+    kv = PostgresKeyValue(pool)
+    await kv.start()
+    try:
+        namespace = "plans"
+        for n in range(5):
+            await kv.set(namespace, f"k{n}", b"v")
+        await sql(schema, "ANALYZE prism_kv")  # statistics of the small table: one page, five rows
+        for _ in range(WARM_RUNS):
+            assert (await kv.get(namespace, "k1")).value == b"v"
+        await sql(
+            schema,
+            "INSERT INTO prism_kv (namespace, key, value, etag) "
+            "SELECT convert_to($1, 'UTF8'), convert_to('grown-' || s, 'UTF8'), '\\x00'::bytea, 'e' "
+            "FROM generate_series(1, $2::int) AS s",
+            namespace, GROWN,
+        )
+        await asyncio.sleep(lifetime * 2)
+        before = await flushed(pool, schema, "prism_kv")
+        found = [await kv.get(namespace, key) for key in ("k1", "k2", "grown-7", "grown-19999", "absent", "k3")]
+        after = await flushed(pool, schema, "prism_kv")
+    finally:
+        await kv.close()
+        await pool.close()
+    assert [None if r is None else r.value for r in found] == [b"v", b"v", b"\x00", b"\x00", None, b"v"]
+    assert after[1] > before[1], "the Gets used no index"
+    assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-row table"
