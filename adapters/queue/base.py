@@ -117,11 +117,15 @@ class Entry:
     partition_key: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     idempotency_token: str = ""
+    _fingerprint: bytes = field(default=b"", init=False, repr=False, compare=False)
 
     def fingerprint(self) -> bytes:
-        """What a retry with the same idempotency token must repeat exactly."""
-        text = json.dumps([self.partition_key, sorted(self.headers.items())]).encode()
-        return hashlib.sha256(len(text).to_bytes(8, "big") + text + self.payload).digest()
+        """What a retry with the same idempotency token must repeat exactly. Computed once: a
+        publish with tokens asks for it several times (an entry is not changed once made)."""
+        if not self._fingerprint:
+            text = json.dumps([self.partition_key, sorted(self.headers.items())]).encode()
+            self._fingerprint = hashlib.sha256(len(text).to_bytes(8, "big") + text + self.payload).digest()
+        return self._fingerprint
 
 
 @dataclass(slots=True)  # not frozen, as Entry
