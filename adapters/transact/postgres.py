@@ -53,7 +53,9 @@ rows. Marks that arrive together — a claim's mailboxes are delivered together 
 statement (``MARKS``), whose commit does not wait for its WAL flush: a mark the database
 forgets in a crash is a delivery made again (at least once). Cursors live apart from the heads, so a
 claim never waits for a writer holding a head (an open Transaction holds its mailbox's head until
-it ends), and a writer never waits for the listener. Lease deadlines are the gateway's clock
+it ends), and a writer never waits for the listener. Claims, marks and sweeps join the mailbox rows, a table that fills and
+drains: they are planned for it as it is at every run (``adapters/postgres_plans.py``), never
+with a plan cached while it was empty. Lease deadlines are the gateway's clock
 (unix ns), as the Queue's: listeners sharing a database must keep their clocks in step (NTP).
 Delivered rows are deleted in batches (``delete_delivered``): each one statement that locks only
 the rows it deletes, ``SKIP LOCKED``, which no writer touches, so it waits for nobody and nobody
