@@ -48,6 +48,7 @@ async def custom_plans(con: asyncpg.Connection) -> AsyncIterator[asyncpg.Connect
     try:
         yield con
     except BaseException:
-        await asyncio.shield(abort(con))
+        with contextlib.suppress(Exception):  # a failed ROLLBACK closed the connection: the first error stands
+            await asyncio.shield(abort(con))
         raise
     await con.execute("COMMIT")

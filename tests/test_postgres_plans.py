@@ -26,6 +26,7 @@ import pytest
 
 from adapters.backends.postgres import PostgresPool, PostgresSettings
 from adapters.keyvalue.postgres import PostgresKeyValue
+from adapters.postgres_plans import custom_plans
 from adapters.queue.base import ConsumeOptions, Entry, Published, Start
 from adapters.queue.postgres import PostgresQueue
 from adapters.transact.base import Routes, headers_text
@@ -241,3 +242,23 @@ async def test_a_point_lookup_planned_on_a_small_table_is_planned_again_once_it_
     assert [None if r is None else r.value for r in found] == [b"v", b"v", b"\x00", b"\x00", None, b"v"]
     assert after[1] > before[1], "the Gets used no index"
     assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-row table"
+
+
+async def test_custom_plans_hold_for_the_block_only_and_a_failure_leaves_no_transaction(schema: str) -> None:
+    pool = await pool_in(schema)
+    try:
+        async with pool.connection() as con:
+            async with custom_plans(con):
+                assert await con.fetchval("SELECT current_setting('plan_cache_mode')") == "force_custom_plan"
+                await con.execute("CREATE TABLE kept (n int)")
+            assert not con.is_in_transaction()
+            assert await con.fetchval("SELECT current_setting('plan_cache_mode')") == "auto"
+            with pytest.raises(asyncpg.UndefinedTableError):
+                async with custom_plans(con):
+                    await con.execute("CREATE TABLE dropped (n int)")
+                    await con.execute("SELECT * FROM missing")
+            assert not con.is_in_transaction()
+            assert await con.fetchval("SELECT current_setting('plan_cache_mode')") == "auto"
+            assert await con.fetchval("SELECT to_regclass('kept') IS NOT NULL AND to_regclass('dropped') IS NULL")
+    finally:
+        await pool.close()
