@@ -87,6 +87,12 @@ async def flushed(pool: PostgresPool, schema: str, table: str) -> tuple[int, int
     return await scans(schema, table)
 
 
+def assert_indexed(before: tuple[int, int], after: tuple[int, int], table: str) -> None:
+    """Between the two readings the statements used the table's indexes and never scanned it."""
+    assert after[1] > before[1], f"no index scan of the {table}: the statements were not counted"
+    assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {table}"
+
+
 async def test_claims_and_marks_keep_to_the_indexes_after_the_mailbox_table_grew_from_empty(schema: str) -> None:
     pool = await pool_in(schema)
     adapter = PostgresTransact(pool)
@@ -129,8 +135,7 @@ async def test_claims_and_marks_keep_to_the_indexes_after_the_mailbox_table_grew
         await adapter.close()
         await pool.close()
     assert taken == [100, 100, 100]
-    assert after[1] > before[1], "the claims and marks used no index"
-    assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-row mailbox table"
+    assert_indexed(before, after, f"{GROWN}-row mailbox table")
 
 
 async def test_publishes_with_tokens_keep_to_the_index_after_the_token_table_grew_from_empty(schema: str) -> None:
@@ -162,8 +167,7 @@ async def test_publishes_with_tokens_keep_to_the_index_after_the_token_table_gre
         await pool.close()
     assert all(isinstance(result, Published) for batch in batches for result in batch)
     assert again == [batches[0][7]]
-    assert after[1] > before[1], "the publishes used no index of the token table"
-    assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-row token table"
+    assert_indexed(before, after, f"{GROWN}-row token table")
 
 
 async def test_a_consumers_claims_keep_to_the_index_after_a_backlog_grew_from_none(schema: str) -> None:
@@ -206,8 +210,7 @@ async def test_a_consumers_claims_keep_to_the_index_after_a_backlog_grew_from_no
         await queue.close()
         await pool.close()
     assert offsets == list(range(WARM_RUNS + 1, WARM_RUNS + 301))
-    assert after[1] > before[1], "the claims used no index of the messages table"
-    assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-message table"
+    assert_indexed(before, after, f"{GROWN}-message table")
 
 
 async def test_a_point_lookup_planned_on_a_small_table_is_planned_again_once_it_grew(schema: str) -> None:
@@ -240,8 +243,7 @@ async def test_a_point_lookup_planned_on_a_small_table_is_planned_again_once_it_
         await kv.close()
         await pool.close()
     assert [None if r is None else r.value for r in found] == [b"v", b"v", b"\x00", b"\x00", None, b"v"]
-    assert after[1] > before[1], "the Gets used no index"
-    assert after[0] == before[0], f"{after[0] - before[0]} sequential scans of the {GROWN}-row table"
+    assert_indexed(before, after, f"{GROWN}-row table")
 
 
 async def test_custom_plans_hold_for_the_block_only_and_a_failure_leaves_no_transaction(schema: str) -> None:
