@@ -1,17 +1,19 @@
-"""Plans made for the table as it is now, for the statements that join an outbox's rows.
+"""Plans made for the table as it is now, for the statements that read a table that fills and
+drains.
 
 PostgreSQL plans a prepared statement afresh for its first five runs, then caches a generic plan
 costed at the table's size at that moment, and keeps it until the statement is prepared again
-(asyncpg: after ``max_cached_statement_lifetime``, 300 s) or the table's statistics change
-(ANALYZE, or autovacuum where the server runs it). Mailbox rows fill and drain: their table is
-near empty when a gateway starts, or at the last VACUUM, so the cached plan of a claim scans it —
-cheap then, and a scan of every row for each row claimed once the table holds many (seen: a
-claim of 50 rows took 36 ms on a 20,000-row mailbox table, on a server without autovacuum).
-Those statements therefore run in a transaction with ``plan_cache_mode = force_custom_plan``:
-planned at every run for the table's current size. They run a few dozen times a second (a
-claim or a mark takes many rows), so planning costs little; the per-call statements (a Write, a
-publish) keep their cached plans: their lookups are ``ON CONFLICT`` probes of a unique index,
-which no plan turns into a scan.
+(``PostgresSettings.statement_lifetime``) or the table's statistics change (ANALYZE, or
+autovacuum where the server runs it). Mailbox rows and a topic's backlog fill and drain: their
+table is near empty when a gateway starts, or at the last VACUUM, so the cached plan of a claim
+scans it — cheap then, and a scan of every row for each row claimed once the table holds many
+(seen: a claim of 100 rows took 36 ms on a 20,000-row mailbox table, on a server without
+autovacuum). Those statements — the listener's claims, marks and sweeps, a consumer's claims —
+therefore run in a transaction with ``plan_cache_mode = force_custom_plan``: planned at every run
+for the table's current size. Each takes many rows, so planning costs little per row. Per-call
+statements (a Write, a publish, a Get) keep their cached plans: their lookups are ``ON CONFLICT``
+probes of a unique index, which no plan turns into a scan, or point lookups that
+``statement_lifetime`` has planned again soon after a table grew.
 """
 
 from __future__ import annotations
