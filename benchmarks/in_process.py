@@ -12,8 +12,9 @@ warm-up, ``--seconds`` of ``--callers`` callers calling flat out:
 
     kv-get           KeyValueService/Get of one 100-byte value on the embedded default (SQLite)
     queue-publish    QueueService/PublishBatch of 100 entries of 100 bytes, no key, no token (the
-                     queue section's publish ×100) on the embedded default's ``queue`` (SQLite);
-                     calls/s are batches/s
+                     queue section's publish ×100) on the embedded default's ``queue`` (SQLite),
+                     or with ``--backend postgres`` on the queue section's PostgreSQL queue
+                     (``benchmarks.queue.write_config``); calls/s are batches/s
     transact-write   TransactService/Write, the load of the transact section (an UPSERT of a new
                      row and a 100-byte mailbox row, each caller its own mailbox) on the
                      section's configuration (``benchmarks.transact.write_config``): its mailbox
@@ -24,7 +25,7 @@ Prints one JSON line: calls/s, CPU µs per call (every thread of this process: t
 SQLite's worker thread), and for transact-write how long the delivery took after the load.
 
     python -m benchmarks.in_process kv-get
-    python -m benchmarks.in_process queue-publish --callers 4
+    python -m benchmarks.in_process queue-publish [--backend postgres]
     python -m benchmarks.in_process transact-write --backend postgres [--no-listener]
 """
 
@@ -49,6 +50,7 @@ from app.settings import load_settings
 from app.transports.asgi_util import ASGIApp
 from app.transports.grpc_asgi import TRAILERS
 from benchmarks import kv as bench_kv
+from benchmarks import queue as bench_queue
 from benchmarks import transact
 from prism.v1 import keyvalue_pb2 as kv
 from prism.v1 import queue_pb2 as q
@@ -155,8 +157,11 @@ async def kv_get(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, A
 
 
 async def queue_publish(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, Any]:
-    async with InProcessGateway(None, workdir / "data") as gateway:
-        token = await gateway.session("queue")
+    config = None
+    if args.backend == "postgres":
+        config = bench_queue.write_config(workdir / "prism.yaml", only=("postgres",))
+    async with InProcessGateway(config, workdir / "data") as gateway:
+        token = await gateway.session("queue" if config is None else "queue-postgres")
         request = q.PublishBatchRequest(topic="bench", entries=[q.QueueEntry(payload=bytes(100)) for _ in range(BATCH)])
 
         async def publish(caller: int, n: int) -> None:
@@ -164,7 +169,17 @@ async def queue_publish(args: argparse.Namespace, workdir: pathlib.Path) -> dict
             if len(answer.results) != BATCH or any(r.status.code for r in answer.results):
                 raise RuntimeError(f"PublishBatch answered {answer.results[:1]} …")
 
-        return await flat_out(publish, args.callers, args.seconds)
+        try:
+            return await flat_out(publish, args.callers, args.seconds)
+        finally:
+            if config is not None:  # the messages go (the file of the embedded default goes with the run)
+                import asyncpg
+
+                con = await asyncpg.connect(bench_queue.POSTGRES_DSN, timeout=5)
+                try:
+                    await bench_queue.remove_postgres_queues(con)
+                finally:
+                    await con.close()
 
 
 async def transact_write(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, Any]:
@@ -217,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.in_process", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workload", choices=list(WORKLOADS))
-    parser.add_argument("--backend", choices=list(transact.BACKENDS), default="sqlite", help="transact-write")
+    parser.add_argument("--backend", choices=list(transact.BACKENDS), default="sqlite", help="transact-write, queue-publish")
     parser.add_argument("--no-listener", dest="listener", action="store_false", help="transact-write: rows stay undelivered")
     defaults = ", ".join(f"{callers} for {name}" for name, (_, callers) in WORKLOADS.items())
     parser.add_argument("--callers", type=int, help=f"calls at once (default: {defaults})")
@@ -227,8 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     args.callers = args.callers or callers
     with tempfile.TemporaryDirectory(prefix="prism-in-process-") as workdir:
         result = uvloop.run(workload(args, pathlib.Path(workdir)))
-    print(json.dumps({"workload": args.workload, **({"backend": args.backend, "listener": args.listener}
-                     if args.workload == "transact-write" else {}), "callers": args.callers, **result}))
+    described = {"backend": args.backend} if args.workload != "kv-get" else {}
+    if args.workload == "transact-write":
+        described["listener"] = args.listener
+    print(json.dumps({"workload": args.workload, **described, "callers": args.callers, **result}))
 
 
 if __name__ == "__main__":

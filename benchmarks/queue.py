@@ -130,7 +130,7 @@ import resource
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -838,12 +838,15 @@ def client_main(argv: list[str] | None = None) -> None:
 # --- the gateway's side, from the section ------------------------------------------------------
 
 
-def write_config(path: pathlib.Path) -> pathlib.Path:
+def write_config(path: pathlib.Path, only: Sequence[str] = ()) -> pathlib.Path:
+    """The section's gateway configuration: a ``queue-<backend>`` config per backend (``only``:
+    just those)."""
+    names = [name for name in BACKENDS if not only or name in only]
     path.write_text(yaml.safe_dump({
-        "backends": {name: b.settings() for name, b in BACKENDS.items()},
+        "backends": {name: BACKENDS[name].settings() for name in names},
         "configs": [
             {"name": f"queue-{name}", "pattern": "QUEUE", "backend": name, "namespace": NAMESPACE}
-            for name in BACKENDS
+            for name in names
         ],
         "namespaces": [{"name": NAMESPACE}],
     }, sort_keys=False))
@@ -1042,6 +1045,17 @@ def run(ctx: Context) -> dict[str, Any]:
             "consume_round": ROUND, "kafka_broker": tansu, "leftover_before": leftover, "removed_after": removed}
 
 
+async def remove_postgres_queues(con: Any) -> int:
+    """Delete the bench namespace's rows from the PostgreSQL Queue's tables; how many."""
+    removed = 0
+    for table in ("prism_queue_deliveries", "prism_queue_groups", "prism_queue_tokens",  # adapters/queue/postgres.py's
+                  "prism_queue_messages", "prism_queue_partitions", "prism_queue_topics"):
+        if await con.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+            status = await con.execute(f"DELETE FROM {table} WHERE namespace = $1", NAMESPACE)
+            removed += int(status.split()[-1])
+    return removed
+
+
 async def cleanup() -> dict[str, int]:
     """Remove the bench namespace's queues from the servers, and any direct-row table, key or
     stream an interrupted run left (each client drops its own)."""
@@ -1051,11 +1065,7 @@ async def cleanup() -> dict[str, int]:
 
     con = await asyncpg.connect(POSTGRES_DSN, timeout=5)
     try:
-        for table in ("prism_queue_deliveries",  # adapters/queue/postgres.py's tables "prism_queue_groups", "prism_queue_tokens",
-                      "prism_queue_messages", "prism_queue_partitions", "prism_queue_topics"):
-            if await con.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
-                status = await con.execute(f"DELETE FROM {table} WHERE namespace = $1", NAMESPACE)
-                removed["postgres_rows"] += int(status.split()[-1])
+        removed["postgres_rows"] = await remove_postgres_queues(con)
         prefix = DIRECT.replace("-", "_")
         for name in await con.fetch("SELECT tablename FROM pg_tables WHERE tablename LIKE $1", prefix + "\\_%"):
             await con.execute(f'DROP TABLE IF EXISTS "{name["tablename"]}"')
