@@ -42,7 +42,8 @@ class PostgresSettings(NetworkSettings):
     # before preparing it again: a plan made while a table was small (a point lookup planned as
     # a scan of its one page) is made again for its size at most this long after it grew.
     # Statistics alone are no cure: ANALYZE, where autovacuum runs it, comes after 10% growth.
-    statement_lifetime: float = Field(default=10.0, gt=0)
+    # 0: kept as long as the connection lives.
+    statement_lifetime: float = Field(default=10.0, ge=0)
 
 
 def where(dsn: str) -> str:
