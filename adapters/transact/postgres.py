@@ -45,18 +45,19 @@ its ``poll_seconds``, never a row.) A watching adapter holds one LISTEN connecti
 (not from the pool, reopened when lost) and wakes its listeners on each notification but its
 own (the payload names the sending adapter), so a listener waits for commits, not a polling
 interval. A claim looks first without locking (most wake-ups find nothing to take), then, in
-one statement that is its own transaction (``CLAIM_ROWS``, whatever the number of mailboxes),
+one statement alone in its transaction (``CLAIM_ROWS``, whatever the number of mailboxes),
 locks the cursor rows of the mailboxes it takes ``FOR UPDATE SKIP LOCKED`` — two listeners
 claiming at once take different mailboxes, and one re-checks a cursor another just leased
 (PostgreSQL re-evaluates the lease condition on the row it locks) — and takes and leases their
 rows. Marks that arrive together — a claim's mailboxes are delivered together — go in one
 statement (``MARKS``), whose commit does not wait for its WAL flush: a mark the database
-forgets in a crash is a delivery made again (at least once). Cursors live apart from the heads, so a
-claim never waits for a writer holding a head (an open Transaction holds its mailbox's head until
-it ends), and a writer never waits for the listener. Claims, marks and sweeps join the mailbox rows, a table that fills and
-drains: they are planned for it as it is at every run (``adapters/postgres_plans.py``), never
-with a plan cached while it was empty. Lease deadlines are the gateway's clock
-(unix ns), as the Queue's: listeners sharing a database must keep their clocks in step (NTP).
+forgets in a crash is a delivery made again (at least once). Cursors live apart from the
+heads, so a claim never waits for a writer holding a head (an open Transaction holds its
+mailbox's head until it ends), and a writer never waits for the listener. Claims, marks and
+sweeps join the mailbox rows, a table that fills and drains: their transactions plan them for
+it as it is at every run (``adapters/postgres_plans.py``), never with a plan cached while it was
+empty. Lease deadlines are the gateway's clock (unix ns), as the Queue's: listeners sharing a
+database must keep their clocks in step (NTP).
 Delivered rows are deleted in batches (``delete_delivered``): each one statement that locks only
 the rows it deletes, ``SKIP LOCKED``, which no writer touches, so it waits for nobody and nobody
 waits for it.
@@ -216,7 +217,7 @@ NEXT_LEASE_END = (
     "ON h.namespace = c.namespace AND h.mailbox = c.mailbox "
     f"WHERE h.next - 1 > c.delivered AND c.holder IS NOT NULL AND c.lease_until_ns > $4 AND {ROUTED}"
 )
-# A claim, one statement (its own transaction). ``picked``: at most $5 mailboxes with undelivered
+# A claim, one statement (alone in its transaction). ``picked``: at most $5 mailboxes with undelivered
 # rows and no live lease, least recently leased first, their cursors locked FOR UPDATE SKIP
 # LOCKED (two claims at once take different mailboxes; a cursor another claim leased or a mark
 # moved since the statement's snapshot is checked again as it is now: PostgreSQL re-evaluates the
@@ -251,8 +252,8 @@ CLAIM_ROWS = (
     "SELECT t.k, p.namespace, p.mailbox, p.epoch, t.seq, t.payload, t.headers, t.destination, t.committed_ns, "
     "t.attempts, t.refusals FROM taken t JOIN p ON p.k = t.k"
 )
-# The marks that came together, one statement ($1 … $11: one array element per mark; its own
-# transaction). The cursors' UPDATE runs first (a data-modifying CTE the query does not read runs
+# The marks that came together, one statement ($1 … $11: one array element per mark; alone in
+# its transaction). The cursors' UPDATE runs first (a data-modifying CTE the query does not read runs
 # last), so a mark locks cursors then rows, as a claim does: the two never deadlock. ``failed``
 # records a Failure on a mark's row ``failed`` (none: 0) — its error, more refusals,
 # dead-lettered when ``dead`` — only while ``holder`` holds the mailbox (the statement's
@@ -784,8 +785,9 @@ class PostgresTransact(TransactAdapter):
 
     async def _mark_batch(self, marks: list[tuple[Any, ...]]) -> list[None]:
         """The marks that came together (a claim's mailboxes, delivered concurrently): one
-        statement, one round trip, in key order. (Two marks of one mailbox in a batch — two
-        holders' — go in statements one after the other: a statement updates a row once.)"""
+        statement in one transaction, in key order. (Two marks of one mailbox in a batch — two
+        holders' — go in statements one after the other, in that transaction: a statement
+        updates a row once.)"""
         rounds: list[list[tuple[Any, ...]]] = []
         seen: dict[tuple[str, str], int] = {}
         for mark in sorted(marks, key=lambda mark: (mark[0], mark[1])):
